@@ -1,0 +1,85 @@
+"""Tokenizer from ``tokenizer.json`` (the ``tokenizers`` library) and chat template rendering."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, as Qwen2 uses; rendered with jinja2 in a sandbox the way transformers does.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    """tokenizer.json or tokenizer_config.json is missing or malformed."""
+
+
+def train_bundled_tokenizer(vocab_size: int) -> Tokenizer:
+    """Train a small byte-level BPE on the corpus shipped in ``inference_core/data``."""
+    corpus = resources.files("inference_core").joinpath("data/corpus.txt").read_text()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    return tok
+
+
+class TextTokenizer:
+    """Encode/decode plus the chat template, loaded from a Hugging Face model directory."""
+
+    def __init__(self, tokenizer: Tokenizer, config: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            self._chat = env.from_string(config.get("chat_template") or DEFAULT_CHAT_TEMPLATE)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TokenizerError(f"tokenizer_config.json: chat_template:{exc.lineno}: {exc.message}") from exc
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> TextTokenizer:
+        path = model_dir / "tokenizer.json"
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise TokenizerError(f"{path}: cannot load: {exc}") from exc
+        cfg_path = model_dir / "tokenizer_config.json"
+        config: dict[str, Any] = {}
+        if cfg_path.exists():
+            try:
+                config = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise TokenizerError(f"{cfg_path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+        return cls(tok, config)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size())
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self._chat.render(messages=messages, add_generation_prompt=add_generation_prompt)
