@@ -1,0 +1,1 @@
+"""Alerts: the Prometheus-exact state machine, the SQLite store, and the notifiers."""

@@ -1,0 +1,148 @@
+"""The alert state machine, exactly as Prometheus's ``AlertingRule.Eval`` and ``sendAlerts``.
+
+Pure: no I/O, no clock of its own. Times are Unix seconds (floats); 0 means "never".
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from sentinel.alerts.fingerprint import fingerprint
+from sentinel.errors import EvaluationError
+
+RESOLVED_RETENTION_S = 15 * 60.0
+DEFAULT_RESEND_DELAY_S = 60.0
+
+
+class State(enum.StrEnum):
+    INACTIVE = "inactive"
+    PENDING = "pending"
+    FIRING = "firing"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One element of a query result: a label set and its value."""
+
+    labels: Mapping[str, str]
+    value: float
+
+
+@dataclass
+class Alert:
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    value: float
+    state: State
+    active_at: float
+    fired_at: float = 0.0
+    resolved_at: float = 0.0
+    last_sent_at: float = 0.0
+    valid_until: float = 0.0
+    keep_firing_since: float = 0.0
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.labels)
+
+    def needs_sending(self, now: float, resend_delay: float) -> bool:
+        if self.state == State.PENDING:
+            return False
+        if self.resolved_at > self.last_sent_at:
+            return True
+        return self.last_sent_at + resend_delay < now
+
+
+# Expands a template (labels and annotations) against an alert's labels and value.
+Expander = Callable[[str, Mapping[str, str], float], str]
+
+
+def _no_templates(text: str, labels: Mapping[str, str], value: float) -> str:
+    return text
+
+
+@dataclass
+class AlertingRule:
+    name: str
+    for_s: float = 0.0
+    keep_firing_for_s: float = 0.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    limit: int = 0
+    expand: Expander = _no_templates
+    active: dict[str, Alert] = field(default_factory=dict)
+
+    def eval(self, now: float, samples: Iterable[Sample]) -> list[Alert]:
+        """Advance the state with one query result; returns the alerts now pending or firing.
+
+        Raises EvaluationError (leaving state untouched) on duplicate label sets; on exceeding
+        ``limit`` all alerts are dropped, as Prometheus does.
+        """
+        fresh: dict[str, Alert] = {}
+        for s in samples:
+            base = {k: v for k, v in s.labels.items() if k != "__name__"}
+            lbs = dict(base)
+            for k, tmpl in self.labels.items():
+                lbs[k] = self.expand(tmpl, base, s.value)
+            lbs["alertname"] = self.name
+            ann = {k: self.expand(t, base, s.value) for k, t in self.annotations.items()}
+            fp = fingerprint(lbs)
+            if fp in fresh:
+                raise EvaluationError(
+                    f"rule {self.name}: vector contains metrics with the same labelset after applying "
+                    f"alert labels: {lbs}")
+            fresh[fp] = Alert(lbs, ann, s.value, State.PENDING, now)
+
+        for fp, a in fresh.items():
+            old = self.active.get(fp)
+            if old is not None and old.state != State.INACTIVE:
+                old.value, old.annotations = a.value, a.annotations
+            else:
+                self.active[fp] = a
+
+        num_active = 0
+        for fp, a in list(self.active.items()):
+            if fp not in fresh:
+                keep_firing = False
+                if a.state == State.FIRING and self.keep_firing_for_s > 0:
+                    if not a.keep_firing_since:
+                        a.keep_firing_since = now
+                    keep_firing = now - a.keep_firing_since < self.keep_firing_for_s
+                if a.state == State.PENDING or (a.resolved_at and now - a.resolved_at > RESOLVED_RETENTION_S):
+                    del self.active[fp]
+                if a.state != State.INACTIVE and not keep_firing:
+                    a.state = State.INACTIVE
+                    a.resolved_at = now
+                if not keep_firing:
+                    continue
+            else:
+                a.keep_firing_since = 0.0
+            num_active += 1
+            if a.state == State.PENDING and now - a.active_at >= self.for_s:
+                a.state = State.FIRING
+                a.fired_at = now
+
+        if self.limit and num_active > self.limit:
+            self.active.clear()
+            raise EvaluationError(f"rule {self.name}: exceeded limit of {self.limit} with {num_active} alerts")
+        return [replace(a) for a in self.active.values() if a.state != State.INACTIVE]
+
+    def to_send(self, now: float, resend_delay: float, interval: float) -> list[Alert]:
+        """Alerts due to be sent now; marks them sent and sets ``valid_until`` (the ``endsAt``)."""
+        out = []
+        for a in self.active.values():
+            if a.needs_sending(now, resend_delay):
+                a.last_sent_at = now
+                a.valid_until = now + 4 * max(resend_delay, interval)
+                out.append(replace(a, labels=dict(a.labels), annotations=dict(a.annotations)))
+        return out
+
+    def firing(self) -> list[Alert]:
+        return [a for a in self.active.values() if a.state == State.FIRING]
+
+
+def ends_at(a: Alert) -> float:
+    """Prometheus's notifier: resolved alerts end when they resolved, others at ``valid_until``."""
+    return a.resolved_at if a.resolved_at else a.valid_until

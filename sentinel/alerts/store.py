@@ -1,0 +1,191 @@
+"""SQLite (WAL) store: alert state, the notification outbox, remediation records, the audit log.
+
+Everything here survives ``kill -9``: each evaluation's state and the notifications it produced are
+written in one transaction, so a crash can repeat a notification (at-least-once) but never lose one.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sentinel.alerts.state import Alert, State
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+  rule TEXT NOT NULL, fingerprint TEXT NOT NULL, labels TEXT NOT NULL, annotations TEXT NOT NULL,
+  value REAL NOT NULL, state TEXT NOT NULL, active_at REAL NOT NULL, fired_at REAL NOT NULL,
+  resolved_at REAL NOT NULL, last_sent_at REAL NOT NULL, valid_until REAL NOT NULL,
+  keep_firing_since REAL NOT NULL, PRIMARY KEY (rule, fingerprint));
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, receiver TEXT NOT NULL,
+  url TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+  next_attempt_at REAL NOT NULL, status TEXT NOT NULL DEFAULT 'pending', last_error TEXT);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt_at);
+CREATE TABLE IF NOT EXISTS remediations (
+  incident TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, rule TEXT NOT NULL, action TEXT NOT NULL,
+  target TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, outcome TEXT);
+CREATE TABLE IF NOT EXISTS audit (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
+  detail TEXT NOT NULL);
+CREATE TRIGGER IF NOT EXISTS audit_append_only_u BEFORE UPDATE ON audit
+  BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_append_only_d BEFORE DELETE ON audit
+  BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at", "resolved_at",
+               "last_sent_at", "valid_until", "keep_firing_since")
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    key: str
+    receiver: str
+    url: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Remediation:
+    incident: str
+    fingerprint: str
+    rule: str
+    action: str
+    target: str
+    started_at: float
+    finished_at: float | None
+    outcome: str | None
+
+
+class Store:
+    """One SQLite database in WAL mode; safe to share between threads."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- alert state -------------------------------------------------------------------------------
+    def save_rule_state(self, rule: str, alerts: Iterable[Alert], outbox: Iterable[tuple[str, str, str, dict[str, Any]]],
+                        now: float) -> None:
+        """Replace ``rule``'s alerts and enqueue (key, receiver, url, payload) notifications atomically."""
+        with self.tx() as db:
+            db.execute("DELETE FROM alerts WHERE rule = ?", (rule,))
+            db.executemany(
+                f"INSERT INTO alerts (rule, fingerprint, {', '.join(_ALERT_COLS)}) VALUES (?, ?{', ?' * 10})",
+                [(rule, a.fingerprint, json.dumps(a.labels), json.dumps(a.annotations), a.value, a.state.value,
+                  a.active_at, a.fired_at, a.resolved_at, a.last_sent_at, a.valid_until, a.keep_firing_since)
+                 for a in alerts])
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (key, receiver, url, payload, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(key, rcv, url, json.dumps(payload), now, now) for key, rcv, url, payload in outbox])
+
+    def load_rule_state(self, rule: str) -> list[Alert]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_ALERT_COLS)} FROM alerts WHERE rule = ?", (rule,)).fetchall()
+        return [Alert(json.loads(r[0]), json.loads(r[1]), r[2], State(r[3]), *r[4:]) for r in rows]
+
+    def all_alerts(self) -> list[tuple[str, Alert]]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT rule, {', '.join(_ALERT_COLS)} FROM alerts ORDER BY rule").fetchall()
+        return [(r[0], Alert(json.loads(r[1]), json.loads(r[2]), r[3], State(r[4]), *r[5:])) for r in rows]
+
+    # -- outbox ------------------------------------------------------------------------------------
+    def due(self, now: float, limit: int = 50) -> list[OutboxItem]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, key, receiver, url, payload, attempts, created_at FROM outbox "
+                "WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (now, limit)).fetchall()
+        return [OutboxItem(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
+
+    def mark_sent(self, item_id: int, now: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE outbox SET status = 'sent', attempts = attempts + 1, next_attempt_at = ?, "
+                       "last_error = NULL WHERE id = ?", (now, item_id))
+
+    def mark_retry(self, item_id: int, next_at: float, error: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
+                       (next_at, error, item_id))
+
+    def mark_failed(self, item_id: int, error: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?",
+                       (error, item_id))
+
+    def outbox_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
+
+    # -- remediation records -----------------------------------------------------------------------
+    def start_remediation(self, r: Remediation) -> bool:
+        """Record an action; False when the incident already has one (one remediation per incident)."""
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO remediations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (r.incident, r.fingerprint, r.rule, r.action, r.target, r.started_at, r.finished_at, r.outcome))
+            return cur.rowcount == 1
+
+    def finish_remediation(self, incident: str, now: float, outcome: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE remediations SET finished_at = ?, outcome = ? WHERE incident = ?",
+                       (now, outcome, incident))
+
+    def remediations(self, since: float = 0.0) -> list[Remediation]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM remediations WHERE started_at >= ? ORDER BY started_at",
+                                    (since,)).fetchall()
+        return [Remediation(*r) for r in rows]
+
+    # -- audit ---------------------------------------------------------------------------------------
+    def audit(self, now: float, kind: str, subject: str, **detail: Any) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO audit (ts, kind, subject, detail) VALUES (?, ?, ?, ?)",
+                       (now, kind, subject, json.dumps(detail, default=str)))
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute("SELECT ts, kind, subject, detail FROM audit ORDER BY id DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [{"ts": r[0], "kind": r[1], "subject": r[2], **json.loads(r[3])} for r in rows]
+
+    # -- small key/value (checkpoints) ---------------------------------------------------------------
+    def get(self, key: str) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: Any) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))

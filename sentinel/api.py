@@ -1,0 +1,122 @@
+"""sentinel's HTTP API: health, metrics, and Prometheus-shaped views of rules and alerts.
+
+Read-only endpoints answer without auth; every mutating endpoint needs the API bearer token.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
+
+from sentinel.alerts.notify import rfc3339
+from sentinel.alerts.state import State
+from sentinel.alerts.store import Store
+from sentinel.remediation.policy import Guardrails
+from sentinel.rules.evaluator import Evaluator
+from sentinel.rules.model import Rule
+
+
+def require_token(token: SecretStr | None) -> Callable[[str | None], None]:
+    def check(authorization: Annotated[str | None, Header()] = None) -> None:
+        if token is None:
+            raise HTTPException(403, "mutating endpoints are disabled: set api.token (SENTINEL_API__TOKEN)")
+        expected = f"Bearer {token.get_secret_value()}".encode()
+        if not hmac.compare_digest((authorization or "").encode(), expected):
+            raise HTTPException(401, "missing or wrong 'Authorization: Bearer <api token>'")
+    return check
+
+
+def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
+               guardrails: Callable[[], Guardrails], set_paused: Callable[[bool], None],
+               token: SecretStr | None, on_startup: Callable[[], None] = lambda: None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        on_startup()
+        yield
+
+    app = FastAPI(title="sentinel", version="0.1.0", lifespan=lifespan)
+    authorized = Depends(require_token(token))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/v1/status")
+    def get_status() -> dict[str, Any]:
+        return {"status": "success", "data": status()}
+
+    @app.get("/api/v1/alerts")
+    def alerts() -> dict[str, Any]:
+        out = []
+        for rt in evaluator.all_runtimes():
+            for a in rt.machine.active.values():
+                if a.state == State.INACTIVE:
+                    continue
+                out.append({"labels": a.labels, "annotations": a.annotations, "state": a.state.value,
+                            "activeAt": rfc3339(a.active_at), "value": f"{a.value:g}", "fingerprint": a.fingerprint})
+        return {"status": "success", "data": {"alerts": out}}
+
+    @app.get("/api/v1/rules")
+    def rules() -> dict[str, Any]:
+        groups = []
+        for rts in evaluator.runtimes.values():
+            if not rts:
+                continue
+            g = rts[0].group
+            groups.append({
+                "name": g.group.name, "file": g.file, "interval": evaluator.interval(g),
+                "rules": [{
+                    "type": "alerting", "name": rt.rule.name, "query": _query_text(rt.rule), "duration": rt.rule.for_, "keepFiringFor": rt.rule.keep_firing_for,
+                    "labels": rt.rule.labels, "annotations": rt.rule.annotations, "health": rt.health,
+                    "lastError": rt.last_error or "", "evaluationTime": rt.last_duration,
+                    "lastEvaluation": rfc3339(rt.last_eval),
+                    "state": _rule_state(rt.machine.active.values()),
+                    "alerts": [{"labels": a.labels, "state": a.state.value, "activeAt": rfc3339(a.active_at),
+                                "value": f"{a.value:g}"} for a in rt.machine.active.values()
+                               if a.state != State.INACTIVE],
+                } for rt in rts]})
+        return {"status": "success", "data": {"groups": groups}}
+
+    @app.get("/api/v1/actions")
+    def actions(limit: int = 100) -> dict[str, Any]:
+        return {"status": "success", "data": {"audit": store.audit_log(min(max(limit, 1), 1000)),
+                                              "guardrails": vars(guardrails())}}
+
+    @app.post("/api/v1/remediation/pause", dependencies=[authorized])
+    def pause() -> dict[str, Any]:
+        set_paused(True)
+        return {"status": "success", "data": {"paused": True}}
+
+    @app.post("/api/v1/remediation/resume", dependencies=[authorized])
+    def resume() -> dict[str, Any]:
+        set_paused(False)
+        return {"status": "success", "data": {"paused": False}}
+
+    return app
+
+
+def _query_text(rule: Rule) -> str:
+    if rule.log is not None:
+        return "log: " + rule.log.model_dump_json()
+    return rule.expr or ""
+
+
+def _rule_state(alerts: Any) -> str:
+    states = {a.state for a in alerts}
+    if State.FIRING in states:
+        return "firing"
+    if State.PENDING in states:
+        return "pending"
+    return "inactive"

@@ -1,0 +1,122 @@
+"""The ``sentinel`` command: a thin face over the daemon and the rule tools."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sentinel.errors import FileFormatError, SentinelError
+from sentinel.rules.model import load_rule_file
+
+app = typer.Typer(help="sentinel: watch, page, diagnose and heal a local LLM inference service.",
+                  no_args_is_help=True, add_completion=False)
+rules_app = typer.Typer(help="Validate, test and export rule files.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def up(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    prometheus_url: Annotated[str | None, typer.Option(help="use an existing Prometheus")] = None,
+    api_port: Annotated[int | None, typer.Option(help="sentinel API port (default: free)")] = None,
+    replicas: Annotated[int | None, typer.Option(help="number of inference replicas")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="model directory (default: bundled)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="where state, logs and children live")] = None,
+    rules_dir: Annotated[Path | None, typer.Option(help="rule files directory")] = None,
+    receiver: Annotated[list[str] | None, typer.Option(help="NAME=URL of an alert webhook (repeatable)")] = None,
+    enable_faults: Annotated[bool, typer.Option(help="start replicas with the fault switch (drills)")] = False,
+) -> None:
+    """Start replicas, Prometheus and the daemon; print what runs where; stop all on Ctrl-C."""
+    from sentinel.daemon import Daemon, Service
+    from sentinel.settings import load_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("apscheduler", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides: dict[str, Any] = {}
+    if prometheus_url:
+        overrides.setdefault("prometheus", {})["url"] = prometheus_url
+    if api_port is not None:
+        overrides.setdefault("api", {})["port"] = api_port
+    if replicas is not None:
+        overrides.setdefault("replicas", {})["count"] = replicas
+    if model_dir is not None:
+        overrides.setdefault("replicas", {})["model_dir"] = model_dir
+    if enable_faults:
+        overrides.setdefault("replicas", {})["enable_faults"] = True
+    if state_dir is not None:
+        overrides["state_dir"] = state_dir
+    if rules_dir is not None:
+        overrides["rules_dir"] = rules_dir
+    if receiver:
+        rcvs = []
+        for item in receiver:
+            name, sep, url = item.partition("=")
+            if not sep:
+                raise typer.BadParameter(f"expected NAME=URL, got {item!r}", param_hint="--receiver")
+            rcvs.append({"name": name, "url": url})
+        overrides.setdefault("alerting", {})["receivers"] = rcvs
+
+    def show(services: list[Service]) -> None:
+        table = Table(title="sentinel up: what runs where")
+        for col in ("service", "url", "pid", "detail"):
+            table.add_column(col)
+        for x in services:
+            table.add_row(x.name, x.url, str(x.pid or "-"), x.detail)
+        console.print(table)
+        console.print("Ctrl-C stops everything.", style="dim")
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    daemon = None
+    try:
+        settings = load_settings(config, overrides)
+        daemon = Daemon(settings, on_ready=show)
+        daemon.start()
+        daemon.serve()
+    except KeyboardInterrupt:
+        pass
+    except SentinelError as exc:
+        err_console.print(f"[bold red]sentinel up failed:[/] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if daemon is not None:
+            daemon.stop()
+            err_console.print("sentinel: stopped every child", style="dim")
+
+
+@rules_app.command("check")
+def rules_check(files: Annotated[list[Path], typer.Argument(help="rule files")]) -> None:
+    """Validate rule files; errors as file:line: field: problem. Exit 0 ok, 1 error."""
+    failed = False
+    for f in files:
+        try:
+            groups = load_rule_file(f)
+        except FileFormatError as exc:
+            failed = True
+            for p in exc.problems:
+                err_console.print(p, markup=False, highlight=False)
+            continue
+        n = sum(len(g.group.rules) for g in groups)
+        console.print(f"{f}: SUCCESS: {n} rules found", markup=False, highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,229 @@
+"""Wiring and lifecycle of ``sentinel up``: replicas, Prometheus, log shipping, evaluation,
+notification, remediation and the API, started in order and stopped in reverse."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.background import BackgroundScheduler
+from prometheus_client import CollectorRegistry
+
+from sentinel.alerts.notify import Dispatcher
+from sentinel.alerts.store import Store
+from sentinel.api import create_app
+from sentinel.errors import ServiceError
+from sentinel.logstore.local import LocalLogStore
+from sentinel.logstore.shipper import LogSource, Shipper
+from sentinel.metrics import SentinelMetrics
+from sentinel.netutil import free_port, port_in_use
+from sentinel.promserver import PrometheusServer, ScrapeTarget
+from sentinel.remediation.policy import Guardrails
+from sentinel.remediation.remediator import Remediator
+from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.model import load_rules
+from sentinel.rules.sources import LogRuleSource, PromQLSource
+from sentinel.settings import Settings
+from sentinel.supervisor import ChildRegistry, ReplicaSpec, Supervisor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    pid: int | None
+    detail: str = ""
+
+
+def bundled_model_dir(state_dir: Path) -> Path:
+    """The bundled model, generated once with a fixed seed (no download)."""
+    from inference_core.weights import make_tiny_checkpoint
+
+    d = state_dir / "models" / "deepseek-tiny"
+    if not (d / "config.json").exists():
+        make_tiny_checkpoint(d, seed=0)
+    return d
+
+
+@dataclass
+class Daemon:
+    settings: Settings
+    on_ready: Callable[[list[Service]], None] = lambda services: None
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.state_dir = s.state_dir.resolve()
+        self.children = ChildRegistry(self.state_dir / "children.json")
+        self.metrics = SentinelMetrics(self.registry)
+        self.guardrails = Guardrails(s.remediation.dry_run, s.remediation.paused, s.remediation.cooldown,
+                                     s.remediation.max_actions_per_hour, s.remediation.max_concurrent)
+        self.supervisor: Supervisor | None = None
+        self.prometheus: PrometheusServer | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.remediator: Remediator | None = None
+        self.store: Store | None = None
+        self.logstore: LocalLogStore | None = None
+        self.http: httpx.Client | None = None
+        self.api_port = s.api.port or free_port(s.api.host)
+
+    # -- start -----------------------------------------------------------------------------------------
+    def start(self) -> list[Service]:
+        s = self.settings
+        groups = load_rules(s.rules_dir)  # fail before starting anything when rules are bad
+        for leftover in self.children.reap_leftovers():
+            log.warning("killed a leftover child of a previous sentinel: %s", leftover)
+        run_dir = self.state_dir / "run"
+        model_dir = (s.replicas.model_dir or bundled_model_dir(self.state_dir)).resolve()
+        ports = s.replicas.ports or [free_port() for _ in range(s.replicas.count)]
+        if len(ports) != s.replicas.count:
+            raise ServiceError(f"replicas.ports lists {len(ports)} ports for {s.replicas.count} replicas")
+        for p in ports:
+            if port_in_use(p):
+                raise ServiceError(f"port {p} is already in use (a stale process?)")
+        admin = s.replicas.admin_token.get_secret_value() if s.replicas.admin_token else None
+        if s.replicas.enable_faults and admin is None:
+            admin = secrets.token_urlsafe(24)
+        specs = [ReplicaSpec(f"replica-{i}", port, model_dir, run_dir / f"replica-{i}" / "logs",
+                             enable_faults=s.replicas.enable_faults, admin_token=admin,
+                             served_model_name=s.replicas.served_model_name) for i, port in enumerate(ports)]
+        self.supervisor = Supervisor(specs, run_dir, self.children, s.replicas.start_timeout)
+        self.supervisor.start_all()
+
+        prom_url = s.prometheus.url
+        if prom_url is None:
+            targets = [ScrapeTarget("inference", f"127.0.0.1:{sp.port}", {"replica": sp.name}) for sp in specs]
+            targets.append(ScrapeTarget("sentinel", f"127.0.0.1:{self.api_port}", {}))
+            self.prometheus = PrometheusServer(self.state_dir / "prometheus", s.prometheus.port or free_port(),
+                                               targets, s.prometheus.scrape_interval, self.children,
+                                               s.prometheus.binary)
+            self.prometheus.start()
+            prom_url = self.prometheus.url
+
+        self.store = Store(self.state_dir / "sentinel.db")
+        self.logstore = LocalLogStore(self.state_dir / "logs.db")
+        shipper = Shipper(self.logstore, [LogSource(sp.name, sp.log_dir / "inference.log", {"replica": sp.name})
+                                          for sp in specs])
+        self.remediator = Remediator(self.store, self.supervisor, self.guardrails, self.metrics,
+                                     verify_timeout_s=s.remediation.verify_timeout)
+        evaluator = Evaluator(
+            self.store, PromQLSource(prom_url, s.prometheus.query_timeout), LogRuleSource(self.logstore),
+            [Receiver(r.name, r.url) for r in s.alerting.receivers], s.alerting.evaluation_interval,
+            s.alerting.resend_delay, self.api_url, self.metrics,
+            self.remediator.on_firing if s.remediation.enabled else None)
+        evaluator.load(groups)
+        self.evaluator = evaluator
+        self.http = httpx.Client(timeout=10.0)
+        dispatcher = Dispatcher(self.store, self.http,
+                                on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc())
+        self._schedule(evaluator, shipper, dispatcher, s)
+
+        self.app = create_app(evaluator, self.store, self.registry, self.status, lambda: self.guardrails,
+                              self._set_paused, s.api.token, self._ready)
+        self.services = [Service(sp.name, sp.url, pid) for sp, pid in
+                         ((r.spec, r.pid) for r in self.supervisor.replicas.values())]
+        self.services[0:0] = [Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics")]
+        self.services.append(Service("prometheus", prom_url, self.prometheus.proc.pid if self.prometheus and
+                                     self.prometheus.proc else None, "started" if self.prometheus else "external"))
+        for p in s.alerting.receivers:
+            self.services.append(Service(f"receiver:{p.name}", p.url, None, "alert webhook (v4)"))
+        return self.services
+
+    def _schedule(self, evaluator: Evaluator, shipper: Shipper, dispatcher: Dispatcher, s: Settings) -> None:
+        sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5})
+
+        def ship() -> None:
+            self.metrics.log_events.inc(shipper.run_once())
+
+        sched.add_job(ship, "interval", seconds=s.logs.ship_interval, id="ship", next_run_time=_now_dt())
+        for key, rts in evaluator.runtimes.items():
+            if rts:
+                sched.add_job(evaluator.eval_group, "interval", args=[key], id=f"eval:{key}",
+                              seconds=evaluator.interval(rts[0].group), next_run_time=_now_dt())
+        sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="notify")
+        assert self.logstore is not None
+        logstore = self.logstore
+        sched.add_job(lambda: logstore.prune(time.time() - s.logs.retention), "interval", minutes=10, id="prune")
+
+        def missed(ev: JobExecutionEvent) -> None:
+            if ev.job_id.startswith("eval:"):
+                rts = evaluator.runtimes.get(ev.job_id[5:])
+                if rts:
+                    self.metrics.missed.labels(rts[0].group.group.name).inc()
+
+        sched.add_listener(missed, EVENT_JOB_MISSED)
+        sched.start()
+        self.scheduler = sched
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api.host}:{self.api_port}"
+
+    def _set_paused(self, paused: bool) -> None:
+        self.guardrails = dataclasses.replace(self.guardrails, paused=paused)
+        if self.remediator is not None:
+            self.remediator.guardrails = self.guardrails
+        if self.store is not None:
+            self.store.audit(time.time(), "control", "remediation", paused=paused)
+
+    def status(self) -> dict[str, Any]:
+        reps = self.supervisor.replicas.values() if self.supervisor else []
+        return {
+            "startedAt": self.started_at, "api": self.api_url,
+            "prometheus": next((x.url for x in self.services if x.name == "prometheus"), None),
+            "replicas": [{"name": r.spec.name, "url": r.spec.url, "pid": r.pid, "restarts": r.restarts,
+                          "healthy": r.healthy(), "logFile": str(r.spec.log_dir / "inference.log")} for r in reps],
+            "guardrails": vars(self.guardrails),
+        }
+
+    # -- run and stop ---------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Serve the API until SIGINT/SIGTERM (uvicorn handles them), then return."""
+        config = uvicorn.Config(self.app, host=self.settings.api.host, port=self.api_port, log_level="warning",
+                                access_log=False, lifespan="on")
+        uvicorn.Server(config).run()
+
+    def _ready(self) -> None:
+        self._write_up_file()
+        self.on_ready(self.services)
+
+    def _write_up_file(self) -> None:
+        path = self.state_dir / "up.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"services": [vars(x) for x in self.services], **self.status()}, indent=2))
+        tmp.replace(path)
+
+    def stop(self) -> None:
+        (self.state_dir / "up.json").unlink(missing_ok=True)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        if self.remediator is not None:
+            self.remediator.shutdown()
+        if self.supervisor is not None:
+            self.supervisor.stop_all()
+        if self.prometheus is not None:
+            self.prometheus.stop()
+        if self.http is not None:
+            self.http.close()
+        for db in (self.store, self.logstore):
+            if db is not None:
+                db.close()
+
+
+def _now_dt() -> Any:
+    from datetime import datetime
+
+    return datetime.now().astimezone()

@@ -1,0 +1,89 @@
+"""The local log store, used when no Elasticsearch is configured: JSON events in SQLite (WAL).
+
+Queries take field names as bound JSON paths, never as SQL text, so no log field or alert label can
+reach the SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sentinel.rules.model import LogFilter
+
+
+def json_path(field: str) -> str:
+    """A SQLite JSON path for a (possibly dotted) top-level field name such as ``service.name``."""
+    return '$."' + field.replace('"', '') + '"'
+
+
+class LocalLogStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, doc TEXT NOT NULL);"
+            "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);"
+            "CREATE TABLE IF NOT EXISTS checkpoints (source TEXT PRIMARY KEY, value TEXT NOT NULL);")
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, events: Sequence[tuple[float, Mapping[str, Any]]],
+            checkpoint: tuple[str, Mapping[str, Any]] | None = None) -> None:
+        """Insert events and (optionally) the shipper's checkpoint in one transaction: exactly once."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO events (ts, doc) VALUES (?, ?)",
+                                     [(ts, json.dumps(doc)) for ts, doc in events])
+                if checkpoint is not None:
+                    self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)",
+                                     (checkpoint[0], json.dumps(checkpoint[1])))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def checkpoint(self, source: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM checkpoints WHERE source = ?", (source,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def count(self, filters: Iterable[LogFilter], since: float, until: float,
+              query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]:
+        """Matching events in (since, until], grouped by the ``query_key`` fields."""
+        where = ["ts > ?", "ts <= ?"]
+        params: list[Any] = [since, until]
+        for f in filters:
+            if f.exists is not None:
+                where.append("json_type(doc, ?) IS NOT NULL AND json_type(doc, ?) != 'null'")
+                params += [json_path(f.exists)] * 2
+            for name, value in (f.term or {}).items():
+                where.append("json_extract(doc, ?) = ?")
+                params += [json_path(name), value]
+        keys = [f"json_extract(doc, ?)" for _ in query_key]
+        sql = f"SELECT {', '.join([*keys, 'COUNT(*)'])} FROM events WHERE {' AND '.join(where)}"
+        if keys:
+            sql += f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}"
+        with self._lock:
+            rows = self._db.execute(sql, [*[json_path(k) for k in query_key], *params]).fetchall()
+        out = []
+        for row in rows:
+            if row[-1] == 0:
+                continue
+            labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}
+            out.append((labels, int(row[-1])))
+        return out
+
+    def prune(self, before: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount

@@ -1,0 +1,30 @@
+"""sentinel's own metrics (named after Prometheus's rule-manager metrics), on an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class SentinelMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        g = ["rule_group"]
+        self.evaluations = Counter("sentinel_rule_evaluations_total", "Rule evaluations.", g, registry=registry)
+        self.failures = Counter("sentinel_rule_evaluation_failures_total", "Rule evaluations that failed.", g,
+                                registry=registry)
+        self.duration = Histogram("sentinel_rule_evaluation_duration_seconds", "Duration of one rule's evaluation.",
+                                  registry=registry)
+        self.group_duration = Gauge("sentinel_rule_group_last_duration_seconds",
+                                    "Duration of the last evaluation of a rule group.", g, registry=registry)
+        self.group_last = Gauge("sentinel_rule_group_last_evaluation_timestamp_seconds",
+                                "When a rule group was last evaluated.", g, registry=registry)
+        self.missed = Counter("sentinel_rule_group_iterations_missed_total",
+                              "Group evaluations skipped because the previous one was still running.", g,
+                              registry=registry)
+        self.alerts = Gauge("sentinel_alerts", "Active alerts by state.", ["alertname", "state"], registry=registry)
+        self.notifications = Counter("sentinel_notifications_total", "Notification delivery attempts by outcome.",
+                                     ["receiver", "outcome"], registry=registry)
+        self.remediations = Counter("sentinel_remediations_total", "Remediation decisions and outcomes.",
+                                    ["action", "outcome"], registry=registry)
+        self.log_events = Counter("sentinel_log_events_shipped_total", "Log events shipped into the log store.",
+                                  registry=registry)

@@ -1,0 +1,109 @@
+"""The remediation shell: gathers history, asks the policy, runs the action, verifies, audits."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from sentinel.alerts.state import Alert
+from sentinel.alerts.store import Remediation, Store
+from sentinel.errors import RemediationError
+from sentinel.metrics import SentinelMetrics
+from sentinel.remediation.policy import ActionRequest, Decision, Guardrails, History, decide
+from sentinel.rules.evaluator import RuleRuntime
+
+log = logging.getLogger(__name__)
+TARGET_LABEL = "replica"
+
+
+class Actuator(Protocol):
+    def targets(self) -> set[str]: ...
+
+    def act(self, action: str, target: str) -> str:
+        """Run the action; returns evidence text; raises RemediationError."""
+        ...
+
+    def verify(self, target: str, timeout_s: float) -> bool: ...
+
+
+class Remediator:
+    def __init__(self, store: Store, actuator: Actuator, guardrails: Guardrails,
+                 metrics: SentinelMetrics | None = None, clock: Callable[[], float] = time.time,
+                 verify_timeout_s: float = 120.0) -> None:
+        self.store = store
+        self.actuator = actuator
+        self.guardrails = guardrails
+        self.metrics = metrics
+        self.clock = clock
+        self.verify_timeout_s = verify_timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=max(1, guardrails.max_concurrent), thread_name_prefix="remedy")
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._last_reason: dict[str, str] = {}
+
+    def on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
+        action = rt.rule.sentinel.remediation
+        if action is None:
+            return
+        for a in alerts:
+            self.consider(rt.rule.name, action, a)
+
+    def consider(self, rule: str, action: str, a: Alert) -> Decision:
+        now = self.clock()
+        target = a.labels.get(TARGET_LABEL)
+        incident = f"{rule}/{a.fingerprint}/{a.active_at:.3f}"
+        req = ActionRequest(rule, action, target, a.fingerprint, incident, firing=a.fired_at > 0 and not a.resolved_at)
+        past = self.store.remediations(since=now - 3600)
+        on_target = [r.started_at for r in past if r.target == target]
+        with self._lock:
+            hist = History(frozenset(self.actuator.targets()), any(r.incident == incident for r in past),
+                           max(on_target) if on_target else None, len(past), self._in_flight)
+            decision = decide(req, hist, self.guardrails, now)
+            if decision.act:
+                if not self.store.start_remediation(Remediation(incident, a.fingerprint, rule, action,
+                                                                target or "", now, None, None)):
+                    return Decision(False, "incident already remediated once")
+                self._in_flight += 1
+        if self._last_reason.get(incident) != decision.reason:  # audit each new decision once
+            self._last_reason[incident] = decision.reason
+            self.store.audit(now, "decision", incident, rule=rule, action=action, target=target,
+                             act=decision.act, reason=decision.reason, labels=a.labels, value=a.value)
+            if self.metrics:
+                self.metrics.remediations.labels(action, "started" if decision.act else "skipped").inc()
+        if decision.act:
+            assert target is not None
+            self._pool.submit(self._run, incident, action, target)
+        return decision
+
+    def _run(self, incident: str, action: str, target: str) -> None:
+        t0 = self.clock()
+        try:
+            evidence = self.actuator.act(action, target)
+            healthy = self.actuator.verify(target, self.verify_timeout_s)
+            outcome = "succeeded" if healthy else "failed-verification"
+        except RemediationError as exc:
+            evidence, outcome = str(exc), "failed"
+        except Exception as exc:  # an actuator bug must not kill the worker; it is audited
+            log.exception("remediation %s on %s crashed", action, target)
+            evidence, outcome = f"{type(exc).__name__}: {exc}", "failed"
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        now = self.clock()
+        self.store.finish_remediation(incident, now, outcome)
+        self.store.audit(now, "outcome", incident, action=action, target=target, outcome=outcome,
+                         evidence=evidence, duration_s=round(now - t0, 3),
+                         escalate=outcome != "succeeded")
+        if self.metrics:
+            self.metrics.remediations.labels(action, outcome).inc()
+        if outcome != "succeeded":
+            log.error("remediation %s on %s %s: %s; a human is needed", action, target, outcome, evidence)
+        else:
+            log.warning("remediation %s on %s succeeded in %.1fs", action, target, now - t0)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,1 @@
+"""Rules: the model (one source of truth), the datasources, and the evaluation loop."""

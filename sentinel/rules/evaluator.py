@@ -1,0 +1,165 @@
+"""Evaluates rule groups: query → alert state machine → persisted state + outbox, atomically."""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sentinel.alerts.notify import idempotency_key, webhook_payload
+from sentinel.alerts.state import Alert, AlertingRule, State
+from sentinel.alerts.store import Store
+from sentinel.alerts.templates import expand
+from sentinel.errors import DatasourceError, EvaluationError
+from sentinel.metrics import SentinelMetrics
+from sentinel.rules.model import LoadedGroup, Rule
+from sentinel.rules.sources import LogRuleSource, PromQLSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Receiver:
+    name: str
+    url: str
+
+
+@dataclass
+class RuleRuntime:
+    group: LoadedGroup
+    rule: Rule
+    machine: AlertingRule
+    health: str = "unknown"
+    last_error: str | None = None
+    last_eval: float = 0.0
+    last_duration: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.group.key};{self.rule.name}"
+
+
+# Called with the rule and its alerts that are firing after an evaluation.
+FiringHook = Callable[[RuleRuntime, list[Alert]], None]
+
+
+@dataclass
+class Evaluator:
+    store: Store
+    promql: PromQLSource | None
+    logs: LogRuleSource | None
+    receivers: Sequence[Receiver]
+    default_interval: float = 15.0
+    resend_delay: float = 60.0
+    external_url: str = ""
+    metrics: SentinelMetrics | None = None
+    on_firing: FiringHook | None = None
+    clock: Callable[[], float] = time.time
+    runtimes: dict[str, list[RuleRuntime]] = field(default_factory=dict)
+
+    def load(self, groups: Sequence[LoadedGroup]) -> None:
+        """Install a rule set; rules whose definition is unchanged keep their in-memory state."""
+        old = {rt.key: rt for rts in self.runtimes.values() for rt in rts}
+        new: dict[str, list[RuleRuntime]] = {}
+        for g in groups:
+            rts = []
+            for rule in g.group.rules:
+                if rule.alert is None:
+                    continue  # recording rules run in Prometheus, from the exported rule files
+                rt = RuleRuntime(g, rule, self._machine(g, rule))
+                prev = old.get(rt.key)
+                if prev is not None and prev.rule == rule and prev.group.group.labels == g.group.labels:
+                    rt = prev
+                    rt.group = g
+                else:
+                    for a in self.store.load_rule_state(rt.key):
+                        rt.machine.active[a.fingerprint] = a
+                rts.append(rt)
+            new[g.key] = rts
+        self.runtimes = new
+
+    @staticmethod
+    def _machine(g: LoadedGroup, rule: Rule) -> AlertingRule:
+        return AlertingRule(
+            name=rule.name, for_s=rule.for_, keep_firing_for_s=rule.keep_firing_for,
+            labels={**g.group.labels, **rule.labels}, annotations=rule.annotations, limit=g.group.limit,
+            expand=lambda text, labels, value: expand(text, labels, value))
+
+    def interval(self, g: LoadedGroup) -> float:
+        return g.group.interval or self.default_interval
+
+    def eval_group(self, group_key: str) -> None:
+        rts = self.runtimes.get(group_key, [])
+        if not rts:
+            return
+        start = self.clock()
+        for rt in rts:
+            self.eval_rule(rt, self.clock())
+        if self.metrics:
+            name = rts[0].group.group.name
+            self.metrics.group_duration.labels(name).set(self.clock() - start)
+            self.metrics.group_last.labels(name).set(start)
+
+    def _query(self, rt: RuleRuntime, now: float) -> list:  # type: ignore[type-arg]
+        offset = rt.group.group.query_offset or 0.0
+        if rt.rule.log is not None:
+            if self.logs is None:
+                raise DatasourceError("no log store is configured for log rules")
+            return self.logs.query(rt.rule.log, now - offset)
+        if self.promql is None:
+            raise DatasourceError("no Prometheus is configured for PromQL rules")
+        return self.promql.query(rt.rule.expr or "", now - offset)
+
+    def eval_rule(self, rt: RuleRuntime, now: float) -> None:
+        gname = rt.group.group.name
+        t0 = time.perf_counter()
+        if self.metrics:
+            self.metrics.evaluations.labels(gname).inc()
+        try:
+            samples = self._query(rt, now)
+            firing_before = {a.fingerprint for a in rt.machine.firing()}
+            rt.machine.eval(now, samples)
+        except (DatasourceError, EvaluationError) as exc:
+            # A failed query changes no state: nothing resolves because a datasource is down.
+            rt.health, rt.last_error = "err", str(exc)
+            if self.metrics:
+                self.metrics.failures.labels(gname).inc()
+            log.warning("rule %s: %s", rt.rule.name, exc)
+            return
+        finally:
+            rt.last_duration = time.perf_counter() - t0
+            rt.last_eval = now
+            if self.metrics:
+                self.metrics.duration.observe(rt.last_duration)
+        rt.health, rt.last_error = "ok", None
+        due = rt.machine.to_send(now, self.resend_delay, self.interval(rt.group))
+        outbox = []
+        if due:
+            for rcv in self.receivers:
+                payload = webhook_payload(rcv.name, due, {"alertname": rt.rule.name}, self.external_url,
+                                          self._generator_url(rt))
+                outbox.append((idempotency_key(rcv.name, payload, now), rcv.name, rcv.url, payload))
+        self.store.save_rule_state(rt.key, list(rt.machine.active.values()), outbox, now)
+        for a in rt.machine.active.values():
+            if a.state == State.FIRING and a.fingerprint not in firing_before:
+                log.warning("alert firing: %s %s", rt.rule.name, a.labels)
+            elif a.state == State.INACTIVE and a.fingerprint in firing_before:
+                log.warning("alert resolved: %s %s", rt.rule.name, a.labels)
+        if self.metrics:
+            for state in State:
+                n = sum(1 for a in rt.machine.active.values() if a.state == state)
+                self.metrics.alerts.labels(rt.rule.name, state.value).set(n)
+        firing = rt.machine.firing()
+        if firing and self.on_firing is not None:
+            self.on_firing(rt, firing)
+
+    def _generator_url(self, rt: RuleRuntime) -> str:
+        if rt.rule.expr is not None and self.promql is not None:
+            q = urllib.parse.urlencode({"g0.expr": rt.rule.expr, "g0.tab": "1"})
+            return f"{self.promql.url}/graph?{q}"
+        return f"{self.external_url}/api/v1/rules?rule={urllib.parse.quote(rt.rule.name)}"
+
+    def all_runtimes(self) -> list[RuleRuntime]:
+        return [rt for rts in self.runtimes.values() for rt in rts]

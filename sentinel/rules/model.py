@@ -1,0 +1,200 @@
+"""The rule file model: Prometheus rule files as they are, plus a ``sentinel:`` extension block.
+
+A rule is either a PromQL rule (``expr``, evaluated by Prometheus) or a log rule (``log``, an
+ElastAlert-style query over the JSON request logs). The extension block carries what Prometheus has no
+place for and is stripped on export.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sentinel.durations import Duration
+from sentinel.errors import FileFormatError, RuleFileError
+from sentinel.yamlfile import load_model_file
+
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+FIELD_NAME = re.compile(r"^[A-Za-z_@][A-Za-z0-9_.@-]*$")
+REMEDIATIONS = ("restart", "scale_out", "scale_in")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_labels(v: dict[str, str]) -> dict[str, str]:
+    for name in v:
+        if not LABEL_NAME.match(name):
+            raise ValueError(f"invalid label name {name!r}")
+    return v
+
+
+class Extension(Strict):
+    """sentinel-only settings of a rule (stripped on export)."""
+
+    runbook: str | None = None
+    remediation: Literal["restart", "scale_out", "scale_in"] | None = None
+    threshold: float | None = None
+    unit: str | None = None
+    panel: Literal["timeseries", "gauge", "stat"] | None = None
+
+
+class LogFilter(Strict):
+    """One condition on a log event: the field exists (is non-null), or equals a value."""
+
+    exists: str | None = None
+    term: dict[str, str | int | float | bool] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> LogFilter:
+        given = [k for k in ("exists", "term") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a filter needs exactly one of: exists, term")
+        fields = [self.exists] if self.exists else list((self.term or {}).keys())
+        for f in fields:
+            if not f or not FIELD_NAME.match(f):
+                raise ValueError(f"invalid field name {f!r}")
+        return self
+
+
+class LogQuery(Strict):
+    """An ElastAlert-style log rule. ``any``: every matching event counts; ``frequency``: at least
+    ``num_events`` matching events in ``timeframe``. Each ``query_key`` value is its own alert."""
+
+    type: Literal["any", "frequency"] = "any"
+    filter: list[LogFilter] = Field(default_factory=list)
+    timeframe: Duration = 300.0
+    num_events: int = Field(1, ge=1)
+    query_key: list[str] = Field(default_factory=list)
+
+    @field_validator("query_key", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("query_key")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if not FIELD_NAME.match(f):
+                raise ValueError(f"invalid field name {f!r}")
+        return v
+
+    @field_validator("timeframe")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("timeframe must be > 0")
+        return v
+
+
+class Rule(Strict):
+    alert: str | None = None
+    record: str | None = None
+    expr: str | None = None
+    log: LogQuery | None = None
+    for_: Duration = Field(0.0, alias="for")
+    keep_firing_for: Duration = 0.0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    sentinel: Extension = Field(default_factory=Extension)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    _labels = field_validator("labels")(_check_labels)
+
+    @field_validator("labels", "annotations", mode="before")
+    @classmethod
+    def _stringify(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: v2 if isinstance(v2, str) else str(v2) for k, v2 in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> Rule:
+        if (self.alert is None) == (self.record is None):
+            raise ValueError("a rule needs exactly one of: alert, record")
+        if (self.expr is None) == (self.log is None):
+            raise ValueError("a rule needs exactly one of: expr (PromQL), log (log query)")
+        if self.record is not None and self.log is not None:
+            raise ValueError("recording rules take expr, not log")
+        name = self.alert or self.record or ""
+        if self.record is not None and not re.match(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$", name):
+            raise ValueError(f"invalid recording rule name {name!r}")
+        if self.expr is not None and not self.expr.strip():
+            raise ValueError("expr is empty")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.alert or self.record or ""
+
+    @property
+    def kind(self) -> Literal["promql", "log"]:
+        return "log" if self.log is not None else "promql"
+
+
+class Group(Strict):
+    name: str = Field(min_length=1)
+    interval: Duration | None = None
+    limit: int = Field(0, ge=0)
+    query_offset: Duration | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+
+    _labels = field_validator("labels")(_check_labels)
+
+
+class RuleFile(Strict):
+    groups: list[Group] = Field(default_factory=list)
+
+
+class LoadedGroup(BaseModel):
+    """A group with the file it came from, as the evaluator and the generators see it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    file: str
+    group: Group
+
+    @property
+    def key(self) -> str:
+        return f"{self.file};{self.group.name}"
+
+
+def load_rule_file(path: Path) -> list[LoadedGroup]:
+    rf = load_model_file(path, RuleFile, RuleFileError)
+    seen: dict[str, int] = {}
+    problems = []
+    for g in rf.groups:
+        if g.name in seen:
+            problems.append(f"{path}: groups: duplicate group name {g.name!r}")
+        seen[g.name] = 1
+    if problems:
+        raise RuleFileError(str(path), problems)
+    return [LoadedGroup(file=str(path), group=g) for g in rf.groups]
+
+
+def rule_files(rules_dir: Path) -> list[Path]:
+    return sorted(p for p in rules_dir.glob("*.y*ml") if p.suffix in (".yml", ".yaml"))
+
+
+def load_rules(rules_dir: Path) -> list[LoadedGroup]:
+    """Every group in ``rules_dir``; all files' problems are reported together."""
+    groups: list[LoadedGroup] = []
+    problems: list[str] = []
+    files = rule_files(rules_dir)
+    if not files:
+        raise RuleFileError(str(rules_dir), [f"{rules_dir}: no rule files (*.yml, *.yaml)"])
+    for path in files:
+        try:
+            groups.extend(load_rule_file(path))
+        except FileFormatError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise RuleFileError(str(rules_dir), problems)
+    return groups

@@ -1,0 +1,62 @@
+"""Datasources that answer a rule's query at an instant with a list of samples.
+
+Third-party errors are translated here, at the boundary, into DatasourceError.
+"""
+
+from __future__ import annotations
+
+import math
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.util.retry import Retry
+
+from sentinel.alerts.state import Sample
+from sentinel.errors import DatasourceError
+from sentinel.logstore.local import LocalLogStore
+from sentinel.rules.model import LogQuery
+
+
+class PromQLSource:
+    """Instant queries through Prometheus's HTTP API (``/api/v1/query``) with a per-query timeout."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.client = PrometheusConnect(url=self.url, disable_ssl=True, retry=Retry(total=0), timeout=timeout_s)
+
+    def query(self, expr: str, at: float) -> list[Sample]:
+        params = {"time": f"{at:.3f}", "timeout": f"{self.timeout_s:g}s"}
+        try:
+            result = self.client.custom_query(expr, params=params, timeout=self.timeout_s)
+        except PrometheusApiClientException as exc:
+            raise DatasourceError(f"Prometheus at {self.url} rejected the query: {exc}") from exc
+        except requests.RequestException as exc:
+            raise DatasourceError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, list) or any(not isinstance(r, dict) for r in result):
+            raise DatasourceError(f"expression does not return an instant vector: {expr}")
+        out = []
+        for r in result:
+            value = float(r["value"][1])
+            if math.isnan(value):
+                continue
+            out.append(Sample(dict(r.get("metric", {})), value))
+        return out
+
+
+class LogRuleSource:
+    """Turns an ElastAlert-style log query into samples: one per ``query_key`` group that matches.
+
+    ``any``: a group with at least one matching event in ``timeframe`` is a sample (value = count).
+    ``frequency``: only groups with at least ``num_events`` matching events.
+    """
+
+    def __init__(self, store: LocalLogStore) -> None:
+        self.store = store
+
+    def query(self, q: LogQuery, at: float) -> list[Sample]:
+        try:
+            groups = self.store.count(q.filter, at - q.timeframe, at, q.query_key)
+        except Exception as exc:  # sqlite3 errors; translated at the boundary
+            raise DatasourceError(f"log store query failed: {exc}") from exc
+        need = q.num_events if q.type == "frequency" else 1
+        return [Sample(labels, float(n)) for labels, n in groups if n >= need]

@@ -1,0 +1,139 @@
+"""One typed settings object, from a YAML file and ``SENTINEL_*`` environment variables.
+
+Precedence (highest first): explicit overrides (CLI flags), environment (``SENTINEL_API__PORT=9000``),
+the YAML file, defaults. Invalid settings stop the start with ``file:line: field: problem``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sentinel.durations import Duration
+from sentinel.errors import ConfigError, FileFormatError
+from sentinel.yamlfile import format_problems, load_yaml
+
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "changethis", "secret", "password", "token", "admin"})
+
+
+def _no_placeholder(v: SecretStr | None) -> SecretStr | None:
+    if v is not None:
+        raw = v.get_secret_value()
+        if raw.lower() in PLACEHOLDER_SECRETS or len(raw) < 12:
+            raise ValueError("refusing a placeholder or short secret (use 12+ random characters)")
+    return v
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0: a free port")
+    token: SecretStr | None = Field(None, description="bearer token for mutating endpoints")
+    _token = field_validator("token")(_no_placeholder)
+
+
+class PrometheusSettings(Section):
+    url: str | None = Field(None, description="use this Prometheus instead of starting one")
+    port: int = Field(0, ge=0, le=65535)
+    binary: str = "prometheus"
+    scrape_interval: Duration = 5.0
+    query_timeout: Duration = 10.0
+
+
+class ReplicaSettings(Section):
+    count: int = Field(1, ge=1, le=64)
+    model_dir: Path | None = Field(None, description="default: the bundled model, generated on first start")
+    served_model_name: str = "deepseek-tiny"
+    ports: list[int] = Field(default_factory=list, description="one per replica; empty: free ports")
+    enable_faults: bool = False
+    admin_token: SecretStr | None = None
+    start_timeout: Duration = 120.0
+    _token = field_validator("admin_token")(_no_placeholder)
+
+
+class ReceiverSettings(Section):
+    name: str = Field(min_length=1)
+    url: str = Field(pattern=r"^https?://")
+
+
+class AlertingSettings(Section):
+    evaluation_interval: Duration = 15.0
+    resend_delay: Duration = 60.0
+    receivers: list[ReceiverSettings] = Field(default_factory=list)
+
+
+class RemediationSettings(Section):
+    enabled: bool = True
+    dry_run: bool = False
+    paused: bool = False
+    cooldown: Duration = 300.0
+    max_actions_per_hour: int = Field(6, ge=0)
+    max_concurrent: int = Field(1, ge=1)
+    verify_timeout: Duration = 120.0
+
+
+class LogSettings(Section):
+    ship_interval: Duration = 1.0
+    retention: Duration = 86400.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid")
+
+    state_dir: Path = Path("var/sentinel")
+    rules_dir: Path = Path("rules")
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
+    replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    alerting: AlertingSettings = Field(default_factory=AlertingSettings)
+    remediation: RemediationSettings = Field(default_factory=RemediationSettings)
+    logs: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The YAML file's data, set by :func:`load_settings` for the duration of one validation."""
+
+    data: dict[str, Any] = {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings; raises ConfigError naming file, line and field."""
+    data: dict[str, Any] = {}
+    lines: dict[tuple[str | int, ...], int] = {}
+    if path is not None:
+        try:
+            raw, lines = load_yaml(path)
+        except FileFormatError as exc:
+            raise ConfigError(str(exc)) from exc
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}:1: (document): expected a mapping of settings")
+        data = raw or {}
+    _FileSource.data = data
+    try:
+        s = Settings(**(overrides or {}))  # sources are deep-merged: an override keeps sibling fields
+    except ValidationError as exc:
+        where = path if path is not None else Path("<environment>")
+        raise ConfigError("\n".join(format_problems(where, exc, lines))) from exc
+    finally:
+        _FileSource.data = {}
+    return s

@@ -1,0 +1,199 @@
+"""Runs inference_core replicas as child processes: start, health, restart, stop.
+
+Children get their own session so a terminal's Ctrl-C reaches sentinel only; sentinel stops them in
+order. Their pids are recorded so that a sentinel killed with ``kill -9`` cleans up on its next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from sentinel.errors import RemediationError, ServiceError
+from sentinel.netutil import wait_http_ok
+
+log = logging.getLogger(__name__)
+ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    name: str
+    port: int
+    model_dir: Path
+    log_dir: Path
+    host: str = "127.0.0.1"
+    enable_faults: bool = False
+    admin_token: str | None = None
+    served_model_name: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def argv(self) -> list[str]:
+        args = [sys.executable, "-m", "inference_core.server", "--model-dir", str(self.model_dir),
+                "--host", self.host, "--port", str(self.port), "--log-dir", str(self.log_dir)]
+        if self.served_model_name:
+            args += ["--served-model-name", self.served_model_name]
+        if self.enable_faults:
+            args.append("--enable-faults")
+        return args
+
+
+def stop_process(proc: subprocess.Popen[bytes], name: str, timeout_s: float = 10.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        log.warning("%s (pid %d) ignored SIGTERM for %.0fs; killing", name, proc.pid, timeout_s)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+class ChildRegistry:
+    """Pids of the children sentinel started, on disk, so a later start can reap leftovers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in json.loads(self.path.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def set(self, name: str, pid: int | None) -> None:
+        with self._lock:
+            pids = self._read()
+            if pid is None:
+                pids.pop(name, None)
+            else:
+                pids[name] = pid
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(pids))
+            tmp.replace(self.path)
+
+    def reap_leftovers(self) -> list[str]:
+        """Kill process groups left by a sentinel that died without cleaning up."""
+        reaped = []
+        for name, pid in self._read().items():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"inference_core" in cmdline or b"prometheus" in cmdline:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                    reaped.append(f"{name} (pid {pid})")
+                except (ProcessLookupError, PermissionError):
+                    pass
+        with self._lock:
+            self.path.unlink(missing_ok=True)
+        return reaped
+
+
+class Replica:
+    def __init__(self, spec: ReplicaSpec, run_dir: Path, children: ChildRegistry) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.children = children
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.spec.admin_token:
+            env[ADMIN_TOKEN_ENV] = self.spec.admin_token
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        out = (self.run_dir / f"{self.spec.name}.out").open("ab")
+        self.proc = subprocess.Popen(self.spec.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
+        out.close()
+        self.children.set(self.spec.name, self.proc.pid)
+        log.info("started replica %s (pid %d) on %s", self.spec.name, self.proc.pid, self.spec.url)
+
+    def wait_healthy(self, timeout_s: float) -> bool:
+        return wait_http_ok(f"{self.spec.url}/health", timeout_s, alive=self.alive)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.spec.url}/health", timeout=2.0).is_success
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, self.spec.name)
+            self.children.set(self.spec.name, None)
+
+    def restart(self, timeout_s: float) -> str:
+        with self._lock:
+            old = self.pid
+            self.stop()
+            self.start()
+            self.restarts += 1
+            if not self.wait_healthy(timeout_s):
+                raise RemediationError(f"replica {self.spec.name} did not become healthy within {timeout_s:.0f}s "
+                                       f"after restart (see {self.run_dir / (self.spec.name + '.out')})")
+            return f"restarted {self.spec.name}: pid {old} -> {self.pid}"
+
+
+class Supervisor:
+    """Owns the replicas; the local actuator of remediation."""
+
+    def __init__(self, specs: list[ReplicaSpec], run_dir: Path, children: ChildRegistry,
+                 start_timeout_s: float = 120.0) -> None:
+        self.replicas = {s.name: Replica(s, run_dir, children) for s in specs}
+        self.start_timeout_s = start_timeout_s
+
+    def start_all(self) -> None:
+        for r in self.replicas.values():
+            r.start()
+        for r in self.replicas.values():
+            if not r.wait_healthy(self.start_timeout_s):
+                raise ServiceError(f"replica {r.spec.name} did not become healthy within {self.start_timeout_s:.0f}s "
+                                   f"(see {r.run_dir / (r.spec.name + '.out')})")
+
+    def stop_all(self) -> None:
+        for r in self.replicas.values():
+            r.stop()
+
+    # -- Actuator protocol ---------------------------------------------------------------------------
+    def targets(self) -> set[str]:
+        return set(self.replicas)
+
+    def act(self, action: str, target: str) -> str:
+        replica = self.replicas.get(target)
+        if replica is None:
+            raise RemediationError(f"unknown replica {target!r}")
+        if action == "restart":
+            return replica.restart(self.start_timeout_s)
+        raise RemediationError(f"action {action!r} is not supported by the local supervisor")
+
+    def verify(self, target: str, timeout_s: float) -> bool:
+        return self.replicas[target].wait_healthy(timeout_s)

@@ -1,0 +1,184 @@
+"""The walking skeleton, end to end, with real parts only.
+
+`sentinel up` runs as a subprocess: an inference_core replica (real forward passes), Debian's
+Prometheus scraping it, the daemon evaluating the default rule pack (timings shortened for the test),
+and this test's own webhook receiver. The official `openai` client sends completions; the replica's
+fault switch injects latency and a CUDA error. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from sentinel.netutil import port_in_use
+from tests.conftest import ROOT, Receiver
+
+pytestmark = pytest.mark.integration
+T = TypeVar("T")
+ADMIN_TOKEN = "drill-token-0123456789"
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
+             log: Path | None = None) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n--- sentinel output ---\n{tail}")
+
+
+def shortened_rules(dst: Path) -> None:
+    """The default pack, with intervals and windows shortened so the test runs in seconds."""
+    doc = yaml.safe_load((ROOT / "rules" / "inference.yaml").read_text())
+    for g in doc["groups"]:
+        g["interval"] = "1s"
+        for r in g["rules"]:
+            if r["alert"] == "InferenceLatencyP99High":
+                r["for"] = "0s"
+            if r["alert"] == "CudaError":
+                r["log"]["timeframe"] = "6s"
+    dst.mkdir()
+    (dst / "inference.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+@pytest.fixture
+def sentinel_up(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
+    shortened_rules(tmp_path / "rules")
+    config = {
+        "state_dir": str(tmp_path / "state"), "rules_dir": str(tmp_path / "rules"),
+        "prometheus": {"scrape_interval": "1s"},
+        "replicas": {"enable_faults": True, "admin_token": ADMIN_TOKEN},
+        "alerting": {"receivers": [{"name": "oncall", "url": receiver.url}]},
+        "remediation": {"verify_timeout": "60s"},
+    }
+    (tmp_path / "sentinel.yaml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "sentinel.out"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sentinel.cli", "up", "-c", str(tmp_path / "sentinel.yaml")],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    up_file = tmp_path / "state" / "up.json"
+    try:
+        up = wait_for("sentinel up to be ready", lambda: up_file.exists() and json.loads(up_file.read_text()),
+                      180, proc, log)
+        yield proc, up, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def prom_value(prom_url: str, query: str) -> float:
+    result = httpx.get(f"{prom_url}/api/v1/query", params={"query": query}).json()["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def alerts_named(receiver: Receiver, name: str, status: str) -> list[dict[str, Any]]:
+    return [a for p in receiver.snapshot() for a in p["alerts"]
+            if a["labels"]["alertname"] == name and a["status"] == status]
+
+
+def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], dict[str, Any], Path],
+                                    receiver: Receiver) -> None:
+    proc, up, log = sentinel_up
+    replica = up["replicas"][0]
+    api = up["api"]
+    old_pid = replica["pid"]
+    client = openai.OpenAI(base_url=f"{replica['url']}/v1", api_key="unused", max_retries=0, timeout=30)
+    admin = httpx.Client(base_url=replica["url"], headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    # 1. Completions through the official client: a real forward pass, usage counted.
+    # Prometheus must have scraped the idle replica before the traffic, or rate() sees no increase.
+    wait_for("two scrapes of the replica", lambda: prom_value(up["prometheus"],
+             'count_over_time(up{job="inference"}[1m])') >= 2, 30, proc, log)
+    for prompt in ("The cluster is", "Why did the alert fire?", "GPU utilization"):
+        c = client.completions.create(model="deepseek-tiny", prompt=prompt, max_tokens=8, temperature=0)
+        assert c.choices[0].finish_reason in ("stop", "length")
+        assert c.usage is not None and c.usage.completion_tokens >= 1 and c.usage.prompt_tokens >= 1
+    again = client.completions.create(model="deepseek-tiny", prompt="GPU utilization", max_tokens=8, temperature=0)
+    assert again.choices[0].text == c.choices[0].text  # greedy decoding is deterministic
+
+    # 2. Latency fault: P99 over 500 ms through Prometheus → InferenceLatencyP99High fires (PromQL path).
+    assert admin.post("/admin/faults", json={"latency_ms": 200}).status_code == 200
+    for _ in range(4):
+        client.completions.create(model="deepseek-tiny", prompt="slow", max_tokens=3, temperature=0)
+    assert admin.post("/admin/faults", json={"latency_ms": 0}).status_code == 200
+    slow = wait_for("a firing InferenceLatencyP99High notification",
+                    lambda: alerts_named(receiver, "InferenceLatencyP99High", "firing"), 60, proc, log)
+    assert slow[0]["labels"]["replica"] == "replica-0"
+    assert float(slow[0]["annotations"]["summary"].split(" is ")[1].split("ms")[0].split("s")[0]) > 0
+
+    # 3. CUDA error inside the forward pass → log rule → page → restart → healthy → resolved.
+    assert admin.post("/admin/faults", json={"cuda_error": True}).status_code == 200
+    t_fault = time.monotonic()
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="deepseek-tiny", prompt="boom", max_tokens=4)
+    assert httpx.get(f"{replica['url']}/health").status_code == 503
+    firing = wait_for("a firing CudaError notification", lambda: alerts_named(receiver, "CudaError", "firing"),
+                      60, proc, log)
+    t_detect = time.monotonic() - t_fault
+    assert firing[0]["labels"] == {"alertname": "CudaError", "replica": "replica-0", "severity": "page"}
+    assert "CUDA error on replica-0" in firing[0]["annotations"]["summary"]
+
+    def restarted() -> dict[str, Any] | None:
+        st = httpx.get(f"{api}/api/v1/status").json()["data"]["replicas"][0]
+        return st if st["pid"] != old_pid and st["healthy"] else None
+
+    new = wait_for("the replica to be restarted and healthy", restarted, 90, proc, log)
+    t_recover = time.monotonic() - t_fault
+    assert new["restarts"] == 1
+    ok = client.completions.create(model="deepseek-tiny", prompt="The cluster is", max_tokens=4, temperature=0)
+    assert ok.usage is not None and ok.usage.completion_tokens >= 1
+
+    resolved = wait_for("a resolved CudaError notification", lambda: alerts_named(receiver, "CudaError", "resolved"),
+                        60, proc, log)
+    t_resolved = time.monotonic() - t_fault
+    assert resolved[0]["fingerprint"] == firing[0]["fingerprint"]
+    assert resolved[0]["endsAt"] > resolved[0]["startsAt"]
+
+    # Every payload is Alertmanager webhook v4.
+    for p in receiver.snapshot():
+        assert p["version"] == "4" and p["receiver"] == "oncall"
+        assert set(p) >= {"status", "alerts", "groupLabels", "commonLabels", "commonAnnotations", "externalURL",
+                          "groupKey", "truncatedAlerts"}
+    # The audit log holds the decision and its verified outcome; exactly one restart for the incident.
+    audit = httpx.get(f"{api}/api/v1/actions").json()["data"]["audit"]
+    outcomes = [e for e in audit if e["kind"] == "outcome"]
+    assert [e["outcome"] for e in outcomes] == ["succeeded"], audit
+    print(f"\ntime-to-detect (fault -> firing webhook): {t_detect:.2f}s")
+    print(f"time-to-recover (fault -> new replica healthy): {t_recover:.2f}s")
+    print(f"time-to-resolve (fault -> resolved webhook, window 6s): {t_resolved:.2f}s")
+
+    # 4. SIGINT stops every child: no orphans, no stale ports.
+    prom_pid = next(s["pid"] for s in up["services"] if s["name"] == "prometheus")
+    prom_port = int(up["prometheus"].rsplit(":", 1)[1])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    for pid in (new["pid"], prom_pid):
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    for port in (int(replica["url"].rsplit(":", 1)[1]), prom_port, int(api.rsplit(":", 1)[1])):
+        assert not port_in_use(port), f"port {port} still in use after shutdown"
