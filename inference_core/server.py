@@ -9,7 +9,6 @@ import argparse
 import hmac
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
 

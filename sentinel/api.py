@@ -78,7 +78,8 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
             groups.append({
                 "name": g.group.name, "file": g.file, "interval": evaluator.interval(g),
                 "rules": [{
-                    "type": "alerting", "name": rt.rule.name, "query": _query_text(rt.rule), "duration": rt.rule.for_, "keepFiringFor": rt.rule.keep_firing_for,
+                    "type": "alerting", "name": rt.rule.name, "query": _query_text(rt.rule), "duration": rt.rule.for_,
+                    "keepFiringFor": rt.rule.keep_firing_for,
                     "labels": rt.rule.labels, "annotations": rt.rule.annotations, "health": rt.health,
                     "lastError": rt.last_error or "", "evaluationTime": rt.last_duration,
                     "lastEvaluation": rfc3339(rt.last_eval),

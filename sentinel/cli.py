@@ -111,10 +111,10 @@ def rules_check(files: Annotated[list[Path], typer.Argument(help="rule files")])
         except FileFormatError as exc:
             failed = True
             for p in exc.problems:
-                err_console.print(p, markup=False, highlight=False)
+                typer.echo(p, err=True)  # plain: one problem a line, never wrapped
             continue
         n = sum(len(g.group.rules) for g in groups)
-        console.print(f"{f}: SUCCESS: {n} rules found", markup=False, highlight=False)
+        typer.echo(f"{f}: SUCCESS: {n} rules found")
     raise typer.Exit(1 if failed else 0)
 
 

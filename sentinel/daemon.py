@@ -138,8 +138,8 @@ class Daemon:
         self.services[0:0] = [Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics")]
         self.services.append(Service("prometheus", prom_url, self.prometheus.proc.pid if self.prometheus and
                                      self.prometheus.proc else None, "started" if self.prometheus else "external"))
-        for p in s.alerting.receivers:
-            self.services.append(Service(f"receiver:{p.name}", p.url, None, "alert webhook (v4)"))
+        for rcv in s.alerting.receivers:
+            self.services.append(Service(f"receiver:{rcv.name}", rcv.url, None, "alert webhook (v4)"))
         return self.services
 
     def _schedule(self, evaluator: Evaluator, shipper: Shipper, dispatcher: Dispatcher, s: Settings) -> None:

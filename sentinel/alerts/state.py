@@ -50,8 +50,8 @@ class Alert:
     def needs_sending(self, now: float, resend_delay: float) -> bool:
         if self.state == State.PENDING:
             return False
-        if self.resolved_at > self.last_sent_at:
-            return True
+        if not self.last_sent_at or self.resolved_at > self.last_sent_at:
+            return True  # never sent (Go's zero time is long past), or resolved since the last send
         return self.last_sent_at + resend_delay < now
 
 

@@ -45,6 +45,10 @@ _ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at
                "last_sent_at", "valid_until", "keep_firing_since")
 
 
+# (idempotency key, receiver name, url, payload)
+OutboxEntry = tuple[str, str, str, dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     id: int
@@ -96,8 +100,7 @@ class Store:
             self._db.close()
 
     # -- alert state -------------------------------------------------------------------------------
-    def save_rule_state(self, rule: str, alerts: Iterable[Alert], outbox: Iterable[tuple[str, str, str, dict[str, Any]]],
-                        now: float) -> None:
+    def save_rule_state(self, rule: str, alerts: Iterable[Alert], outbox: Iterable[OutboxEntry], now: float) -> None:
         """Replace ``rule``'s alerts and enqueue (key, receiver, url, payload) notifications atomically."""
         with self.tx() as db:
             db.execute("DELETE FROM alerts WHERE rule = ?", (rule,))

@@ -28,7 +28,8 @@ class LocalLogStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(
-            "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, doc TEXT NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS events ("
+            "  id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, doc TEXT NOT NULL);"
             "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);"
             "CREATE TABLE IF NOT EXISTS checkpoints (source TEXT PRIMARY KEY, value TEXT NOT NULL);")
         self._lock = threading.Lock()
@@ -70,7 +71,7 @@ class LocalLogStore:
             for name, value in (f.term or {}).items():
                 where.append("json_extract(doc, ?) = ?")
                 params += [json_path(name), value]
-        keys = [f"json_extract(doc, ?)" for _ in query_key]
+        keys = ["json_extract(doc, ?)" for _ in query_key]
         sql = f"SELECT {', '.join([*keys, 'COUNT(*)'])} FROM events WHERE {' AND '.join(where)}"
         if keys:
             sql += f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}"

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ def parse_timestamp(raw: Any, default: float) -> float:
 
 
 class Sink(Protocol):
-    def add(self, events: list[tuple[float, Mapping[str, Any]]],
+    def add(self, events: Sequence[tuple[float, Mapping[str, Any]]],
             checkpoint: tuple[str, Mapping[str, Any]] | None = None) -> None: ...
 
     def checkpoint(self, source: str) -> dict[str, Any] | None: ...

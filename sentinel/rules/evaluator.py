@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sentinel.alerts.notify import idempotency_key, webhook_payload
-from sentinel.alerts.state import Alert, AlertingRule, State
+from sentinel.alerts.state import Alert, AlertingRule, Sample, State
 from sentinel.alerts.store import Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
@@ -102,7 +102,7 @@ class Evaluator:
             self.metrics.group_duration.labels(name).set(self.clock() - start)
             self.metrics.group_last.labels(name).set(start)
 
-    def _query(self, rt: RuleRuntime, now: float) -> list:  # type: ignore[type-arg]
+    def _query(self, rt: RuleRuntime, now: float) -> list[Sample]:
         offset = rt.group.group.query_offset or 0.0
         if rt.rule.log is not None:
             if self.logs is None:

@@ -6,6 +6,7 @@ Third-party errors are translated here, at the boundary, into DatasourceError.
 from __future__ import annotations
 
 import math
+
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry

@@ -1,0 +1,57 @@
+"""Rule files: the default pack loads; bad files fail with file:line: field: problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sentinel.cli import app
+from sentinel.errors import RuleFileError
+from sentinel.rules.model import load_rule_file, load_rules
+from tests.conftest import ROOT
+
+
+def test_default_pack_loads() -> None:
+    groups = load_rules(ROOT / "rules")
+    names = {r.name for g in groups for r in g.group.rules}
+    assert {"InferenceLatencyP99High", "CudaError"} <= names
+    cuda = next(r for g in groups for r in g.group.rules if r.name == "CudaError")
+    assert cuda.kind == "log" and cuda.sentinel.remediation == "restart"
+    assert cuda.log is not None and cuda.log.query_key == ["replica"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        for: 5 minutes\n",
+     "r.yaml:6: groups.0.rules.0.for: Value error, not a duration: '5 minutes'"),
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        lables: {}\n",
+     "r.yaml:6: groups.0.rules.0.lables: Extra inputs are not permitted"),
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n",
+     "r.yaml:4: groups.0.rules.0: Value error, a rule needs exactly one of: expr (PromQL), log (log query)"),
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        log:\n          filter:\n            - exists: 'a b'\n",
+     "r.yaml:7: groups.0.rules.0.log.filter.0: Value error, invalid field name 'a b'"),
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        labels:\n          bad-name: x\n",
+     "r.yaml:6: groups.0.rules.0.labels: Value error, invalid label name 'bad-name'"),
+    ("groups:\n  - name: g\n   rules: []\n", "r.yaml:3: YAML syntax error"),
+    ("groups:\n  - name: g\n  - name: g\n", "groups: duplicate group name 'g'"),
+])
+def test_bad_rule_files_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(RuleFileError) as info:
+        load_rule_file(write(tmp_path, text))
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_rules_check_cli_exit_codes(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["rules", "check", str(ROOT / "rules" / "inference.yaml")])
+    assert ok.exit_code == 0 and "SUCCESS: 3 rules found" in ok.output
+    bad = runner.invoke(app, ["rules", "check", str(write(tmp_path, "groups:\n  - name: g\n    rules:\n      - {}\n"))])
+    assert bad.exit_code == 1
+    assert "r.yaml:4: groups.0.rules.0:" in bad.output

@@ -1,0 +1,108 @@
+"""The SQLite store survives reopening; the dispatcher delivers v4 payloads to a real HTTP server."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sentinel.alerts.notify import Dispatcher, idempotency_key, webhook_payload
+from sentinel.alerts.state import AlertingRule, Sample
+from sentinel.alerts.store import Store
+from tests.conftest import Receiver
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def firing_payload(receiver: str, url: str, now: float) -> tuple[str, str, str, dict]:  # type: ignore[type-arg]
+    rule = AlertingRule("CudaError", labels={"severity": "page"}, annotations={"summary": "boom"})
+    rule.eval(now, [Sample({"replica": "replica-0"}, 1)])
+    due = rule.to_send(now, 60, 5)
+    payload = webhook_payload(receiver, due, {"alertname": "CudaError"}, "http://sentinel", "http://gen")
+    return idempotency_key(receiver, payload, now), receiver, url, payload
+
+
+def test_state_survives_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    rule = AlertingRule("X", for_s=30, keep_firing_for_s=60)
+    rule.eval(100, [Sample({"a": "1"}, 2.5)])
+    rule.eval(130, [Sample({"a": "1"}, 2.5)])
+    rule.eval(140, [])  # firing, kept by keep_firing_for
+    store.save_rule_state("f;g;X", list(rule.active.values()), [], 140)
+    store.close()
+    again = Store(tmp_path / "s.db").load_rule_state("f;g;X")
+    assert again == list(rule.active.values())
+    assert again[0].keep_firing_since == 140 and again[0].fired_at == 130
+
+
+def test_audit_log_is_append_only(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.audit(1.0, "decision", "incident", act=True)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        store.tx().__enter__().execute("DELETE FROM audit")
+    assert store.audit_log()[0]["act"] is True
+
+
+def test_webhook_payload_is_alertmanager_v4() -> None:
+    _, _, _, p = firing_payload("oncall", "", 1_000_000.0)
+    assert p["version"] == "4" and p["status"] == "firing" and p["receiver"] == "oncall"
+    assert p["groupKey"] == '{}:{alertname="CudaError"}'
+    assert p["commonLabels"] == {"alertname": "CudaError", "replica": "replica-0", "severity": "page"}
+    [a] = p["alerts"]
+    assert a["startsAt"] == "1970-01-12T13:46:40.000Z" and a["endsAt"] == "1970-01-12T13:50:40.000Z"
+    assert len(a["fingerprint"]) == 16 and a["generatorURL"] == "http://gen"
+
+
+def test_dispatcher_retries_5xx_and_keeps_the_idempotency_key(tmp_path: Path, receiver: Receiver) -> None:
+    clock = Clock()
+    store = Store(tmp_path / "s.db")
+    entry = firing_payload("oncall", receiver.url, clock.t)
+    store.save_rule_state("r", [], [entry], clock.t)
+    store.save_rule_state("r", [], [entry], clock.t)  # the same key twice is one notification
+    receiver.status_codes = [503, 500]
+    with httpx.Client() as client:
+        d = Dispatcher(store, client, clock)
+        assert d.run_once() == 0
+        assert d.run_once() == 0  # backoff: not due yet
+        clock.t += 1.5
+        assert d.run_once() == 0  # second 5xx
+        clock.t += 2.5
+        assert d.run_once() == 1
+    assert len(receiver.received) == 3
+    assert len({h["Idempotency-Key"] for h in receiver.headers}) == 1
+    assert store.outbox_counts() == {"sent": 1}
+
+
+def test_dispatcher_does_not_retry_4xx(tmp_path: Path, receiver: Receiver) -> None:
+    store = Store(tmp_path / "s.db")
+    clock = Clock()
+    store.save_rule_state("r", [], [firing_payload("oncall", receiver.url, clock.t)], clock.t)
+    receiver.status_codes = [400]
+    with httpx.Client() as client:
+        d = Dispatcher(store, client, clock)
+        d.run_once()
+        clock.t += 1000
+        d.run_once()
+    assert len(receiver.received) == 1 and store.outbox_counts() == {"failed": 1}
+
+
+def test_dispatcher_retries_network_errors_and_survives_restart(tmp_path: Path, receiver: Receiver) -> None:
+    clock = Clock()
+    store = Store(tmp_path / "s.db")
+    dead = "http://127.0.0.1:9/hook"  # discard port: connection refused
+    store.save_rule_state("r", [], [firing_payload("oncall", dead, clock.t)], clock.t)
+    with httpx.Client() as client:
+        Dispatcher(store, client, clock).run_once()
+    store.close()
+    store = Store(tmp_path / "s.db")  # as after kill -9: the pending item is still there
+    assert store.outbox_counts() == {"pending": 1}
+    [item] = store.due(clock.t + 10)
+    assert item.attempts == 1
