@@ -65,3 +65,23 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("models") / "deepseek-tiny", seed=0)
+
+
+_FIGURES: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def report_figure() -> Any:
+    """Record a measured figure; the run prints all of them at the end (see pytest_terminal_summary)."""
+
+    def record(name: str, value: str) -> None:
+        _FIGURES.append((name, value))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for name, value in _FIGURES:
+            terminalreporter.write_line(f"{name}: {value}")

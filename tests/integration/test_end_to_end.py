@@ -103,7 +103,7 @@ def alerts_named(receiver: Receiver, name: str, status: str) -> list[dict[str, A
 
 
 def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], dict[str, Any], Path],
-                                    receiver: Receiver) -> None:
+                                    receiver: Receiver, report_figure: Callable[[str, str], None]) -> None:
     proc, up, log = sentinel_up
     replica = up["replicas"][0]
     api = up["api"]
@@ -169,9 +169,9 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
     audit = httpx.get(f"{api}/api/v1/actions").json()["data"]["audit"]
     outcomes = [e for e in audit if e["kind"] == "outcome"]
     assert [e["outcome"] for e in outcomes] == ["succeeded"], audit
-    print(f"\ntime-to-detect (fault -> firing webhook): {t_detect:.2f}s")
-    print(f"time-to-recover (fault -> new replica healthy): {t_recover:.2f}s")
-    print(f"time-to-resolve (fault -> resolved webhook, window 6s): {t_resolved:.2f}s")
+    report_figure("e2e time-to-detect (CUDA fault -> firing webhook)", f"{t_detect:.2f}s")
+    report_figure("e2e time-to-recover (CUDA fault -> restarted replica healthy)", f"{t_recover:.2f}s")
+    report_figure("e2e time-to-resolve (CUDA fault -> resolved webhook; 6s rule window)", f"{t_resolved:.2f}s")
 
     # 4. SIGINT stops every child: no orphans, no stale ports.
     prom_pid = next(s["pid"] for s in up["services"] if s["name"] == "prometheus")

@@ -35,7 +35,8 @@ def write(tmp_path: Path, text: str) -> Path:
      "r.yaml:6: groups.0.rules.0.lables: Extra inputs are not permitted"),
     ("groups:\n  - name: g\n    rules:\n      - alert: A\n",
      "r.yaml:4: groups.0.rules.0: Value error, a rule needs exactly one of: expr (PromQL), log (log query)"),
-    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        log:\n          filter:\n            - exists: 'a b'\n",
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        log:\n          filter:\n"
+     "            - exists: 'a b'\n",
      "r.yaml:7: groups.0.rules.0.log.filter.0: Value error, invalid field name 'a b'"),
     ("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        labels:\n          bad-name: x\n",
      "r.yaml:6: groups.0.rules.0.labels: Value error, invalid label name 'bad-name'"),

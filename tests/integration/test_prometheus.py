@@ -1,0 +1,94 @@
+"""PromQL rules against a real Prometheus (Debian's binary), and `sentinel up`'s failure paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sentinel.alerts.state import State
+from sentinel.alerts.store import Store
+from sentinel.errors import DatasourceError
+from sentinel.netutil import free_port
+from sentinel.promserver import PrometheusServer, ScrapeTarget
+from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.model import Group, LoadedGroup, Rule
+from sentinel.rules.sources import PromQLSource
+from sentinel.supervisor import ChildRegistry
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer]:
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
+    work = tmp_path_factory.mktemp("prom")
+    port = free_port()
+    server = PrometheusServer(work, port, [ScrapeTarget("self", f"127.0.0.1:{port}", {"replica": "p"})], 1.0,
+                              ChildRegistry(work / "children.json"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_instant_queries_and_errors(prometheus: PrometheusServer) -> None:
+    src = PromQLSource(prometheus.url, timeout_s=5)
+    [s] = src.query('label_replace(vector(2), "replica", "r1", "", "")', at=time.time())
+    assert s.labels == {"replica": "r1"} and s.value == 2
+    with pytest.raises(DatasourceError, match="rejected the query"):
+        src.query("sum(", at=0)
+    with pytest.raises(DatasourceError, match="instant vector"):
+        src.query("1", at=0)  # a scalar cannot become alerts
+    with pytest.raises(DatasourceError, match="unreachable"):
+        PromQLSource(f"http://127.0.0.1:{free_port()}", timeout_s=1).query("up", at=0)
+
+
+def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    rule = Rule.model_validate({"alert": "Always", "expr": 'label_replace(vector(1), "replica", "r", "", "")'})
+    group = LoadedGroup(file="f.yaml", group=Group(name="g", rules=[rule]))
+    ev = Evaluator(store, PromQLSource(prometheus.url, 5), None, [Receiver("r", "http://127.0.0.1:9/")])
+    ev.load([group])
+    [rt] = ev.all_runtimes()
+    now = time.time()
+    ev.eval_rule(rt, now)
+    assert [a.state for a in rt.machine.active.values()] == [State.FIRING] and rt.health == "ok"
+    ev.promql = PromQLSource(f"http://127.0.0.1:{free_port()}", 1)  # the datasource goes away
+    ev.eval_rule(rt, now + 60)
+    assert rt.health == "err" and "unreachable" in (rt.last_error or "")
+    assert [a.state for a in rt.machine.active.values()] == [State.FIRING]  # nothing resolved
+    # state is persisted with the outbox: a new evaluator (a restarted daemon) restores the firing alert
+    ev2 = Evaluator(store, None, None, [])
+    ev2.load([group])
+    assert [a.state for a in ev2.all_runtimes()[0].machine.active.values()] == [State.FIRING]
+    assert store.outbox_counts() == {"pending": 1}
+
+
+def test_up_without_prometheus_says_what_to_install_and_leaves_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "SENTINEL_PROMETHEUS__BINARY": "prometheus-not-installed"}
+    out = subprocess.run([sys.executable, "-m", "sentinel.cli", "up", "--state-dir", str(tmp_path)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2
+    assert "apt-get install prometheus" in out.stderr and "--prometheus-url" in out.stderr
+    leftover = subprocess.run(["pgrep", "-f", f"inference_core.server.*{tmp_path}"], capture_output=True)
+    assert leftover.returncode == 1, "the replica started before the failure must be stopped"
+
+
+def test_up_refuses_bad_rules_before_starting_anything(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    bad = "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        for: soon\n"
+    (tmp_path / "rules" / "bad.yaml").write_text(bad)
+    out = subprocess.run([sys.executable, "-m", "sentinel.cli", "up", "--state-dir", str(tmp_path / "st"),
+                          "--rules-dir", str(tmp_path / "rules")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "bad.yaml:6: groups.0.rules.0.for" in out.stderr.replace("\n", "")
+    assert not (tmp_path / "st" / "models").exists()

@@ -1,0 +1,63 @@
+"""The shipper and the local log store, on real files: rotation, checkpoints, redaction, queries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sentinel.logstore.local import LocalLogStore
+from sentinel.logstore.shipper import LogSource, Shipper, redact
+from sentinel.rules.model import LogFilter, LogQuery
+from sentinel.rules.sources import LogRuleSource
+
+
+def line(ts: str, **fields: object) -> str:
+    return json.dumps({"@timestamp": ts, **fields}) + "\n"
+
+
+def test_ship_query_rotate_and_resume(tmp_path: Path) -> None:
+    log = tmp_path / "inference.log"
+    store = LocalLogStore(tmp_path / "logs.db")
+    src = LogSource("replica-0", log, {"replica": "replica-0"})
+    log.write_text(line("2026-01-01T00:00:01Z", cuda_error=None)
+                   + line("2026-01-01T00:00:02Z", cuda_error="CUDA error: x")
+                   + "not json\n" + '{"partial": ')
+    ship = Shipper(store, [src])
+    assert ship.run_once() == 2 and ship.bad_lines == 1
+    # rotation: the old file moves away with one more complete line; a new file starts
+    with log.open("a") as fh:
+        fh.write('true}\n')
+    log.rename(tmp_path / "inference.log.1")
+    log.write_text(line("2026-01-01T00:00:03Z", cuda_error="CUDA error: y"))
+    assert ship.run_once() == 2  # the rest of the rotated file, then the new one
+    assert Shipper(store, [src]).run_once() == 0  # a new shipper resumes from the checkpoint: nothing twice
+    t0 = 1767225600.0  # 2026-01-01T00:00:00Z
+    q = [LogFilter(exists="cuda_error")]
+    assert store.count(q, t0, t0 + 10, ["replica"]) == [({"replica": "replica-0"}, 2)]
+    assert store.count(q, t0 + 2.5, t0 + 10, []) == [({}, 1)]
+    assert store.count([LogFilter(term={"replica": "replica-1"})], t0, t0 + 10) == []
+
+
+def test_log_rule_source_any_and_frequency(tmp_path: Path) -> None:
+    store = LocalLogStore(tmp_path / "logs.db")
+    store.add([(100.0, {"cuda_error": "e", "replica": "a"}), (101.0, {"cuda_error": "e", "replica": "a"}),
+               (102.0, {"cuda_error": "e", "replica": "b"}), (103.0, {"cuda_error": None, "replica": "c"})])
+    src = LogRuleSource(store)
+    anyq = LogQuery(type="any", filter=[LogFilter(exists="cuda_error")], timeframe=60, query_key=["replica"])
+    assert sorted((s.labels["replica"], s.value) for s in src.query(anyq, 110)) == [("a", 2.0), ("b", 1.0)]
+    freq = anyq.model_copy(update={"type": "frequency", "num_events": 2})
+    assert [s.labels for s in src.query(freq, 110)] == [{"replica": "a"}]
+    assert src.query(anyq, 200) == []  # outside the timeframe
+
+
+def test_field_names_never_reach_sql(tmp_path: Path) -> None:
+    store = LocalLogStore(tmp_path / "logs.db")
+    store.add([(1.0, {"a": "x"})])
+    evil = "a') OR 1=1 --"
+    assert store.count([], 0, 10, [evil]) == [({evil: ""}, 1)]  # treated as a (missing) JSON key
+    assert store.count([LogFilter.model_construct(exists=evil, term=None)], 0, 10) == []
+
+
+def test_redaction_follows_the_seed() -> None:
+    doc = redact({"@timestamp": "2026-01-01T00:00:00Z", "message": "born 1990-04-01, mail a.b@example.com", "n": 3})
+    assert doc == {"@timestamp": "2026-01-01T00:00:00Z", "message": "born XXXX-XX-XX, mail <email>", "n": 3}

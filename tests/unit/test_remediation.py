@@ -1,0 +1,94 @@
+"""The remediation policy (pure, exhaustive) and the shell around it with an in-test actuator.
+
+The actuator here is a seam (a small class implementing the Actuator protocol), not a patch: the real
+one (the supervisor) is exercised end to end in tests/integration/test_end_to_end.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from sentinel.alerts.state import Alert, State
+from sentinel.alerts.store import Store
+from sentinel.errors import RemediationError
+from sentinel.remediation.policy import ActionRequest, Guardrails, History, decide
+from sentinel.remediation.remediator import Remediator
+
+REQ = ActionRequest("CudaError", "restart", "replica-0", "fp", "CudaError/fp/1.000", firing=True)
+HIST = History(frozenset({"replica-0"}), False, None, 0, 0)
+
+
+@pytest.mark.parametrize(("req", "hist", "g", "act", "reason"), [
+    (REQ, HIST, Guardrails(), True, "restart replica-0"),
+    (ActionRequest("R", "restart", "replica-0", "fp", "i", firing=False), HIST, Guardrails(), False, "not firing"),
+    (ActionRequest("R", "restart", None, "fp", "i", firing=True), HIST, Guardrails(), False, "no replica label"),
+    (ActionRequest("R", "restart", "../../etc", "fp", "i", firing=True), HIST, Guardrails(), False, "unknown target"),
+    (REQ, History(frozenset({"replica-0"}), True, None, 0, 0), Guardrails(), False, "already remediated"),
+    (REQ, HIST, Guardrails(paused=True), False, "paused"),
+    (REQ, History(frozenset({"replica-0"}), False, None, 0, 1), Guardrails(), False, "in flight"),
+    (REQ, History(frozenset({"replica-0"}), False, 900.0, 0, 0), Guardrails(cooldown_s=300), False, "cooldown"),
+    (REQ, History(frozenset({"replica-0"}), False, 600.0, 0, 0), Guardrails(cooldown_s=300), True, "restart"),
+    (REQ, History(frozenset({"replica-0"}), False, None, 6, 0), Guardrails(max_actions_per_hour=6), False, "rate"),
+    (REQ, HIST, Guardrails(dry_run=True), False, "dry-run: would restart replica-0"),
+])
+def test_policy(req: ActionRequest, hist: History, g: Guardrails, act: bool, reason: str) -> None:
+    d = decide(req, hist, g, now=1000.0)
+    assert d.act is act and reason in d.reason
+
+
+class Actuator:
+    def __init__(self, healthy: bool = True, fail: bool = False) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.healthy, self.fail = healthy, fail
+        self.done = threading.Event()
+
+    def targets(self) -> set[str]:
+        return {"replica-0"}
+
+    def act(self, action: str, target: str) -> str:
+        self.calls.append((action, target))
+        if self.fail:
+            self.done.set()
+            raise RemediationError("restart failed")
+        return f"{action} {target}"
+
+    def verify(self, target: str, timeout_s: float) -> bool:
+        self.done.set()
+        return self.healthy
+
+
+def firing(active_at: float = 1.0) -> Alert:
+    labels = {"alertname": "CudaError", "replica": "replica-0"}
+    return Alert(labels, {}, 1.0, State.FIRING, active_at, fired_at=active_at)
+
+
+@pytest.mark.parametrize(("actuator", "outcome"), [(Actuator(), "succeeded"), (Actuator(healthy=False),
+                         "failed-verification"), (Actuator(fail=True), "failed")])
+def test_one_action_per_incident_with_audited_outcome(tmp_path: Path, actuator: Actuator, outcome: str) -> None:
+    store = Store(tmp_path / "s.db")
+    r = Remediator(store, actuator, Guardrails(cooldown_s=0), clock=lambda: 100.0)
+    assert r.consider("CudaError", "restart", firing()).act
+    assert actuator.done.wait(5)
+    r.shutdown()
+    assert not r.consider("CudaError", "restart", firing()).act  # same incident: never twice
+    assert actuator.calls == [("restart", "replica-0")]
+    kinds = [(e["kind"], e.get("outcome")) for e in reversed(store.audit_log())]
+    assert kinds[:2] == [("decision", None), ("outcome", outcome)]
+    assert store.remediations()[0].outcome == outcome
+
+
+def test_cooldown_is_persisted_across_restarts(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    a = Actuator()
+    r = Remediator(store, a, Guardrails(cooldown_s=300), clock=lambda: 100.0)
+    r.consider("CudaError", "restart", firing(1.0))
+    a.done.wait(5)
+    r.shutdown()
+    store.close()
+    store = Store(tmp_path / "s.db")  # a new daemon: the cooldown came from disk
+    r2 = Remediator(store, Actuator(), Guardrails(cooldown_s=300), clock=lambda: 200.0)
+    d = r2.consider("CudaError", "restart", firing(150.0))  # a new incident on the same target
+    assert not d.act and "cooldown" in d.reason
