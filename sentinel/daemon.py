@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -84,6 +85,7 @@ class Daemon:
     def start(self) -> list[Service]:
         s = self.settings
         groups = load_rules(s.rules_dir)  # fail before starting anything when rules are bad
+        (self.state_dir / "up.json").unlink(missing_ok=True)  # left by a sentinel killed with -9
         for leftover in self.children.reap_leftovers():
             log.warning("killed a leftover child of a previous sentinel: %s", leftover)
         run_dir = self.state_dir / "run"
@@ -203,7 +205,8 @@ class Daemon:
     def _write_up_file(self) -> None:
         path = self.state_dir / "up.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"services": [vars(x) for x in self.services], **self.status()}, indent=2))
+        doc = {"pid": os.getpid(), "services": [vars(x) for x in self.services], **self.status()}
+        tmp.write_text(json.dumps(doc, indent=2))
         tmp.replace(path)
 
     def stop(self) -> None:

@@ -81,6 +81,7 @@ def sentinel_up(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[subprocess
     try:
         up = wait_for("sentinel up to be ready", lambda: up_file.exists() and json.loads(up_file.read_text()),
                       180, proc, log)
+        assert up["pid"] == proc.pid
         yield proc, up, log
     finally:
         if proc.poll() is None:

@@ -1,0 +1,81 @@
+"""`sentinel up` lifecycle: SIGTERM stops every child; after `kill -9` the next start reaps the
+orphans and restores state; `--prometheus-url` uses an existing Prometheus."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sentinel.netutil import free_port
+from sentinel.promserver import PrometheusServer
+from sentinel.supervisor import ChildRegistry
+from tests.conftest import ROOT
+from tests.integration.test_end_to_end import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def start(state: Path, *extra: str) -> tuple[subprocess.Popen[bytes], dict[str, Any], Path]:
+    log = state.parent / f"{state.name}-{time.monotonic_ns()}.out"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sentinel.cli", "up", "--state-dir", str(state), *extra],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    up_file = state / "up.json"
+    def ready() -> dict[str, Any] | None:
+        if not up_file.exists():
+            return None
+        doc: dict[str, Any] = json.loads(up_file.read_text())
+        return doc if doc["pid"] == proc.pid else None  # not one left by a killed sentinel
+
+    return proc, wait_for("sentinel up", ready, 180, proc, log), log
+
+
+def gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return True
+
+
+def test_sigterm_kill9_and_external_prometheus(tmp_path: Path) -> None:
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
+    external = PrometheusServer(tmp_path / "ext", free_port(), [], 5.0, ChildRegistry(tmp_path / "ext.json"))
+    external.start()
+    try:
+        state = tmp_path / "state"
+        proc, up, log = start(state, "--prometheus-url", external.url)
+        assert up["prometheus"] == external.url
+        assert [s["detail"] for s in up["services"] if s["name"] == "prometheus"] == ["external"]
+        replica_pid = up["replicas"][0]["pid"]
+        rules = wait_for("a PromQL rule evaluated against the external Prometheus", lambda: [
+            r for g in httpx.get(f"{up['api']}/api/v1/rules").json()["data"]["groups"] for r in g["rules"]
+            if r["name"] == "InferenceReplicaDown" and r["health"] == "ok"], 30, proc, log)
+        assert rules
+
+        # kill -9: the replica is orphaned; the next start reaps it before starting anew.
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert not gone(replica_pid)
+        proc2, up2, log2 = start(state, "--prometheus-url", external.url)
+        assert gone(replica_pid)
+        assert "killed a leftover child of a previous sentinel: replica-0" in log2.read_text()
+
+        # SIGTERM: a clean stop, every child gone.
+        new_pid = up2["replicas"][0]["pid"]
+        proc2.send_signal(signal.SIGTERM)
+        assert proc2.wait(60) == 0
+        assert gone(new_pid)
+        assert not (state / "up.json").exists()
+        assert external.proc is not None and external.proc.poll() is None  # an external Prometheus is not ours
+    finally:
+        external.stop()
