@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from inference_core.config import PRESETS, ModelConfig
+from inference_core.integrity import write_manifest
 from inference_core.model import CausalLM, rope_inv_freq
 from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE, train_bundled_tokenizer
 
@@ -137,4 +138,5 @@ def make_tiny_checkpoint(out_dir: Path, seed: int = 0, preset: str = "tiny") -> 
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": DEFAULT_CHAT_TEMPLATE, "eos_token": "<|endoftext|>", "model_max_length":
         cfg.max_position_embeddings}, indent=2) + "\n")
+    write_manifest(out_dir)
     return out_dir

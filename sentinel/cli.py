@@ -101,6 +101,41 @@ def up(
             err_console.print("sentinel: stopped every child", style="dim")
 
 
+@app.command()
+def diagnose(
+    runbook: Annotated[str | None, typer.Argument(help="runbook name (see runbooks/)")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every runbook (each check runs once)")] = False,
+    alert: Annotated[str | None, typer.Option(help="an alert's fingerprint: run its rule's runbook")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    report: Annotated[Path | None, typer.Option(help="also write the report (.md, .html or .json)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="sentinel's state directory")] = None,
+) -> None:
+    """Run diagnostic runbooks; exit 0 ok, 1 warn, 2 fail."""
+    from sentinel.runbooks.diagnose import DiagnoseError, diagnose_report, print_report
+    from sentinel.runbooks.report import render, write
+    from sentinel.settings import load_settings
+
+    overrides: dict[str, Any] = {"state_dir": state_dir} if state_dir is not None else {}
+    try:
+        settings = load_settings(config, overrides)
+        rep = diagnose_report(settings, runbook, all_, alert, console if not as_json else None)
+    except (DiagnoseError, SentinelError) as exc:
+        err_console.print(f"[bold red]sentinel diagnose:[/] {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(render(rep, "json"))
+    else:
+        print_report(rep, console)
+    if report is not None:
+        try:
+            write(rep, report)
+        except (OSError, ValueError) as exc:
+            err_console.print(f"[bold red]sentinel diagnose:[/] cannot write the report: {exc}")
+            raise typer.Exit(2) from None
+    raise typer.Exit(rep.exit_code)
+
+
 @rules_app.command("check")
 def rules_check(files: Annotated[list[Path], typer.Argument(help="rule files")]) -> None:
     """Validate rule files; errors as file:line: field: problem. Exit 0 ok, 1 error."""

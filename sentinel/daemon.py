@@ -21,6 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
 from sentinel.alerts.notify import Dispatcher
+from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
 from sentinel.api import create_app
 from sentinel.errors import ServiceError
@@ -31,9 +32,13 @@ from sentinel.netutil import free_port, port_in_use
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Remediator
-from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.evaluator import Evaluator, Receiver, RuleRuntime
 from sentinel.rules.model import load_rules
 from sentinel.rules.sources import LogRuleSource, PromQLSource
+from sentinel.runbooks.base import Context
+from sentinel.runbooks.context import build_context
+from sentinel.runbooks.model import check_runbook_references, load_runbooks
+from sentinel.runbooks.onalert import AlertRunbooks
 from sentinel.settings import Settings
 from sentinel.supervisor import ChildRegistry, ReplicaSpec, Supervisor
 
@@ -76,6 +81,7 @@ class Daemon:
         self.prometheus: PrometheusServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.remediator: Remediator | None = None
+        self.runbooks: AlertRunbooks | None = None
         self.store: Store | None = None
         self.logstore: LocalLogStore | None = None
         self.http: httpx.Client | None = None
@@ -84,7 +90,9 @@ class Daemon:
     # -- start -----------------------------------------------------------------------------------------
     def start(self) -> list[Service]:
         s = self.settings
-        groups = load_rules(s.rules_dir)  # fail before starting anything when rules are bad
+        groups = load_rules(s.rules_dir)  # fail before starting anything when rules or runbooks are bad
+        books = load_runbooks(s.runbooks_dir)
+        check_runbook_references(groups, books)
         (self.state_dir / "up.json").unlink(missing_ok=True)  # left by a sentinel killed with -9
         for leftover in self.children.reap_leftovers():
             log.warning("killed a leftover child of a previous sentinel: %s", leftover)
@@ -124,8 +132,10 @@ class Daemon:
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout), LogRuleSource(self.logstore),
             [Receiver(r.name, r.url) for r in s.alerting.receivers], s.alerting.evaluation_interval,
-            s.alerting.resend_delay, self.api_url, self.metrics,
-            self.remediator.on_firing if s.remediation.enabled else None)
+            s.alerting.resend_delay, self.api_url, self.metrics)
+        self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
+                                      s.diagnostics.max_parallel_runbooks)
+        evaluator.on_firing = self._on_firing
         evaluator.load(groups)
         self.evaluator = evaluator
         self.http = httpx.Client(timeout=10.0)
@@ -170,6 +180,19 @@ class Daemon:
         sched.start()
         self.scheduler = sched
 
+    def _on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
+        """Evidence first (the runbook), then the remedy; both run off the evaluation thread."""
+        if self.runbooks is not None:
+            self.runbooks.on_firing(rt, alerts)
+        if self.settings.remediation.enabled and self.remediator is not None:
+            self.remediator.on_firing(rt, alerts)
+
+    def _runbook_context(self, labels: dict[str, str]) -> Context:
+        up = {"prometheus": next((x.url for x in self.services if x.name == "prometheus"), None),
+              "replicas": [{"name": r.spec.name, "url": r.spec.url, "logFile": str(r.spec.log_dir / "inference.log")}
+                           for r in (self.supervisor.replicas.values() if self.supervisor else [])]}
+        return build_context(self.settings, labels, up)
+
     @property
     def api_url(self) -> str:
         return f"http://{self.settings.api.host}:{self.api_port}"
@@ -213,6 +236,8 @@ class Daemon:
         (self.state_dir / "up.json").unlink(missing_ok=True)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.runbooks is not None:
+            self.runbooks.shutdown()
         if self.remediator is not None:
             self.remediator.shutdown()
         if self.supervisor is not None:

@@ -79,6 +79,18 @@ class RemediationSettings(Section):
     verify_timeout: Duration = 120.0
 
 
+class DiagnosticsSettings(Section):
+    """Where the checks read; every root can point elsewhere (a container's host mounts, tests)."""
+
+    proc_root: Path = Path("/proc")
+    sys_root: Path = Path("/sys")
+    dev_root: Path = Path("/dev")
+    var_log: Path = Path("/var/log")
+    nvidia_smi: str = "nvidia-smi"
+    dmesg: str = "dmesg"
+    max_parallel_runbooks: int = Field(2, ge=1, le=16)
+
+
 class LogSettings(Section):
     ship_interval: Duration = 1.0
     retention: Duration = 86400.0
@@ -89,12 +101,14 @@ class Settings(BaseSettings):
 
     state_dir: Path = Path("var/sentinel")
     rules_dir: Path = Path("rules")
+    runbooks_dir: Path = Path("runbooks")
     api: ApiSettings = Field(default_factory=ApiSettings)
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
     alerting: AlertingSettings = Field(default_factory=AlertingSettings)
     remediation: RemediationSettings = Field(default_factory=RemediationSettings)
     logs: LogSettings = Field(default_factory=LogSettings)
+    diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
 
     @classmethod
     def settings_customise_sources(

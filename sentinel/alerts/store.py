@@ -39,6 +39,9 @@ CREATE TRIGGER IF NOT EXISTS audit_append_only_u BEFORE UPDATE ON audit
 CREATE TRIGGER IF NOT EXISTS audit_append_only_d BEFORE DELETE ON audit
   BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS findings (
+  rule TEXT NOT NULL, fingerprint TEXT NOT NULL, active_at REAL NOT NULL, created_at REAL NOT NULL,
+  status TEXT NOT NULL, report TEXT NOT NULL, PRIMARY KEY (rule, fingerprint, active_at));
 """
 
 _ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at", "resolved_at",
@@ -123,6 +126,38 @@ class Store:
         with self._lock:
             rows = self._db.execute(f"SELECT rule, {', '.join(_ALERT_COLS)} FROM alerts ORDER BY rule").fetchall()
         return [(r[0], Alert(json.loads(r[1]), json.loads(r[2]), r[3], State(r[4]), *r[5:])) for r in rows]
+
+    def find_alert(self, fingerprint: str) -> tuple[str, Alert] | None:
+        """The stored alert with this fingerprint (the newest episode when several rules share it)."""
+        with self._lock:
+            row = self._db.execute(f"SELECT rule, {', '.join(_ALERT_COLS)} FROM alerts WHERE fingerprint = ? "
+                                   "ORDER BY active_at DESC LIMIT 1", (fingerprint,)).fetchone()
+        if row is None:
+            return None
+        return row[0], Alert(json.loads(row[1]), json.loads(row[2]), row[3], State(row[4]), *row[5:])
+
+    # -- runbook findings, kept with the alert episode they explain -----------------------------------
+    def claim_findings(self, rule: str, fingerprint: str, active_at: float, now: float) -> bool:
+        """Reserve the episode's runbook run; False when it already ran (or runs): once per episode."""
+        with self.tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO findings VALUES (?, ?, ?, ?, 'running', '{}')",
+                             (rule, fingerprint, active_at, now))
+            return cur.rowcount == 1
+
+    def save_findings(self, rule: str, fingerprint: str, active_at: float, status: str,
+                      report: dict[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE findings SET status = ?, report = ? "
+                       "WHERE rule = ? AND fingerprint = ? AND active_at = ?",
+                       (status, json.dumps(report, default=str), rule, fingerprint, active_at))
+
+    def findings(self, rule: str, fingerprint: str, active_at: float) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT status, report FROM findings WHERE rule = ? AND fingerprint = ? AND "
+                                   "active_at = ?", (rule, fingerprint, active_at)).fetchone()
+        if row is None or row[0] == "running":
+            return None
+        return dict(json.loads(row[1]))
 
     # -- outbox ------------------------------------------------------------------------------------
     def due(self, now: float, limit: int = 50) -> list[OutboxItem]:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sentinel.alerts.notify import idempotency_key, webhook_payload
 from sentinel.alerts.state import Alert, AlertingRule, Sample, State
-from sentinel.alerts.store import Store
+from sentinel.alerts.store import OutboxEntry, Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import SentinelMetrics
@@ -58,6 +60,7 @@ class Evaluator:
     on_firing: FiringHook | None = None
     clock: Callable[[], float] = time.time
     runtimes: dict[str, list[RuleRuntime]] = field(default_factory=dict)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def load(self, groups: Sequence[LoadedGroup]) -> None:
         """Install a rule set; rules whose definition is unchanged keep their in-memory state."""
@@ -113,6 +116,10 @@ class Evaluator:
         return self.promql.query(rt.rule.expr or "", now - offset)
 
     def eval_rule(self, rt: RuleRuntime, now: float) -> None:
+        with self._lock:
+            self._eval_rule(rt, now)
+
+    def _eval_rule(self, rt: RuleRuntime, now: float) -> None:
         gname = rt.group.group.name
         t0 = time.perf_counter()
         if self.metrics:
@@ -135,13 +142,7 @@ class Evaluator:
                 self.metrics.duration.observe(rt.last_duration)
         rt.health, rt.last_error = "ok", None
         due = rt.machine.to_send(now, self.resend_delay, self.interval(rt.group))
-        outbox = []
-        if due:
-            for rcv in self.receivers:
-                payload = webhook_payload(rcv.name, due, {"alertname": rt.rule.name}, self.external_url,
-                                          self._generator_url(rt))
-                outbox.append((idempotency_key(rcv.name, payload, now), rcv.name, rcv.url, payload))
-        self.store.save_rule_state(rt.key, list(rt.machine.active.values()), outbox, now)
+        self.store.save_rule_state(rt.key, list(rt.machine.active.values()), self._outbox(rt, due, now), now)
         for a in rt.machine.active.values():
             if a.state == State.FIRING and a.fingerprint not in firing_before:
                 log.warning("alert firing: %s %s", rt.rule.name, a.labels)
@@ -154,6 +155,34 @@ class Evaluator:
         firing = rt.machine.firing()
         if firing and self.on_firing is not None:
             self.on_firing(rt, firing)
+
+    def _outbox(self, rt: RuleRuntime, due: list[Alert], now: float,
+                extra: dict[str, dict[str, Any]] | None = None) -> list[OutboxEntry]:
+        if not due:
+            return []
+        extra = dict(extra or {})
+        for a in due:  # runbook findings travel with every later notification of the episode
+            if a.fingerprint not in extra:
+                found = self.store.findings(rt.key, a.fingerprint, a.active_at)
+                if found is not None:
+                    extra[a.fingerprint] = {"findings": {k: v for k, v in found.items() if k != "report"}}
+        out = []
+        for rcv in self.receivers:
+            payload = webhook_payload(rcv.name, due, {"alertname": rt.rule.name}, self.external_url,
+                                      self._generator_url(rt), extra)
+            out.append((idempotency_key(rcv.name, payload, now), rcv.name, rcv.url, payload))
+        return out
+
+    def notify_findings(self, rt: RuleRuntime, alert: Alert, findings: dict[str, Any]) -> None:
+        """Send the episode's runbook findings at once, if the alert is still firing."""
+        with self._lock:
+            a = rt.machine.active.get(alert.fingerprint)
+            if a is None or a.state != State.FIRING or a.active_at != alert.active_at:
+                return
+            now = self.clock()
+            sent = replace(a, labels=dict(a.labels), annotations=dict(a.annotations))
+            entries = self._outbox(rt, [sent], now, {a.fingerprint: {"findings": findings}})
+            self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:
         if rt.rule.expr is not None and self.promql is not None:

@@ -155,6 +155,18 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
     ok = client.completions.create(model="deepseek-tiny", prompt="The cluster is", max_tokens=4, temperature=0)
     assert ok.usage is not None and ok.usage.completion_tokens >= 1
 
+    # The cuda-error runbook ran once for the episode; its findings followed the page.
+    def with_findings() -> list[dict[str, Any]]:
+        return [a for a in alerts_named(receiver, "CudaError", "firing") if "sentinel" in a]
+
+    [update] = wait_for("a CudaError notification carrying runbook findings", with_findings, 60, proc, log)
+    findings = update["sentinel"]["findings"]
+    assert findings["runbook"] == "cuda-error" and findings["status"] == "fail"
+    steps = {r["step"]: r for r in findings["results"]}
+    assert list(steps) == ["nvml", "nvidia-smi", "cuda", "driver-log", "service"]
+    assert steps["nvml"]["status"] == "skipped"  # no NVIDIA driver on this machine, said so, no crash
+    assert steps["service"]["status"] == "fail" and "cuda_error" in steps["service"]["summary"]
+
     resolved = wait_for("a resolved CudaError notification", lambda: alerts_named(receiver, "CudaError", "resolved"),
                         60, proc, log)
     t_resolved = time.monotonic() - t_fault

@@ -1,0 +1,1 @@
+"""Diagnostic runbooks: YAML files of typed checks, a runner, and reports."""

@@ -1,0 +1,91 @@
+"""The inference service: replica health and readiness, latency and errors from Prometheus, recent
+`cuda_error` log lines."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+
+import httpx
+from pydantic import Field
+
+from sentinel.errors import DatasourceError
+from sentinel.rules.sources import PromQLSource
+from sentinel.runbooks.base import Context, Finding, Params, Status, check
+
+P99 = 'histogram_quantile(0.99, sum by (le, replica) (rate(model_inference_latency_seconds_bucket[{w}])))'
+ERRORS = ('sum by (replica) (rate(inference_requests_total{{status="error"}}[{w}])) / '
+          'sum by (replica) (rate(inference_requests_total[{w}]))')
+
+
+class ServiceParams(Params):
+    latency_threshold_s: float = Field(0.5, gt=0, description="the seed: P99 < 500 ms")
+    max_error_ratio: float = Field(0.01, ge=0, le=1)
+    window: str = Field("5m", pattern=r"^\d+[smh]$")
+    log_lines: int = Field(500, ge=1, le=100_000)
+    timeout_s: float = Field(3.0, gt=0)
+
+
+def _recent_cuda_errors(ctx: Context, n: int) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for path in ctx.replica_logs:
+        try:
+            with path.open() as fh:
+                tail = deque(fh, maxlen=n)
+        except OSError:
+            continue
+        for line in tail:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and doc.get("cuda_error"):
+                out.append({"file": str(path), "@timestamp": doc.get("@timestamp"), "cuda_error": doc["cuda_error"]})
+    return out[-10:]
+
+
+@check("service", ServiceParams)
+def service_check(p: ServiceParams, ctx: Context) -> Finding:
+    """Each replica's /health and /ready, P99 latency and error ratio over the window, cuda_error lines."""
+    if not ctx.replicas and ctx.prometheus_url is None and not ctx.replica_logs:
+        return Finding(Status.SKIPPED, "no running sentinel found (no up.json in the state directory)")
+    fails: list[str] = []
+    warns: list[str] = []
+    replicas = []
+    for name, url in ctx.replicas:
+        entry: dict[str, object] = {"name": name, "url": url}
+        for ep in ("health", "ready"):
+            try:
+                r = httpx.get(f"{url}/{ep}", timeout=p.timeout_s)
+                entry[ep] = r.status_code
+            except httpx.HTTPError as exc:
+                entry[ep] = f"unreachable: {type(exc).__name__}"
+        if entry["health"] != 200:
+            fails.append(f"{name} unhealthy ({entry['health']})")
+        replicas.append(entry)
+    ev: dict[str, object] = {"replicas": replicas}
+    if ctx.prometheus_url is not None:
+        src = PromQLSource(ctx.prometheus_url, p.timeout_s)
+        now = time.time()
+        try:
+            p99 = {s.labels.get("replica", "?"): s.value for s in src.query(P99.format(w=p.window), now)}
+            errs = {s.labels.get("replica", "?"): s.value for s in src.query(ERRORS.format(w=p.window), now)}
+            ev.update(p99_latency_s=p99, error_ratio=errs)
+            warns += [f"{r} P99 {v * 1000:.0f} ms > {p.latency_threshold_s * 1000:.0f} ms" for r, v in p99.items()
+                      if v > p.latency_threshold_s]
+            warns += [f"{r} error ratio {v:.1%}" for r, v in errs.items() if v > p.max_error_ratio]
+        except DatasourceError as exc:
+            ev["prometheus_error"] = str(exc)
+            warns.append("Prometheus did not answer")
+    cuda = _recent_cuda_errors(ctx, p.log_lines)
+    ev["recent_cuda_errors"] = cuda
+    if cuda:
+        fails.append(f"{len(cuda)} recent cuda_error log line(s), last: {cuda[-1]['cuda_error']}")
+    if fails:
+        return Finding(Status.FAIL, "; ".join(fails + warns), ev,
+                       "restart the affected replica (sentinel does this for CudaError) and run the cuda-error runbook")
+    if warns:
+        return Finding(Status.WARN, "; ".join(warns), ev, "see the inference-latency runbook: batch size, GPU load")
+    return Finding(Status.OK, f"{len(replicas)} replica(s) healthy" + (", latency and errors within SLO"
+                   if ctx.prometheus_url else ""), ev)
