@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any, Literal
 
 from sentinel.runbooks.base import Context, Finding, Params, Status, check
@@ -22,9 +23,16 @@ def _torch(ctx: Context) -> Any:
 @check("cuda", CudaParams)
 def cuda_check(p: CudaParams, ctx: Context) -> Finding:
     """`torch.cuda.is_available()`, device count, a kernel round trip, and why not when not."""
-    torch = _torch(ctx)
     nodes = sorted(n.name for n in ctx.dev.glob("nvidia[0-9]*")) if ctx.dev.exists() else []
     expected = p.expect_gpu == "yes" or (p.expect_gpu == "auto" and bool(nodes))
+    if not expected and ctx.torch is None:  # no GPU here: answer without paying for `import torch`
+        try:
+            version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        return Finding(Status.SKIPPED, "no CUDA: no NVIDIA device nodes in /dev", {
+            "torch": version, "device_nodes": [], "reason": "no NVIDIA device nodes in /dev"})
+    torch = _torch(ctx)
     ev: dict[str, Any] = {"torch": str(torch.__version__), "torch_cuda": torch.version.cuda, "device_nodes": nodes}
     if not torch.cuda.is_available():
         if torch.version.cuda is None:
