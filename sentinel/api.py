@@ -64,8 +64,12 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
             for a in rt.machine.active.values():
                 if a.state == State.INACTIVE:
                     continue
-                out.append({"labels": a.labels, "annotations": a.annotations, "state": a.state.value,
-                            "activeAt": rfc3339(a.active_at), "value": f"{a.value:g}", "fingerprint": a.fingerprint})
+                item = {"labels": a.labels, "annotations": a.annotations, "state": a.state.value,
+                        "activeAt": rfc3339(a.active_at), "value": f"{a.value:g}", "fingerprint": a.fingerprint}
+                found = store.findings(rt.key, a.fingerprint, a.active_at)
+                if found is not None:  # the runbook's result for this episode (the full report stays in the store)
+                    item["findings"] = {k: v for k, v in found.items() if k != "report"}
+                out.append(item)
         return {"status": "success", "data": {"alerts": out}}
 
     @app.get("/api/v1/rules")
