@@ -150,9 +150,17 @@ class Engine:
         eos = set(self.model.config.eos_ids)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         reason = "length"
-        for _ in range(req.max_tokens):
+        start = time.monotonic()
+        capacity = self.max_model_len  # one sequence at a time: the cache holds at most the context
+        for step in range(req.max_tokens):
+            t0 = time.monotonic()
             logits = self.model(ids, pos, cache)[0, -1]
             tok = sample(logits, req.temperature, req.top_p, gen)
+            if step == 0:
+                self.metrics.ttft.observe(time.monotonic() - start)
+            else:
+                self.metrics.tpot.observe(time.monotonic() - t0)
+            self.metrics.kv_cache_usage.set(cache.length / capacity)
             if tok in eos:
                 reason = "stop"
                 break
@@ -165,6 +173,7 @@ class Engine:
                 break
             ids = torch.tensor([[tok]])
             pos = torch.tensor([[cache.length]])
+        self.metrics.kv_cache_usage.set(0.0)
         if req.stop and reason == "stop":
             text = self.tokenizer.decode(out)
             cut = min((text.find(s) for s in req.stop if s in text), default=-1)

@@ -105,6 +105,13 @@ class Metrics:
         self.latency = Histogram(
             "model_inference_latency_seconds", "End-to-end latency of an inference request.",
             buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("inference_time_to_first_token_seconds", "Time from request start to its first token.",
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.tpot = Histogram("inference_time_per_output_token_seconds", "Time per output token after the first.",
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
+                              registry=registry)
+        self.kv_cache_usage = Gauge("inference_kv_cache_usage_perc", "KV cache usage, 0-1 (tokens held / capacity).",
+                                    registry=registry)
         self.requests = Counter("inference_requests_total", "Inference requests by outcome.",
                                 ["status"], registry=registry)
         self.cuda_errors = Counter("cuda_errors_total", "CUDA errors raised by the forward pass.",

@@ -137,20 +137,54 @@ def diagnose(
 
 
 @rules_app.command("check")
-def rules_check(files: Annotated[list[Path], typer.Argument(help="rule files")]) -> None:
-    """Validate rule files; errors as file:line: field: problem. Exit 0 ok, 1 error."""
-    failed = False
+def rules_check(
+    files: Annotated[list[Path], typer.Argument(help="rule files")],
+    promtool: Annotated[str, typer.Option(help="promtool binary for the PromQL parse")] = "promtool",
+) -> None:
+    """Validate rule files: schema, templates, duplicates, PromQL (through promtool).
+
+    Errors print as file:line: field: problem. Exit 0 ok, 1 error, 3 lint (like promtool).
+    """
+    from sentinel.rules.check import check_file
+
+    worst = 0
     for f in files:
-        try:
-            groups = load_rule_file(f)
-        except FileFormatError as exc:
-            failed = True
-            for p in exc.problems:
-                typer.echo(p, err=True)  # plain: one problem a line, never wrapped
-            continue
-        n = sum(len(g.group.rules) for g in groups)
-        typer.echo(f"{f}: SUCCESS: {n} rules found")
-    raise typer.Exit(1 if failed else 0)
+        errors, lints, n = check_file(f, promtool)
+        for line in errors:
+            typer.echo(line, err=True)  # plain: one problem a line, never wrapped
+        for line in lints:
+            typer.echo(f"{line} (lint)", err=True)
+        if errors:
+            worst = 1
+        elif lints and worst == 0:
+            worst = 3
+        if not errors:
+            typer.echo(f"{f}: SUCCESS: {n} rules found")
+    raise typer.Exit(worst)
+
+
+@rules_app.command("export")
+def rules_export(
+    files: Annotated[list[Path] | None, typer.Argument(help="rule files (default: the rules directory)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="export format")] = "prometheus",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("deploy/prometheus/rules"),
+    rules_dir: Annotated[Path, typer.Option(help="the rules directory")] = Path("rules"),
+) -> None:
+    """Write Prometheus rule files (log rules and sentinel: blocks stripped) that promtool accepts."""
+    from sentinel.generate.prometheus_rules import export_files
+    from sentinel.rules.model import rule_files
+
+    if fmt != "prometheus":
+        raise typer.BadParameter(f"unknown format {fmt!r} (supported: prometheus)", param_hint="--format")
+    paths = files or rule_files(rules_dir)
+    try:
+        by_file = {p: load_rule_file(p) for p in paths}
+    except FileFormatError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(1) from None
+    for path in export_files(by_file, out):
+        typer.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class Alert:
     last_sent_at: float = 0.0
     valid_until: float = 0.0
     keep_firing_since: float = 0.0
+    hits: int = 1  # consecutive evaluations that returned this alert (for consecutive_samples)
 
     @property
     def fingerprint(self) -> str:
@@ -71,6 +72,7 @@ class AlertingRule:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     limit: int = 0
+    consecutive: int = 0  # the seed's "N consecutive samples": also needs N evaluations in a row
     expand: Expander = _no_templates
     active: dict[str, Alert] = field(default_factory=dict)
 
@@ -99,6 +101,7 @@ class AlertingRule:
             old = self.active.get(fp)
             if old is not None and old.state != State.INACTIVE:
                 old.value, old.annotations = a.value, a.annotations
+                old.hits += 1
             else:
                 self.active[fp] = a
 
@@ -120,7 +123,7 @@ class AlertingRule:
             else:
                 a.keep_firing_since = 0.0
             num_active += 1
-            if a.state == State.PENDING and now - a.active_at >= self.for_s:
+            if a.state == State.PENDING and now - a.active_at >= self.for_s and a.hits >= self.consecutive:
                 a.state = State.FIRING
                 a.fired_at = now
 

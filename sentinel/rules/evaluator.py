@@ -88,6 +88,7 @@ class Evaluator:
         return AlertingRule(
             name=rule.name, for_s=rule.for_, keep_firing_for_s=rule.keep_firing_for,
             labels={**g.group.labels, **rule.labels}, annotations=rule.annotations, limit=g.group.limit,
+            consecutive=rule.sentinel.consecutive_samples or 0,
             expand=lambda text, labels, value: expand(text, labels, value))
 
     def interval(self, g: LoadedGroup) -> float:

@@ -41,6 +41,8 @@ class Extension(Strict):
     threshold: float | None = None
     unit: str | None = None
     panel: Literal["timeseries", "gauge", "stat"] | None = None
+    consecutive_samples: int | None = Field(None, ge=1, le=1000,
+                                            description="fire only after N consecutive evaluations return the alert")
 
 
 class LogFilter(Strict):

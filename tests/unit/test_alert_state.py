@@ -136,3 +136,14 @@ def test_resolved_is_sent_at_once_with_its_resolved_time() -> None:
     assert a.state == State.INACTIVE and ends_at(a) == 5
     assert r.to_send(6, 60, 15) == []
     assert len(r.to_send(66, 60, 15)) == 1  # re-sent during retention, like Prometheus
+
+
+def test_consecutive_samples_need_n_evaluations_in_a_row() -> None:
+    r = AlertingRule("GpuHot", consecutive=3)
+    assert r.eval(0, [S])[0].state == State.PENDING
+    assert r.eval(15, [S])[0].state == State.PENDING
+    r.eval(30, [])  # a gap resets the count, like a pending alert disappearing
+    assert r.eval(45, [S])[0].state == State.PENDING
+    r.eval(60, [S])
+    [a] = r.eval(75, [S])
+    assert a.state == State.FIRING and a.hits == 3 and a.fired_at == 75

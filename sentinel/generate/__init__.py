@@ -1,0 +1,1 @@
+"""Generators: Prometheus rule files (and, later, dashboards and manifests) from the one rule model."""

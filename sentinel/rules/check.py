@@ -1,0 +1,62 @@
+"""`sentinel rules check`: everything that can be known about a rule file without running it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sentinel.alerts.templates import check as check_template
+from sentinel.errors import FileFormatError
+from sentinel.generate.prometheus_rules import promtool_problems
+from sentinel.rules.model import LoadedGroup, load_rule_file
+from sentinel.yamlfile import line_of, load_yaml
+
+
+def check_file(path: Path, promtool: str = "promtool") -> tuple[list[str], list[str], int]:
+    """(errors, lint warnings, number of rules), each problem as ``file:line: field: problem``."""
+    try:
+        groups = load_rule_file(path)
+    except FileFormatError as exc:
+        return exc.problems, [], 0
+    _, lines = load_yaml(path)
+    errors: list[str] = []
+    lints: list[str] = []
+
+    def at(gi: int, ri: int, *field: str | int) -> str:
+        loc = ("groups", gi, "rules", ri, *field)
+        return f"{path}:{line_of(lines, loc)}: {'.'.join(map(str, loc))}"
+
+    for gi, lg in enumerate(groups):
+        seen: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+        for ri, rule in enumerate(lg.group.rules):
+            for kind in ("annotations", "labels"):
+                for key, text in getattr(rule, kind).items():
+                    err = check_template(text)
+                    if err is not None:
+                        errors.append(f"{at(gi, ri, kind, key)}: {err}")
+            ident = (rule.name, tuple(sorted(rule.labels.items())))
+            if ident in seen:
+                lints.append(f"{at(gi, ri)}: duplicate rule {rule.name} with the same labels as rule {seen[ident]}")
+            seen[ident] = ri
+    errors += _promql(path, groups, lines, promtool, lints)
+    return errors, lints, sum(len(g.group.rules) for g in groups)
+
+
+def _promql(path: Path, groups: list[LoadedGroup], lines: dict[tuple[str | int, ...], int], promtool: str,
+            lints: list[str]) -> list[str]:
+    try:
+        found = promtool_problems(groups, promtool)
+    except FileNotFoundError as exc:
+        lints.append(f"{path}: PromQL not parsed: {exc}")
+        return []
+    index = {lg.group.name: gi for gi, lg in enumerate(groups)}
+    out = []
+    for group, ri, msg in found:
+        gi = index.get(group)
+        if gi is None or ri is None:
+            out.append(f"{path}: promtool: {msg}")
+            continue
+        loc = ("groups", gi, "rules", ri, "expr")
+        # promtool's template errors are already reported above with our own line numbers
+        if "could not parse expression" in msg or "expr" in msg:
+            out.append(f"{path}:{line_of(lines, loc)}: {'.'.join(map(str, loc))}: {msg}")
+    return out
