@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
@@ -36,7 +36,8 @@ def require_token(token: SecretStr | None) -> Callable[[str | None], None]:
 
 def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
                guardrails: Callable[[], Guardrails], set_paused: Callable[[bool], None],
-               token: SecretStr | None, on_startup: Callable[[], None] = lambda: None) -> FastAPI:
+               token: SecretStr | None, on_startup: Callable[[], None] = lambda: None,
+               reload: Callable[[], list[str]] = lambda: []) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         on_startup()
@@ -60,7 +61,7 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
     @app.get("/api/v1/alerts")
     def alerts() -> dict[str, Any]:
         out = []
-        for rt in evaluator.all_runtimes():
+        for rt in evaluator.all_runtimes(include_meta=True):
             for a in rt.machine.active.values():
                 if a.state == State.INACTIVE:
                     continue
@@ -98,6 +99,14 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
     def actions(limit: int = 100) -> dict[str, Any]:
         return {"status": "success", "data": {"audit": store.audit_log(min(max(limit, 1), 1000)),
                                               "guardrails": vars(guardrails())}}
+
+    @app.post("/api/v1/rules/reload", dependencies=[authorized])
+    def reload_rules() -> JSONResponse:
+        problems = reload()
+        if problems:
+            return JSONResponse({"status": "error", "errorType": "bad_data", "error": "\n".join(problems)},
+                                status_code=400)
+        return JSONResponse({"status": "success", "data": {}})
 
     @app.post("/api/v1/remediation/pause", dependencies=[authorized])
     def pause() -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import Any
 
 import httpx
 import uvicorn
-from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor as APThreadPool
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
@@ -24,7 +26,7 @@ from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
 from sentinel.api import create_app
-from sentinel.errors import ServiceError
+from sentinel.errors import FileFormatError, ServiceError
 from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper
 from sentinel.metrics import SentinelMetrics
@@ -33,7 +35,7 @@ from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Remediator
 from sentinel.rules.evaluator import Evaluator, Receiver, RuleRuntime
-from sentinel.rules.model import load_rules
+from sentinel.rules.model import load_rules, rule_files
 from sentinel.rules.sources import LogRuleSource, PromQLSource
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.context import build_context
@@ -82,6 +84,8 @@ class Daemon:
         self.scheduler: BackgroundScheduler | None = None
         self.remediator: Remediator | None = None
         self.runbooks: AlertRunbooks | None = None
+        self._reload_lock = threading.Lock()
+        self._loaded_signature: tuple[tuple[str, int, int], ...] = ()
         self.store: Store | None = None
         self.logstore: LocalLogStore | None = None
         self.http: httpx.Client | None = None
@@ -132,19 +136,22 @@ class Daemon:
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout), LogRuleSource(self.logstore),
             [Receiver(r.name, r.url) for r in s.alerting.receivers], s.alerting.evaluation_interval,
-            s.alerting.resend_delay, self.api_url, self.metrics)
+            s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for)
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
         evaluator.on_firing = self._on_firing
         evaluator.load(groups)
         self.evaluator = evaluator
+        self._loaded_signature = self._signature()
+        self.metrics.reload_ok.set(1)
+        self.metrics.reload_time.set(time.time())
         self.http = httpx.Client(timeout=10.0)
         dispatcher = Dispatcher(self.store, self.http,
                                 on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc())
         self._schedule(evaluator, shipper, dispatcher, s)
 
         self.app = create_app(evaluator, self.store, self.registry, self.status, lambda: self.guardrails,
-                              self._set_paused, s.api.token, self._ready)
+                              self._set_paused, s.api.token, self._ready, self.reload_rules)
         self.services = [Service(sp.name, sp.url, pid) for sp, pid in
                          ((r.spec, r.pid) for r in self.supervisor.replicas.values())]
         self.services[0:0] = [Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics")]
@@ -155,17 +162,19 @@ class Daemon:
         return self.services
 
     def _schedule(self, evaluator: Evaluator, shipper: Shipper, dispatcher: Dispatcher, s: Settings) -> None:
-        sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5})
+        sched = BackgroundScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5},
+            executors={"default": APThreadPool(4),
+                       "eval": APThreadPool(s.alerting.max_concurrent_evaluations)})  # bounded query concurrency
+        self.scheduler = sched
 
         def ship() -> None:
             self.metrics.log_events.inc(shipper.run_once())
 
         sched.add_job(ship, "interval", seconds=s.logs.ship_interval, id="ship", next_run_time=_now_dt())
-        for key, rts in evaluator.runtimes.items():
-            if rts:
-                sched.add_job(evaluator.eval_group, "interval", args=[key], id=f"eval:{key}",
-                              seconds=evaluator.interval(rts[0].group), next_run_time=_now_dt())
+        self._sync_eval_jobs()
         sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="notify")
+        sched.add_job(self._maybe_reload, "interval", seconds=s.alerting.reload_interval, id="reload")
         assert self.logstore is not None
         logstore = self.logstore
         sched.add_job(lambda: logstore.prune(time.time() - s.logs.retention), "interval", minutes=10, id="prune")
@@ -176,9 +185,70 @@ class Daemon:
                 if rts:
                     self.metrics.missed.labels(rts[0].group.group.name).inc()
 
-        sched.add_listener(missed, EVENT_JOB_MISSED)
+        sched.add_listener(missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         sched.start()
-        self.scheduler = sched
+
+    def _sync_eval_jobs(self) -> None:
+        """One interval job per group; added, removed or rescheduled to match the loaded rules."""
+        sched, ev = self.scheduler, self.evaluator
+        assert sched is not None
+        want = {f"eval:{k}": ev.interval(rts[0].group) for k, rts in ev.runtimes.items() if rts}
+        for job in sched.get_jobs():
+            if job.id.startswith("eval:") and job.id not in want:
+                job.remove()
+        for job_id, seconds in want.items():
+            job = sched.get_job(job_id)
+            if job is None:
+                sched.add_job(ev.eval_group, "interval", args=[job_id[5:]], id=job_id, seconds=seconds,
+                              executor="eval", next_run_time=_now_dt())
+            elif job.trigger.interval.total_seconds() != seconds:
+                job.reschedule("interval", seconds=seconds)
+
+    def _signature(self) -> tuple[tuple[str, int, int], ...]:
+        s = self.settings
+        files = [*rule_files(s.rules_dir), *sorted(s.runbooks_dir.glob("*.y*ml"))]
+        out = []
+        for p in files:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((str(p), st.st_mtime_ns, st.st_size))
+        return tuple(out)
+
+    def _maybe_reload(self) -> None:
+        if self._signature() != self._loaded_signature:
+            self.reload_rules()
+
+    def reload_rules(self) -> list[str]:
+        """Load rules and runbooks again; on any problem keep the last good set. Returns the problems."""
+        s = self.settings
+        with self._reload_lock:
+            sig = self._signature()
+            try:
+                groups = load_rules(s.rules_dir)
+                books = load_runbooks(s.runbooks_dir)
+                check_runbook_references(groups, books)
+            except FileFormatError as exc:
+                self._loaded_signature = sig  # report a bad file once, not on every poll
+                self.metrics.reload_ok.set(0)
+                log.error("rules reload failed; the last good rules keep running:\n%s", exc)
+                self.store_audit("reload", "rules", ok=False, problems=exc.problems)
+                return exc.problems
+            self.evaluator.load(groups)
+            if self.runbooks is not None:
+                self.runbooks.books = books
+            self._sync_eval_jobs()
+            self._loaded_signature = sig
+            self.metrics.reload_ok.set(1)
+            self.metrics.reload_time.set(time.time())
+            log.warning("rules reloaded: %d groups", len(groups))
+            self.store_audit("reload", "rules", ok=True, groups=len(groups))
+            return []
+
+    def store_audit(self, kind: str, subject: str, **detail: Any) -> None:
+        if self.store is not None:
+            self.store.audit(time.time(), kind, subject, **detail)
 
     def _on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
         """Evidence first (the runbook), then the remedy; both run off the evaluation thread."""

@@ -26,5 +26,10 @@ class SentinelMetrics:
                                      ["receiver", "outcome"], registry=registry)
         self.remediations = Counter("sentinel_remediations_total", "Remediation decisions and outcomes.",
                                     ["action", "outcome"], registry=registry)
+        self.reload_ok = Gauge("sentinel_rules_last_reload_successful",
+                               "1 when the last rule/runbook reload succeeded (0: the last good set still runs).",
+                               registry=registry)
+        self.reload_time = Gauge("sentinel_rules_last_reload_success_timestamp_seconds",
+                                 "When rules were last loaded successfully.", registry=registry)
         self.log_events = Counter("sentinel_log_events_shipped_total", "Log events shipped into the log store.",
                                   registry=registry)

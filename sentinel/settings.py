@@ -66,6 +66,9 @@ class ReceiverSettings(Section):
 class AlertingSettings(Section):
     evaluation_interval: Duration = 15.0
     resend_delay: Duration = 60.0
+    meta_for: Duration = 60.0
+    reload_interval: Duration = 2.0
+    max_concurrent_evaluations: int = Field(4, ge=1, le=64)
     receivers: list[ReceiverSettings] = Field(default_factory=list)
 
 

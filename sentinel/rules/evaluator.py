@@ -16,10 +16,11 @@ from sentinel.alerts.store import OutboxEntry, Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import SentinelMetrics
-from sentinel.rules.model import LoadedGroup, Rule
+from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import LogRuleSource, PromQLSource
 
 log = logging.getLogger(__name__)
+META_ALERT = "SentinelRuleEvaluationFailing"
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,25 @@ class Evaluator:
     runtimes: dict[str, list[RuleRuntime]] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
+    meta_for: float = 60.0
+
+    def __post_init__(self) -> None:
+        rule = Rule.model_validate({
+            "alert": META_ALERT, "expr": "(sentinel internal)", "for": self.meta_for,
+            "labels": {"severity": "warning"},
+            "annotations": {"summary": "rule {{ $labels.rule }} (group {{ $labels.rule_group }}) cannot be evaluated: "
+                            "its {{ $labels.datasource }} query fails; its alerts keep their last state"}})
+        group = LoadedGroup(file="(sentinel)", group=Group(name="sentinel-meta-internal", rules=[rule]))
+        self.meta = RuleRuntime(group, rule, self._machine(group, rule))
+        for a in self.store.load_rule_state(self.meta.key):
+            self.meta.machine.active[a.fingerprint] = a
+
     def load(self, groups: Sequence[LoadedGroup]) -> None:
         """Install a rule set; rules whose definition is unchanged keep their in-memory state."""
+        with self._lock:
+            self._load(groups)
+
+    def _load(self, groups: Sequence[LoadedGroup]) -> None:
         old = {rt.key: rt for rts in self.runtimes.values() for rt in rts}
         new: dict[str, list[RuleRuntime]] = {}
         for g in groups:
@@ -100,7 +118,8 @@ class Evaluator:
             return
         start = self.clock()
         for rt in rts:
-            self.eval_rule(rt, self.clock())
+            self.eval_rule(rt, start)  # like Prometheus: one timestamp for every rule of the group
+        self.eval_meta(start)
         if self.metrics:
             name = rts[0].group.group.name
             self.metrics.group_duration.labels(name).set(self.clock() - start)
@@ -117,18 +136,16 @@ class Evaluator:
         return self.promql.query(rt.rule.expr or "", now - offset)
 
     def eval_rule(self, rt: RuleRuntime, now: float) -> None:
-        with self._lock:
-            self._eval_rule(rt, now)
-
-    def _eval_rule(self, rt: RuleRuntime, now: float) -> None:
         gname = rt.group.group.name
         t0 = time.perf_counter()
         if self.metrics:
             self.metrics.evaluations.labels(gname).inc()
         try:
-            samples = self._query(rt, now)
-            firing_before = {a.fingerprint for a in rt.machine.firing()}
-            rt.machine.eval(now, samples)
+            samples = self._query(rt, now)  # outside the lock: groups query in parallel
+            with self._lock:
+                firing_before = {a.fingerprint for a in rt.machine.firing()}
+                rt.machine.eval(now, samples)
+                self._after_eval(rt, now, firing_before)
         except (DatasourceError, EvaluationError) as exc:
             # A failed query changes no state: nothing resolves because a datasource is down.
             rt.health, rt.last_error = "err", str(exc)
@@ -141,6 +158,11 @@ class Evaluator:
             rt.last_eval = now
             if self.metrics:
                 self.metrics.duration.observe(rt.last_duration)
+        firing = rt.machine.firing()
+        if firing and self.on_firing is not None:
+            self.on_firing(rt, firing)
+
+    def _after_eval(self, rt: RuleRuntime, now: float, firing_before: set[str]) -> None:
         rt.health, rt.last_error = "ok", None
         due = rt.machine.to_send(now, self.resend_delay, self.interval(rt.group))
         self.store.save_rule_state(rt.key, list(rt.machine.active.values()), self._outbox(rt, due, now), now)
@@ -153,9 +175,16 @@ class Evaluator:
             for state in State:
                 n = sum(1 for a in rt.machine.active.values() if a.state == state)
                 self.metrics.alerts.labels(rt.rule.name, state.value).set(n)
-        firing = rt.machine.firing()
-        if firing and self.on_firing is not None:
-            self.on_firing(rt, firing)
+
+    def eval_meta(self, now: float) -> None:
+        """The meta-alert: one alert per rule whose datasource query is failing."""
+        failing = [Sample({"rule_group": rt.group.group.name, "rule": rt.rule.name,
+                           "datasource": "logs" if rt.rule.log is not None else "prometheus"}, 1.0)
+                   for rt in self.all_runtimes() if rt.health == "err"]
+        with self._lock:
+            firing_before = {a.fingerprint for a in self.meta.machine.firing()}
+            self.meta.machine.eval(now, failing)
+            self._after_eval(self.meta, now, firing_before)
 
     def _outbox(self, rt: RuleRuntime, due: list[Alert], now: float,
                 extra: dict[str, dict[str, Any]] | None = None) -> list[OutboxEntry]:
@@ -186,10 +215,10 @@ class Evaluator:
             self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:
-        if rt.rule.expr is not None and self.promql is not None:
+        if rt.rule.expr is not None and self.promql is not None and rt is not self.meta:
             q = urllib.parse.urlencode({"g0.expr": rt.rule.expr, "g0.tab": "1"})
             return f"{self.promql.url}/graph?{q}"
         return f"{self.external_url}/api/v1/rules?rule={urllib.parse.quote(rt.rule.name)}"
 
-    def all_runtimes(self) -> list[RuleRuntime]:
-        return [rt for rts in self.runtimes.values() for rt in rts]
+    def all_runtimes(self, include_meta: bool = False) -> list[RuleRuntime]:
+        return [rt for rts in self.runtimes.values() for rt in rts] + ([self.meta] if include_meta else [])

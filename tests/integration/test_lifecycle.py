@@ -79,3 +79,42 @@ def test_sigterm_kill9_and_external_prometheus(tmp_path: Path) -> None:
         assert external.proc is not None and external.proc.poll() is None  # an external Prometheus is not ours
     finally:
         external.stop()
+
+
+def test_hot_reload_keeps_state_and_rejects_bad_files(tmp_path: Path) -> None:
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    always = ("groups:\n  - name: g\n    interval: 1s\n    rules:\n      - alert: Always\n"
+              "        expr: vector(1)\n")
+    (rules / "r.yaml").write_text(always)
+    token = "reload-token-0123456789"
+    env_cfg = tmp_path / "s.yaml"
+    env_cfg.write_text(f"api:\n  token: {token}\nalerting:\n  reload_interval: 1s\n")
+    proc, up, log = start(tmp_path / "state", "--rules-dir", str(rules), "-c", str(env_cfg))
+    api = up["api"]
+    try:
+        def rules_now() -> dict[str, Any]:
+            return {r["name"]: r for g in httpx.get(f"{api}/api/v1/rules").json()["data"]["groups"] for r in g["rules"]}
+
+        first = wait_for("Always firing", lambda: rules_now()["Always"]["state"] == "firing" and rules_now(), 30,
+                         proc, log)
+        active_at = first["Always"]["alerts"][0]["activeAt"]
+        # add a rule: picked up without a restart; the unchanged rule keeps its alert (same activeAt)
+        (rules / "r.yaml").write_text(always + "      - alert: Also\n        expr: vector(2)\n")
+        both = wait_for("the new rule", lambda: "Also" in rules_now() and rules_now(), 30, proc, log)
+        assert both["Always"]["alerts"][0]["activeAt"] == active_at
+        # a broken file is refused; the last good set keeps running
+        (rules / "r.yaml").write_text("groups:\n  - name: g\n    rules:\n      - alert: Broken\n        for: soon\n")
+        wait_for("a failed reload", lambda: "sentinel_rules_last_reload_successful 0.0" in
+                 httpx.get(f"{api}/metrics").text, 30, proc, log)
+        assert set(rules_now()) == {"Always", "Also"}
+        assert "r.yaml:5: groups.0.rules.0.for: Value error, not a duration" in log.read_text()
+        # the reload endpoint needs the token and reports the problems
+        assert httpx.post(f"{api}/api/v1/rules/reload").status_code == 401
+        r = httpx.post(f"{api}/api/v1/rules/reload", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 400 and "for: Value error" in r.json()["error"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

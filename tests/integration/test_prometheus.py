@@ -55,7 +55,7 @@ def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path:
     store = Store(tmp_path / "s.db")
     rule = Rule.model_validate({"alert": "Always", "expr": 'label_replace(vector(1), "replica", "r", "", "")'})
     group = LoadedGroup(file="f.yaml", group=Group(name="g", rules=[rule]))
-    ev = Evaluator(store, PromQLSource(prometheus.url, 5), None, [Receiver("r", "http://127.0.0.1:9/")])
+    ev = Evaluator(store, PromQLSource(prometheus.url, 5), None, [Receiver("r", "http://127.0.0.1:9/")], meta_for=0)
     ev.load([group])
     [rt] = ev.all_runtimes()
     now = time.time()
@@ -65,11 +65,16 @@ def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path:
     ev.eval_rule(rt, now + 60)
     assert rt.health == "err" and "unreachable" in (rt.last_error or "")
     assert [a.state for a in rt.machine.active.values()] == [State.FIRING]  # nothing resolved
+    ev.eval_meta(now + 60)  # ... and a meta-alert names the failing rule and its datasource
+    [meta] = ev.meta.machine.firing()
+    assert meta.labels == {"alertname": "SentinelRuleEvaluationFailing", "rule": "Always", "rule_group": "g",
+                           "datasource": "prometheus", "severity": "warning"}
+    assert "cannot be evaluated" in meta.annotations["summary"]
     # state is persisted with the outbox: a new evaluator (a restarted daemon) restores the firing alert
     ev2 = Evaluator(store, None, None, [])
     ev2.load([group])
     assert [a.state for a in ev2.all_runtimes()[0].machine.active.values()] == [State.FIRING]
-    assert store.outbox_counts() == {"pending": 1}
+    assert store.outbox_counts() == {"pending": 2}  # the alert and the meta-alert
 
 
 def test_up_without_prometheus_says_what_to_install_and_leaves_nothing(tmp_path: Path) -> None:
