@@ -163,6 +163,39 @@ def rules_check(
     raise typer.Exit(worst)
 
 
+@rules_app.command("test")
+def rules_test(
+    files: Annotated[list[Path], typer.Argument(help="test files in promtool's format")],
+    also_promtool: Annotated[bool, typer.Option("--promtool", help="also run promtool on the exported rules")] = False,
+) -> None:
+    """Run rule unit tests through sentinel's state machine (PromQL answered by a temporary Prometheus)."""
+    from sentinel.rules.unittest import run_promtool, run_test_file
+
+    failed = False
+    for f in files:
+        typer.echo(f"Unit Testing: {f}")
+        try:
+            outcome = run_test_file(f)
+        except (SentinelError, ValueError) as exc:
+            typer.echo(f"  FAILED:\n{exc}", err=True)
+            failed = True
+            continue
+        if outcome.ok:
+            typer.echo("  SUCCESS")
+        else:
+            failed = True
+            typer.echo("  FAILED:")
+            for line in outcome.failures:
+                typer.echo(f"    {line}")
+        if also_promtool:
+            ok, text = run_promtool(f)
+            typer.echo(f"  promtool on the exported rules: {'SUCCESS' if ok else 'FAILED'}")
+            if not ok:
+                failed = True
+                typer.echo(text)
+    raise typer.Exit(1 if failed else 0)
+
+
 @rules_app.command("export")
 def rules_export(
     files: Annotated[list[Path] | None, typer.Argument(help="rule files (default: the rules directory)")] = None,

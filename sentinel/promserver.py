@@ -49,13 +49,14 @@ def prometheus_config(targets: list[ScrapeTarget], scrape_interval_s: float,
 
 class PrometheusServer:
     def __init__(self, workdir: Path, port: int, targets: list[ScrapeTarget], scrape_interval_s: float,
-                 children: ChildRegistry, binary: str = "prometheus") -> None:
+                 children: ChildRegistry, binary: str = "prometheus", extra_args: list[str] | None = None) -> None:
         self.workdir = workdir
         self.port = port
         self.targets = targets
         self.scrape_interval_s = scrape_interval_s
         self.children = children
         self.binary = binary
+        self.extra_args = extra_args or ["--storage.tsdb.retention.time=2d"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,8 +72,8 @@ class PrometheusServer:
         out = (self.workdir / "prometheus.out").open("ab")
         self.proc = subprocess.Popen(
             [binary, f"--config.file={cfg}", f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
-             "--storage.tsdb.retention.time=2d", "--log.level=warn"],
+             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle", "--log.level=warn",
+             *self.extra_args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()
         self.children.set("prometheus", self.proc.pid)

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from sentinel.rules.series import go_float
+
 ACTION = re.compile(r"{{-?\s*(.*?)\s*-?}}", re.S)
 
 
@@ -186,7 +188,7 @@ def _evaluate(action: str, ctx: Context) -> str:
         result = [_call(tokens, ctx, result if i else [])]
     out = result[0]
     if isinstance(out, float):
-        return f"{out:g}" if out.is_integer() and abs(out) < 1e21 else repr(out)
+        return go_float(out)
     return str(out)
 
 

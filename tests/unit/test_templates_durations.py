@@ -53,3 +53,14 @@ def test_humanize_like_prometheus() -> None:
     assert humanize_duration(3725) == "1h 2m 5s"
     assert humanize_duration(90061) == "1d 1h 1m 1s"
     assert humanize_duration(1.5) == "1.5s"
+
+
+def test_series_and_value_notation() -> None:
+    from sentinel.rules.series import expand_values, go_float, parse_series
+
+    assert parse_series('up{job="a", instance="x:1"}') == {"__name__": "up", "job": "a", "instance": "x:1"}
+    assert parse_series('{__name__="m", a="q\\"uote"}') == {"__name__": "m", "a": 'q"uote'}
+    assert expand_values("1+2x3 _ 5 _x2 stale 10-1x2 3x1 -Inf") == [
+        1.0, 3.0, 5.0, 7.0, None, 5.0, None, None, "stale", 10.0, 9.0, 8.0, 3.0, 3.0, float("-inf")]
+    assert [go_float(v) for v in (0.734, 1e6, 123456.0, 1e-05, 50.0, -3.0)] == [
+        "0.734", "1e+06", "123456", "1e-05", "50", "-3"]
