@@ -13,6 +13,7 @@ import math
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,17 +163,21 @@ def run_test_file(path: Path, promtool: str = "promtool", prometheus: str = "pro
 def _run_group(tg: TestGroup, groups: list[LoadedGroup], ei: float, src: PromQLSource) -> list[str]:
     failures: list[str] = []
     rules = [(g, r) for g in groups for r in g.group.rules if r.alert and r.kind == "promql"]
+    ext = tg.external_labels
+
+    def expander(text: str, labels: Mapping[str, str], value: float) -> str:
+        return expand(text, labels, value, ext)
+
     machines = {r.name: AlertingRule(
         r.name, r.for_, r.keep_firing_for, {**g.group.labels, **r.labels}, r.annotations, g.group.limit,
-        r.sentinel.consecutive_samples or 0,
-        lambda t, lbs, v, ext=tg.external_labels: expand(t, lbs, v, ext)) for g, r in rules}
+        r.sentinel.consecutive_samples or 0, expander) for g, r in rules}
     checks = sorted(tg.alert_rule_test, key=lambda a: a.eval_time)
     end = max([c.eval_time for c in checks], default=0.0)
     steps = int(round(end / ei))
     ci = 0
     for k in range(steps + 1):
         t = k * ei
-        for g, r in rules:
+        for _, r in rules:
             try:
                 machines[r.name].eval(t, src.query(r.expr or "", t))
             except DatasourceError as exc:
