@@ -215,8 +215,9 @@ def _compare_expr(et: ExprTest, src: PromQLSource) -> list[str]:
     if len(g) == len(e) and all(a.labels == b.labels and math.isclose(a.value, b.value, rel_tol=1e-9, abs_tol=1e-12)
                                 for a, b in zip(g, e, strict=True)):
         return []
-    return [f"expr: {et.expr!r}, time: {format_duration(et.eval_time)},\n"
-            f"        exp: {[(dict(s.labels), s.value) for s in e]}\n        got: {[(dict(s.labels), s.value) for s in g]}"]
+    exp_s = [(dict(s.labels), s.value) for s in e]
+    got_s = [(dict(s.labels), s.value) for s in g]
+    return [f"expr: {et.expr!r}, time: {format_duration(et.eval_time)},\n        exp: {exp_s}\n        got: {got_s}"]
 
 
 def _show(alerts: list[dict[str, Any]]) -> str:

@@ -64,7 +64,8 @@ def test_default_pack_tests_pass_under_both() -> None:
         assert ok, text
 
 
-@pytest.mark.parametrize(("wrong", "right"), [("", ""), ("api at 10", "api at 11"), ("eval_time: 10m", "eval_time: 8m")])
+@pytest.mark.parametrize(("wrong", "right"), [("", ""), ("api at 10", "api at 11"),
+                                               ("eval_time: 10m", "eval_time: 8m")])
 def test_same_verdict_as_promtool(tmp_path: Path, wrong: str, right: str) -> None:
     (tmp_path / "rules.yaml").write_text(RULES)
     f = tmp_path / "t.yaml"
