@@ -140,6 +140,7 @@ class Daemon:
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
         evaluator.on_firing = self._on_firing
+        self.registry.register(evaluator.learned)
         evaluator.load(groups)
         self.evaluator = evaluator
         self._loaded_signature = self._signature()
@@ -193,9 +194,18 @@ class Daemon:
         sched, ev = self.scheduler, self.evaluator
         assert sched is not None
         want = {f"eval:{k}": ev.interval(rts[0].group) for k, rts in ev.runtimes.items() if rts}
+        learned = {f"refit:{rt.key}": rt for rt in ev.all_runtimes() if rt.rule.sentinel.learned is not None}
         for job in sched.get_jobs():
-            if job.id.startswith("eval:") and job.id not in want:
+            if (job.id.startswith("eval:") and job.id not in want) or (job.id.startswith("refit:")
+                                                                       and job.id not in learned):
                 job.remove()
+        for job_id, rt in learned.items():
+            spec = rt.rule.sentinel.learned
+            assert spec is not None
+            if sched.get_job(job_id) is not None:
+                sched.remove_job(job_id)  # the rule object changed: refit now with the new spec
+            sched.add_job(ev.refit, "interval", args=[rt], id=job_id, seconds=spec.refit, executor="eval",
+                          next_run_time=_now_dt())
         for job_id, seconds in want.items():
             job = sched.get_job(job_id)
             if job is None:

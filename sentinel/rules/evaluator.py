@@ -16,6 +16,7 @@ from sentinel.alerts.store import OutboxEntry, Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import SentinelMetrics
+from sentinel.rules.learned import LearnedThresholds
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import LogRuleSource, PromQLSource
 
@@ -64,6 +65,7 @@ class Evaluator:
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     meta_for: float = 60.0
+    learned: LearnedThresholds = field(default_factory=LearnedThresholds)
 
     def __post_init__(self) -> None:
         rule = Rule.model_validate({
@@ -100,6 +102,7 @@ class Evaluator:
                 rts.append(rt)
             new[g.key] = rts
         self.runtimes = new
+        self.learned.forget({rt.key for rts in new.values() for rt in rts if rt.rule.sentinel.learned})
 
     @staticmethod
     def _machine(g: LoadedGroup, rule: Rule) -> AlertingRule:
@@ -133,7 +136,25 @@ class Evaluator:
             return self.logs.query(rt.rule.log, now - offset)
         if self.promql is None:
             raise DatasourceError("no Prometheus is configured for PromQL rules")
-        return self.promql.query(rt.rule.expr or "", now - offset)
+        samples = self.promql.query(rt.rule.expr or "", now - offset)
+        spec = rt.rule.sentinel.learned
+        if spec is not None:  # the signal becomes alerts only where it leaves its learned band
+            return self.learned.departures(rt.key, samples, spec.direction)
+        return samples
+
+    def refit(self, rt: RuleRuntime) -> int:
+        """Fit the learned bands of one rule from Prometheus history; returns the number of series."""
+        spec = rt.rule.sentinel.learned
+        if spec is None or self.promql is None:
+            return 0
+        try:
+            n = self.learned.refit(rt.key, rt.rule.expr or "", self.promql.query_range, spec.history, spec.step,
+                                   spec.k, spec.min_points, self.clock())
+        except DatasourceError as exc:
+            log.warning("rule %s: learned threshold refit failed, keeping the old bands: %s", rt.rule.name, exc)
+            return 0
+        log.info("rule %s: learned bands for %d series", rt.rule.name, n)
+        return n
 
     def eval_rule(self, rt: RuleRuntime, now: float) -> None:
         gname = rt.group.group.name

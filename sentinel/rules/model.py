@@ -33,6 +33,17 @@ def _check_labels(v: dict[str, str]) -> dict[str, str]:
     return v
 
 
+class Learned(Strict):
+    """A learned threshold: alert when the signal leaves its robust baseline band (see rules/learned.py)."""
+
+    history: Duration = 86400.0
+    step: Duration = 60.0
+    refit: Duration = 3600.0
+    k: float = Field(4.0, gt=0, description="band half-width in robust standard deviations")
+    direction: Literal["above", "below", "both"] = "above"
+    min_points: int = Field(30, ge=4)
+
+
 class Extension(Strict):
     """sentinel-only settings of a rule (stripped on export)."""
 
@@ -43,6 +54,7 @@ class Extension(Strict):
     panel: Literal["timeseries", "gauge", "stat"] | None = None
     consecutive_samples: int | None = Field(None, ge=1, le=1000,
                                             description="fire only after N consecutive evaluations return the alert")
+    learned: Learned | None = None
 
 
 class LogFilter(Strict):
@@ -124,6 +136,8 @@ class Rule(Strict):
             raise ValueError("a rule needs exactly one of: expr (PromQL), log (log query)")
         if self.record is not None and self.log is not None:
             raise ValueError("recording rules take expr, not log")
+        if self.sentinel.learned is not None and self.expr is None:
+            raise ValueError("a learned threshold needs a PromQL signal in expr")
         name = self.alert or self.record or ""
         if self.record is not None and not re.match(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$", name):
             raise ValueError(f"invalid recording rule name {name!r}")
@@ -136,8 +150,10 @@ class Rule(Strict):
         return self.alert or self.record or ""
 
     @property
-    def kind(self) -> Literal["promql", "log"]:
-        return "log" if self.log is not None else "promql"
+    def kind(self) -> Literal["promql", "log", "learned"]:
+        if self.log is not None:
+            return "log"
+        return "learned" if self.sentinel.learned is not None else "promql"
 
 
 class Group(Strict):

@@ -6,6 +6,7 @@ Third-party errors are translated here, at the boundary, into DatasourceError.
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
@@ -42,6 +43,20 @@ class PromQLSource:
                 continue
             out.append(Sample(dict(r.get("metric", {})), value))
         return out
+
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[tuple[dict[str, str], list[float]]]:
+        """Each series of a range query with its values (for learned thresholds)."""
+        try:
+            result = self.client.custom_query_range(
+                expr, datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC), f"{step:g}s",
+                timeout=self.timeout_s)
+        except PrometheusApiClientException as exc:
+            raise DatasourceError(f"Prometheus at {self.url} rejected the range query: {exc}") from exc
+        except requests.RequestException as exc:
+            raise DatasourceError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}: {exc}") from exc
+        return [({k: v for k, v in r.get("metric", {}).items() if k != "__name__"},
+                 [float(v) for _, v in r.get("values", [])]) for r in result]
 
 
 class LogRuleSource:

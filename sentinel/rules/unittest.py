@@ -122,11 +122,12 @@ def _same_labels(a: dict[str, str], b: dict[str, str]) -> bool:
     return a == b
 
 
-class _Tsdb:
+class TemporaryTsdb:
     """A temporary Prometheus serving the test's series."""
 
     def __init__(self, work: Path, metrics: str, promtool: str, prometheus: str) -> None:
         self.work = work
+        work.mkdir(parents=True, exist_ok=True)
         data = work / "data"
         (work / "input.om").write_text(metrics)
         out = subprocess.run([find_binary(promtool, "apt-get install prometheus"), "tsdb", "create-blocks-from",
@@ -155,7 +156,7 @@ def run_test_file(path: Path, promtool: str = "promtool", prometheus: str = "pro
         label = tg.name or f"tests[{ti}]"
         interval = tg.interval or tf.evaluation_interval
         with tempfile.TemporaryDirectory(prefix="sentinel-rules-test-") as tmp, \
-                _Tsdb(Path(tmp), write_openmetrics(tg, interval), promtool, prometheus) as src:
+                TemporaryTsdb(Path(tmp), write_openmetrics(tg, interval), promtool, prometheus) as src:
             outcome.failures += [f"{label}: {f}" for f in _run_group(tg, groups, tf.evaluation_interval, src)]
     return outcome
 

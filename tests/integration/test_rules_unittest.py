@@ -81,3 +81,29 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     (tmp_path / "t.yaml").write_text(TEST.replace("api at 10", "api at 12"))
     res = CliRunner().invoke(app, ["rules", "test", str(tmp_path / "t.yaml")])
     assert res.exit_code == 1 and "alertname: Flappy, time: 2m" in res.output
+
+
+def test_learned_threshold_against_real_prometheus_history(tmp_path: Path) -> None:
+    """Two hours of history in a real Prometheus; replica-a shifts level in the last 10 minutes."""
+    from sentinel.alerts.state import State
+    from sentinel.alerts.store import Store
+    from sentinel.rules.evaluator import Evaluator
+    from sentinel.rules.model import Group, LoadedGroup, Rule
+    from sentinel.rules.unittest import InputSeries, TestGroup, TemporaryTsdb, write_openmetrics
+
+    normal = " ".join(f"{0.12 + 0.005 * ((i * 7) % 5 - 2):.3f}" for i in range(120))
+    shifted = normal.rsplit(" ", 10)[0] + " 0.4" * 10
+    tg = TestGroup(input_series=[InputSeries(series='latency{replica="a"}', values=shifted),
+                                 InputSeries(series='latency{replica="b"}', values=normal)])
+    rule = Rule.model_validate({"alert": "LatencyAnomaly", "expr": "latency", "sentinel": {
+        "learned": {"history": "2h", "step": "1m", "k": 4, "min_points": 30}}})
+    group = LoadedGroup(file="f", group=Group(name="g", rules=[rule]))
+    with TemporaryTsdb(tmp_path / "tsdb", write_openmetrics(tg, 60.0), "promtool", "prometheus") as src:
+        ev = Evaluator(Store(tmp_path / "s.db"), src, None, [], clock=lambda: 119 * 60.0)
+        ev.load([group])
+        [rt] = ev.all_runtimes()
+        assert ev.refit(rt) == 2
+        band = ev.learned.band(rt.key, {"replica": "b"})
+        assert band is not None and band.upper < 0.4  # the shift is outside the band learned mostly before it
+        ev.eval_rule(rt, 119 * 60.0)
+    assert [(a.labels["replica"], a.state) for a in rt.machine.active.values()] == [("a", State.FIRING)]
