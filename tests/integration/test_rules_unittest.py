@@ -89,7 +89,7 @@ def test_learned_threshold_against_real_prometheus_history(tmp_path: Path) -> No
     from sentinel.alerts.store import Store
     from sentinel.rules.evaluator import Evaluator
     from sentinel.rules.model import Group, LoadedGroup, Rule
-    from sentinel.rules.unittest import InputSeries, TestGroup, TemporaryTsdb, write_openmetrics
+    from sentinel.rules.unittest import InputSeries, TemporaryTsdb, TestGroup, write_openmetrics
 
     normal = " ".join(f"{0.12 + 0.005 * ((i * 7) % 5 - 2):.3f}" for i in range(120))
     shifted = normal.rsplit(" ", 10)[0] + " 0.4" * 10
