@@ -158,7 +158,8 @@ def main() -> None:
         active = sum(len(rt.machine.active) for rt in ev.all_runtimes())
         wall, total = statistics.median(walls), statistics.median(sums)
         cpu, pcpu = statistics.median(cpus), statistics.median(prom_cpus)
-        print(f"Prometheus rule engine: sum of prometheus_rule_group_last_duration_seconds = {prom_cycle * 1000:.0f} ms")
+        print("Prometheus rule engine: sum of prometheus_rule_group_last_duration_seconds = "
+              f"{prom_cycle * 1000:.0f} ms")
         print(f"sentinel: sum of group durations = {total * 1000:.0f} ms; cycle wall time with {args.concurrency} "
               f"groups in parallel = {wall * 1000:.0f} ms (median of {args.cycles}); {unhealthy} unhealthy rules, "
               f"{active} active alerts")
