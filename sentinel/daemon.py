@@ -114,23 +114,22 @@ class Daemon:
         specs = [ReplicaSpec(f"replica-{i}", port, model_dir, run_dir / f"replica-{i}" / "logs",
                              enable_faults=s.replicas.enable_faults, admin_token=admin,
                              served_model_name=s.replicas.served_model_name) for i, port in enumerate(ports)]
-        self.supervisor = Supervisor(specs, run_dir, self.children, s.replicas.start_timeout)
+        self.supervisor = Supervisor(specs, run_dir, self.children, s.replicas.start_timeout,
+                                     max(s.replicas.max_count, s.replicas.count), self._replicas_changed)
         self.supervisor.start_all()
 
         prom_url = s.prometheus.url
         if prom_url is None:
-            targets = [ScrapeTarget("inference", f"127.0.0.1:{sp.port}", {"replica": sp.name}) for sp in specs]
-            targets.append(ScrapeTarget("sentinel", f"127.0.0.1:{self.api_port}", {}))
             self.prometheus = PrometheusServer(self.state_dir / "prometheus", s.prometheus.port or free_port(),
-                                               targets, s.prometheus.scrape_interval, self.children,
+                                               self._targets(specs), s.prometheus.scrape_interval, self.children,
                                                s.prometheus.binary)
             self.prometheus.start()
             prom_url = self.prometheus.url
 
         self.store = Store(self.state_dir / "sentinel.db")
         self.logstore = LocalLogStore(self.state_dir / "logs.db")
-        shipper = Shipper(self.logstore, [LogSource(sp.name, sp.log_dir / "inference.log", {"replica": sp.name})
-                                          for sp in specs])
+        shipper = Shipper(self.logstore, [_log_source(sp) for sp in specs])
+        self.shipper = shipper
         self.remediator = Remediator(self.store, self.supervisor, self.guardrails, self.metrics,
                                      verify_timeout_s=s.remediation.verify_timeout)
         evaluator = Evaluator(
@@ -260,6 +259,22 @@ class Daemon:
         if self.store is not None:
             self.store.audit(time.time(), kind, subject, **detail)
 
+    def _targets(self, specs: list[ReplicaSpec]) -> list[ScrapeTarget]:
+        targets = [ScrapeTarget("inference", f"127.0.0.1:{sp.port}", {"replica": sp.name}) for sp in specs]
+        return [*targets, ScrapeTarget("sentinel", f"127.0.0.1:{self.api_port}", {})]
+
+    def _replicas_changed(self, specs: list[ReplicaSpec]) -> None:
+        """After a scale-out: scrape, ship logs from, and list the new replica."""
+        if self.prometheus is not None:
+            self.prometheus.update_targets(self._targets(specs))
+        known = {src.name for src in self.shipper.sources}
+        self.shipper.sources.extend(_log_source(sp) for sp in specs if sp.name not in known)
+        sup = self.supervisor
+        assert sup is not None
+        self.services = [x for x in self.services if not x.name.startswith("replica-")]
+        self.services[1:1] = [Service(r.spec.name, r.spec.url, r.pid) for r in sup.replicas.values()]
+        self._write_up_file()
+
     def _on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
         """Evidence first (the runbook), then the remedy; both run off the evaluation thread."""
         if self.runbooks is not None:
@@ -329,6 +344,10 @@ class Daemon:
         for db in (self.store, self.logstore):
             if db is not None:
                 db.close()
+
+
+def _log_source(spec: ReplicaSpec) -> LogSource:
+    return LogSource(spec.name, spec.log_dir / "inference.log", {"replica": spec.name})
 
 
 def _now_dt() -> Any:

@@ -49,6 +49,7 @@ class PrometheusSettings(Section):
 
 class ReplicaSettings(Section):
     count: int = Field(1, ge=1, le=64)
+    max_count: int = Field(4, ge=1, le=64, description="scale-out never goes beyond this many replicas")
     model_dir: Path | None = Field(None, description="default: the bundled model, generated on first start")
     served_model_name: str = "deepseek-tiny"
     ports: list[int] = Field(default_factory=list, description="one per replica; empty: free ports")

@@ -6,6 +6,7 @@ order. Their pids are recorded so that a sentinel killed with ``kill -9`` cleans
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,13 +14,14 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from sentinel.errors import RemediationError, ServiceError
-from sentinel.netutil import wait_http_ok
+from sentinel.netutil import free_port, wait_http_ok
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
@@ -167,9 +169,15 @@ class Supervisor:
     """Owns the replicas; the local actuator of remediation."""
 
     def __init__(self, specs: list[ReplicaSpec], run_dir: Path, children: ChildRegistry,
-                 start_timeout_s: float = 120.0) -> None:
+                 start_timeout_s: float = 120.0, max_replicas: int | None = None,
+                 on_change: Callable[[list[ReplicaSpec]], None] = lambda specs: None) -> None:
         self.replicas = {s.name: Replica(s, run_dir, children) for s in specs}
+        self.run_dir = run_dir
+        self.children = children
         self.start_timeout_s = start_timeout_s
+        self.max_replicas = max_replicas if max_replicas is not None else len(specs)
+        self.on_change = on_change
+        self._scale_lock = threading.Lock()
 
     def start_all(self) -> None:
         for r in self.replicas.values():
@@ -193,7 +201,29 @@ class Supervisor:
             raise RemediationError(f"unknown replica {target!r}")
         if action == "restart":
             return replica.restart(self.start_timeout_s)
+        if action == "scale_out":
+            return self.scale_out(replica.spec)
         raise RemediationError(f"action {action!r} is not supported by the local supervisor")
+
+    def scale_out(self, like: ReplicaSpec) -> str:
+        """Start one more replica like ``like`` on a free port, up to ``max_replicas``."""
+        with self._scale_lock:
+            if len(self.replicas) >= self.max_replicas:
+                raise RemediationError(f"already at replicas.max_count={self.max_replicas}: a human must add capacity")
+            i = len(self.replicas)
+            while f"replica-{i}" in self.replicas:
+                i += 1
+            name = f"replica-{i}"
+            spec = dataclasses.replace(like, name=name, port=free_port(like.host),
+                                       log_dir=like.log_dir.parent.parent / name / "logs")
+            replica = Replica(spec, self.run_dir, self.children)
+            replica.start()
+            if not replica.wait_healthy(self.start_timeout_s):
+                replica.stop()
+                raise RemediationError(f"new replica {name} did not become healthy within {self.start_timeout_s:.0f}s")
+            self.replicas[name] = replica
+            self.on_change([r.spec for r in self.replicas.values()])
+            return f"scaled out: started {name} (pid {replica.pid}) on {spec.url}; {len(self.replicas)} replicas"
 
     def verify(self, target: str, timeout_s: float) -> bool:
         return self.replicas[target].wait_healthy(timeout_s)

@@ -18,6 +18,7 @@ from sentinel.rules.evaluator import RuleRuntime
 
 log = logging.getLogger(__name__)
 TARGET_LABEL = "replica"
+SCALE = frozenset({"scale_out", "scale_in"})
 
 
 class Actuator(Protocol):
@@ -58,7 +59,9 @@ class Remediator:
         incident = f"{rule}/{a.fingerprint}/{a.active_at:.3f}"
         req = ActionRequest(rule, action, target, a.fingerprint, incident, firing=a.fired_at > 0 and not a.resolved_at)
         past = self.store.remediations(since=now - 3600)
-        on_target = [r.started_at for r in past if r.target == target]
+        # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked
+        on_target = [r.started_at for r in past
+                     if (r.target == target and action not in SCALE) or (action in SCALE and r.action in SCALE)]
         with self._lock:
             hist = History(frozenset(self.actuator.targets()), any(r.incident == incident for r in past),
                            max(on_target) if on_target else None, len(past), self._in_flight)

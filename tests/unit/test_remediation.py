@@ -92,3 +92,28 @@ def test_cooldown_is_persisted_across_restarts(tmp_path: Path) -> None:
     r2 = Remediator(store, Actuator(), Guardrails(cooldown_s=300), clock=lambda: 200.0)
     d = r2.consider("CudaError", "restart", firing(150.0))  # a new incident on the same target
     assert not d.act and "cooldown" in d.reason
+
+
+def test_scale_actions_share_one_cooldown_across_replicas(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+
+    class TwoReplicas(Actuator):
+        def targets(self) -> set[str]:
+            return {"replica-0", "replica-1"}
+
+    a = TwoReplicas()
+    r = Remediator(store, a, Guardrails(cooldown_s=300), clock=lambda: 100.0)
+    hot0 = Alert({"alertname": "GpuSaturatedScaleOut", "replica": "replica-0"}, {}, 95.0, State.FIRING, 1.0,
+                 fired_at=1.0)
+    hot1 = Alert({"alertname": "GpuSaturatedScaleOut", "replica": "replica-1"}, {}, 95.0, State.FIRING, 1.0,
+                 fired_at=1.0)
+    assert r.consider("GpuSaturatedScaleOut", "scale_out", hot0).act
+    a.done.wait(5)
+    r.shutdown()
+    d = r.consider("GpuSaturatedScaleOut", "scale_out", hot1)
+    assert not d.act and "cooldown" in d.reason  # the deployment just scaled: replica-1 waits
+    # a restart of replica-1 is not held back by the scale cooldown
+    r2 = Remediator(store, TwoReplicas(), Guardrails(cooldown_s=300), clock=lambda: 100.0)
+    cuda = Alert({"alertname": "CudaError", "replica": "replica-1"}, {}, 1.0, State.FIRING, 2.0, fired_at=2.0)
+    assert r2.consider("CudaError", "restart", cuda).act
+    r2.shutdown()
