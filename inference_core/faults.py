@@ -1,48 +1,78 @@
-"""Fault injection for drills. Present only when a replica is started with faults enabled."""
+"""Fault injection for drills. Present only when a replica is started with faults enabled.
+
+Faults: a CUDA error raised inside the forward pass (sticky: the replica turns unhealthy, as a real
+illegal-address error leaves the CUDA context unusable), added latency per forward pass, a hang (the
+step loop stops until cleared), a crash (the process exits), an out-of-memory error (one batch fails),
+and a slow memory leak (memory grows by ``leak_mb_per_step`` every step).
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CUDA_ERROR_MESSAGE = "CUDA error: an illegal memory access was encountered"
+OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB (injected by the fault switch)"
 
 
 class InjectedCudaError(RuntimeError):
     """Stands in for torch's ``RuntimeError: CUDA error: ...`` raised inside the forward pass."""
 
 
+class InjectedOutOfMemory(RuntimeError):
+    """Stands in for ``torch.cuda.OutOfMemoryError``."""
+
+
 @dataclass
 class FaultState:
     cuda_error: bool = False
     latency_ms: float = 0.0
+    hang: bool = False
+    crash: bool = False
+    oom: bool = False
+    leak_mb_per_step: float = 0.0
+    leaked_bytes: int = 0
 
 
+@dataclass
 class FaultSwitch:
     """Armed faults fire inside the model's forward pass (a hook the engine installs)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.state = FaultState()
+    state: FaultState = field(default_factory=FaultState)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _leak: list[bytearray] = field(default_factory=list)
 
-    def arm(self, cuda_error: bool | None = None, latency_ms: float | None = None) -> FaultState:
+    def arm(self, **changes: float | bool | None) -> FaultState:
         with self._lock:
-            if cuda_error is not None:
-                self.state.cuda_error = cuda_error
-            if latency_ms is not None:
-                if latency_ms < 0:
-                    raise ValueError("latency_ms must be >= 0")
-                self.state.latency_ms = latency_ms
+            for name, value in changes.items():
+                if value is None:
+                    continue
+                if name not in {"cuda_error", "latency_ms", "hang", "crash", "oom", "leak_mb_per_step"}:
+                    raise ValueError(f"unknown fault {name!r}")
+                if isinstance(value, float | int) and not isinstance(value, bool) and value < 0:
+                    raise ValueError(f"{name} must be >= 0")
+                setattr(self.state, name, value)
             return FaultState(**vars(self.state))
 
     def before_forward(self) -> None:
-        """Forward hook: raise the armed CUDA error (once), or add latency."""
+        """Forward hook: fire whatever is armed."""
         with self._lock:
-            fire = self.state.cuda_error
-            self.state.cuda_error = False
-            delay = self.state.latency_ms
-        if fire:
+            st = self.state
+            cuda, oom, crash = st.cuda_error, st.oom, st.crash
+            st.cuda_error = st.oom = False
+            delay, leak = st.latency_ms, st.leak_mb_per_step
+            if leak:
+                self._leak.append(bytearray(os.urandom(1024)) * int(leak * 1024))
+                st.leaked_bytes += int(leak * 2**20)
+        if crash:
+            os._exit(70)  # the process dies mid-step, as after a fatal driver error
+        while self.state.hang:
+            time.sleep(0.05)
+        if cuda:
             raise InjectedCudaError(CUDA_ERROR_MESSAGE)
+        if oom:
+            raise InjectedOutOfMemory(OOM_MESSAGE)
         if delay:
             time.sleep(delay / 1000.0)

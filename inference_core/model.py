@@ -80,6 +80,41 @@ class KVCache:
         return k, v
 
 
+@dataclass
+class SlotCache:
+    """Preallocated key/value buffers, one slot per running sequence: [slots, K, max_len, D] per layer."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> SlotCache:
+        shape = (num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)])
+
+
+@dataclass
+class SlotBatch:
+    """Which slot each row of a batch uses, where its new tokens start, and how many are real."""
+
+    cache: SlotCache
+    slots: list[int]
+    starts: list[int]
+    lens: list[int]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # k, v: [B, K, S, D] for the new tokens (rows padded to S) → all keys so far: [B, K, T, D]
+        kb, vb = self.cache.keys[layer], self.cache.values[layer]
+        for b, (slot, s0, n) in enumerate(zip(self.slots, self.starts, self.lens, strict=True)):
+            kb[slot, :, s0:s0 + n] = k[b, :, :n]
+            vb[slot, :, s0:s0 + n] = v[b, :, :n]
+        t = max(s + n for s, n in zip(self.starts, self.lens, strict=True))
+        idx = torch.tensor(self.slots, device=kb.device)
+        return kb[idx, :, :t], vb[idx, :, :t]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -91,7 +126,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None, layer: int
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | SlotBatch | None, layer: int
     ) -> Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.h, self.d).transpose(1, 2)  # [B, H, S, D]
@@ -127,7 +162,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None, layer: int
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | SlotBatch | None, layer: int
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -158,25 +193,37 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.forward_hooks: list[ForwardHook] = []
 
-    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | SlotBatch | None = None,
                 pad_mask: Tensor | None = None) -> Tensor:
-        """input_ids, positions: [B, S]; pad_mask: [B, T] True where a key is real. Returns [B, S, V]."""
+        """input_ids, positions: [B, S]; pad_mask: [B, T] True where a key is real. Returns [B, S, V].
+
+        With a SlotBatch, rows are different sequences at different positions (continuous batching):
+        a query attends to the keys at or before its own position in its own slot.
+        """
         for hook in self.forward_hooks:
             hook()
         b, s = input_ids.shape
+        assert positions.shape == (b, s), f"positions {tuple(positions.shape)} != input_ids {(b, s)}"
+        if isinstance(cache, SlotBatch):
+            t = max(st + n for st, n in zip(cache.starts, cache.lens, strict=True))
+            keys = torch.arange(t, device=input_ids.device)
+            slot_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, T]
+            return self._run(input_ids, positions, cache, slot_mask)
         past = cache.length if cache is not None else 0
         t = past + s
-        assert positions.shape == (b, s), f"positions {tuple(positions.shape)} != input_ids {(b, s)}"
+        causal = torch.ones(s, t, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)  # [S, T]
+        mask = causal[None, None].expand(b, 1, s, t)
+        if pad_mask is not None:
+            assert pad_mask.shape == (b, t), f"pad_mask {tuple(pad_mask.shape)} != {(b, t)}"
+            mask = mask & pad_mask[:, None, None, :]
+        return self._run(input_ids, positions, cache, mask)
+
+    def _run(self, input_ids: Tensor, positions: Tensor, cache: KVCache | SlotBatch | None, mask: Tensor) -> Tensor:
         inv_freq: Tensor = self.inv_freq  # type: ignore[assignment]
         freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq  # [B, S, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, D]
         x = self.model.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        causal = torch.ones(s, t, dtype=torch.bool, device=x.device).tril(diagonal=past)  # [S, T]
-        mask = causal[None, None].expand(b, 1, s, t)
-        if pad_mask is not None:
-            assert pad_mask.shape == (b, t), f"pad_mask {tuple(pad_mask.shape)} != {(b, t)}"
-            mask = mask & pad_mask[:, None, None, :]
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         return self.lm_head(self.model.norm(x))

@@ -185,7 +185,7 @@ class Scheduler:
         the end of its sequence; ``stopped`` names requests the caller ended (a stop string).
         Returns the requests that finished in this step."""
         stop = set(stopped)
-        done = []
+        done: list[Request] = []
         for ch in out.chunks:
             req = self.requests.get(ch.request_id)
             if req is None or req.status != Status.RUNNING:  # aborted since it was scheduled

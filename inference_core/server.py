@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API with /health, /ready and /metrics.
+"""OpenAI-compatible HTTP API (completions and chat completions, streaming or not), /health, /ready,
+/metrics, and — only when started with faults enabled — the fault switch for drills.
 
 Run: ``python -m inference_core.server --model-dir DIR --port 8000 [--log-dir DIR] [--enable-faults]``.
 """
@@ -6,21 +7,34 @@ Run: ``python -m inference_core.server --model-dir DIR --port 8000 [--log-dir DI
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
+import json
 import os
 import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from inference_core.engine import Engine, EngineUnhealthy, GenerationRequest, QueueFull
+from inference_core.engine import (
+    Delta,
+    Engine,
+    EngineConfig,
+    EngineUnhealthy,
+    QueueFull,
+    RequestFailed,
+    Result,
+    SamplingParams,
+)
 from inference_core.faults import FaultSwitch
 from inference_core.telemetry import BusyTracker, Metrics, request_logger
 from inference_core.tokenizer import TextTokenizer
@@ -29,21 +43,48 @@ from inference_core.weights import load_model
 ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
 
 
-class CompletionRequest(BaseModel):
+class _Common(BaseModel):
     model: str
-    prompt: str | list[int]
-    max_tokens: int = Field(16, ge=1, le=4096)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: Literal[False] = False
-    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=16)
+    user: str | None = None
+
+    def params(self, i: int, default_max: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        seed = None if self.seed is None else self.seed + i
+        return SamplingParams(self.max_tokens or default_max, self.temperature, self.top_p, self.top_k, seed,
+                              tuple(s for s in stop if s))
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int]
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
 
 
 class FaultRequest(BaseModel):
     cuda_error: bool | None = None
     latency_ms: float | None = Field(None, ge=0.0, le=600_000.0)
+    hang: bool | None = None
+    crash: bool | None = None
+    oom: bool | None = None
+    leak_mb_per_step: float | None = Field(None, ge=0.0, le=1024.0)
 
 
 def openai_error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -51,9 +92,13 @@ def openai_error(status: int, message: str, type_: str, param: str | None = None
                         content={"error": {"message": message, "type": type_, "param": param, "code": None}})
 
 
+def _sse(doc: dict[str, Any]) -> str:
+    return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
+
+
 def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
                faults: FaultSwitch | None = None, admin_token: str | None = None) -> FastAPI:
-    app = FastAPI(title="inference_core", version="0.1.0")
+    app = FastAPI(title="inference_core", version="0.2.0")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -70,7 +115,10 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        return await health()
+        if not engine.healthy or engine.draining:
+            return JSONResponse({"ready": False, "draining": engine.draining, "healthy": engine.healthy},
+                                status_code=503)
+        return JSONResponse({"ready": True})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -79,50 +127,147 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "inference_core"}]}
+                                            "owned_by": "inference_core", "max_model_len": engine.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> JSONResponse:
+    def check(body: _Common, ids: list[int], max_tokens: int | None) -> JSONResponse | None:
         if body.model != model_name:
-            return openai_error(404, f"model {body.model!r} not found; served: {model_name!r}",
-                                "invalid_request_error", "model")
-        ids = engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else body.prompt
-        if len(ids) + body.max_tokens > engine.max_model_len:
-            return openai_error(400, f"prompt ({len(ids)} tokens) plus max_tokens ({body.max_tokens}) exceeds "
-                                f"the context length {engine.max_model_len}", "invalid_request_error", "prompt")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        req = GenerationRequest(ids, body.max_tokens, body.temperature, body.top_p, body.seed, stop)
+            return openai_error(404, f"model {body.model!r} not found; served: {model_name!r}", "invalid_request_error",
+                                "model")
+        if engine.draining:
+            return openai_error(503, "replica is draining", "server_error")
+        want = max_tokens or 16
+        if not ids:
+            return openai_error(400, "prompt is empty", "invalid_request_error", "prompt")
+        if len(ids) + want > engine.max_model_len:
+            return openai_error(400, f"prompt ({len(ids)} tokens) plus max_tokens ({want}) exceeds the context "
+                                f"length {engine.max_model_len}", "invalid_request_error", "prompt")
+        return None
+
+    async def run(body: _Common, ids: list[int], max_tokens: int, chat: bool) -> Response:
+        rid = uuid.uuid4().hex
+        created = int(time.time())
         try:
-            res = await engine.generate(req)
+            ids_per_choice = [engine.submit(ids, body.params(i, max_tokens), f"{rid}-{i}") for i in range(body.n)]
         except QueueFull as exc:
             return openai_error(429, str(exc), "rate_limit_error")
         except EngineUnhealthy as exc:
             return openai_error(503, str(exc), "server_error")
-        except RuntimeError as exc:
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_stream(ids_per_choice, rid, created, chat, len(ids), include_usage),
+                                     media_type="text/event-stream")
+        try:
+            results = await asyncio.gather(*(_collect(r) for r in ids_per_choice))
+        except RequestFailed as exc:
             return openai_error(500, f"inference failed: {exc}", "server_error")
-        return JSONResponse({
-            "id": f"cmpl-{res.request_id}", "object": "text_completion", "created": int(time.time()),
-            "model": model_name,
-            "choices": [{"index": 0, "text": res.text, "logprobs": None, "finish_reason": res.finish_reason}],
-            "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": len(res.token_ids),
-                      "total_tokens": res.prompt_tokens + len(res.token_ids)},
-        })
+        completion = sum(len(r.token_ids) for r in results)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                        "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+            return JSONResponse({"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created,
+                                 "model": model_name, "choices": choices, "usage": usage})
+        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                   for i, r in enumerate(results)]
+        return JSONResponse({"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model_name,
+                             "choices": choices, "usage": usage})
+
+    async def _collect(request_id: str) -> Result:
+        async for item in engine.stream(request_id):
+            if isinstance(item, Result):
+                return item
+        raise RequestFailed("stream ended without a result")
+
+    async def _stream(request_ids: list[str], rid: str, created: int, chat: bool, prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        ident = f"chatcmpl-{rid}" if chat else f"cmpl-{rid}"
+
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
+                    {"content": text} if text is not None else {})
+                choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return _sse({"id": ident, "object": obj, "created": created, "model": model_name, "choices": [choice]})
+
+        queue: asyncio.Queue[tuple[int, Delta | Result | BaseException]] = asyncio.Queue()
+
+        async def pump(i: int, request_id: str) -> None:
+            try:
+                async for item in engine.stream(request_id):
+                    await queue.put((i, item))
+            except BaseException as exc:  # forwarded to the client as an error event
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(request_ids)]
+        completion = 0
+        try:
+            if chat:
+                for i in range(len(request_ids)):
+                    yield chunk(i, None, None, first=True)
+            pending = len(request_ids)
+            while pending:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    err = {"message": f"inference failed: {item}", "type": "server_error", "param": None, "code": None}
+                    yield _sse({"error": err})
+                    pending -= 1
+                elif isinstance(item, Delta):
+                    yield chunk(i, item.text, None)
+                else:
+                    completion += len(item.token_ids)
+                    yield chunk(i, None if chat else "", item.finish_reason)
+                    pending -= 1
+            if include_usage:
+                yield _sse({"id": ident, "object": obj, "created": created, "model": model_name, "choices": [],
+                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                      "total_tokens": prompt_tokens + completion}})
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()  # the client went away: engine.stream's cleanup aborts the requests
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        ids = engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        if bad := check(body, ids, body.max_tokens):
+            return bad
+        return await run(body, ids, body.max_tokens or 16, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest) -> Response:
+        prompt = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        ids = engine.tokenizer.encode(prompt)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if bad := check(body, ids, max_tokens):
+            return bad
+        return await run(body, ids, max_tokens or min(256, engine.max_model_len - len(ids)), chat=True)
+
+    def authorize(authorization: str | None) -> None:
+        expected = f"Bearer {admin_token}" if admin_token else None
+        if expected is None or not hmac.compare_digest((authorization or "").encode(), expected.encode()):
+            raise HTTPException(401, "admin endpoints need 'Authorization: Bearer <admin token>'")
+
+    @app.post("/admin/drain")
+    async def drain(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        authorize(authorization)
+        engine.draining = True
+        return {"draining": True}
 
     if faults is not None:
         @app.post("/admin/faults")
         async def set_faults(body: FaultRequest,
                              authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
-            expected = f"Bearer {admin_token}" if admin_token else None
-            if expected is None or not hmac.compare_digest((authorization or "").encode(), expected.encode()):
-                raise HTTPException(401, "fault switch needs 'Authorization: Bearer <admin token>'")
-            state = faults.arm(cuda_error=body.cuda_error, latency_ms=body.latency_ms)
-            return {"cuda_error": state.cuda_error, "latency_ms": state.latency_ms}
+            authorize(authorization)
+            return vars(faults.arm(**body.model_dump()))
 
     return app
 
 
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
-          served_name: str | None = None) -> FastAPI:
+          served_name: str | None = None, config: EngineConfig | None = None) -> FastAPI:
     registry = CollectorRegistry()
     busy = BusyTracker()
     metrics = Metrics(registry, busy)
@@ -131,7 +276,7 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
     tokenizer = TextTokenizer.from_dir(model_dir)
     metrics.model_load.set(time.monotonic() - t0)
     faults = FaultSwitch() if enable_faults else None
-    engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults)
+    engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, config)
     return create_app(engine, served_name or model_dir.name, registry, faults, admin_token)
 
 
@@ -142,13 +287,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-dir", type=Path, default=None, help="JSON request logs (default: stderr)")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     if args.enable_faults and not token:
         p.error(f"--enable-faults needs the {ADMIN_TOKEN_ENV} environment variable")
-    app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name)
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       mode=args.batching)
+    app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

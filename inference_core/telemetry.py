@@ -110,6 +110,8 @@ class Metrics:
         self.tpot = Histogram("inference_time_per_output_token_seconds", "Time per output token after the first.",
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
                               registry=registry)
+        self.preemptions = Counter("inference_num_preemptions_total", "Sequences preempted (recomputed later) "
+                                   "because the KV cache was full.", registry=registry)
         self.kv_cache_usage = Gauge("inference_kv_cache_usage_perc", "KV cache usage, 0-1 (tokens held / capacity).",
                                     registry=registry)
         self.requests = Counter("inference_requests_total", "Inference requests by outcome.",
