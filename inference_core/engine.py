@@ -64,6 +64,7 @@ class EngineConfig:
     mode: Literal["continuous", "static"] = "continuous"
     static_batch_wait_s: float = 0.05         # static mode: how long to wait for a full batch
     max_num_waiting: int = 256
+    stall_timeout_s: float = 30.0             # /health fails when work waits and no step ran for this long
 
 
 @dataclass
@@ -141,6 +142,7 @@ class Engine:
         self.live: dict[str, _Live] = {}
         self.cuda_error: str | None = None
         self.draining = False
+        self.last_step_at = time.monotonic()
         self._cv = threading.Condition()
         self._stop = False
         if faults is not None:
@@ -151,7 +153,12 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self.cuda_error is None
+        return self.cuda_error is None and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        """Work is waiting but the step loop has not finished a step for ``stall_timeout_s`` (a hang)."""
+        return self.scheduler.has_work and time.monotonic() - self.last_step_at > self.config.stall_timeout_s
 
     # -- the event-loop side ------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -212,11 +219,13 @@ class Engine:
             with self._cv:
                 while not self._stop and not self.scheduler.has_work:
                     self._cv.wait()
+                    self.last_step_at = time.monotonic()  # idle is not stalled
                 if self._stop:
                     return
             if self.config.mode == "static" and not self.scheduler.running:
                 self._wait_for_batch()
             self._step()
+            self.last_step_at = time.monotonic()
 
     def _wait_for_batch(self) -> None:
         deadline = time.monotonic() + self.config.static_batch_wait_s

@@ -110,8 +110,8 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
     async def health() -> JSONResponse:
         if engine.healthy:
             return JSONResponse({"status": "ok", "pid": os.getpid()})
-        return JSONResponse({"status": "unhealthy", "cuda_error": engine.cuda_error, "pid": os.getpid()},
-                            status_code=503)
+        return JSONResponse({"status": "unhealthy", "cuda_error": engine.cuda_error, "stalled": engine.stalled,
+                             "pid": os.getpid()}, status_code=503)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
+    p.add_argument("--max-num-waiting", type=int, default=256, help="queue length before 429")
+    p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without a step before /health fails")
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.enable_faults and not token:
         p.error(f"--enable-faults needs the {ADMIN_TOKEN_ENV} environment variable")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       mode=args.batching)
+                       mode=args.batching, max_num_waiting=args.max_num_waiting, stall_timeout_s=args.stall_timeout)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
