@@ -268,8 +268,19 @@ class Engine:
                 self._finish(req)
             self.metrics.kv_cache_usage.set(self.scheduler.kv_usage)
 
-    @torch.inference_mode()
     def _forward(self, rows: list[Row]) -> dict[str, int]:
+        """Decodes and prefill chunks run as two forward passes, so one long prefill does not pad every
+        decode row to its width (the batch is padded, not flattened)."""
+        decodes = [r for r in rows if len(r[2]) == 1]
+        prefills = [r for r in rows if len(r[2]) > 1]
+        sampled: dict[str, int] = {}
+        for part in (decodes, prefills):
+            if part:
+                sampled.update(self._forward_padded(part))
+        return sampled
+
+    @torch.inference_mode()
+    def _forward_padded(self, rows: list[Row]) -> dict[str, int]:
         width = max(len(toks) for _, _, toks in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         pos = torch.zeros(len(rows), width, dtype=torch.long)

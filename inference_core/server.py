@@ -267,7 +267,7 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
 
 
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
-          served_name: str | None = None, config: EngineConfig | None = None) -> FastAPI:
+          served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False) -> FastAPI:
     registry = CollectorRegistry()
     busy = BusyTracker()
     metrics = Metrics(registry, busy)
@@ -276,7 +276,7 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
     tokenizer = TextTokenizer.from_dir(model_dir)
     metrics.model_load.set(time.monotonic() - t0)
     faults = FaultSwitch() if enable_faults else None
-    engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, config)
+    engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, config, log_text)
     return create_app(engine, served_name or model_dir.name, registry, faults, admin_token)
 
 
@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
     p.add_argument("--max-num-waiting", type=int, default=256, help="queue length before 429")
     p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without a step before /health fails")
+    p.add_argument("--log-text", action="store_true", help="log completion text (off: never logged)")
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--enable-faults needs the {ADMIN_TOKEN_ENV} environment variable")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        mode=args.batching, max_num_waiting=args.max_num_waiting, stall_timeout_s=args.stall_timeout)
-    app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg)
+    app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -70,15 +70,51 @@ def rss_bytes(proc_root: Path = Path("/proc"), pid: int | str = "self") -> int:
     return 0
 
 
-class DeviceCollector(Collector):
-    """``gpu_utilization`` and ``memory_usage_bytes`` per device; on CPU the engine's busy ratio."""
+def open_nvml(nvml: Any = None) -> Any:
+    """The pynvml module, initialised, or None where there is no NVIDIA driver (or no nvidia-ml-py)."""
+    try:
+        if nvml is None:
+            import pynvml
 
-    def __init__(self, busy: BusyTracker, proc_root: Path = Path("/proc")) -> None:
+            nvml = pynvml
+        nvml.nvmlInit()
+        return nvml
+    except Exception:  # NVMLError_LibraryNotFound and friends: no GPU here, report the CPU instead
+        return None
+
+
+class DeviceCollector(Collector):
+    """``gpu_utilization`` and ``memory_usage_bytes`` per device: from NVML when an NVIDIA GPU is present,
+    else for the CPU, where utilization is the engine's busy ratio."""
+
+    def __init__(self, busy: BusyTracker, proc_root: Path = Path("/proc"), nvml: Any = None) -> None:
         self.busy = busy
         self.proc_root = proc_root
         self.limit = memory_limit_bytes(proc_root)
+        self.nvml = open_nvml(nvml)
 
     def collect(self) -> Iterable[Metric]:
+        if self.nvml is not None:
+            yield from self._collect_nvml()
+            return
+        yield from self._collect_cpu()
+
+    def _collect_nvml(self) -> Iterable[Metric]:
+        nv = self.nvml
+        util = GaugeMetricFamily("gpu_utilization", "GPU utilization in percent per device (NVML).",
+                                 labels=["device"])
+        mem = GaugeMetricFamily("memory_usage_bytes", "Memory used per device (NVML).", labels=["device"])
+        lim = GaugeMetricFamily("memory_limit_bytes", "Memory per device (NVML); headroom = 1 - usage/limit.",
+                                labels=["device"])
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            info = nv.nvmlDeviceGetMemoryInfo(h)
+            util.add_metric([str(i)], float(nv.nvmlDeviceGetUtilizationRates(h).gpu))
+            mem.add_metric([str(i)], float(info.used))
+            lim.add_metric([str(i)], float(info.total))
+        yield from (util, mem, lim)
+
+    def _collect_cpu(self) -> Iterable[Metric]:
         util = GaugeMetricFamily(
             "gpu_utilization",
             "Accelerator utilization in percent per device. On a machine without an NVIDIA GPU, "

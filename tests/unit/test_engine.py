@@ -149,3 +149,20 @@ def test_oom_fails_one_batch_and_cuda_error_is_sticky(tiny_model_dir: Path) -> N
             asyncio.run(submit())
     finally:
         engine.shutdown()
+
+
+def test_gpu_figures_come_from_nvml_when_present() -> None:
+    """NVML cannot run here (no GPU): the stand-in module answers from a committed fixture."""
+    from prometheus_client import generate_latest
+
+    from inference_core.telemetry import DeviceCollector
+    from tests.conftest import ROOT
+    from tests.unit.fake_nvml import FakeNvml
+
+    reg = CollectorRegistry()
+    reg.register(DeviceCollector(BusyTracker(), nvml=FakeNvml(ROOT / "tests/fixtures/nvml/a100-remap-failure.json")))
+    text = generate_latest(reg).decode()
+    assert 'gpu_utilization{device="1"} 97.0' in text and 'memory_limit_bytes{device="0"} 8.589934592e+10' in text
+    cpu = CollectorRegistry()
+    cpu.register(DeviceCollector(BusyTracker(), nvml=FakeNvml(None, library_missing=True)))
+    assert 'gpu_utilization{device="cpu"}' in generate_latest(cpu).decode()
