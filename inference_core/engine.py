@@ -100,7 +100,12 @@ class _Live:
     slot: int | None = None
 
 
-Row = tuple[ScheduledChunk, _Live, list[int]]  # a chunk, its request, the tokens it computes
+Row = tuple[ScheduledChunk, _Live, list[int]]
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Delta | Result | BaseException], Delta]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)  # a chunk, its request, the tokens it computes
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -304,6 +309,7 @@ class Engine:
         """Stream new text; returns the requests whose output now contains a stop string."""
         now = time.monotonic()
         stopped = set()
+        out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta | Result | BaseException], Delta]]] = {}
         for _, live, _ in rows:
             live.batch_sizes.append(len(rows))
             tok = sampled.get(live.req.request_id)
@@ -324,8 +330,10 @@ class Engine:
             hold = 0 if cut >= 0 else max((len(s) - 1 for s in live.params.stop), default=0)
             upto = max(live.sent_chars, len(text) - hold)
             if upto > live.sent_chars and not text.endswith("\ufffd"):
-                live.loop.call_soon_threadsafe(live.queue.put_nowait, Delta(text[live.sent_chars:upto], [tok]))
+                out.setdefault(live.loop, []).append((live.queue, Delta(text[live.sent_chars:upto], [tok])))
                 live.sent_chars = upto
+        for loop, items in out.items():  # one wake-up of each event loop per step, not one per token
+            loop.call_soon_threadsafe(_deliver, items)
         return stopped
 
     def _finish(self, req: Request) -> None:

@@ -107,11 +107,16 @@ class SlotBatch:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # k, v: [B, K, S, D] for the new tokens (rows padded to S) → all keys so far: [B, K, T, D]
         kb, vb = self.cache.keys[layer], self.cache.values[layer]
-        for b, (slot, s0, n) in enumerate(zip(self.slots, self.starts, self.lens, strict=True)):
-            kb[slot, :, s0:s0 + n] = k[b, :, :n]
-            vb[slot, :, s0:s0 + n] = v[b, :, :n]
-        t = max(s + n for s, n in zip(self.starts, self.lens, strict=True))
         idx = torch.tensor(self.slots, device=kb.device)
+        if all(n == 1 for n in self.lens):  # all decodes: one scatter for the whole batch
+            pos = torch.tensor(self.starts, device=kb.device)
+            kb[idx, :, pos] = k[:, :, 0]
+            vb[idx, :, pos] = v[:, :, 0]
+        else:
+            for b, (slot, s0, n) in enumerate(zip(self.slots, self.starts, self.lens, strict=True)):
+                kb[slot, :, s0:s0 + n] = k[b, :, :n]
+                vb[slot, :, s0:s0 + n] = v[b, :, :n]
+        t = max(s + n for s, n in zip(self.starts, self.lens, strict=True))
         return kb[idx, :, :t], vb[idx, :, :t]
 
 
