@@ -210,8 +210,14 @@ class Engine:
             live = self.live.pop(request_id, None)
             if live is not None and live.slot is not None:
                 self.free_slots.append(live.slot)
-            if req is not None:
-                self._log(live, FinishReason.ABORT.value, None) if live else None
+            if req is not None and live is not None:
+                self._log(live, FinishReason.ABORT.value, None)
+            self._gauges()
+
+    def _gauges(self) -> None:
+        self.metrics.requests_running.set(len(self.scheduler.running))
+        self.metrics.requests_waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_cache_usage.set(self.scheduler.kv_usage)
 
     def shutdown(self) -> None:
         with self._cv:
@@ -271,7 +277,7 @@ class Engine:
             finished = self.scheduler.update(out, sampled, stopped)
             for req in finished:
                 self._finish(req)
-            self.metrics.kv_cache_usage.set(self.scheduler.kv_usage)
+            self._gauges()
 
     def _forward(self, rows: list[Row]) -> dict[str, int]:
         """Decodes and prefill chunks run as two forward passes, so one long prefill does not pad every

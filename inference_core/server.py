@@ -11,9 +11,11 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -96,9 +98,51 @@ def _sse(doc: dict[str, Any]) -> str:
     return f"data: {json.dumps(doc, separators=(',', ':'))}\n\n"
 
 
-def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
-               faults: FaultSwitch | None = None, admin_token: str | None = None) -> FastAPI:
-    app = FastAPI(title="inference_core", version="0.2.0")
+class EngineSlot:
+    """The engine once the model has loaded. Until then (or after a failed load) every use of it answers
+    503, while /health stays up (liveness) and /ready says why it is not ready."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        object.__setattr__(self, "engine", engine)
+        object.__setattr__(self, "load_error", None)
+
+    @property
+    def loading(self) -> bool:
+        return self.engine is None and self.load_error is None
+
+    def __getattr__(self, name: str) -> Any:
+        raise HTTPException(503, f"model failed to load: {self.load_error}" if self.load_error else
+                            "model is loading")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("engine", "load_error"):
+            object.__setattr__(self, name, value)
+        elif self.engine is not None:
+            setattr(self.engine, name, value)
+        else:
+            raise HTTPException(503, "model is loading")
+
+
+class _Proxy:
+    """Forwards to the slot's engine (so the routes below read like they hold the engine itself)."""
+
+    def __init__(self, slot: EngineSlot) -> None:
+        object.__setattr__(self, "_slot", slot)
+
+    def __getattr__(self, name: str) -> Any:
+        slot: EngineSlot = object.__getattribute__(self, "_slot")
+        return getattr(slot.engine, name) if slot.engine is not None else getattr(slot, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_slot"), name, value)
+
+
+def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRegistry,
+               faults: FaultSwitch | None = None, admin_token: str | None = None,
+               lifespan: Any = None) -> FastAPI:
+    holder = slot if isinstance(slot, EngineSlot) else EngineSlot(slot)
+    engine: Any = _Proxy(holder)
+    app = FastAPI(title="inference_core", version="0.2.0", lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -108,6 +152,10 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if holder.engine is None:  # alive while loading; a failed load is not healthy
+            if holder.load_error:
+                return JSONResponse({"status": "unhealthy", "load_error": holder.load_error}, status_code=503)
+            return JSONResponse({"status": "loading", "pid": os.getpid()})
         if engine.healthy:
             return JSONResponse({"status": "ok", "pid": os.getpid()})
         return JSONResponse({"status": "unhealthy", "cuda_error": engine.cuda_error, "stalled": engine.stalled,
@@ -115,6 +163,9 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        if holder.engine is None:
+            return JSONResponse({"ready": False, "loading": holder.loading, "load_error": holder.load_error},
+                                status_code=503)
         if not engine.healthy or engine.draining:
             return JSONResponse({"ready": False, "draining": engine.draining, "healthy": engine.healthy},
                                 status_code=503)
@@ -143,7 +194,7 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
                                 f"length {engine.max_model_len}", "invalid_request_error", "prompt")
         return None
 
-    async def run(body: _Common, ids: list[int], max_tokens: int, chat: bool) -> Response:
+    async def run(body: _Common, ids: list[int], max_tokens: int, chat: bool, raw: Request) -> Response:
         rid = uuid.uuid4().hex
         created = int(time.time())
         try:
@@ -156,8 +207,15 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_stream(ids_per_choice, rid, created, chat, len(ids), include_usage),
                                      media_type="text/event-stream")
+        gathered = asyncio.ensure_future(asyncio.gather(*(_collect(r) for r in ids_per_choice)))
+        while not gathered.done():
+            await asyncio.wait({gathered}, timeout=0.25)
+            if not gathered.done() and await raw.is_disconnected():
+                gathered.cancel()  # the client went away: cancelling the streams aborts the requests
+                gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
+                return Response(status_code=499)
         try:
-            results = await asyncio.gather(*(_collect(r) for r in ids_per_choice))
+            results = gathered.result()
         except RequestFailed as exc:
             return openai_error(500, f"inference failed: {exc}", "server_error")
         completion = sum(len(r.token_ids) for r in results)
@@ -230,20 +288,20 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
                 t.cancel()  # the client went away: engine.stream's cleanup aborts the requests
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
         ids = engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         if bad := check(body, ids, body.max_tokens):
             return bad
-        return await run(body, ids, body.max_tokens or 16, chat=False)
+        return await run(body, ids, body.max_tokens or 16, chat=False, raw=raw)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Response:
+    async def chat_completions(body: ChatRequest, raw: Request) -> Response:
         prompt = engine.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
         ids = engine.tokenizer.encode(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens
         if bad := check(body, ids, max_tokens):
             return bad
-        return await run(body, ids, max_tokens or min(256, engine.max_model_len - len(ids)), chat=True)
+        return await run(body, ids, max_tokens or min(256, engine.max_model_len - len(ids)), chat=True, raw=raw)
 
     def authorize(authorization: str | None) -> None:
         expected = f"Bearer {admin_token}" if admin_token else None
@@ -268,16 +326,30 @@ def create_app(engine: Engine, model_name: str, registry: CollectorRegistry,
 
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
           served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False) -> FastAPI:
+    """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
     metrics = Metrics(registry, busy)
-    t0 = time.monotonic()
-    model = load_model(model_dir)
-    tokenizer = TextTokenizer.from_dir(model_dir)
-    metrics.model_load.set(time.monotonic() - t0)
     faults = FaultSwitch() if enable_faults else None
-    engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, config, log_text)
-    return create_app(engine, served_name or model_dir.name, registry, faults, admin_token)
+    slot = EngineSlot()
+
+    def load() -> None:
+        t0 = time.monotonic()
+        try:
+            model = load_model(model_dir)
+            tokenizer = TextTokenizer.from_dir(model_dir)
+        except Exception as exc:  # any load failure is reported by /health and /ready, not a crash loop
+            slot.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        metrics.model_load.set(time.monotonic() - t0)
+        slot.engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, config, log_text)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=load, name="model-load", daemon=True).start()
+        yield
+
+    return create_app(slot, served_name or model_dir.name, registry, faults, admin_token, lifespan)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -140,11 +140,11 @@ class Replica:
         log.info("started replica %s (pid %d) on %s", self.spec.name, self.proc.pid, self.spec.url)
 
     def wait_healthy(self, timeout_s: float) -> bool:
-        return wait_http_ok(f"{self.spec.url}/health", timeout_s, alive=self.alive)
+        return wait_http_ok(f"{self.spec.url}/ready", timeout_s, alive=self.alive)
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.spec.url}/health", timeout=2.0).is_success
+            return httpx.get(f"{self.spec.url}/ready", timeout=2.0).is_success
         except httpx.HTTPError:
             return False
 

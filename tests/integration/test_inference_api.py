@@ -27,7 +27,7 @@ def start_server(model_dir: Path, log_dir: Path, *extra: str) -> tuple[subproces
                              "--served-model-name", "deepseek-tiny", "--port", str(port), "--log-dir", str(log_dir),
                              "--enable-faults", *extra], env={**os.environ, "INFERENCE_ADMIN_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}"
-    assert wait_http_ok(f"{url}/health", 60, alive=lambda: proc.poll() is None), "server did not start"
+    assert wait_http_ok(f"{url}/ready", 60, alive=lambda: proc.poll() is None), "server did not start"
     return proc, url
 
 
@@ -133,3 +133,24 @@ def wait_until(fn: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_client_disconnect_aborts_the_request(tiny_model_dir: Path, tmp_path: Path) -> None:
+    proc, url = start_server(tiny_model_dir, tmp_path)
+    try:
+        fault(url, latency_ms=50)
+        body = {"model": "deepseek-tiny", "prompt": "x", "max_tokens": 400}
+        with pytest.raises(httpx.ReadTimeout):  # non-streaming: the client gives up waiting
+            httpx.post(f"{url}/v1/completions", timeout=0.5, json=body)
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=10, json={**body, "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 3:
+                    break  # streaming: the client hangs up after a few chunks
+        assert wait_until(lambda: '"finish_reason":"abort"' in (tmp_path / "inference.log").read_text()
+                          and (tmp_path / "inference.log").read_text().count('"finish_reason":"abort"') == 2, 15)
+        running = [x for x in httpx.get(f"{url}/metrics").text.splitlines()
+                   if x.startswith("inference_num_requests_running ")]
+        assert running == ["inference_num_requests_running 0.0"]
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                              "--enable-faults"], env={**os.environ, "INFERENCE_ADMIN_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_http_ok(f"{url}/health", 60, alive=lambda: proc.poll() is None), "server did not start"
+        assert wait_http_ok(f"{url}/ready", 60, alive=lambda: proc.poll() is None), "server did not start"
         yield url, log_dir
     finally:
         proc.terminate()
@@ -105,3 +106,26 @@ def test_cuda_fault_turns_the_replica_unhealthy(client: openai.OpenAI, server: t
     last = json.loads((server[1] / "inference.log").read_text().splitlines()[-1])
     assert last["cuda_error"].startswith("CUDA error") and last["level"] == "error"
     assert 'cuda_errors_total 1.0' in httpx.get(f"{server[0]}/metrics").text
+
+
+def test_ready_is_false_while_loading_and_after_a_failed_load(tmp_path: Path) -> None:
+    """A model directory that cannot load: the server is alive (/health answers) but never ready."""
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "deepseek_v3"}')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "inference_core.server", "--model-dir", str(tmp_path / "bad"),
+                             "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_http_ok(f"{url}/openapi.json", 60, alive=lambda: proc.poll() is None)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)  # "loading" until the load fails
+        r = httpx.get(f"{url}/ready")
+        assert r.status_code == 503 and "'deepseek_v3' is not supported" in r.json()["load_error"]
+        assert httpx.get(f"{url}/health").status_code == 503
+        c = httpx.post(f"{url}/v1/completions", json={"model": "bad", "prompt": "x"})
+        assert c.status_code == 503 and "failed to load" in c.text
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -24,7 +24,7 @@ def test_scale_out_up_to_the_limit_then_refuse(tmp_path: Path, tiny_model_dir: P
         evidence = sup.act("scale_out", "replica-0")
         assert "started replica-1" in evidence and seen == [["replica-0", "replica-1"]]
         new = sup.replicas["replica-1"]
-        assert httpx.get(f"{new.spec.url}/health").status_code == 200
+        assert httpx.get(f"{new.spec.url}/ready").status_code == 200
         assert new.spec.log_dir == tmp_path / "run" / "replica-1" / "logs"
         with pytest.raises(RemediationError, match="max_count=2"):
             sup.act("scale_out", "replica-1")
