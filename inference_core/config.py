@@ -35,10 +35,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     architectures: list[str] = field(default_factory=lambda: ["Qwen2ForCausalLM"])
+    explicit_head_dim: int | None = None  # config.json "head_dim", when it is not hidden / heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -76,6 +77,19 @@ class ModelConfig:
             kwargs["attention_bias"] = model_type == "qwen2"
         if "num_key_value_heads" not in raw and "num_attention_heads" in raw:
             kwargs["num_key_value_heads"] = raw["num_attention_heads"]
+        if raw.get("head_dim") and raw.get("num_attention_heads") and raw.get("hidden_size") and \
+                raw["head_dim"] != raw["hidden_size"] // raw["num_attention_heads"]:
+            kwargs["explicit_head_dim"] = int(raw["head_dim"])
+        rp = raw.get("rope_parameters")  # transformers 5 writes rope_theta and the scaling here
+        if isinstance(rp, dict):
+            if "rope_theta" in rp:
+                kwargs["rope_theta"] = float(rp["rope_theta"])
+            if rp.get("rope_type", "default") != "default":
+                kwargs["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+        scaling = kwargs.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+            raise ModelConfigError(f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r} is not "
+                                   "supported (supported: llama3)")
         return cls(**kwargs)
 
     @classmethod
