@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.forward_hooks: list[ForwardHook] = []
+        self.mmaps: list[Any] = []  # memory maps the loaded weights are views of
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | SlotBatch | None = None,
                 pad_mask: Tensor | None = None) -> Tensor:

@@ -8,10 +8,11 @@ exactly the real loading code.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from inference_core.checkpoint import SINGLE_FILE, WeightsError, checkpoint_files, validate_safetensors_header
@@ -21,6 +22,32 @@ from inference_core.model import CausalLM, rope_inv_freq
 from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE, train_bundled_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def mmap_tensors(path: Path, keep: list[mmap.mmap]) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of a copy-on-write memory map (no read, no copy)."""
+    header = validate_safetensors_header(path)
+    with path.open("rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    keep.append(mm)
+    raw = torch.frombuffer(mm, dtype=torch.uint8)
+    out = {}
+    for name, info in header.items():
+        dtype = ST_DTYPES.get(str(info["dtype"]))
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name}: unsupported dtype {info['dtype']}")
+        start, end = (8 + n + int(o) for o in info["data_offsets"])  # type: ignore[attr-defined]
+        chunk = raw[start:end]
+        if start % dtype.itemsize:  # misaligned for its dtype: a copy is the only way
+            chunk = chunk.clone()
+        out[name] = chunk.view(dtype).view(*[int(d) for d in info["shape"]])  # type: ignore[attr-defined]
+    return out
 
 
 def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> CausalLM:
@@ -40,18 +67,17 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     if missing or unexpected:
         raise WeightsError(f"{model_dir}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
     state: dict[str, torch.Tensor] = {}
+    maps: list[mmap.mmap] = []
     for fname in sorted(set(files.values())):
-        with safe_open(str(fname), framework="pt", device=device) as fh:
-            for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if name not in expected:
-                    continue
-                t = fh.get_tensor(name)
-                if tuple(t.shape) != tuple(expected[name]):
-                    raise WeightsError(
-                        f"{fname}: tensor {name}: shape {tuple(t.shape)} != expected {tuple(expected[name])}"
-                    )
-                state[name] = t.to(dtype)
+        for name, t in mmap_tensors(fname, maps).items():
+            if name not in expected:
+                continue
+            if tuple(t.shape) != tuple(expected[name]):
+                raise WeightsError(
+                    f"{fname}: tensor {name}: shape {tuple(t.shape)} != expected {tuple(expected[name])}")
+            state[name] = t.to(device=device, dtype=dtype)  # a no-op (no copy) for same dtype on the CPU
     model.load_state_dict(state, strict=False, assign=True)
+    model.mmaps.extend(maps)  # keep the mappings alive as long as the parameters that view them
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers built on the meta device hold no data: recompute the RoPE frequencies for real.

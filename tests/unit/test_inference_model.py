@@ -110,3 +110,17 @@ def test_tokenizer_round_trip_and_chat_template(tiny_model_dir: Path) -> None:
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.token_id("<|im_end|>") is not None
+
+
+def test_weights_are_views_of_the_memory_map(tiny_model_dir: Path) -> None:
+    """Loading does not need twice the model in RAM: parameters point into the file's mapping."""
+    model = load_model(tiny_model_dir)
+    [mm] = model.mmaps
+    base = torch.frombuffer(mm, dtype=torch.uint8).data_ptr()
+    size = len(mm)
+    for name, p in model.named_parameters():
+        ptr = p.untyped_storage().data_ptr()
+        assert base <= ptr < base + size, f"{name} was copied out of the mapping"
+    with torch.no_grad():  # copy-on-write: changing a weight never touches the file
+        model.lm_head.weight.zero_()
+    assert load_model(tiny_model_dir).lm_head.weight.abs().sum() > 0
