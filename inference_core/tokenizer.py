@@ -24,9 +24,14 @@ class TokenizerError(ValueError):
     """tokenizer.json or tokenizer_config.json is missing or malformed."""
 
 
+def corpus_text() -> str:
+    """The small corpus shipped in ``inference_core/data`` (the bundled tokenizer and model learn from it)."""
+    return resources.files("inference_core").joinpath("data/corpus.txt").read_text()
+
+
 def train_bundled_tokenizer(vocab_size: int) -> Tokenizer:
     """Train a small byte-level BPE on the corpus shipped in ``inference_core/data``."""
-    corpus = resources.files("inference_core").joinpath("data/corpus.txt").read_text()
+    corpus = corpus_text()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

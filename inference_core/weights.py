@@ -19,7 +19,7 @@ from inference_core.checkpoint import SINGLE_FILE, WeightsError, checkpoint_file
 from inference_core.config import PRESETS, ModelConfig
 from inference_core.integrity import write_manifest
 from inference_core.model import CausalLM, rope_inv_freq
-from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE, train_bundled_tokenizer
+from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE, corpus_text, train_bundled_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,8 +85,33 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     return model.eval()
 
 
-def make_tiny_checkpoint(out_dir: Path, seed: int = 0, preset: str = "tiny") -> Path:
-    """Write the bundled model (fixed seed) in Hugging Face layout; idempotent for a given seed."""
+def fit_to_corpus(model: CausalLM, ids: torch.Tensor, steps: int, seed: int, seq: int = 64, batch: int = 16) -> float:
+    """A few hundred AdamW steps on the bundled corpus, single-threaded so the result is the same on
+    every machine: the bundled model then writes corpus-like text with confident next-token choices."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        pos = torch.arange(seq).expand(batch, seq)
+        loss = torch.tensor(0.0)
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=gen)
+            x = torch.stack([ids[s:s + seq] for s in starts])
+            y = torch.stack([ids[s + 1:s + seq + 1] for s in starts])
+            logits = model(x, pos)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def make_tiny_checkpoint(out_dir: Path, seed: int = 0, preset: str = "tiny", train_steps: int = 150) -> Path:
+    """Write the bundled model (fixed seed, fitted to the bundled corpus) in Hugging Face layout;
+    idempotent for a given seed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = PRESETS[preset]
     tok = train_bundled_tokenizer(base.vocab_size)
@@ -101,6 +126,8 @@ def make_tiny_checkpoint(out_dir: Path, seed: int = 0, preset: str = "tiny") -> 
             if name.endswith("norm.weight"):
                 continue
             p.normal_(0.0, 0.08)
+    if train_steps:
+        fit_to_corpus(model, torch.tensor(tok.encode(corpus_text()).ids), train_steps, seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / SINGLE_FILE),
               metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

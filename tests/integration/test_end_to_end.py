@@ -61,14 +61,15 @@ def shortened_rules(dst: Path) -> None:
 
 
 @pytest.fixture
-def sentinel_up(tmp_path: Path, receiver: Receiver) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
+def sentinel_up(tmp_path: Path, receiver: Receiver, tiny_model_dir: Path
+                ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
     shortened_rules(tmp_path / "rules")
     config = {
         "state_dir": str(tmp_path / "state"), "rules_dir": str(tmp_path / "rules"),
         "prometheus": {"scrape_interval": "1s"},
-        "replicas": {"enable_faults": True, "admin_token": ADMIN_TOKEN},
+        "replicas": {"enable_faults": True, "admin_token": ADMIN_TOKEN, "model_dir": str(tiny_model_dir)},
         "alerting": {"receivers": [{"name": "oncall", "url": receiver.url}]},
         "remediation": {"verify_timeout": "60s"},
     }

@@ -46,14 +46,14 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_sigterm_kill9_and_external_prometheus(tmp_path: Path) -> None:
+def test_sigterm_kill9_and_external_prometheus(tmp_path: Path, tiny_model_dir: Path) -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
     external = PrometheusServer(tmp_path / "ext", free_port(), [], 5.0, ChildRegistry(tmp_path / "ext.json"))
     external.start()
     try:
         state = tmp_path / "state"
-        proc, up, log = start(state, "--prometheus-url", external.url)
+        proc, up, log = start(state, "--prometheus-url", external.url, "--model-dir", str(tiny_model_dir))
         assert up["prometheus"] == external.url
         assert [s["detail"] for s in up["services"] if s["name"] == "prometheus"] == ["external"]
         replica_pid = up["replicas"][0]["pid"]
@@ -66,7 +66,7 @@ def test_sigterm_kill9_and_external_prometheus(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert not gone(replica_pid)
-        proc2, up2, log2 = start(state, "--prometheus-url", external.url)
+        proc2, up2, log2 = start(state, "--prometheus-url", external.url, "--model-dir", str(tiny_model_dir))
         assert gone(replica_pid)
         assert "killed a leftover child of a previous sentinel: replica-0" in log2.read_text()
 
@@ -81,7 +81,7 @@ def test_sigterm_kill9_and_external_prometheus(tmp_path: Path) -> None:
         external.stop()
 
 
-def test_hot_reload_keeps_state_and_rejects_bad_files(tmp_path: Path) -> None:
+def test_hot_reload_keeps_state_and_rejects_bad_files(tmp_path: Path, tiny_model_dir: Path) -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
     rules = tmp_path / "rules"
@@ -92,7 +92,8 @@ def test_hot_reload_keeps_state_and_rejects_bad_files(tmp_path: Path) -> None:
     token = "reload-token-0123456789"
     env_cfg = tmp_path / "s.yaml"
     env_cfg.write_text(f"api:\n  token: {token}\nalerting:\n  reload_interval: 1s\n")
-    proc, up, log = start(tmp_path / "state", "--rules-dir", str(rules), "-c", str(env_cfg))
+    proc, up, log = start(tmp_path / "state", "--rules-dir", str(rules), "-c", str(env_cfg), "--model-dir",
+                          str(tiny_model_dir))
     api = up["api"]
     try:
         def rules_now() -> dict[str, Any]:

@@ -77,9 +77,10 @@ def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path:
     assert store.outbox_counts() == {"pending": 2}  # the alert and the meta-alert
 
 
-def test_up_without_prometheus_says_what_to_install_and_leaves_nothing(tmp_path: Path) -> None:
+def test_up_without_prometheus_says_what_to_install_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
     env = {**os.environ, "SENTINEL_PROMETHEUS__BINARY": "prometheus-not-installed"}
-    out = subprocess.run([sys.executable, "-m", "sentinel.cli", "up", "--state-dir", str(tmp_path)], env=env,
+    out = subprocess.run([sys.executable, "-m", "sentinel.cli", "up", "--state-dir", str(tmp_path), "--model-dir",
+                          str(tiny_model_dir)], env=env,
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 2
     assert "apt-get install prometheus" in out.stderr and "--prometheus-url" in out.stderr
