@@ -62,8 +62,9 @@ def main() -> None:
         meta = CausalLM(cfg)
         fp32_meta = weight_bytes_meta(meta, 4)
         quantize_int8(meta)
-    print(f"DeepSeek-R1-Distill-Qwen-1.5B geometry: fp32 {fp32_meta / 1e9:.2f} GB, int8 "
-          f"{weight_bytes_meta(meta, None) / 1e9:.2f} GB: {100 * weight_bytes_meta(meta, None) / fp32_meta:.1f}% of fp32")
+    int8_meta = weight_bytes_meta(meta, None)
+    print(f"DeepSeek-R1-Distill-Qwen-1.5B geometry: fp32 {fp32_meta / 1e9:.2f} GB, int8 {int8_meta / 1e9:.2f} GB: "
+          f"{100 * int8_meta / fp32_meta:.1f}% of fp32")
     print(f"top-1 next-token agreement over {len(prompts)} prompts, {total} positions: "
           f"{100 * agree / total:.2f}% (target >= 98.8%)")
 

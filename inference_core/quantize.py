@@ -31,8 +31,11 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    qweight: Tensor
+    scale: Tensor
+
     def forward(self, x: Tensor) -> Tensor:
-        w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]  # type: ignore[operator]
+        w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
         return F.linear(x, w, self.bias)
 
 
@@ -44,9 +47,12 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scale", scale)                   # [vocab]
         self.dtype = emb.weight.dtype
 
+    qweight: Tensor
+    scale: Tensor
+
     def forward(self, ids: Tensor) -> Tensor:
-        rows = F.embedding(ids, self.qweight).to(self.dtype)   # type: ignore[arg-type]
-        return rows * F.embedding(ids, self.scale[:, None]).to(self.dtype)  # type: ignore[index]
+        rows = F.embedding(ids, self.qweight).to(self.dtype)
+        return rows * F.embedding(ids, self.scale[:, None]).to(self.dtype)
 
 
 def quantize_int8(model: CausalLM) -> CausalLM:
