@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from inference_core.faults import FaultSwitch
-from inference_core.model import CausalLM, SlotBatch, SlotCache
+from inference_core.model import Attention, CausalLM, SlotBatch, SlotCache
 from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Scheduler, SchedulerConfig
 from inference_core.telemetry import BusyTracker, Metrics
 from inference_core.tokenizer import TextTokenizer
@@ -141,8 +141,10 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
                                                    blocks, cfg.block_size, cfg.mode == "static"))
         dtype = next(model.parameters()).dtype
-        device = next(model.parameters()).device
-        self.cache = SlotCache.allocate(model.config, cfg.max_num_seqs, self.max_model_len, dtype, device)
+        attns: list[Attention] = [layer.self_attn for layer in model.model.layers]  # type: ignore[misc]
+        devices = [a.k_proj.weight.device for a in attns]
+        kv_heads = attns[0].k if attns else None  # a tensor-parallel shard holds fewer heads
+        self.cache = SlotCache.allocate(model.config, cfg.max_num_seqs, self.max_model_len, dtype, devices, kv_heads)
         self.free_slots = list(range(cfg.max_num_seqs))
         self.live: dict[str, _Live] = {}
         self.cuda_error: str | None = None

@@ -90,10 +90,11 @@ class SlotCache:
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu") -> SlotCache:
-        shape = (num_slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)])
+                 devices: list[torch.device], num_kv_heads: int | None = None) -> SlotCache:
+        """One buffer pair per layer, on that layer's device (a device map may spread them)."""
+        shape = (num_slots, num_kv_heads or cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=d) for d in devices],
+                   [torch.zeros(shape, dtype=dtype, device=d) for d in devices])
 
 
 @dataclass
@@ -170,6 +171,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | SlotBatch | None, layer: int
     ) -> Tensor:
+        dev = self.input_layernorm.weight.device
+        if x.device != dev:  # a device map placed this layer elsewhere: bring the activations along
+            x, cos, sin, mask = x.to(dev), cos.to(dev), sin.to(dev), mask.to(dev)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -199,6 +203,7 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.forward_hooks: list[ForwardHook] = []
         self.mmaps: list[Any] = []  # memory maps the loaded weights are views of
+        self.placement: Any = None  # set by inference_core.placement.apply
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | SlotBatch | None = None,
                 pad_mask: Tensor | None = None) -> Tensor:
@@ -233,4 +238,4 @@ class CausalLM(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x.to(self.model.norm.weight.device)))

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from inference_core.engine import (
     SamplingParams,
 )
 from inference_core.faults import FaultSwitch
+from inference_core.placement import apply, parse_budgets, plan
 from inference_core.telemetry import BusyTracker, Metrics, request_logger
 from inference_core.tokenizer import TextTokenizer
 from inference_core.weights import load_model
@@ -325,7 +327,8 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
 
 
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
-          served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False) -> FastAPI:
+          served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False,
+          max_memory: str | None = None, offload_folder: Path | None = None) -> FastAPI:
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
@@ -337,6 +340,11 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
         t0 = time.monotonic()
         try:
             model = load_model(model_dir)
+            if max_memory:
+                placement = plan(model.config, parse_budgets(max_memory), next(model.parameters()).element_size(),
+                                 offload=offload_folder is not None)
+                print(f"device map for {model_dir}:\n{placement.describe()}", file=sys.stderr, flush=True)
+                apply(model, placement, offload_folder)
             tokenizer = TextTokenizer.from_dir(model_dir)
         except Exception as exc:  # any load failure is reported by /health and /ready, not a crash loop
             slot.load_error = f"{type(exc).__name__}: {exc}"
@@ -365,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-waiting", type=int, default=256, help="queue length before 429")
     p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without a step before /health fails")
     p.add_argument("--log-text", action="store_true", help="log completion text (off: never logged)")
+    p.add_argument("--max-memory", default=None,
+                   help="device budgets, e.g. cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB: layers fill them in order")
+    p.add_argument("--offload-folder", type=Path, default=None, help="layers that fit no budget go here (disk)")
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
@@ -373,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--enable-faults needs the {ADMIN_TOKEN_ENV} environment variable")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        mode=args.batching, max_num_waiting=args.max_num_waiting, stall_timeout_s=args.stall_timeout)
-    app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text)
+    app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
+                args.max_memory, args.offload_folder)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

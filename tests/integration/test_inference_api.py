@@ -154,3 +154,23 @@ def test_client_disconnect_aborts_the_request(tiny_model_dir: Path, tmp_path: Pa
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_device_map_with_disk_offload_serves_the_same_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain, url = start_server(tiny_model_dir, tmp_path / "a")
+    try:
+        want = httpx.post(f"{url}/v1/completions", json={"model": "deepseek-tiny", "prompt": "The cluster is",
+                                                          "max_tokens": 8, "temperature": 0}).json()
+    finally:
+        plain.terminate()
+        plain.wait(30)
+    placed, url = start_server(tiny_model_dir, tmp_path / "b", "--max-memory", "cpu=0.35MiB", "--offload-folder",
+                               str(tmp_path / "offload"))
+    try:
+        got = httpx.post(f"{url}/v1/completions", json={"model": "deepseek-tiny", "prompt": "The cluster is",
+                                                         "max_tokens": 8, "temperature": 0}).json()
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+        assert (tmp_path / "offload" / "layer-001.safetensors").exists()
+    finally:
+        placed.terminate()
+        placed.wait(30)
