@@ -57,7 +57,12 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
             raise WeightsError(f"{index}: malformed index: {exc}") from exc
-        return {name: model_dir / fname for name, fname in weight_map.items()}
+        files = {name: model_dir / fname for name, fname in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.exists():
+                raise WeightsError(f"{index}: shard {shard.name} is missing (needed for "
+                                   f"{next(n for n, f in files.items() if f == shard)} and others)")
+        return files
     single = model_dir / SINGLE_FILE
     if not single.exists():
         raise WeightsError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")

@@ -310,7 +310,8 @@ class Engine:
         sampled = {}
         for b, (ch, live, toks) in enumerate(rows):
             if ch.start + len(toks) == live.req.num_tokens:
-                sampled[live.req.request_id] = sample(logits[b, len(toks) - 1], live.params, live.generator)
+                row = logits[b, len(toks) - 1].float().cpu()  # sampling (and its seeded generator) on the CPU
+                sampled[live.req.request_id] = sample(row, live.params, live.generator)
         return sampled
 
     def _emit(self, rows: list[Row], sampled: dict[str, int]) -> set[str]:

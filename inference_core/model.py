@@ -232,6 +232,8 @@ class CausalLM(nn.Module):
 
     def _run(self, input_ids: Tensor, positions: Tensor, cache: KVCache | SlotBatch | None, mask: Tensor) -> Tensor:
         inv_freq: Tensor = self.inv_freq  # type: ignore[assignment]
+        dev = inv_freq.device  # the embedding's device: inputs may arrive on the CPU
+        input_ids, positions, mask = input_ids.to(dev), positions.to(dev), mask.to(dev)
         freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq  # [B, S, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, D]
         x = self.model.embed_tokens(input_ids)

@@ -76,3 +76,33 @@ def test_greedy_generations_match_with_and_without_cache(name: str, tmp_path: Pa
             with_cache.append(tok)
             logits = ours(torch.tensor([[tok]]), torch.tensor([[cache.length]]), cache)[0, -1]
     assert no_cache == want and with_cache == want
+
+
+def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
+    cfg = transformers.AutoConfig.for_model(**CONFIGS["qwen2"])
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = load_model(tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert (ours(ids, torch.arange(4)[None]) - ref(ids).logits).abs().max() <= 1e-4
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    from inference_core.checkpoint import WeightsError
+
+    with pytest.raises(WeightsError, match=f"shard {shard.name} is missing"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load(dtype: torch.dtype, tmp_path: Path) -> None:
+    ref = save_reference("llama3", tmp_path)
+    ours = load_model(tmp_path, dtype=dtype)
+    assert next(ours.parameters()).dtype == dtype
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        got = ours(ids, torch.arange(5)[None]).float()
+        want = ref(ids).logits
+    assert (got - want).abs().max() <= 0.05  # half precision, same model
