@@ -134,7 +134,7 @@ class Daemon:
                                      verify_timeout_s=s.remediation.verify_timeout)
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout), LogRuleSource(self.logstore),
-            [Receiver(r.name, r.url) for r in s.alerting.receivers], s.alerting.evaluation_interval,
+            self._receivers(), s.alerting.evaluation_interval,
             s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for)
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
@@ -258,6 +258,13 @@ class Daemon:
     def store_audit(self, kind: str, subject: str, **detail: Any) -> None:
         if self.store is not None:
             self.store.audit(time.time(), kind, subject, **detail)
+
+    def _receivers(self) -> list[Receiver]:
+        s = self.settings.alerting
+        out = [Receiver(r.name, r.url) for r in s.receivers]
+        if s.alertmanager_url:
+            out.append(Receiver("alertmanager", s.alertmanager_url.rstrip("/") + "/api/v2/alerts", "alertmanager"))
+        return out
 
     def _targets(self, specs: list[ReplicaSpec]) -> list[ScrapeTarget]:
         targets = [ScrapeTarget("inference", f"127.0.0.1:{sp.port}", {"replica": sp.name}) for sp in specs]

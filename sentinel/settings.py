@@ -71,6 +71,8 @@ class AlertingSettings(Section):
     reload_interval: Duration = 2.0
     max_concurrent_evaluations: int = Field(4, ge=1, le=64)
     receivers: list[ReceiverSettings] = Field(default_factory=list)
+    alertmanager_url: str | None = Field(None, pattern=r"^https?://",
+                                         description="also push alerts to this Alertmanager (POST /api/v2/alerts)")
 
 
 class RemediationSettings(Section):

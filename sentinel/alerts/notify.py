@@ -71,6 +71,18 @@ def webhook_payload(receiver: str, alerts: Sequence[Alert], group_labels: Mappin
     }
 
 
+def alertmanager_payload(alerts: Sequence[Alert], generator_url: str) -> list[dict[str, Any]]:
+    """The body of Alertmanager's ``POST /api/v2/alerts``, as Prometheus's notifier sends it."""
+    return [{"labels": dict(a.labels), "annotations": dict(a.annotations),
+             "startsAt": rfc3339(a.fired_at or a.active_at), "endsAt": rfc3339(ends_at(a)),
+             "generatorURL": generator_url} for a in alerts]
+
+
+def alertmanager_key(receiver: str, alerts: Sequence[Alert], sent_at: float) -> str:
+    body = json.dumps([receiver, sorted((a.fingerprint, alert_status(a)) for a in alerts), sent_at])
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
 def idempotency_key(receiver: str, payload: Mapping[str, Any], sent_at: float) -> str:
     body = json.dumps([receiver, payload["groupKey"], [(i["fingerprint"], i["status"]) for i in payload["alerts"]],
                        sent_at], sort_keys=True)

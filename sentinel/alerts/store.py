@@ -48,8 +48,8 @@ _ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at
                "last_sent_at", "valid_until", "keep_firing_since", "hits")
 
 
-# (idempotency key, receiver name, url, payload)
-OutboxEntry = tuple[str, str, str, dict[str, Any]]
+# (idempotency key, receiver name, url, JSON payload)
+OutboxEntry = tuple[str, str, str, Any]
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class OutboxItem:
     key: str
     receiver: str
     url: str
-    payload: dict[str, Any]
+    payload: Any
     attempts: int
     created_at: float
 

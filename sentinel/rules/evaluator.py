@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sentinel.alerts.notify import idempotency_key, webhook_payload
+from sentinel.alerts.notify import alertmanager_key, alertmanager_payload, idempotency_key, webhook_payload
 from sentinel.alerts.state import Alert, AlertingRule, Sample, State
 from sentinel.alerts.store import OutboxEntry, Store
 from sentinel.alerts.templates import expand
@@ -26,8 +26,12 @@ META_ALERT = "SentinelRuleEvaluationFailing"
 
 @dataclass(frozen=True)
 class Receiver:
+    """Where notifications go: an Alertmanager-style webhook (payload v4), or an Alertmanager itself
+    (``kind="alertmanager"``, ``url`` ending in /api/v2/alerts), which then groups, routes and dedupes."""
+
     name: str
     url: str
+    kind: str = "webhook"
 
 
 @dataclass
@@ -217,8 +221,12 @@ class Evaluator:
                 found = self.store.findings(rt.key, a.fingerprint, a.active_at)
                 if found is not None:
                     extra[a.fingerprint] = {"findings": {k: v for k, v in found.items() if k != "report"}}
-        out = []
+        out: list[OutboxEntry] = []
         for rcv in self.receivers:
+            if rcv.kind == "alertmanager":
+                out.append((alertmanager_key(rcv.name, due, now), rcv.name, rcv.url,
+                            alertmanager_payload(due, self._generator_url(rt))))
+                continue
             payload = webhook_payload(rcv.name, due, {"alertname": rt.rule.name}, self.external_url,
                                       self._generator_url(rt), extra)
             out.append((idempotency_key(rcv.name, payload, now), rcv.name, rcv.url, payload))

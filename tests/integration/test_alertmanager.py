@@ -1,0 +1,78 @@
+"""sentinel and a real Alertmanager (Debian's prometheus-alertmanager): alerts pushed to
+POST /api/v2/alerts come out of Alertmanager's own webhook, firing and then resolved."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sentinel.alerts.fingerprint import fingerprint
+from sentinel.alerts.notify import Dispatcher
+from sentinel.alerts.store import Store
+from sentinel.amserver import AlertmanagerServer
+from sentinel.logstore.local import LocalLogStore
+from sentinel.netutil import free_port
+from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.model import Group, LoadedGroup, Rule
+from sentinel.rules.sources import LogRuleSource
+from sentinel.supervisor import ChildRegistry
+from tests.conftest import Receiver as HookReceiver
+from tests.integration.test_end_to_end import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    shutil.which("prometheus-alertmanager") is None,
+    reason="prometheus-alertmanager is not installed (apt-get install prometheus-alertmanager)")]
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path, receiver: HookReceiver) -> Iterator[AlertmanagerServer]:
+    config = {
+        "route": {"receiver": "hook", "group_by": ["alertname"], "group_wait": "1s", "group_interval": "1s",
+                  "repeat_interval": "1h"},
+        "receivers": [{"name": "hook", "webhook_configs": [{"url": receiver.url, "send_resolved": True}]}],
+    }
+    am = AlertmanagerServer(tmp_path / "am", free_port(), config, ChildRegistry(tmp_path / "children.json"))
+    am.start()
+    yield am
+    am.stop()
+
+
+def test_alerts_flow_through_alertmanager(tmp_path: Path, alertmanager: AlertmanagerServer,
+                                          receiver: HookReceiver) -> None:
+    logs = LocalLogStore(tmp_path / "logs.db")
+    rule = Rule.model_validate({"alert": "CudaError", "log": {"filter": [{"exists": "cuda_error"}],
+                                                              "timeframe": "3s", "query_key": "replica"},
+                                "labels": {"severity": "page"}, "annotations": {"summary": "{{ $labels.replica }}"}})
+    group = LoadedGroup(file="r.yaml", group=Group(name="logs", interval=1.0, rules=[rule]))
+    store = Store(tmp_path / "s.db")
+    ev = Evaluator(store, None, LogRuleSource(logs),
+                   [Receiver("alertmanager", f"{alertmanager.url}/api/v2/alerts", "alertmanager")],
+                   default_interval=1.0, external_url="http://sentinel")
+    ev.load([group])
+    with httpx.Client() as client:
+        dispatch = Dispatcher(store, client)
+        logs.add([(time.time(), {"cuda_error": "CUDA error: x", "replica": "replica-0"})])
+
+        def cycle() -> None:
+            ev.eval_group(group.key)
+            dispatch.run_once()
+
+        def got(status: str) -> list[dict[str, object]]:
+            cycle()
+            return [a for p in receiver.snapshot() for a in p["alerts"] if a["status"] == status]
+
+        [firing] = wait_for("Alertmanager to deliver the firing alert", lambda: got("firing"), 30)
+        assert firing["labels"] == {"alertname": "CudaError", "replica": "replica-0", "severity": "page"}
+        assert firing["annotations"] == {"summary": "replica-0"}
+        assert firing["fingerprint"] == fingerprint(firing["labels"])  # ours is Alertmanager's, bit for bit
+        assert receiver.snapshot()[0]["receiver"] == "hook"  # routed by Alertmanager itself
+        am_alerts = httpx.get(f"{alertmanager.url}/api/v2/alerts").json()
+        assert [a["labels"]["alertname"] for a in am_alerts] == ["CudaError"]
+        [resolved] = wait_for("Alertmanager to deliver the resolution", lambda: got("resolved"), 30)
+        assert resolved["fingerprint"] == firing["fingerprint"]
+    assert store.outbox_counts().get("failed", 0) == 0
