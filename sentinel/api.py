@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 
+from sentinel.alerts.inbound import WebhookPayload
 from sentinel.alerts.notify import rfc3339
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
@@ -37,7 +38,8 @@ def require_token(token: SecretStr | None) -> Callable[[str | None], None]:
 def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
                guardrails: Callable[[], Guardrails], set_paused: Callable[[bool], None],
                token: SecretStr | None, on_startup: Callable[[], None] = lambda: None,
-               reload: Callable[[], list[str]] = lambda: []) -> FastAPI:
+               reload: Callable[[], list[str]] = lambda: [],
+               inbound: Callable[[WebhookPayload], dict[str, Any]] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         on_startup()
@@ -99,6 +101,13 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
     def actions(limit: int = 100) -> dict[str, Any]:
         return {"status": "success", "data": {"audit": store.audit_log(min(max(limit, 1), 1000)),
                                               "guardrails": vars(guardrails())}}
+
+    @app.post("/api/v1/alertmanager/webhook", dependencies=[authorized])
+    def alertmanager_webhook(payload: WebhookPayload) -> dict[str, Any]:
+        """Alertmanager's webhook in: firing alerts named like a sentinel rule get its runbook and remedy."""
+        if inbound is None:
+            raise HTTPException(503, "inbound alerts are not wired in this process")
+        return {"status": "success", "data": inbound(payload)}
 
     @app.post("/api/v1/rules/reload", dependencies=[authorized])
     def reload_rules() -> JSONResponse:

@@ -22,6 +22,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor as APThreadPool
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import CollectorRegistry
 
+from sentinel.alerts.inbound import WebhookPayload, match
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
@@ -151,7 +152,7 @@ class Daemon:
         self._schedule(evaluator, shipper, dispatcher, s)
 
         self.app = create_app(evaluator, self.store, self.registry, self.status, lambda: self.guardrails,
-                              self._set_paused, s.api.token, self._ready, self.reload_rules)
+                              self._set_paused, s.api.token, self._ready, self.reload_rules, self._inbound)
         self.services = [Service(sp.name, sp.url, pid) for sp, pid in
                          ((r.spec, r.pid) for r in self.supervisor.replicas.values())]
         self.services[0:0] = [Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics")]
@@ -258,6 +259,14 @@ class Daemon:
     def store_audit(self, kind: str, subject: str, **detail: Any) -> None:
         if self.store is not None:
             self.store.audit(time.time(), kind, subject, **detail)
+
+    def _inbound(self, payload: WebhookPayload) -> dict[str, Any]:
+        matched, skipped = match(self.evaluator, payload)
+        for rt, alert in matched:
+            self._on_firing(rt, [alert])
+        self.store_audit("inbound", payload.receiver, group=payload.groupKey, matched=[
+            f"{rt.rule.name} {alert.labels}" for rt, alert in matched], skipped=skipped)
+        return {"matched": len(matched), "skipped": skipped}
 
     def _receivers(self) -> list[Receiver]:
         s = self.settings.alerting

@@ -76,3 +76,56 @@ def test_alerts_flow_through_alertmanager(tmp_path: Path, alertmanager: Alertman
         [resolved] = wait_for("Alertmanager to deliver the resolution", lambda: got("resolved"), 30)
         assert resolved["fingerprint"] == firing["fingerprint"]
     assert store.outbox_counts().get("failed", 0) == 0
+
+
+def test_alertmanager_webhook_in(tmp_path: Path) -> None:
+    """Another Prometheus's alert reaches Alertmanager, which posts it to sentinel's webhook endpoint."""
+    import threading
+
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+    from pydantic import SecretStr
+
+    from sentinel.alerts.inbound import WebhookPayload, match
+    from sentinel.api import create_app
+    from sentinel.remediation.policy import Guardrails
+
+    token = "inbound-token-0123456789"
+    store = Store(tmp_path / "s.db")
+    ev = Evaluator(store, None, None, [])
+    rule = Rule.model_validate({"alert": "CudaError", "log": {"filter": [{"exists": "cuda_error"}]},
+                                "sentinel": {"remediation": "restart"}})
+    ev.load([LoadedGroup(file="r.yaml", group=Group(name="logs", rules=[rule]))])
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def inbound(payload: WebhookPayload) -> dict[str, object]:
+        matched, skipped = match(ev, payload)
+        seen.extend((rt.rule.name, a.labels) for rt, a in matched)
+        return {"matched": len(matched), "skipped": skipped}
+
+    app = create_app(ev, store, CollectorRegistry(), dict, Guardrails, lambda p: None, SecretStr(token),
+                     inbound=inbound)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    hook = f"http://127.0.0.1:{port}/api/v1/alertmanager/webhook"
+    am = AlertmanagerServer(tmp_path / "am", free_port(), {
+        "route": {"receiver": "sentinel", "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"},
+        "receivers": [{"name": "sentinel", "webhook_configs": [
+            {"url": hook, "http_config": {"authorization": {"type": "Bearer", "credentials": token}}}]}],
+    }, ChildRegistry(tmp_path / "children.json"))
+    am.start()
+    try:
+        assert httpx.post(hook, json={}).status_code == 401
+        bad = httpx.post(hook, json={"version": "3"}, headers={"Authorization": f"Bearer {token}"})
+        assert bad.status_code == 422 and "version" in bad.text
+        httpx.post(f"{am.url}/api/v2/alerts", json=[
+            {"labels": {"alertname": "CudaError", "replica": "replica-2"}, "annotations": {}},
+            {"labels": {"alertname": "SomethingElse"}}]).raise_for_status()
+        wait_for("Alertmanager to call sentinel's webhook", lambda: seen, 30)
+        assert seen == [("CudaError", {"alertname": "CudaError", "replica": "replica-2"})]
+    finally:
+        am.stop()
+        server.should_exit = True
+        thread.join(10)

@@ -1,0 +1,58 @@
+"""Alerts arriving from Alertmanager's webhook (payload version 4): validated, then matched to
+sentinel's rules by ``alertname`` so their runbooks and remediations apply. Resolved alerts are
+recorded but never acted on."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sentinel.alerts.fingerprint import fingerprint
+from sentinel.alerts.state import Alert, State
+from sentinel.rules.evaluator import Evaluator, RuleRuntime
+
+
+class InboundAlert(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str] = Field(min_length=1)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    startsAt: datetime  # noqa: N815 - Alertmanager's field name
+    endsAt: datetime | None = None  # noqa: N815
+    fingerprint: str | None = None
+
+
+class WebhookPayload(BaseModel):
+    """Alertmanager's webhook body (version "4")."""
+
+    model_config = ConfigDict(extra="allow")
+    version: Literal["4"]
+    status: Literal["firing", "resolved"]
+    receiver: str
+    alerts: list[InboundAlert] = Field(max_length=10_000)
+    groupKey: str = ""  # noqa: N815
+
+
+def match(evaluator: Evaluator, payload: WebhookPayload) -> tuple[list[tuple[RuleRuntime, Alert]], list[str]]:
+    """Firing alerts whose alertname is one of our rules (as episodes), and why the others were skipped."""
+    by_name = {rt.rule.name: rt for rt in evaluator.all_runtimes()}
+    matched: list[tuple[RuleRuntime, Alert]] = []
+    skipped: list[str] = []
+    for a in payload.alerts:
+        name = a.labels.get("alertname", "")
+        if a.status != "firing":
+            skipped.append(f"{name}: resolved (never acted on)")
+            continue
+        rt = by_name.get(name)
+        if rt is None:
+            skipped.append(f"{name or '(no alertname)'}: no sentinel rule of that name")
+            continue
+        start = a.startsAt.timestamp()
+        alert = Alert(dict(a.labels), dict(a.annotations), 0.0, State.FIRING, start, fired_at=start)
+        if a.fingerprint and a.fingerprint != fingerprint(a.labels):
+            skipped.append(f"{name}: fingerprint {a.fingerprint} does not match its labels")
+            continue
+        matched.append((rt, alert))
+    return matched, skipped
