@@ -160,6 +160,8 @@ class Daemon:
                                      self.prometheus.proc else None, "started" if self.prometheus else "external"))
         for rcv in s.alerting.receivers:
             self.services.append(Service(f"receiver:{rcv.name}", rcv.url, None, "alert webhook (v4)"))
+        if s.alerting.alertmanager_url:
+            self.services.append(Service("alertmanager", s.alerting.alertmanager_url, None, "alerts pushed (external)"))
         return self.services
 
     def _schedule(self, evaluator: Evaluator, shipper: Shipper, dispatcher: Dispatcher, s: Settings) -> None:
