@@ -101,7 +101,7 @@ class AlertingRule:
             old = self.active.get(fp)
             if old is not None and old.state != State.INACTIVE:
                 old.value, old.annotations = a.value, a.annotations
-                old.hits += 1
+                old.hits = min(old.hits + 1, max(self.consecutive, 1))  # capped: steady state stays steady
             else:
                 self.active[fp] = a
 

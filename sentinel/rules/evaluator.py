@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,6 +22,12 @@ from sentinel.rules.sources import LogRuleSource, PromQLSource
 
 log = logging.getLogger(__name__)
 META_ALERT = "SentinelRuleEvaluationFailing"
+
+
+def _persisted_state(alerts: Iterable[Alert]) -> tuple[object, ...]:
+    """What restoring needs (value and annotations are recomputed by the next evaluation)."""
+    return tuple(sorted((a.fingerprint, a.state.value, a.active_at, a.fired_at, a.resolved_at, a.last_sent_at,
+                         a.valid_until, a.keep_firing_since, a.hits) for a in alerts))
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class RuleRuntime:
     last_error: str | None = None
     last_eval: float = 0.0
     last_duration: float = 0.0
+    persisted: tuple[object, ...] | None = None  # the state last written to the store
 
     @property
     def key(self) -> str:
@@ -190,7 +197,11 @@ class Evaluator:
     def _after_eval(self, rt: RuleRuntime, now: float, firing_before: set[str]) -> None:
         rt.health, rt.last_error = "ok", None
         due = rt.machine.to_send(now, self.resend_delay, self.interval(rt.group))
-        self.store.save_rule_state(rt.key, list(rt.machine.active.values()), self._outbox(rt, due, now), now)
+        outbox = self._outbox(rt, due, now)
+        snapshot = _persisted_state(rt.machine.active.values())
+        if outbox or snapshot != rt.persisted:  # a steady state is not rewritten on every evaluation
+            self.store.save_rule_state(rt.key, list(rt.machine.active.values()), outbox, now)
+            rt.persisted = snapshot
         for a in rt.machine.active.values():
             if a.state == State.FIRING and a.fingerprint not in firing_before:
                 log.warning("alert firing: %s %s", rt.rule.name, a.labels)
