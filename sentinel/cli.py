@@ -220,5 +220,29 @@ def rules_export(
         typer.echo(f"wrote {path}")
 
 
+dashboards_app = typer.Typer(help="Grafana dashboards generated from the rules.", no_args_is_help=True)
+app.add_typer(dashboards_app, name="dashboards")
+
+
+@dashboards_app.command("generate")
+def dashboards_generate(
+    rules_dir: Annotated[Path, typer.Option(help="the rules directory")] = Path("rules"),
+    out: Annotated[Path, typer.Option(help="output file")] = Path("dashboards/sentinel-inference.json"),
+) -> None:
+    """Write the Grafana dashboard (one panel per alerting rule, thresholds drawn) from the rules."""
+    from sentinel.generate.dashboards import render
+    from sentinel.rules.model import load_rules
+
+    try:
+        groups = load_rules(rules_dir)
+    except FileFormatError as exc:
+        for line in exc.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(1) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(groups))
+    typer.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     app()
