@@ -79,6 +79,7 @@ def test_sigterm_kill9_and_external_prometheus(tmp_path: Path, tiny_model_dir: P
         assert external.proc is not None and external.proc.poll() is None  # an external Prometheus is not ours
     finally:
         external.stop()
+        ChildRegistry(tmp_path / "state" / "children.json").reap_leftovers()  # if an assertion failed midway
 
 
 def test_hot_reload_keeps_state_and_rejects_bad_files(tmp_path: Path, tiny_model_dir: Path) -> None:
