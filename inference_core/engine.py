@@ -147,6 +147,7 @@ class Engine:
         self.cache = SlotCache.allocate(model.config, cfg.max_num_seqs, self.max_model_len, dtype, devices, kv_heads)
         self.free_slots = list(range(cfg.max_num_seqs))
         self.live: dict[str, _Live] = {}
+        self._streams: dict[str, _Live] = {}
         self.cuda_error: str | None = None
         self.draining = False
         self.last_step_at = time.monotonic()
@@ -181,13 +182,14 @@ class Engine:
                 raise QueueFull(f"{len(self.scheduler.waiting)} requests waiting "
                                 f"(max_num_waiting={self.config.max_num_waiting})")
             self.live[rid] = live
+            self._streams[rid] = live  # the consumer's handle: a request may finish before it is read
             self.scheduler.add(req)
             self.metrics.prompt_tokens.inc(len(prompt_ids))
             self._cv.notify()
         return rid
 
     async def stream(self, request_id: str) -> AsyncIterator[Delta | Result]:
-        live = self.live[request_id]
+        live = self._streams.pop(request_id)
         try:
             while True:
                 item = await live.queue.get()
@@ -208,6 +210,7 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         with self._cv:
+            self._streams.pop(request_id, None)
             req = self.scheduler.abort(request_id)
             live = self.live.pop(request_id, None)
             if live is not None and live.slot is not None:

@@ -199,11 +199,15 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
     async def run(body: _Common, ids: list[int], max_tokens: int, chat: bool, raw: Request) -> Response:
         rid = uuid.uuid4().hex
         created = int(time.time())
+        ids_per_choice: list[str] = []
         try:
-            ids_per_choice = [engine.submit(ids, body.params(i, max_tokens), f"{rid}-{i}") for i in range(body.n)]
-        except QueueFull as exc:
-            return openai_error(429, str(exc), "rate_limit_error")
-        except EngineUnhealthy as exc:
+            for i in range(body.n):
+                ids_per_choice.append(engine.submit(ids, body.params(i, max_tokens), f"{rid}-{i}"))
+        except (QueueFull, EngineUnhealthy) as exc:
+            for r in ids_per_choice:  # all choices or none
+                engine.abort(r)
+            if isinstance(exc, QueueFull):
+                return openai_error(429, str(exc), "rate_limit_error")
             return openai_error(503, str(exc), "server_error")
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))

@@ -30,6 +30,7 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
             step = model(ids[:, 6:], torch.tensor([[6, 7]]), cache)
         if rank == 0:
             torch.save({"full": full, "step": step}, out)
+        dist.barrier()  # nobody leaves while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
