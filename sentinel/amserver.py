@@ -8,9 +8,7 @@ from typing import Any
 
 import yaml
 
-from sentinel.errors import ServiceError
-from sentinel.netutil import wait_http_ok
-from sentinel.promserver import find_binary
+from sentinel.promserver import find_binary, start_service
 from sentinel.supervisor import ChildRegistry, stop_process
 
 INSTALL_HINT = "install it with: apt-get install prometheus-alertmanager"
@@ -35,18 +33,10 @@ class AlertmanagerServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "alertmanager.yml"
         cfg.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        out = (self.workdir / "alertmanager.out").open("ab")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={cfg}", f"--storage.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        out.close()
-        self.children.set("alertmanager", self.proc.pid)
-        proc = self.proc
-        if not wait_http_ok(f"{self.url}/-/ready", timeout_s, alive=lambda: proc.poll() is None):
-            self.stop()
-            raise ServiceError(f"Alertmanager did not become ready on {self.url} "
-                               f"(see {self.workdir / 'alertmanager.out'})")
+        argv = [binary, f"--config.file={cfg}", f"--storage.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"]
+        self.proc = start_service("alertmanager", argv, self.workdir, f"{self.url}/-/ready", self.children,
+                                  timeout_s)
 
     def stop(self) -> None:
         if self.proc is not None:

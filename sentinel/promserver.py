@@ -33,6 +33,22 @@ def find_binary(name: str, hint: str) -> str:
     return path
 
 
+def start_service(name: str, argv: list[str], workdir: Path, ready_url: str, children: ChildRegistry,
+                  timeout_s: float) -> subprocess.Popen[bytes]:
+    """Start a loopback service in its own session, output to ``workdir/NAME.out``, recorded in the child
+    registry; wait until ``ready_url`` answers 2xx, else stop it and raise ServiceError."""
+    log = workdir / f"{name}.out"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    children.set(name, proc.pid)
+    if not wait_http_ok(ready_url, timeout_s, alive=lambda: proc.poll() is None):
+        stop_process(proc, name)
+        children.set(name, None)
+        raise ServiceError(f"{name} did not become ready at {ready_url} within {timeout_s:.0f}s (see {log})")
+    return proc
+
+
 def prometheus_config(targets: list[ScrapeTarget], scrape_interval_s: float,
                       rule_files: list[str] | None = None) -> dict[str, Any]:
     jobs: dict[str, list[ScrapeTarget]] = {}
@@ -83,19 +99,10 @@ class PrometheusServer:
         binary = find_binary(self.binary, INSTALL_HINT)
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self._write_config()
-        out = (self.workdir / "prometheus.out").open("ab")
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={self.workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle", "--log.level=warn",
-             *self.extra_args],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        out.close()
-        self.children.set("prometheus", self.proc.pid)
-        proc = self.proc
-        if not wait_http_ok(f"{self.url}/-/ready", timeout_s, alive=lambda: proc.poll() is None):
-            self.stop()
-            raise ServiceError(f"Prometheus did not become ready on {self.url} within {timeout_s:.0f}s "
-                               f"(see {self.workdir / 'prometheus.out'})")
+        argv = [binary, f"--config.file={cfg}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle", "--log.level=warn",
+                *self.extra_args]
+        self.proc = start_service("prometheus", argv, self.workdir, f"{self.url}/-/ready", self.children, timeout_s)
 
     def stop(self) -> None:
         if self.proc is not None:
