@@ -142,7 +142,3 @@ def parse_budgets(text: str) -> dict[str, int]:
             raise PlacementError(f"cannot read budget {part!r} (expected e.g. cuda:0=20GiB)")
         out[dev.strip()] = int(float(amount[: -len(unit)]) * units[unit])
     return out
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device

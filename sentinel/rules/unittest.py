@@ -118,10 +118,6 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _same_labels(a: dict[str, str], b: dict[str, str]) -> bool:
-    return a == b
-
-
 class TemporaryTsdb:
     """A temporary Prometheus serving the test's series."""
 
