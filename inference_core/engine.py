@@ -1,9 +1,12 @@
 """The step loop: schedule → forward → sample → stream, on one thread off the event loop.
 
 Requests are submitted from the event loop and stream back through an asyncio queue each. Every step
-runs one forward pass over a batch of chunks from the scheduler (decodes and prefill chunks of
-different sequences, each in its own KV slot), samples the next token of every sequence that reached
-its end, and hands the scheduler the result.
+runs one forward pass over the packed tokens of every chunk the scheduler chose (decodes and prefill
+chunks of different sequences together, no padding; keys and values in the paged KV cache), samples
+the next token of every sequence that reached its end, and hands the scheduler the result.
+
+At start-up the engine measures the model (weights, the activation peak of a profiling step) and
+sizes the KV cache from the memory budget (``inference_core.memory``), printing the plan.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from inference_core.faults import FaultSwitch
-from inference_core.model import Attention, CausalLM, SlotBatch, SlotCache
+from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
+from inference_core.memory import KVPlan, PeakMemory, device_memory, kv_bytes_per_token, plan_kv_cache
+from inference_core.model import Attention, CausalLM
+from inference_core.sampling import SamplingParams, TokenLogprob, sample_batch
 from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Scheduler, SchedulerConfig
-from inference_core.telemetry import BusyTracker, Metrics
-from inference_core.tokenizer import TextTokenizer
+from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
+from inference_core.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +51,8 @@ class RequestFailed(EngineError):
     """The forward pass failed for this request (the message is the error)."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+class InvalidRequest(EngineError):
+    """The request cannot be served as asked (a token id outside the vocabulary, a prompt too long)."""
 
 
 @dataclass
@@ -60,7 +60,12 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     block_size: int = 16
-    num_kv_blocks: int | None = None          # default: every slot can hold a full-length sequence
+    num_kv_blocks: int | None = None          # default: sized from the memory budget (see memory.py)
+    max_model_len: int | None = None          # default: the config's context, lowered to what the budget holds
+    memory_utilization: float = 0.9           # share of the device's memory (the host's on a CPU) for everything
+    kv_cache_memory: int | None = None        # bytes for the KV cache, instead of memory_utilization
+    enable_prefix_caching: bool = True
+    runtime_bytes: int | None = None          # the process's footprint before the weights (default: measured now)
     mode: Literal["continuous", "static"] = "continuous"
     static_batch_wait_s: float = 0.05         # static mode: how long to wait for a full batch
     max_num_waiting: int = 256
@@ -71,6 +76,7 @@ class EngineConfig:
 class Delta:
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +89,8 @@ class Result:
     ttft_s: float
     latency_s: float
     batch_size: float
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -93,14 +101,17 @@ class _Live:
     loop: asyncio.AbstractEventLoop
     generator: torch.Generator | None
     arrival: float
+    detok: IncrementalDetokenizer
+    text: str = ""                 # output text so far (incrementally detokenized)
     sent_chars: int = 0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
-    slot: int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent (text held back)
 
 
-Row = tuple[ScheduledChunk, _Live, list[int]]
+Row = tuple[ScheduledChunk, _Live, list[int], list[int]]  # a chunk, its request, its tokens, its block table
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Delta | Result | BaseException], Delta]]) -> None:
@@ -108,26 +119,13 @@ def _deliver(items: list[tuple[asyncio.Queue[Delta | Result | BaseException], De
         queue.put_nowait(delta)  # a chunk, its request, the tokens it computes
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    """Greedy at temperature 0, else top-k then nucleus sampling. logits: [V]."""
-    if p.temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+FatalHook = Callable[[str], None]
 
 
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: TextTokenizer, metrics: Metrics, logger: logging.Logger,
                  busy: BusyTracker, faults: FaultSwitch | None = None, config: EngineConfig | None = None,
-                 log_text: bool = False) -> None:
+                 log_text: bool = False, on_fatal: FatalHook | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -136,32 +134,87 @@ class Engine:
         self.faults = faults
         self.config = cfg = config or EngineConfig()
         self.log_text = log_text
-        self.max_model_len = model.config.max_position_embeddings
-        blocks = cfg.num_kv_blocks or cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
-        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
-                                                   blocks, cfg.block_size, cfg.mode == "static"))
-        dtype = next(model.parameters()).dtype
+        self.on_fatal = on_fatal
+        self.vocab_size = model.config.vocab_size
         attns: list[Attention] = [layer.self_attn for layer in model.model.layers]  # type: ignore[misc]
-        devices = [a.k_proj.weight.device for a in attns]
-        kv_heads = attns[0].k if attns else None  # a tensor-parallel shard holds fewer heads
-        self.cache = SlotCache.allocate(model.config, cfg.max_num_seqs, self.max_model_len, dtype, devices, kv_heads)
-        self.free_slots = list(range(cfg.max_num_seqs))
+        self.devices = [a.k_proj.weight.device for a in attns]
+        self.dtype = next(model.parameters()).dtype
+        self.kv_heads, self.head_dim = attns[0].k, attns[0].d  # a tensor-parallel shard holds fewer heads
+        self.plan: KVPlan | None = None
+        if cfg.num_kv_blocks is not None:  # an explicit pool (tests, benchmarks)
+            num_blocks = cfg.num_kv_blocks
+            self.max_model_len = min(cfg.max_model_len or model.config.max_position_embeddings,
+                                     num_blocks * cfg.block_size)
+        else:
+            self.plan = self._plan_memory()
+            num_blocks, self.max_model_len = self.plan.num_blocks, self.plan.max_model_len
+            log.info("%s", self.plan.describe())
+        self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+                                                   num_blocks, cfg.block_size, cfg.mode == "static",
+                                                   cfg.enable_prefix_caching))
+        self.cache = PagedKVCache.allocate(num_blocks, cfg.block_size, self.kv_heads, self.head_dim, self.dtype,
+                                           self.devices)
+        metrics.kv_cache_blocks.set(num_blocks)
+        metrics.kv_cache_block_size.set(cfg.block_size)
+        metrics.kv_cache_bytes.set(self.cache.nbytes)
+        metrics.max_model_len.set(self.max_model_len)
         self.live: dict[str, _Live] = {}
         self._streams: dict[str, _Live] = {}
         self.cuda_error: str | None = None
+        self.fatal_error: str | None = None
         self.draining = False
         self.last_step_at = time.monotonic()
         self._cv = threading.Condition()
         self._stop = False
+        self._seen = (0, 0)  # prefix-cache (queried, hit) tokens already counted in the metrics
         if faults is not None:
             model.forward_hooks.append(faults.before_forward)
         metrics.healthy.set(1)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
+    # -- memory --------------------------------------------------------------------------------------------
+    def _plan_memory(self) -> KVPlan:
+        """Measure weights and the activation peak of a full-budget prefill, then size the KV cache."""
+        cfg, mcfg = self.config, self.model.config
+        runtime = cfg.runtime_bytes
+        weights = _weights_bytes(self.model)
+        device = self.devices[0] if self.devices else torch.device("cpu")
+        if runtime is None:  # the weights are resident after the warm-up below: the rest is the runtime's
+            runtime = max(0, rss_bytes() - weights) if device.type == "cpu" else 0
+        want = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+        n = max(1, min(cfg.max_num_batched_tokens, want - 1))
+        activation = self._profile(n, device)
+        total, available = device_memory(device)
+        bpt = kv_bytes_per_token(len(self.devices), self.kv_heads, self.head_dim, self.dtype.itemsize)
+        # A decode step gathers one layer's keys and values of every running sequence (padded): reserve that.
+        gather = -(-2 * bpt // max(len(self.devices), 1))
+        return plan_kv_cache(device=str(device), total_bytes=total, available_bytes=available, weights_bytes=weights,
+                             activation_bytes=activation, runtime_bytes=runtime, bytes_per_token=bpt + gather,
+                             block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+                             config_max_len=mcfg.max_position_embeddings, max_model_len=cfg.max_model_len,
+                             memory_utilization=cfg.memory_utilization, kv_cache_memory=cfg.kv_cache_memory)
+
+    @torch.inference_mode()
+    def _profile(self, num_tokens: int, device: torch.device) -> int:
+        """Peak memory of one prefill of ``num_tokens`` (after a one-token warm-up that pages the weights in)."""
+        bs = self.config.block_size
+        blocks = -(-num_tokens // bs)
+        tmp = PagedKVCache.allocate(blocks, bs, self.kv_heads, self.head_dim, self.dtype, self.devices)
+        table = list(range(blocks))
+        self.model.forward_flat(FlatBatch([SeqChunk([0], 0, table, True)], bs), tmp)
+        with PeakMemory(device) as peak:
+            self.model.forward_flat(FlatBatch([SeqChunk([0] * num_tokens, 0, table, True)], bs), tmp)
+        if peak.bytes is not None:
+            return peak.bytes
+        mc = self.model.config  # the kernel would not reset the high-water mark: estimate in float32
+        return num_tokens * 4 * (3 * mc.intermediate_size + 6 * mc.hidden_size) + \
+            4 * mc.num_attention_heads * num_tokens * num_tokens + 4 * mc.vocab_size
+
+    # -- health --------------------------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        return self.cuda_error is None and not self.stalled
+        return self.cuda_error is None and self.fatal_error is None and not self.stalled
 
     @property
     def stalled(self) -> bool:
@@ -172,11 +225,19 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         if self.cuda_error is not None:
             raise EngineUnhealthy(f"replica is unhealthy after a CUDA error: {self.cuda_error}")
+        if self.fatal_error is not None:
+            raise EngineUnhealthy(f"the engine stopped: {self.fatal_error}")
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if not prompt_ids or len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens: must be 1..{self.max_model_len - 1}")
         rid = request_id or uuid.uuid4().hex
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        req = Request(rid, list(prompt_ids), params.max_tokens, frozenset(self.model.config.eos_ids),
-                      arrival=time.monotonic())
-        live = _Live(req, params, asyncio.Queue(), asyncio.get_running_loop(), gen, req.arrival)
+        eos = frozenset(() if params.ignore_eos else self.model.config.eos_ids) | frozenset(params.stop_token_ids)
+        req = Request(rid, list(prompt_ids), params.max_tokens, eos, arrival=time.monotonic())
+        live = _Live(req, params, asyncio.Queue(), asyncio.get_running_loop(), gen, req.arrival,
+                     self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens))
         with self._cv:
             if len(self.scheduler.waiting) >= self.config.max_num_waiting:
                 raise QueueFull(f"{len(self.scheduler.waiting)} requests waiting "
@@ -199,7 +260,7 @@ class Engine:
                 if isinstance(item, Result):
                     return
         finally:
-            self.abort(request_id)  # a client that went away frees its slot; a no-op when finished
+            self.abort(request_id)  # a client that went away frees its blocks; a no-op when finished
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Result:
         rid = self.submit(prompt_ids, params)
@@ -213,8 +274,6 @@ class Engine:
             self._streams.pop(request_id, None)
             req = self.scheduler.abort(request_id)
             live = self.live.pop(request_id, None)
-            if live is not None and live.slot is not None:
-                self.free_slots.append(live.slot)
             if req is not None and live is not None:
                 self._log(live, FinishReason.ABORT.value, None)
             self._gauges()
@@ -231,17 +290,35 @@ class Engine:
 
     # -- the step thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stop and not self.scheduler.has_work:
-                    self._cv.wait()
-                    self.last_step_at = time.monotonic()  # idle is not stalled
-                if self._stop:
-                    return
-            if self.config.mode == "static" and not self.scheduler.running:
-                self._wait_for_batch()
-            self._step()
-            self.last_step_at = time.monotonic()
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self.scheduler.has_work:
+                        self._cv.wait()
+                        self.last_step_at = time.monotonic()  # idle is not stalled
+                    if self._stop:
+                        return
+                if self.config.mode == "static" and not self.scheduler.running:
+                    self._wait_for_batch()
+                self._step()
+                self.last_step_at = time.monotonic()
+        except BaseException as exc:  # a bug in the bookkeeping: fail loudly, never hang
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """Every request gets an error now, /health fails, and the owner is told (the server exits)."""
+        msg = f"{type(exc).__name__}: {exc}"
+        log.exception("engine step loop failed: %s", msg)
+        with self._cv:
+            self.fatal_error = msg
+            self.metrics.healthy.set(0)
+            for live in list(self.live.values()):
+                self.live.pop(live.req.request_id, None)
+                self.metrics.requests.labels(status="error").inc()
+                live.loop.call_soon_threadsafe(live.queue.put_nowait, RequestFailed(f"engine failed: {msg}"))
+                self._log(live, "error", None, error=msg)
+        if self.on_fatal is not None:
+            self.on_fatal(msg)
 
     def _wait_for_batch(self) -> None:
         deadline = time.monotonic() + self.config.static_batch_wait_s
@@ -253,25 +330,22 @@ class Engine:
         t0 = time.monotonic()
         with self._cv:
             out = self.scheduler.schedule()
-            rows = []
-            for rid in out.preempted:
-                live = self.live.get(rid)
-                if live is not None and live.slot is not None:
-                    self.free_slots.append(live.slot)
-                    live.slot = None
+            for _ in out.preempted:
                 self.metrics.preemptions.inc()
+            rows: list[Row] = []
             for ch in out.chunks:
                 live = self.live[ch.request_id]
-                if live.slot is None:
-                    live.slot = self.free_slots.pop()
-                rows.append((ch, live, live.req.all_ids[ch.start:ch.start + ch.num_tokens]))
+                rows.append((ch, live, live.req.all_ids[ch.start:ch.start + ch.num_tokens],
+                             list(self.scheduler.blocks.tables[ch.request_id])))
+            self._prefix_metrics()
             self.metrics.requests_running.set(len(self.scheduler.running))
             self.metrics.requests_waiting.set(len(self.scheduler.waiting))
         if not rows:
             return
+        rows.sort(key=lambda r: len(r[2]) > 1)  # decodes first, then prefill chunks (stable)
         try:
             sampled = self._forward(rows)
-        except RuntimeError as exc:
+        except Exception as exc:  # the requests in this batch fail; the engine goes on (unless CUDA is gone)
             self._fail(rows, exc)
             return
         finally:
@@ -279,53 +353,46 @@ class Engine:
         self.metrics.batch_size.observe(len(rows))
         with self._cv:
             stopped = self._emit(rows, sampled)
-            finished = self.scheduler.update(out, sampled, stopped)
+            finished = self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()}, stopped)
             for req in finished:
                 self._finish(req)
             self._gauges()
 
-    def _forward(self, rows: list[Row]) -> dict[str, int]:
-        """Decodes and prefill chunks run as two forward passes, so one long prefill does not pad every
-        decode row to its width (the batch is padded, not flattened)."""
-        decodes = [r for r in rows if len(r[2]) == 1]
-        prefills = [r for r in rows if len(r[2]) > 1]
-        sampled: dict[str, int] = {}
-        for part in (decodes, prefills):
-            if part:
-                sampled.update(self._forward_padded(part))
-        return sampled
+    def _prefix_metrics(self) -> None:
+        b = self.scheduler.blocks
+        q, h = b.num_queried_tokens, b.num_hit_tokens
+        self.metrics.prefix_cache_queries.inc(q - self._seen[0])
+        self.metrics.prefix_cache_hits.inc(h - self._seen[1])
+        self._seen = (q, h)
+        if q:
+            self.metrics.prefix_cache_hit_rate.set(h / q)
 
     @torch.inference_mode()
-    def _forward_padded(self, rows: list[Row]) -> dict[str, int]:
-        width = max(len(toks) for _, _, toks in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        pos = torch.zeros(len(rows), width, dtype=torch.long)
-        starts, lens, slots = [], [], []
-        for b, (ch, live, toks) in enumerate(rows):
-            start = ch.start
-            ids[b, :len(toks)] = torch.tensor(toks)
-            pos[b] = torch.arange(start, start + width)
-            starts.append(start)
-            lens.append(len(toks))
-            assert live.slot is not None
-            slots.append(live.slot)
-        logits = self.model(ids, pos, SlotBatch(self.cache, slots, starts, lens))
-        sampled = {}
-        for b, (ch, live, toks) in enumerate(rows):
-            if ch.start + len(toks) == live.req.num_tokens:
-                row = logits[b, len(toks) - 1].float().cpu()  # sampling (and its seeded generator) on the CPU
-                sampled[live.req.request_id] = sample(row, live.params, live.generator)
-        return sampled
+    def _forward(self, rows: list[Row]) -> dict[str, tuple[int, TokenLogprob | None]]:
+        """One forward pass over the packed tokens of every row; sample where a sequence reached its end."""
+        chunks = [SeqChunk(toks, ch.start, table, ch.start + len(toks) == live.req.num_tokens)
+                  for ch, live, toks, table in rows]
+        logits = self.model.forward_flat(FlatBatch(chunks, self.config.block_size), self.cache)  # [M, V]
+        samplers = [live for (_, live, _, _), c in zip(rows, chunks, strict=True) if c.sample]
+        if not samplers:
+            return {}
+        banned = [live.req.eos_ids if len(live.req.output_ids) < live.params.min_tokens else frozenset()
+                  for live in samplers]
+        ids, lps = sample_batch(logits, [lv.params for lv in samplers], [lv.generator for lv in samplers], banned)
+        return {lv.req.request_id: (tok, lp) for lv, tok, lp in zip(samplers, ids, lps, strict=True)}
 
-    def _emit(self, rows: list[Row], sampled: dict[str, int]) -> set[str]:
+    def _emit(self, rows: list[Row], sampled: dict[str, tuple[int, TokenLogprob | None]]) -> set[str]:
         """Stream new text; returns the requests whose output now contains a stop string."""
         now = time.monotonic()
         stopped = set()
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta | Result | BaseException], Delta]]] = {}
-        for _, live, _ in rows:
+        for _, live, _, _ in rows:
             live.batch_sizes.append(len(rows))
-            tok = sampled.get(live.req.request_id)
-            if tok is None or tok in live.req.eos_ids:
+            got = sampled.get(live.req.request_id)
+            if got is None:
+                continue
+            tok, lp = got
+            if tok in live.req.eos_ids:
                 continue
             if not live.first_token_at:
                 live.first_token_at = now
@@ -334,16 +401,28 @@ class Engine:
                 self.metrics.tpot.observe(now - live.last_token_at)
             live.last_token_at = now
             self.metrics.generation_tokens.inc()
-            text = self.tokenizer.decode([*live.req.output_ids, tok])
-            cut = min((text.find(s) for s in live.params.stop if s in text), default=-1)
+            if lp is not None:
+                live.logprobs.append(lp)
+                live.pending_logprobs.append(lp)
+            new = live.detok.step(tok)
+            stops = live.params.stop
+            cut = -1
+            if new and stops and len(live.req.output_ids) + 1 >= live.params.min_tokens:
+                tail_from = max(0, len(live.text) - max(len(x) for x in stops) + 1)
+                tail = live.text[tail_from:] + new  # a stop string can only end inside the new text
+                hits = [tail.find(x) for x in stops if x in tail]
+                cut = tail_from + min(hits) if hits else -1
+            live.text += new
             if cut >= 0:
                 stopped.add(live.req.request_id)
-                text = text[:cut]
-            hold = 0 if cut >= 0 else max((len(s) - 1 for s in live.params.stop), default=0)
-            upto = max(live.sent_chars, len(text) - hold)
-            if upto > live.sent_chars and not text.endswith("\ufffd"):
-                out.setdefault(live.loop, []).append((live.queue, Delta(text[live.sent_chars:upto], [tok])))
+                live.text = live.text[:cut]
+            hold = 0 if cut >= 0 else max((len(x) - 1 for x in stops), default=0)
+            upto = max(live.sent_chars, len(live.text) - hold)
+            if upto > live.sent_chars or (live.pending_logprobs and not stops):
+                delta = Delta(live.text[live.sent_chars:upto], [tok], live.pending_logprobs)
+                out.setdefault(live.loop, []).append((live.queue, delta))
                 live.sent_chars = upto
+                live.pending_logprobs = []
         for loop, items in out.items():  # one wake-up of each event loop per step, not one per token
             loop.call_soon_threadsafe(_deliver, items)
         return stopped
@@ -352,30 +431,29 @@ class Engine:
         live = self.live.pop(req.request_id, None)
         if live is None:
             return
-        if live.slot is not None:
-            self.free_slots.append(live.slot)
-        text = self.tokenizer.decode(req.output_ids)
-        cut = min((text.find(s) for s in live.params.stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-        if len(text) > live.sent_chars:
-            live.loop.call_soon_threadsafe(live.queue.put_nowait, Delta(text[live.sent_chars:], []))
+        text = live.text
+        if len(text) > live.sent_chars or live.pending_logprobs:
+            live.loop.call_soon_threadsafe(live.queue.put_nowait,
+                                           Delta(text[live.sent_chars:], [], live.pending_logprobs))
         now = time.monotonic()
         reason = (req.finish_reason or FinishReason.STOP).value
         res = Result(req.request_id, text, list(req.output_ids), reason, len(req.prompt_ids),
                      (live.first_token_at or now) - live.arrival, now - live.arrival,
-                     round(statistics.fmean(live.batch_sizes), 2) if live.batch_sizes else 0.0)
+                     round(statistics.fmean(live.batch_sizes), 2) if live.batch_sizes else 0.0,
+                     live.logprobs, req.num_cached_tokens)
         self.metrics.latency.observe(res.latency_s)
         self.metrics.requests.labels(status="ok").inc()
         live.loop.call_soon_threadsafe(live.queue.put_nowait, res)
         self._log(live, reason, None, res)
 
-    def _fail(self, rows: list[Row], exc: RuntimeError) -> None:
-        msg = str(exc)
+    def _fail(self, rows: list[Row], exc: Exception) -> None:
+        msg = f"{exc}" if isinstance(exc, RuntimeError) else f"{type(exc).__name__}: {exc}"
         is_cuda = "CUDA" in msg
         sticky = "CUDA error" in msg  # an illegal access leaves the context unusable; OOM does not
+        if not isinstance(exc, RuntimeError) or not is_cuda:
+            log.error("forward pass failed for %d requests: %s", len(rows), msg)
         with self._cv:
-            victims = [live for _, live, _ in rows]
+            victims = [live for _, live, _, _ in rows]
             if sticky:
                 self.cuda_error = msg
                 self.metrics.healthy.set(0)
@@ -386,12 +464,13 @@ class Engine:
             for live in victims:
                 self.scheduler.abort(live.req.request_id)
                 self.live.pop(live.req.request_id, None)
-                if live.slot is not None:
-                    self.free_slots.append(live.slot)
                 self.metrics.requests.labels(status="error").inc()
                 self.metrics.latency.observe(time.monotonic() - live.arrival)
                 live.loop.call_soon_threadsafe(live.queue.put_nowait, RequestFailed(msg))
                 self._log(live, "error", msg if is_cuda else None, error=msg)
+            # The failed pass may have written some of its keys: cached blocks can no longer be trusted.
+            self.scheduler.blocks.reset_prefix_cache()
+            self._gauges()
 
     def _log(self, live: _Live | None, reason: str, cuda_error: str | None, res: Result | None = None,
              error: str | None = None) -> None:
@@ -402,6 +481,7 @@ class Engine:
                   "batch_size": round(statistics.fmean(live.batch_sizes), 2) if live.batch_sizes else 0,
                   "cuda_error": cuda_error, "prompt_tokens": len(live.req.prompt_ids),
                   "completion_tokens": len(live.req.output_ids), "finish_reason": reason,
+                  "cached_tokens": live.req.num_cached_tokens,
                   "ttft_ms": round((live.first_token_at - live.arrival) * 1000, 3) if live.first_token_at else None,
                   "preemptions": live.req.num_preemptions}
         if error and not cuda_error:
@@ -412,3 +492,12 @@ class Engine:
         self.logger.log(logging.ERROR if failed else logging.INFO,
                         "inference request failed" if failed else "inference request completed",
                         extra={"fields": fields})
+
+
+def _weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer storage (tied weights counted once)."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -1,7 +1,11 @@
 """A compact decoder-only transformer covering Qwen2 and Llama (RMSNorm, RoPE, GQA, SwiGLU).
 
-Parameter names follow transformers' so a Hugging Face checkpoint loads without renaming.
-Shapes: B batch, S new tokens, T total (cached + new) tokens, H heads, K kv heads, D head dim.
+Parameter names follow transformers' so a Hugging Face checkpoint loads without renaming. Two ways in:
+``forward`` takes a padded [B, S] batch with an optional growing ``KVCache`` (reference, training,
+export); ``forward_flat`` takes the serving engine's packed batch — the tokens of every scheduled
+sequence in one row, no padding — and reads and writes keys/values through a paged KV cache.
+Shapes: B batch, S new tokens, T total (cached + new) tokens, N packed tokens, H heads, K kv heads,
+D head dim.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from inference_core.config import ModelConfig
+from inference_core.kv_cache import FlatBatch, PagedKVCache
 
 
 class RMSNorm(nn.Module):
@@ -81,47 +86,6 @@ class KVCache:
         return k, v
 
 
-@dataclass
-class SlotCache:
-    """Preallocated key/value buffers, one slot per running sequence: [slots, K, max_len, D] per layer."""
-
-    keys: list[Tensor]
-    values: list[Tensor]
-
-    @classmethod
-    def allocate(cls, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
-                 devices: list[torch.device], num_kv_heads: int | None = None) -> SlotCache:
-        """One buffer pair per layer, on that layer's device (a device map may spread them)."""
-        shape = (num_slots, num_kv_heads or cfg.num_key_value_heads, max_len, cfg.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=d) for d in devices],
-                   [torch.zeros(shape, dtype=dtype, device=d) for d in devices])
-
-
-@dataclass
-class SlotBatch:
-    """Which slot each row of a batch uses, where its new tokens start, and how many are real."""
-
-    cache: SlotCache
-    slots: list[int]
-    starts: list[int]
-    lens: list[int]
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # k, v: [B, K, S, D] for the new tokens (rows padded to S) → all keys so far: [B, K, T, D]
-        kb, vb = self.cache.keys[layer], self.cache.values[layer]
-        idx = torch.tensor(self.slots, device=kb.device)
-        if all(n == 1 for n in self.lens):  # all decodes: one scatter for the whole batch
-            pos = torch.tensor(self.starts, device=kb.device)
-            kb[idx, :, pos] = k[:, :, 0]
-            vb[idx, :, pos] = v[:, :, 0]
-        else:
-            for b, (slot, s0, n) in enumerate(zip(self.slots, self.starts, self.lens, strict=True)):
-                kb[slot, :, s0:s0 + n] = k[b, :, :n]
-                vb[slot, :, s0:s0 + n] = v[b, :, :n]
-        t = max(s + n for s, n in zip(self.starts, self.lens, strict=True))
-        return kb[idx, :, :t], vb[idx, :, :t]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -133,7 +97,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | SlotBatch | None, layer: int
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None, layer: int
     ) -> Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.h, self.d).transpose(1, 2)  # [B, H, S, D]
@@ -147,6 +111,42 @@ class Attention(nn.Module):
         v = v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.h * self.d))
+
+
+    def forward_flat(self, x: Tensor, cos: Tensor, sin: Tensor, batch: FlatBatch, kv: tuple[Tensor, Tensor]) -> Tensor:
+        # x: [N, hidden]; cos/sin: [N, 1, D]; kv: this layer's key/value pools, [slots, K, D] each
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.h, self.d)
+        k = self.k_proj(x).view(n, self.k, self.d)
+        v = self.v_proj(x).view(n, self.k, self.d)
+        q, k = q * cos + _rotate(q) * sin, k * cos + _rotate(k) * sin
+        k_pool, v_pool = kv
+        m = batch.on(x.device)
+        k_pool.index_copy_(0, m.slot_mapping, k)
+        v_pool.index_copy_(0, m.slot_mapping, v)
+        parts: list[Tensor] = []
+        if m.num_decodes:  # one query each: gather each sequence's keys through its block table
+            qd = q[:m.num_decodes, :, None]  # [Bd, H, 1, D]
+            kd = k_pool[m.decode_slots].transpose(1, 2)  # [Bd, K, T, D]
+            vd = v_pool[m.decode_slots].transpose(1, 2)
+            parts.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=m.decode_mask,
+                                                        enable_gqa=True)[:, :, 0])  # [Bd, H, D]
+        for a, b, ctx, mask in m.prefills:  # a prefill chunk: causal over its own tokens and its cached past
+            qp = q[a:b].transpose(0, 1)[None]  # [1, H, S, D]
+            if ctx is None:  # nothing cached before it: attend to its own keys, no gather
+                kp, vp = k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+            else:
+                kp, vp = k_pool[ctx].transpose(0, 1)[None], v_pool[ctx].transpose(0, 1)[None]  # [1, K, T, D]
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+            parts.append(o[0].transpose(0, 1))  # [S, H, D]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.o_proj(out.reshape(n, self.h * self.d))
+
+
+def _rotate(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class MLP(nn.Module):
@@ -169,12 +169,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | SlotBatch | None, layer: int
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None, layer: int
     ) -> Tensor:
         dev = self.input_layernorm.weight.device
         if x.device != dev:  # a device map placed this layer elsewhere: bring the activations along
             x, cos, sin, mask = x.to(dev), cos.to(dev), sin.to(dev), mask.to(dev)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+    def forward_flat(self, x: Tensor, cos: Tensor, sin: Tensor, batch: FlatBatch, kv: tuple[Tensor, Tensor]) -> Tensor:
+        dev = self.input_layernorm.weight.device
+        if x.device != dev:
+            x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
+        x = x + self.self_attn.forward_flat(self.input_layernorm(x), cos, sin, batch, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -205,22 +213,13 @@ class CausalLM(nn.Module):
         self.mmaps: list[Any] = []  # memory maps the loaded weights are views of
         self.placement: Any = None  # set by inference_core.placement.apply
 
-    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | SlotBatch | None = None,
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,
                 pad_mask: Tensor | None = None) -> Tensor:
-        """input_ids, positions: [B, S]; pad_mask: [B, T] True where a key is real. Returns [B, S, V].
-
-        With a SlotBatch, rows are different sequences at different positions (continuous batching):
-        a query attends to the keys at or before its own position in its own slot.
-        """
+        """input_ids, positions: [B, S]; pad_mask: [B, T] True where a key is real. Returns [B, S, V]."""
         for hook in self.forward_hooks:
             hook()
         b, s = input_ids.shape
         assert positions.shape == (b, s), f"positions {tuple(positions.shape)} != input_ids {(b, s)}"
-        if isinstance(cache, SlotBatch):
-            t = max(st + n for st, n in zip(cache.starts, cache.lens, strict=True))
-            keys = torch.arange(t, device=input_ids.device)
-            slot_mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, S, T]
-            return self._run(input_ids, positions, cache, slot_mask)
         past = cache.length if cache is not None else 0
         t = past + s
         causal = torch.ones(s, t, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)  # [S, T]
@@ -230,7 +229,23 @@ class CausalLM(nn.Module):
             mask = mask & pad_mask[:, None, None, :]
         return self._run(input_ids, positions, cache, mask)
 
-    def _run(self, input_ids: Tensor, positions: Tensor, cache: KVCache | SlotBatch | None, mask: Tensor) -> Tensor:
+    def forward_flat(self, batch: FlatBatch, cache: PagedKVCache) -> Tensor:
+        """The packed tokens of every scheduled sequence → logits at ``batch.sample_idx`` only: [M, V]."""
+        for hook in self.forward_hooks:
+            hook()
+        inv_freq: Tensor = self.inv_freq  # type: ignore[assignment]
+        m = batch.on(inv_freq.device)
+        freqs = m.positions.to(inv_freq.dtype)[:, None] * inv_freq  # [N, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [N, 1, D]
+        x = self.model.embed_tokens(m.input_ids)  # [N, hidden]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            assert isinstance(layer, DecoderLayer)
+            x = layer.forward_flat(x, cos, sin, batch, (cache.keys[i], cache.values[i]))
+        x = x[batch.on(x.device).sample_idx]  # the output projection only where a token is sampled
+        return self.lm_head(self.model.norm(x.to(self.model.norm.weight.device)))
+
+    def _run(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None, mask: Tensor) -> Tensor:
         inv_freq: Tensor = self.inv_freq  # type: ignore[assignment]
         dev = inv_freq.device  # the embedding's device: inputs may arrive on the CPU
         input_ids, positions, mask = input_ids.to(dev), positions.to(dev), mask.to(dev)

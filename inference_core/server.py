@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -33,14 +34,17 @@ from inference_core.engine import (
     Engine,
     EngineConfig,
     EngineUnhealthy,
+    InvalidRequest,
     QueueFull,
     RequestFailed,
     Result,
-    SamplingParams,
 )
 from inference_core.faults import FaultSwitch
+from inference_core.integrity import MANIFEST, verify_manifest
+from inference_core.memory import KVCacheTooSmall, parse_bytes
 from inference_core.placement import apply, parse_budgets, plan
-from inference_core.telemetry import BusyTracker, Metrics, request_logger
+from inference_core.sampling import SamplingParams
+from inference_core.telemetry import BusyTracker, Metrics, request_logger, rss_bytes
 from inference_core.tokenizer import TextTokenizer
 from inference_core.weights import load_model
 
@@ -152,6 +156,15 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         param = ".".join(str(p) for p in first["loc"] if p != "body")
         return openai_error(400, f"{param}: {first['msg']}", "invalid_request_error", param)
 
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:  # OpenAI's error shape for every error
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
+        resp = openai_error(exc.status_code, str(exc.detail), kind)
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if holder.engine is None:  # alive while loading; a failed load is not healthy
@@ -203,11 +216,13 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         try:
             for i in range(body.n):
                 ids_per_choice.append(engine.submit(ids, body.params(i, max_tokens), f"{rid}-{i}"))
-        except (QueueFull, EngineUnhealthy) as exc:
+        except (QueueFull, EngineUnhealthy, InvalidRequest) as exc:
             for r in ids_per_choice:  # all choices or none
                 engine.abort(r)
             if isinstance(exc, QueueFull):
                 return openai_error(429, str(exc), "rate_limit_error")
+            if isinstance(exc, InvalidRequest):
+                return openai_error(400, str(exc), "invalid_request_error", "prompt")
             return openai_error(503, str(exc), "server_error")
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -330,9 +345,19 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
     return app
 
 
+class IntegrityError(RuntimeError):
+    """A model file does not match the directory's integrity manifest."""
+
+
+def _exit_soon(reason: str) -> None:
+    """The engine's step loop died: /health already answers 503; leave so a supervisor restarts us."""
+    print(f"engine failed, exiting: {reason}", file=sys.stderr, flush=True)
+    threading.Timer(0.5, os._exit, (70,)).start()  # EX_SOFTWARE, after in-flight answers are written
+
+
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
           served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False,
-          max_memory: str | None = None, offload_folder: Path | None = None) -> FastAPI:
+          max_memory: str | None = None, offload_folder: Path | None = None, verify_integrity: bool = True) -> FastAPI:
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
@@ -342,7 +367,16 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
 
     def load() -> None:
         t0 = time.monotonic()
+        runtime = rss_bytes()  # the process before the weights: part of the memory plan
         try:
+            if verify_integrity and (model_dir / MANIFEST).exists():  # the seed's MD5 check, before serving
+                problems = verify_manifest(model_dir)
+                mismatched = [p for p in problems if not p.endswith("not in the manifest")]
+                for p in problems:
+                    print(f"integrity: {model_dir}/{p}", file=sys.stderr, flush=True)
+                if mismatched:
+                    raise IntegrityError(f"{model_dir}/{MANIFEST}: {'; '.join(mismatched)} "
+                                         "(--skip-integrity-check serves it anyway)")
             model = load_model(model_dir)
             if max_memory:
                 placement = plan(model.config, parse_budgets(max_memory), next(model.parameters()).element_size(),
@@ -350,11 +384,22 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
                 print(f"device map for {model_dir}:\n{placement.describe()}", file=sys.stderr, flush=True)
                 apply(model, placement, offload_folder)
             tokenizer = TextTokenizer.from_dir(model_dir)
-        except Exception as exc:  # any load failure is reported by /health and /ready, not a crash loop
+            cfg = dataclasses.replace(config or EngineConfig(), runtime_bytes=runtime)
+            engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, cfg, log_text,
+                            on_fatal=_exit_soon)
+        except KVCacheTooSmall as exc:  # the flags cannot work on this machine: refuse to start
             slot.load_error = f"{type(exc).__name__}: {exc}"
+            print(f"cannot serve {model_dir}: {exc}", file=sys.stderr, flush=True)
+            threading.Timer(0.2, os._exit, (2,)).start()
             return
+        except Exception as exc:  # any other load failure is reported by /health and /ready, not a crash loop
+            slot.load_error = f"{type(exc).__name__}: {exc}"
+            print(f"model load failed: {slot.load_error}", file=sys.stderr, flush=True)
+            return
+        if engine.plan is not None:
+            print(engine.plan.describe(), file=sys.stderr, flush=True)
         metrics.model_load.set(time.monotonic() - t0)
-        slot.engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, config, log_text)
+        slot.engine = engine
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -373,6 +418,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-dir", type=Path, default=None, help="JSON request logs (default: stderr)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence (prompt + output); default: the config's, lowered to what the KV cache holds")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="share of the device's memory (the host's on a CPU) for weights, activations and KV cache")
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                   help="KV cache size (e.g. 4GiB), instead of sizing it from --memory-utilization")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of repeated prompt prefixes")
+    p.add_argument("--skip-integrity-check", action="store_true",
+                   help="serve even if files differ from the model directory's integrity.json (MD5/SHA-256)")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
     p.add_argument("--max-num-waiting", type=int, default=256, help="queue length before 429")
     p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without a step before /health fails")
@@ -383,13 +439,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
+    if not 0.0 < args.memory_utilization <= 1.0:
+        p.error(f"--memory-utilization {args.memory_utilization}: must be in (0, 1]")
+    for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        p.error("--max-model-len must be at least 2")
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
     if args.enable_faults and not token:
         p.error(f"--enable-faults needs the {ADMIN_TOKEN_ENV} environment variable")
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       mode=args.batching, max_num_waiting=args.max_num_waiting, stall_timeout_s=args.stall_timeout)
+                       mode=args.batching, max_num_waiting=args.max_num_waiting, stall_timeout_s=args.stall_timeout,
+                       block_size=args.block_size, max_model_len=args.max_model_len,
+                       memory_utilization=args.memory_utilization, kv_cache_memory=args.kv_cache_memory,
+                       enable_prefix_caching=args.enable_prefix_caching)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
-                args.max_memory, args.offload_folder)
+                args.max_memory, args.offload_folder, not args.skip_integrity_check)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

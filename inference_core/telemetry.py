@@ -168,6 +168,19 @@ class Metrics:
                                 registry=registry)
         self.healthy = Gauge("inference_healthy", "1 when the replica is healthy, 0 after a CUDA error.",
                              registry=registry)
+        self.prefix_cache_queries = Counter(
+            "inference_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache.", registry=registry)
+        self.prefix_cache_hits = Counter(
+            "inference_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache (not computed again).",
+            registry=registry)
+        self.prefix_cache_hit_rate = Gauge(
+            "inference_prefix_cache_hit_rate", "Prefix cache hits / queries (tokens) since start.", registry=registry)
+        self.kv_cache_blocks = Gauge("inference_kv_cache_blocks", "Blocks in the paged KV cache.", registry=registry)
+        self.kv_cache_block_size = Gauge("inference_kv_cache_block_size_tokens", "Tokens per KV cache block.",
+                                         registry=registry)
+        self.kv_cache_bytes = Gauge("inference_kv_cache_bytes", "Memory taken by the KV cache.", registry=registry)
+        self.max_model_len = Gauge("inference_max_model_len_tokens", "The longest sequence served (prompt + output).",
+                                   registry=registry)
         registry.register(DeviceCollector(busy))
         ProcessCollector(registry=registry)
 

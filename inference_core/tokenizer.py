@@ -10,6 +10,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers.decoders import DecodeStream
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -83,8 +84,27 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self._chat.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+class IncrementalDetokenizer:
+    """Text for one new token at a time (``tokenizers``' DecodeStream): the output is never decoded again
+    as a whole. Primed with the prompt's last tokens, so a tokenizer whose decoder strips a leading
+    space (SentencePiece's metaspace) joins the first output token as the full decode does. ``step``
+    returns "" while a multi-byte character is still incomplete."""
+
+    PRIME = 6
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(ids=list(prompt_ids[-self.PRIME:]) or None, skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self.stream.step(self.tokenizer, token_id) or ""

@@ -108,7 +108,7 @@ def test_stop_strings_and_streamed_text(tiny_model_dir: Path) -> None:
         engine.shutdown()
 
 
-def test_cancelled_stream_frees_its_slot(tiny_model_dir: Path) -> None:
+def test_cancelled_stream_frees_its_blocks(tiny_model_dir: Path) -> None:
     engine = make_engine(tiny_model_dir, max_num_seqs=2)
 
     async def scenario() -> Result:
@@ -122,7 +122,8 @@ def test_cancelled_stream_frees_its_slot(tiny_model_dir: Path) -> None:
 
     try:
         assert asyncio.run(scenario()).finish_reason in ("stop", "length")
-        assert sorted(engine.free_slots) == [0, 1]
+        blocks = engine.scheduler.blocks
+        assert not blocks.tables and blocks.num_free == blocks.num_blocks and blocks.usage == 0.0
     finally:
         engine.shutdown()
 

@@ -88,7 +88,7 @@ def test_head_of_queue_is_never_overtaken() -> None:
     big = Request("r0", list(range(1, 121)), 4, frozenset({EOS}), arrival=0.0)  # 30 blocks
     s.add(big)
     step(s)
-    s.add(Request("r1", list(range(1, 20)), 4, arrival=1.0))  # needs 5 blocks; only 2 free
+    s.add(Request("r1", list(range(200, 219)), 4, arrival=1.0))  # needs 5 blocks; only 2 free
     s.add(Request("r2", [1, 2, 3], 4, arrival=2.0))  # would fit, but must wait behind r1
     out, _ = step(s)
     assert [c.request_id for c in out.chunks] == ["r0"]
@@ -162,3 +162,105 @@ def test_random_workloads_finish_with_exact_accounting(reqs: list[tuple[int, int
         r = done[f"r{i}"]
         assert len(r.output_ids) == min(mt, 44 - plen)
         assert r.output_ids == [100 + (i * 7 + plen + k) % 50 for k in range(len(r.output_ids))]
+
+
+# -- real blocks and prefix caching -------------------------------------------------------------------
+
+
+def check_blocks(s: Scheduler) -> None:
+    """Every block is free, cached-and-evictable, or held; reference counts equal the tables' entries."""
+    b = s.blocks
+    held = [blk for t in b.tables.values() for blk in t]
+    free, evictable = set(b.free_ids), set(b.evictable)
+    assert len(free) == len(b.free_ids) and not free & evictable and not free & set(held)
+    assert not evictable & set(held)
+    assert free | evictable | set(held) == set(range(b.num_blocks))
+    for blk in range(b.num_blocks):
+        assert b.refs[blk] == held.count(blk)
+    for blk in set(held):  # a block held twice is a shared, full, registered one
+        if held.count(blk) > 1:
+            assert blk in b.hash_of
+    assert {b.cached[h] for h in b.cached} == set(b.hash_of) and all(b.cached[h] == k for k, h in b.hash_of.items())
+
+
+def test_a_repeated_prompt_reuses_the_cached_blocks() -> None:
+    s = create_scheduler(block_size=4)
+    s.add(Request("r0", list(range(1, 11)), 3, arrival=0.0))
+    step(s)  # r0's prompt (10 tokens: two full blocks) is computed and its full blocks registered
+    s.add(Request("r1", list(range(1, 11)) + [77], 3, arrival=1.0))
+    out, _ = step(s)
+    r1 = next(c for c in out.chunks if c.request_id == "r1")
+    assert (r1.start, r1.num_tokens) == (8, 3)  # 8 tokens from the cache, the rest computed
+    assert s.blocks.tables["r1"][:2] == s.blocks.tables["r0"][:2]
+    assert s.requests["r1"].num_cached_tokens == 8
+    assert (s.blocks.num_queried_tokens, s.blocks.num_hit_tokens) == (10 + 11, 8)
+    check_blocks(s)
+    run_all(s)
+    check_blocks(s)
+    assert s.blocks.usage == 0.0 and len(s.blocks.evictable) >= 2  # freed, but still cached
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_token() -> None:
+    s = create_scheduler(block_size=4)
+    s.add(Request("r0", list(range(1, 9)), 1, arrival=0.0))
+    run_all(s)
+    s.add(Request("r1", list(range(1, 9)), 1, arrival=1.0))
+    out, _ = step(s)
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(4, 4)]  # one block from the cache, not two
+
+
+def test_equal_blocks_after_different_prefixes_do_not_match() -> None:
+    s = create_scheduler(block_size=4)
+    s.add(Request("r0", [1, 2, 3, 4, 5, 6, 7, 8, 9], 1, arrival=0.0))
+    run_all(s)
+    s.add(Request("r1", [9, 9, 9, 9, 5, 6, 7, 8, 9], 1, arrival=1.0))  # second block equal, first not
+    out, _ = step(s)
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(0, 9)]
+
+
+def test_cached_blocks_are_evicted_when_memory_is_needed() -> None:
+    s = create_scheduler(block_size=4, num_kv_blocks=40, max_model_len=40)
+    s.add(Request("r0", list(range(1, 33)), 1, arrival=0.0))
+    run_all(s)
+    assert len(s.blocks.evictable) == 8 and s.blocks.num_free == 40
+    s.add(Request("r1", list(range(100, 139)), 1, arrival=1.0))  # 10 blocks: 32 free, then 2 evicted
+    run_all(s)
+    check_blocks(s)
+    assert s.blocks.usage == 0.0 and len(s.blocks.cached) == len(s.blocks.hash_of) <= 8 + 9
+
+
+def test_prefix_caching_off_computes_everything() -> None:
+    s = create_scheduler(block_size=4, enable_prefix_caching=False)
+    for i in range(2):
+        s.add(Request(f"r{i}", list(range(1, 11)), 1, arrival=float(i)))
+        out, _ = step(s)
+        assert out.chunks[-1].start == 0
+    assert s.blocks.num_hit_tokens == 0 and not s.blocks.cached
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 30), st.integers(1, 10)), min_size=1, max_size=10),
+       st.integers(1, 5), st.integers(4, 40), st.integers(11, 40))
+def test_shared_prefixes_give_the_outputs_of_no_caching(reqs: list[tuple[int, int, int]], seqs: int, budget: int,
+                                                        blocks: int) -> None:
+    """Prompts from three families that share prefixes; arrivals interleaved with steps. With and without
+    prefix caching the outputs are identical and the block accounting is exact after every step."""
+    runs = []
+    for caching in (True, False):
+        s = create_scheduler(max_num_seqs=seqs, max_num_batched_tokens=budget, num_kv_blocks=blocks, block_size=4,
+                             max_model_len=44, enable_prefix_caching=caching)
+        done: dict[str, Request] = {}
+        for i, (family, plen, mt) in enumerate(reqs):
+            s.add(Request(f"r{i}", [family * 50 + k for k in range(1, plen + 1)], mt, arrival=float(i)))
+            for _ in range(2):  # a little progress before the next arrival
+                if s.has_work:
+                    _, fin = step(s)
+                    check_blocks(s)
+                    done.update((r.request_id, r) for r in fin)
+        while s.has_work:
+            _, fin = step(s)
+            check_blocks(s)
+            done.update((r.request_id, r) for r in fin)
+        assert s.blocks.usage == 0.0
+        runs.append({k: v.output_ids for k, v in done.items()})
+    assert runs[0] == runs[1] and len(runs[0]) == len(reqs)
