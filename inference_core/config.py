@@ -80,6 +80,8 @@ class ModelConfig:
         if raw.get("head_dim") and raw.get("num_attention_heads") and raw.get("hidden_size") and \
                 raw["head_dim"] != raw["hidden_size"] // raw["num_attention_heads"]:
             kwargs["explicit_head_dim"] = int(raw["head_dim"])
+        if "torch_dtype" not in raw and isinstance(raw.get("dtype"), str):  # transformers 5 renamed it
+            kwargs["torch_dtype"] = raw["dtype"]
         rp = raw.get("rope_parameters")  # transformers 5 writes rope_theta and the scaling here
         if isinstance(rp, dict):
             if "rope_theta" in rp:

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from inference_core import kernels
 from inference_core.faults import FaultSwitch
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
 from inference_core.memory import KVPlan, PeakMemory, device_memory, kv_bytes_per_token, plan_kv_cache
@@ -66,6 +67,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None        # bytes for the KV cache, instead of memory_utilization
     enable_prefix_caching: bool = True
     runtime_bytes: int | None = None          # the process's footprint before the weights (default: measured now)
+    cpu_kernels: bool = True                  # bf16 decode matrix-vector products on the AVX512-BF16 kernel
     mode: Literal["continuous", "static"] = "continuous"
     static_batch_wait_s: float = 0.05         # static mode: how long to wait for a full batch
     max_num_waiting: int = 256
@@ -141,6 +143,9 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.kv_heads, self.head_dim = attns[0].k, attns[0].d  # a tensor-parallel shard holds fewer heads
         self.plan: KVPlan | None = None
+        if cfg.cpu_kernels and self.dtype == torch.bfloat16 and torch.device("cpu") in self.devices:
+            n = kernels.accelerate(model)
+            log.info("cpu kernels: %s (%d linear layers)", kernels.status(), n)
         if cfg.num_kv_blocks is not None:  # an explicit pool (tests, benchmarks)
             num_blocks = cfg.num_kv_blocks
             self.max_model_len = min(cfg.max_model_len or model.config.max_position_embeddings,

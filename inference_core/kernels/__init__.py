@@ -1,0 +1,102 @@
+"""CPU kernels for the decode path, compiled once by ``scripts/setup.sh`` (``python -m inference_core.kernels``).
+
+``linear_bf16`` multiplies a few bf16 activation rows by a bf16 weight matrix with AVX512-BF16: a decode
+step's matrix-vector products, which the library path runs at about half the memory bandwidth here.
+``accelerate(model)`` switches a model's bf16 CPU linear layers to it for inputs of at most
+``MAX_ROWS`` rows (larger batches keep oneDNN's matrix kernels). Where the CPU lacks AVX512-BF16 or the
+extension was not built, nothing changes and ``status()`` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+NAME = "inference_core_linear_bf16"
+SOURCES = [Path(__file__).with_name("linear_bf16.cpp")]
+BUILD_DIR = Path(sys.prefix) / "inference_core_kernels"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+MAX_ROWS = 16
+
+_state: dict[str, Any] = {}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile (or reuse) the extension under the virtual environment."""
+    from torch.utils import cpp_extension
+
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    mod: ModuleType = cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=FLAGS,
+                                         extra_ldflags=["-fopenmp"], build_directory=str(BUILD_DIR), verbose=verbose)
+    return mod
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, or None (the reason is in ``status()``); never compiles at serving time."""
+    if "module" in _state:
+        return _state["module"]
+    mod: ModuleType | None = None
+    if platform_ok := "avx512_bf16" in cpu_flags():
+        if (BUILD_DIR / f"{NAME}.so").exists():
+            try:
+                mod = build()
+                _state["reason"] = f"AVX512-BF16 linear kernel for 1..{MAX_ROWS} rows"
+            except Exception as exc:  # a broken build: serve on the library path, say so
+                _state["reason"] = f"kernel failed to load ({type(exc).__name__}: {exc}); using torch's linear"
+        else:
+            _state["reason"] = f"kernel not built ({BUILD_DIR}); run scripts/setup.sh; using torch's linear"
+    if not platform_ok:
+        _state["reason"] = "CPU lacks AVX512-BF16; using torch's linear"
+    _state["module"] = mod
+    return mod
+
+
+def status() -> str:
+    load()
+    return str(_state["reason"])
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose bf16 CPU forward for a few rows runs the AVX512-BF16 kernel."""
+
+    kernel: Any = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() // x.shape[-1] <= MAX_ROWS
+                and self.weight.is_contiguous()):
+            return self.kernel.linear_bf16(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def accelerate(model: nn.Module) -> int:
+    """Switch every bf16 CPU ``nn.Linear`` of ``model`` to ``FastLinear`` (same parameters, same state dict).
+    Returns how many were switched (0 where the kernel is unavailable)."""
+    mod = load()
+    if mod is None:
+        return 0
+    FastLinear.kernel = mod
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.__class__ = FastLinear
+            n += 1
+    return n
+

@@ -1,0 +1,145 @@
+"""The packed forward over a paged KV cache equals the padded reference forward; the memory plan's
+arithmetic; the AVX512-BF16 kernel against torch's linear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from inference_core import kernels
+from inference_core.config import ModelConfig
+from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
+from inference_core.memory import GiB, KVCacheTooSmall, PeakMemory, parse_bytes, plan_kv_cache
+from inference_core.model import CausalLM
+from inference_core.weights import load_model
+
+
+def _pool(model: CausalLM, blocks: int, bs: int) -> PagedKVCache:
+    cfg = model.config
+    return PagedKVCache.allocate(blocks, bs, cfg.num_key_value_heads, cfg.head_dim, next(model.parameters()).dtype,
+                                 [torch.device("cpu")] * cfg.num_hidden_layers)
+
+
+@torch.inference_mode()
+def test_packed_steps_over_scattered_blocks_equal_the_full_forward(tiny_model_dir: Path) -> None:
+    """Three sequences in scattered, interleaved blocks: a chunked prefill, decodes of different lengths
+    batched together, a prefill on top of a cached past — each logit equals the plain forward's."""
+    model = load_model(tiny_model_dir)
+    bs = 4
+    pool = _pool(model, 32, bs)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, model.config.vocab_size, (n,), generator=gen).tolist() for n in (13, 6, 9)]
+    tables = [[7, 2, 30, 11], [5, 19], [0, 28, 14]]  # not contiguous, not ordered
+    ref = [model(torch.tensor([s]), torch.arange(len(s))[None])[0] for s in seqs]  # [T, V] each
+
+    def run(chunks: list[SeqChunk]) -> torch.Tensor:
+        return model.forward_flat(FlatBatch(chunks, bs), pool)
+
+    # step 1: seq 0 prefills 7 tokens (chunked), seq 1 prefills 5, seq 2 prefills 8 — all in one packed pass
+    out = run([SeqChunk(seqs[0][:7], 0, tables[0], True), SeqChunk(seqs[1][:5], 0, tables[1], True),
+               SeqChunk(seqs[2][:8], 0, tables[2], True)])
+    for row, (i, n) in enumerate([(0, 7), (1, 5), (2, 8)]):
+        assert torch.allclose(out[row], ref[i][n - 1], atol=1e-4)
+    # step 2: seq 1 and seq 2 decode (different context lengths: padded gather), seq 0's next chunk reads its past
+    out = run([SeqChunk(seqs[1][5:6], 5, tables[1], True), SeqChunk(seqs[2][8:9], 8, tables[2], True),
+               SeqChunk(seqs[0][7:13], 7, tables[0], True)])
+    for row, (i, n) in enumerate([(1, 6), (2, 9), (0, 13)]):
+        assert torch.allclose(out[row], ref[i][n - 1], atol=1e-4)
+    # only the rows asked for are projected to the vocabulary
+    assert run([SeqChunk([seqs[0][0]], 0, [3], False), SeqChunk([1, 2], 0, [4], True)]).shape == \
+        (1, model.config.vocab_size)
+
+
+def test_flat_batch_refuses_a_table_too_short() -> None:
+    with pytest.raises(AssertionError, match="cannot hold"):
+        FlatBatch([SeqChunk([1, 2, 3, 4, 5], 0, [0], True)], 4)
+
+
+def plan(**kw: object) -> object:
+    base: dict[str, object] = dict(device="cpu", total_bytes=24 * GiB, available_bytes=20 * GiB,
+                                   weights_bytes=GiB, activation_bytes=GiB // 10, runtime_bytes=GiB // 2,
+                                   bytes_per_token=12288, block_size=16, max_num_seqs=32, config_max_len=32768)
+    return plan_kv_cache(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_plan_sizes_the_pool_from_the_budget_and_caps_it() -> None:
+    p = plan(memory_utilization=0.5)  # 12 GiB budget - 1.6 GiB used = 10.4 GiB for the KV cache
+    assert p.kv_budget_bytes == int(0.5 * 24 * GiB) - GiB - GiB // 10 - GiB // 2  # type: ignore[attr-defined]
+    assert p.num_blocks == p.kv_budget_bytes // (12288 * 16) and p.max_model_len == 32768  # type: ignore[attr-defined]
+    capped = plan()  # 0.9: more than 32 full-length sequences can use
+    assert capped.num_blocks == 32 * 32768 // 16 and "capped" in capped.describe()  # type: ignore[attr-defined]
+
+
+def test_plan_lowers_the_default_length_and_refuses_an_explicit_one() -> None:
+    small = plan(kv_cache_memory=12288 * 1000)
+    assert small.max_model_len == 992 and "lowered" in small.describe()  # type: ignore[attr-defined]
+    with pytest.raises(KVCacheTooSmall, match=r"--max-model-len 4096 .* lower --max-model-len or raise "
+                                              r"--kv-cache-memory"):
+        plan(kv_cache_memory=12288 * 1000, max_model_len=4096)
+    with pytest.raises(KVCacheTooSmall, match=r"no room for a KV cache: budget 2.16 GiB .* weights 3.00 GiB"):
+        plan(weights_bytes=3 * GiB, memory_utilization=0.09)
+    with pytest.raises(KVCacheTooSmall, match="exceeds the model's context length"):
+        plan(max_model_len=65536)
+
+
+def test_plan_respects_what_the_host_has_free() -> None:
+    p = plan(available_bytes=4 * GiB)
+    assert p.kv_budget_bytes == 4 * GiB - GiB // 10 and "available now" in p.describe()  # type: ignore[attr-defined]
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("4GiB") == 4 * GiB and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1000") == 1000
+
+
+def test_peak_memory_sees_a_temporary_allocation() -> None:
+    with PeakMemory(torch.device("cpu")) as peak:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    if peak.bytes is None:
+        pytest.skip("this kernel does not let /proc/self/clear_refs reset the peak RSS")
+    assert peak.bytes >= 60 * 2**20
+
+
+needs_kernel = pytest.mark.skipif(kernels.load() is None, reason=f"no CPU kernel here: {kernels.status()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 101, 77), (3, 64, 896), (4, 130, 64), (16, 33, 1000), (7, 5, 31)])
+def test_bf16_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16()
+    mod = kernels.load()
+    assert mod is not None
+    got = mod.linear_bf16(x, w, b).float()
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert got.shape == (m, n)
+    assert (got - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2  # bf16 rounding of the output only
+    assert mod.linear_bf16(x.view(1, m, k), w, None).shape == (1, m, n)
+    with pytest.raises(RuntimeError, match="1..16 rows"):
+        mod.linear_bf16(torch.zeros(17, k).bfloat16(), w, None)
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_accelerated_bf16_model_decodes_the_same_tokens() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2)
+    model = CausalLM(cfg).bfloat16().eval()
+    twin = CausalLM(cfg).bfloat16().eval()
+    twin.load_state_dict(model.state_dict())
+    assert kernels.accelerate(model) == 2 * 7 + 1 and kernels.accelerate(twin.float()) == 0
+    twin = twin.bfloat16()
+    pool_a, pool_b = _pool(model, 8, 16), _pool(twin, 8, 16)
+    toks_a, toks_b = [5, 6, 7], [5, 6, 7]
+    for toks, m, pool in ((toks_a, model, pool_a), (toks_b, twin, pool_b)):
+        logits = m.forward_flat(FlatBatch([SeqChunk(list(toks), 0, [0, 1], True)], 16), pool)
+        for _ in range(12):
+            toks.append(int(logits[0].argmax()))
+            logits = m.forward_flat(FlatBatch([SeqChunk([toks[-1]], len(toks) - 1, [0, 1], True)], 16), pool)
+    assert toks_a == toks_b
