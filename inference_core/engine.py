@@ -28,7 +28,7 @@ from inference_core.faults import FaultSwitch
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
 from inference_core.memory import KVPlan, PeakMemory, device_memory, kv_bytes_per_token, plan_kv_cache
 from inference_core.model import Attention, CausalLM
-from inference_core.sampling import SamplingParams, TokenLogprob, sample_batch
+from inference_core.sampling import SamplingParams, TokenLogprob, sample_batch, token_logprobs
 from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Scheduler, SchedulerConfig
 from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
 from inference_core.tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -79,6 +79,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a request's first delta, when asked for
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Result:
     batch_size: float
     logprobs: list[TokenLogprob] = field(default_factory=list)
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class _Live:
     batch_sizes: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent (text held back)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # prompt tokens 1.. (echo)
+    sent_any: bool = False
 
 
 Row = tuple[ScheduledChunk, _Live, list[int], list[int]]  # a chunk, its request, its tokens, its block table
@@ -195,7 +199,7 @@ class Engine:
         # A decode step gathers one layer's keys and values of every running sequence (padded): reserve that.
         gather = -(-2 * bpt // max(len(self.devices), 1))
         return plan_kv_cache(device=str(device), total_bytes=total, available_bytes=available, weights_bytes=weights,
-                             activation_bytes=activation, runtime_bytes=runtime, bytes_per_token=bpt + gather,
+                             activation_bytes=activation, runtime_bytes=runtime, bytes_per_token=bpt, reserve_per_token=gather,
                              block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                              config_max_len=mcfg.max_position_embeddings, max_model_len=cfg.max_model_len,
                              memory_utilization=cfg.memory_utilization, kv_cache_memory=cfg.kv_cache_memory)
@@ -240,7 +244,8 @@ class Engine:
         rid = request_id or uuid.uuid4().hex
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         eos = frozenset(() if params.ignore_eos else self.model.config.eos_ids) | frozenset(params.stop_token_ids)
-        req = Request(rid, list(prompt_ids), params.max_tokens, eos, arrival=time.monotonic())
+        req = Request(rid, list(prompt_ids), params.max_tokens, eos, arrival=time.monotonic(),
+                      use_prefix_cache=params.prompt_logprobs is None)
         live = _Live(req, params, asyncio.Queue(), asyncio.get_running_loop(), gen, req.arrival,
                      self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens))
         with self._cv:
@@ -333,6 +338,8 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.monotonic()
+        if self.faults is not None:
+            self.faults.before_step()
         with self._cv:
             out = self.scheduler.schedule()
             for _ in out.preempted:
@@ -375,16 +382,40 @@ class Engine:
     @torch.inference_mode()
     def _forward(self, rows: list[Row]) -> dict[str, tuple[int, TokenLogprob | None]]:
         """One forward pass over the packed tokens of every row; sample where a sequence reached its end."""
-        chunks = [SeqChunk(toks, ch.start, table, ch.start + len(toks) == live.req.num_tokens)
-                  for ch, live, toks, table in rows]
+        chunks = []
+        for ch, live, toks, table in rows:
+            prompt_lp = live.params.prompt_logprobs is not None and ch.start < len(live.req.prompt_ids) - 1
+            chunks.append(SeqChunk(toks, ch.start, table, ch.start + len(toks) == live.req.num_tokens, prompt_lp))
         logits = self.model.forward_flat(FlatBatch(chunks, self.config.block_size), self.cache)  # [M, V]
-        samplers = [live for (_, live, _, _), c in zip(rows, chunks, strict=True) if c.sample]
+        samplers: list[_Live] = []
+        picks: list[int] = []
+        row = 0
+        for (ch, live, toks, _), c in zip(rows, chunks, strict=True):
+            if c.all_logits:
+                self._prompt_logprobs(live, ch.start, logits[row:row + len(toks)])
+                row += len(toks)
+            elif c.sample:
+                row += 1
+            if c.sample:
+                samplers.append(live)
+                picks.append(row - 1)
         if not samplers:
             return {}
         banned = [live.req.eos_ids if len(live.req.output_ids) < live.params.min_tokens else frozenset()
                   for live in samplers]
-        ids, lps = sample_batch(logits, [lv.params for lv in samplers], [lv.generator for lv in samplers], banned)
+        chosen = logits if len(picks) == logits.shape[0] else logits[picks]
+        ids, lps = sample_batch(chosen, [lv.params for lv in samplers], [lv.generator for lv in samplers], banned)
         return {lv.req.request_id: (tok, lp) for lv, tok, lp in zip(samplers, ids, lps, strict=True)}
+
+    def _prompt_logprobs(self, live: _Live, start: int, logits: torch.Tensor) -> None:
+        """Logits at positions start.. predict prompt tokens start+1..; recorded once (a recompute after a
+        preemption does not add them again)."""
+        prompt = live.req.prompt_ids
+        first = len(live.prompt_logprobs) + 1  # the next prompt position without a log-probability
+        lo, hi = max(first, start + 1), min(len(prompt), start + 1 + logits.shape[0])
+        if lo < hi:
+            live.prompt_logprobs += token_logprobs(logits[lo - start - 1:hi - start - 1], prompt[lo:hi],
+                                                   live.params.prompt_logprobs or 0)
 
     def _emit(self, rows: list[Row], sampled: dict[str, tuple[int, TokenLogprob | None]]) -> set[str]:
         """Stream new text; returns the requests whose output now contains a stop string."""
@@ -424,7 +455,9 @@ class Engine:
             hold = 0 if cut >= 0 else max((len(x) - 1 for x in stops), default=0)
             upto = max(live.sent_chars, len(live.text) - hold)
             if upto > live.sent_chars or (live.pending_logprobs and not stops):
-                delta = Delta(live.text[live.sent_chars:upto], [tok], live.pending_logprobs)
+                delta = Delta(live.text[live.sent_chars:upto], [tok], live.pending_logprobs,
+                              None if live.sent_any else live.prompt_logprobs)
+                live.sent_any = True
                 out.setdefault(live.loop, []).append((live.queue, delta))
                 live.sent_chars = upto
                 live.pending_logprobs = []
@@ -439,13 +472,14 @@ class Engine:
         text = live.text
         if len(text) > live.sent_chars or live.pending_logprobs:
             live.loop.call_soon_threadsafe(live.queue.put_nowait,
-                                           Delta(text[live.sent_chars:], [], live.pending_logprobs))
+                                           Delta(text[live.sent_chars:], [], live.pending_logprobs,
+                                                 None if live.sent_any else live.prompt_logprobs))
         now = time.monotonic()
         reason = (req.finish_reason or FinishReason.STOP).value
         res = Result(req.request_id, text, list(req.output_ids), reason, len(req.prompt_ids),
                      (live.first_token_at or now) - live.arrival, now - live.arrival,
                      round(statistics.fmean(live.batch_sizes), 2) if live.batch_sizes else 0.0,
-                     live.logprobs, req.num_cached_tokens)
+                     live.logprobs, req.num_cached_tokens, live.prompt_logprobs)
         self.metrics.latency.observe(res.latency_s)
         self.metrics.requests.labels(status="ok").inc()
         live.loop.call_soon_threadsafe(live.queue.put_nowait, res)

@@ -3,7 +3,9 @@
 Faults: a CUDA error raised inside the forward pass (sticky: the replica turns unhealthy, as a real
 illegal-address error leaves the CUDA context unusable), added latency per forward pass, a hang (the
 step loop stops until cleared), a crash (the process exits), an out-of-memory error (one batch fails),
-and a slow memory leak (memory grows by ``leak_mb_per_step`` every step).
+a slow memory leak (memory grows by ``leak_mb_per_step`` every step), a plain exception inside the
+forward pass (``step_error``: one batch fails, the engine goes on) and a bug in the step loop's own
+bookkeeping (``engine_bug``: the engine fails every request, /health fails and the process exits).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ class InjectedOutOfMemory(RuntimeError):
     """Stands in for ``torch.cuda.OutOfMemoryError``."""
 
 
+class InjectedStepError(ValueError):
+    """Stands in for any other exception inside the forward pass (a shape bug, a bad input)."""
+
+
+class InjectedEngineBug(AssertionError):
+    """Stands in for a bug in the step loop's bookkeeping, outside the forward pass."""
+
+
 @dataclass
 class FaultState:
     cuda_error: bool = False
@@ -34,6 +44,8 @@ class FaultState:
     oom: bool = False
     leak_mb_per_step: float = 0.0
     leaked_bytes: int = 0
+    step_error: bool = False
+    engine_bug: bool = False
 
 
 @dataclass
@@ -49,7 +61,8 @@ class FaultSwitch:
             for name, value in changes.items():
                 if value is None:
                     continue
-                if name not in {"cuda_error", "latency_ms", "hang", "crash", "oom", "leak_mb_per_step"}:
+                if name not in {"cuda_error", "latency_ms", "hang", "crash", "oom", "leak_mb_per_step", "step_error",
+                                "engine_bug"}:
                     raise ValueError(f"unknown fault {name!r}")
                 if isinstance(value, float | int) and not isinstance(value, bool) and value < 0:
                     raise ValueError(f"{name} must be >= 0")
@@ -60,8 +73,8 @@ class FaultSwitch:
         """Forward hook: fire whatever is armed."""
         with self._lock:
             st = self.state
-            cuda, oom, crash = st.cuda_error, st.oom, st.crash
-            st.cuda_error = st.oom = False
+            cuda, oom, crash, error = st.cuda_error, st.oom, st.crash, st.step_error
+            st.cuda_error = st.oom = st.step_error = False
             delay, leak = st.latency_ms, st.leak_mb_per_step
             if leak:
                 self._leak.append(bytearray(os.urandom(1024)) * int(leak * 1024))
@@ -74,5 +87,14 @@ class FaultSwitch:
             raise InjectedCudaError(CUDA_ERROR_MESSAGE)
         if oom:
             raise InjectedOutOfMemory(OOM_MESSAGE)
+        if error:
+            raise InjectedStepError("injected exception inside the forward pass")
         if delay:
             time.sleep(delay / 1000.0)
+
+    def before_step(self) -> None:
+        """Step hook, outside the forward pass: the engine-bug drill fires here (once)."""
+        with self._lock:
+            bug, self.state.engine_bug = self.state.engine_bug, False
+        if bug:
+            raise InjectedEngineBug("injected bug in the step loop's bookkeeping")

@@ -41,12 +41,14 @@ class PagedKVCache:
 
 @dataclass(frozen=True)
 class SeqChunk:
-    """One scheduled sequence: compute tokens ``start .. start+len(token_ids)-1``; sample after the last?"""
+    """One scheduled sequence: compute tokens ``start .. start+len(token_ids)-1``; logits after the last
+    (``sample``), or after every one of them (``all_logits``: prompt log-probabilities)."""
 
     token_ids: list[int]
     start: int
     block_table: list[int]
     sample: bool
+    all_logits: bool = False
 
 
 @dataclass
@@ -102,7 +104,9 @@ class FlatBatch:
             ids.extend(c.token_ids)
             positions.append(torch.arange(c.start, end))
             slots.append(self._slots(c.block_table, c.start, end))
-            if c.sample:
+            if c.all_logits:
+                sample.extend(range(len(ids) - len(c.token_ids), len(ids)))
+            elif c.sample:
                 sample.append(len(ids) - 1)
         nd = self.num_decodes
         decodes = self.chunks[:nd]

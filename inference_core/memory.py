@@ -113,6 +113,7 @@ class KVPlan:
     runtime_bytes: int
     kv_budget_bytes: int
     bytes_per_token: int
+    reserve_per_token: int     # transient memory per cached token (a decode step's gather of one layer)
     block_size: int
     num_blocks: int
     max_model_len: int
@@ -137,7 +138,8 @@ class KVPlan:
             f"  weights {fmt_bytes(self.weights_bytes)}, activation peak {fmt_bytes(self.activation_bytes)}, "
             f"runtime {fmt_bytes(self.runtime_bytes)}",
             f"  KV cache {fmt_bytes(self.kv_bytes)}: {self.num_blocks} blocks x {self.block_size} tokens = "
-            f"{self.num_tokens} tokens ({self.bytes_per_token} B/token); max_model_len {self.max_model_len}: "
+            f"{self.num_tokens} tokens ({self.bytes_per_token} B/token, plus {self.reserve_per_token} B/token "
+            f"reserved for a decode step's gather); max_model_len {self.max_model_len}: "
             f"{self.full_length_sequences:.1f} full-length sequences (max_num_seqs {self.max_num_seqs})",
         ]
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
@@ -145,6 +147,7 @@ class KVPlan:
 
 def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weights_bytes: int, activation_bytes: int,
                   runtime_bytes: int, bytes_per_token: int, block_size: int, max_num_seqs: int,
+                  reserve_per_token: int = 0,
                   config_max_len: int, max_model_len: int | None = None, memory_utilization: float = 0.9,
                   kv_cache_memory: int | None = None) -> KVPlan:
     """Blocks for the KV cache within the budget; lowers the default max_model_len to what fits (with a
@@ -171,7 +174,7 @@ def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weight
             notes.append(f"KV budget lowered from {fmt_bytes(kv_budget)} to the {fmt_bytes(max(headroom, 0))} "
                          "this host has available now")
             kv_budget = headroom
-    blocks = max(kv_budget, 0) // (bytes_per_token * block_size)
+    blocks = max(kv_budget, 0) // ((bytes_per_token + reserve_per_token) * block_size)
     flag = "--kv-cache-memory" if kv_cache_memory is not None else "--memory-utilization (or --kv-cache-memory)"
     numbers = (f"budget {fmt_bytes(budget)} on {device} ({fmt_bytes(total_bytes)} total): weights "
                f"{fmt_bytes(weights_bytes)}, activation peak {fmt_bytes(activation_bytes)}, runtime "
@@ -191,4 +194,4 @@ def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weight
         notes.append(f"KV cache capped at {useful} blocks: what {max_num_seqs} full-length sequences can use")
         blocks = useful
     return KVPlan(device, total_bytes, budget, weights_bytes, activation_bytes, runtime_bytes, max(kv_budget, 0),
-                  bytes_per_token, block_size, blocks, want_len, max_num_seqs, tuple(notes))
+                  bytes_per_token, reserve_per_token, block_size, blocks, want_len, max_num_seqs, tuple(notes))

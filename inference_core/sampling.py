@@ -26,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None            # top-N alternatives per token (0: only the chosen token's)
+    prompt_logprobs: int | None = None     # the same for every prompt token after the first (echo)
     skip_special_tokens: bool = True
 
 
@@ -64,15 +65,23 @@ def sample_batch(logits: Tensor, params: list[SamplingParams], generators: list[
     lps: list[TokenLogprob | None] = [None] * len(params)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
-        logp = torch.log_softmax(logits[want], dim=-1)
-        k = max(params[i].logprobs or 0 for i in want)
-        top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
-        for j, i in enumerate(want):
+        top_n = max(params[i].logprobs or 0 for i in want)
+        for i, lp in zip(want, token_logprobs(logits[want], [ids[i] for i in want], top_n), strict=True):
             n = params[i].logprobs or 0
-            top = tuple(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)) if top_i is not None \
-                and top_v is not None else ()
-            lps[i] = TokenLogprob(ids[i], float(logp[j, ids[i]]), top)
+            lps[i] = TokenLogprob(lp.token_id, lp.logprob, lp.top[:n])
     return ids, lps
+
+
+def token_logprobs(logits: Tensor, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+    """Log-probabilities of ``token_ids`` (one per row of logits [R, V]) and each row's ``top_n`` best."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(token_ids)), torch.tensor(token_ids, dtype=torch.long)].tolist()
+    if top_n:
+        top_v, top_i = logp.topk(top_n, dim=-1)
+        tops = [tuple(zip(i, v, strict=True)) for i, v in zip(top_i.tolist(), top_v.tolist(), strict=True)]
+    else:
+        tops = [()] * len(token_ids)
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops, strict=True)]
 
 
 def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:

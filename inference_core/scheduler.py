@@ -62,6 +62,7 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0     # prompt tokens found in the prefix cache at first admission
+    use_prefix_cache: bool = True  # False when every prompt position's logits are needed
 
     @property
     def all_ids(self) -> list[int]:
@@ -130,7 +131,7 @@ class BlockManager:
     def match_prefix(self, req: Request) -> list[int]:
         """Cached blocks that hold the first tokens of ``req``'s prompt (at least one token is left to compute,
         so the last position's logits come from a forward pass). No side effects."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not req.use_prefix_cache:
             return []
         bs, ids = self.block_size, req.all_ids
         found: list[int] = []

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,8 +43,9 @@ from inference_core.engine import (
 from inference_core.faults import FaultSwitch
 from inference_core.integrity import MANIFEST, verify_manifest
 from inference_core.memory import KVCacheTooSmall, parse_bytes
+from inference_core.openai_format import chat_logprobs, completion_logprobs, echo_entries, entries
 from inference_core.placement import apply, parse_budgets, plan
-from inference_core.sampling import SamplingParams
+from inference_core.sampling import SamplingParams, TokenLogprob
 from inference_core.telemetry import BusyTracker, Metrics, request_logger, rss_bytes
 from inference_core.tokenizer import TextTokenizer
 from inference_core.weights import load_model
@@ -53,27 +55,35 @@ ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
 
 class _Common(BaseModel):
     model: str
-    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_tokens: int | None = Field(None, ge=1, le=1_048_576)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1 - 16)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=16)
     user: str | None = None
+    # vLLM's extensions
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
 
-    def params(self, i: int, default_max: int) -> SamplingParams:
+    def params(self, i: int, default_max: int, logprobs: int | None = None,
+               prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         seed = None if self.seed is None else self.seed + i
         return SamplingParams(self.max_tokens or default_max, self.temperature, self.top_p, self.top_k, seed,
-                              tuple(s for s in stop if s))
+                              tuple(s for s in stop if s), tuple(self.stop_token_ids or ()), self.ignore_eos,
+                              self.min_tokens, logprobs, prompt_logprobs, self.skip_special_tokens)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[int]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class ChatMessage(BaseModel):
@@ -83,7 +93,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_048_576)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class FaultRequest(BaseModel):
@@ -93,6 +105,18 @@ class FaultRequest(BaseModel):
     crash: bool | None = None
     oom: bool | None = None
     leak_mb_per_step: float | None = Field(None, ge=0.0, le=1024.0)
+    step_error: bool | None = None
+    engine_bug: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How the answer is shaped: chat or completion, log-probabilities (top-N), echo of the prompt."""
+
+    chat: bool
+    logprobs: int | None
+    echo: bool
+    prompt_text: str
 
 
 def openai_error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -209,13 +233,15 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
                                 f"length {engine.max_model_len}", "invalid_request_error", "prompt")
         return None
 
-    async def run(body: _Common, ids: list[int], max_tokens: int, chat: bool, raw: Request) -> Response:
+    async def run(body: _Common, ids: list[int], max_tokens: int, out: _Shape, raw: Request) -> Response:
         rid = uuid.uuid4().hex
         created = int(time.time())
         ids_per_choice: list[str] = []
+        prompt_lp = out.logprobs if out.echo and out.logprobs is not None else None
         try:
             for i in range(body.n):
-                ids_per_choice.append(engine.submit(ids, body.params(i, max_tokens), f"{rid}-{i}"))
+                ids_per_choice.append(engine.submit(ids, body.params(i, max_tokens, out.logprobs, prompt_lp),
+                                                    f"{rid}-{i}"))
         except (QueueFull, EngineUnhealthy, InvalidRequest) as exc:
             for r in ids_per_choice:  # all choices or none
                 engine.abort(r)
@@ -226,7 +252,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             return openai_error(503, str(exc), "server_error")
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(ids_per_choice, rid, created, chat, len(ids), include_usage),
+            return StreamingResponse(_stream(ids_per_choice, rid, created, out, ids, include_usage),
                                      media_type="text/event-stream")
         gathered = asyncio.ensure_future(asyncio.gather(*(_collect(r) for r in ids_per_choice)))
         while not gathered.done():
@@ -240,16 +266,28 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         except RequestFailed as exc:
             return openai_error(500, f"inference failed: {exc}", "server_error")
         completion = sum(len(r.token_ids) for r in results)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+        usage: dict[str, Any] = {"prompt_tokens": len(ids), "completion_tokens": completion,
+                                 "total_tokens": len(ids) + completion}
+        cached = max(r.cached_tokens for r in results)
+        if cached:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        tok = engine.tokenizer
+        if out.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                        "logprobs": chat_logprobs(tok, r.logprobs) if out.logprobs is not None else None,
                         "finish_reason": r.finish_reason} for i, r in enumerate(results)]
             return JSONResponse({"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created,
                                  "model": model_name, "choices": choices, "usage": usage})
-        choices = [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                   for i, r in enumerate(results)]
+        head = out.prompt_text if out.echo else ""
+        texts = []
+        for i, res in enumerate(results):
+            lp = None
+            if out.logprobs is not None:
+                items = (echo_entries(ids, res.prompt_logprobs) if out.echo else []) + entries(res.logprobs)
+                lp = completion_logprobs(tok, items, 0)
+            texts.append({"index": i, "text": head + res.text, "logprobs": lp, "finish_reason": res.finish_reason})
         return JSONResponse({"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model_name,
-                             "choices": choices, "usage": usage})
+                             "choices": texts, "usage": usage})
 
     async def _collect(request_id: str) -> Result:
         async for item in engine.stream(request_id):
@@ -257,18 +295,31 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
                 return item
         raise RequestFailed("stream ended without a result")
 
-    async def _stream(request_ids: list[str], rid: str, created: int, chat: bool, prompt_tokens: int,
+    async def _stream(request_ids: list[str], rid: str, created: int, out: _Shape, prompt_ids: list[int],
                       include_usage: bool) -> AsyncIterator[str]:
+        chat = out.chat
         obj = "chat.completion.chunk" if chat else "text_completion"
         ident = f"chatcmpl-{rid}" if chat else f"cmpl-{rid}"
+        tok = engine.tokenizer
+        offsets = [0] * len(request_ids)  # completions: text_offset continues across chunks
 
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False,
+                  lps: list[TokenLogprob] | None = None, echo: Delta | Result | None = None) -> str:
+            lp: dict[str, Any] | None = None
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
                     {"content": text} if text is not None else {})
-                choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if out.logprobs is not None and lps:
+                    lp = chat_logprobs(tok, lps)
+                choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+                if out.logprobs is not None and (lps or echo is not None):
+                    items = entries(lps or [])
+                    if echo is not None:
+                        items = echo_entries(prompt_ids, echo.prompt_logprobs) + items
+                    lp = completion_logprobs(tok, items, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
             return _sse({"id": ident, "object": obj, "created": created, "model": model_name, "choices": [choice]})
 
         queue: asyncio.Queue[tuple[int, Delta | Result | BaseException]] = asyncio.Queue()
@@ -282,6 +333,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(request_ids)]
         completion = 0
+        echoed = [not out.echo] * len(request_ids)
         try:
             if chat:
                 for i in range(len(request_ids)):
@@ -293,16 +345,20 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
                     err = {"message": f"inference failed: {item}", "type": "server_error", "param": None, "code": None}
                     yield _sse({"error": err})
                     pending -= 1
-                elif isinstance(item, Delta):
-                    yield chunk(i, item.text, None)
+                    continue
+                if not echoed[i]:  # the prompt first, with its log-probabilities when asked
+                    echoed[i] = True
+                    yield chunk(i, out.prompt_text, None, echo=item)
+                if isinstance(item, Delta):
+                    yield chunk(i, item.text, None, lps=item.logprobs)
                 else:
                     completion += len(item.token_ids)
                     yield chunk(i, None if chat else "", item.finish_reason)
                     pending -= 1
             if include_usage:
                 yield _sse({"id": ident, "object": obj, "created": created, "model": model_name, "choices": [],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                      "total_tokens": prompt_tokens + completion}})
+                            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                                      "total_tokens": len(prompt_ids) + completion}})
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:
@@ -310,10 +366,14 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
-        ids = engine.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        if isinstance(body.prompt, str):
+            ids, text = engine.tokenizer.encode(body.prompt), body.prompt
+        else:
+            ids = list(body.prompt)
+            text = engine.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
         if bad := check(body, ids, body.max_tokens):
             return bad
-        return await run(body, ids, body.max_tokens or 16, chat=False, raw=raw)
+        return await run(body, ids, body.max_tokens or 16, _Shape(False, body.logprobs, body.echo, text), raw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, raw: Request) -> Response:
@@ -322,7 +382,11 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         max_tokens = body.max_completion_tokens or body.max_tokens
         if bad := check(body, ids, max_tokens):
             return bad
-        return await run(body, ids, max_tokens or min(256, engine.max_model_len - len(ids)), chat=True, raw=raw)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            return openai_error(400, "top_logprobs needs logprobs: true", "invalid_request_error", "top_logprobs")
+        return await run(body, ids, max_tokens or min(256, engine.max_model_len - len(ids)),
+                         _Shape(True, logprobs, False, ""), raw)
 
     def authorize(authorization: str | None) -> None:
         expected = f"Bearer {admin_token}" if admin_token else None
