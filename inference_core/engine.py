@@ -199,8 +199,8 @@ class Engine:
         # A decode step gathers one layer's keys and values of every running sequence (padded): reserve that.
         gather = -(-2 * bpt // max(len(self.devices), 1))
         return plan_kv_cache(device=str(device), total_bytes=total, available_bytes=available, weights_bytes=weights,
-                             activation_bytes=activation, runtime_bytes=runtime, bytes_per_token=bpt, reserve_per_token=gather,
-                             block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+                             activation_bytes=activation, runtime_bytes=runtime, bytes_per_token=bpt,
+                             reserve_per_token=gather, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                              config_max_len=mcfg.max_position_embeddings, max_model_len=cfg.max_model_len,
                              memory_utilization=cfg.memory_utilization, kv_cache_memory=cfg.kv_cache_memory)
 
