@@ -1,9 +1,10 @@
 // y = x @ w.T (+ b) for bf16 on x86-64 CPUs with AVX512-BF16, for the few rows a decode step has.
 //
-// A decode step multiplies 1..16 activation rows by every weight matrix: the work is reading the
-// weights once (memory bound). The library path reaches about half the memory bandwidth for such
-// shapes; this kernel streams each weight row once, multiplies it with every activation row with
-// VDPBF16PS (pairs of bf16 products summed into fp32), and rounds the fp32 sums to bf16 at the end.
+// A single-stream decode step multiplies one activation row by every weight matrix: the work is reading
+// the weights once (memory bound). The library path reaches about half the memory bandwidth for such
+// shapes; this kernel streams eight weight rows at a time, multiplies them with every activation row
+// with VDPBF16PS (pairs of bf16 products summed into fp32), and rounds the fp32 sums to bf16 at the end.
+// It accepts up to 16 rows; the Python side sends it only the shapes where it measured faster.
 // Layout: x [M, K] bf16 contiguous, w [N, K] bf16 contiguous (nn.Linear's), b [N] bf16 or none.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -12,18 +13,19 @@
 
 namespace {
 
-constexpr int R = 4;  // weight rows per block
+constexpr int R = 8;  // weight rows per block
 
-template <int MB>
+// MB activation rows by RB weight rows: RB*MB accumulators (<= 16 of the 32 vector registers).
+template <int MB, int RB>
 inline void block(const uint16_t* x, int64_t K, const uint16_t* const* wrow, float out[R][4]) {
-  __m512 acc[R][MB];
-  for (int r = 0; r < R; ++r)
+  __m512 acc[RB][MB];
+  for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < RB; ++r) {
       __m512bh wv = (__m512bh)_mm512_loadu_si512(wrow[r] + k);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
@@ -32,12 +34,12 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* const* wrow, flo
     const __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
     __m512bh xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < RB; ++r) {
       __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wrow[r] + k);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
   }
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MB; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
@@ -76,11 +78,11 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w, con
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
         const uint16_t* xm = X + m0 * K;
-        switch (mb) {
-          case 1: block<1>(xm, K, wrow, acc); break;
-          case 2: block<2>(xm, K, wrow, acc); break;
-          case 3: block<3>(xm, K, wrow, acc); break;
-          default: block<4>(xm, K, wrow, acc); break;
+        switch (mb) {  // eight weight rows at once for one or two activation rows, four rows for more
+          case 1: block<1, 8>(xm, K, wrow, acc); break;
+          case 2: block<2, 8>(xm, K, wrow, acc); break;
+          case 3: block<3, 4>(xm, K, wrow, acc); block<3, 4>(xm, K, wrow + 4, acc + 4); break;
+          default: block<4, 4>(xm, K, wrow, acc); block<4, 4>(xm, K, wrow + 4, acc + 4); break;
         }
         for (int r = 0; r < rows; ++r) {
           const float bias = B ? static_cast<float>(B[n0 + r]) : 0.0f;
