@@ -10,20 +10,16 @@ git): the first call takes about a minute, later ones return at once.
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
-import string
 import sys
 from pathlib import Path
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inference_core.integrity import write_manifest  # noqa: E402
-from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE  # noqa: E402
+from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE, synthetic_tokenizer  # noqa: E402
 
 CACHE = ROOT / "var" / "bench-models"
 
@@ -37,25 +33,6 @@ QWEN2_0_5B = {
 
 def qwen2_0_5b_shape(seed: int = 0) -> Path:
     return _write("qwen2.5-0.5b-shape-bf16", QWEN2_0_5B, seed)
-
-
-def full_vocab_tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with exactly ``vocab_size`` ids: the 256 byte symbols, then letter pairs and
-    triples; the last ids are the special tokens."""
-    letters = string.ascii_letters + string.digits
-    symbols = pre_tokenizers.ByteLevel.alphabet()
-    vocab: dict[str, int] = {}
-    for tok in [*sorted(symbols), *("".join(p) for n in (2, 3) for p in itertools.product(letters, repeat=n))]:
-        if len(vocab) >= vocab_size - 3:
-            break
-        vocab.setdefault(tok, len(vocab))
-    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[special] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return tok
 
 
 def _write(name: str, config: dict[str, object], seed: int) -> Path:
@@ -72,7 +49,7 @@ def _write(name: str, config: dict[str, object], seed: int) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(tmp, safe_serialization=True)
     del model
-    full_vocab_tokenizer(int(config["vocab_size"])).save(str(tmp / "tokenizer.json"))  # type: ignore[call-overload]
+    synthetic_tokenizer(int(config["vocab_size"])).save(str(tmp / "tokenizer.json"))  # type: ignore[call-overload]
     (tmp / "tokenizer_config.json").write_text(json.dumps({"chat_template": DEFAULT_CHAT_TEMPLATE}, indent=2) + "\n")
     write_manifest(tmp)
     shutil.rmtree(out, ignore_errors=True)

@@ -114,6 +114,7 @@ class _Live:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent (text held back)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)   # prompt tokens 1.. (echo)
+    pending_ids: list[int] = field(default_factory=list)                # tokens whose text is not sent yet
     sent_any: bool = False
 
 
@@ -440,6 +441,7 @@ class Engine:
             if lp is not None:
                 live.logprobs.append(lp)
                 live.pending_logprobs.append(lp)
+            live.pending_ids.append(tok)
             new = live.detok.step(tok)
             stops = live.params.stop
             cut = -1
@@ -454,13 +456,13 @@ class Engine:
                 live.text = live.text[:cut]
             hold = 0 if cut >= 0 else max((len(x) - 1 for x in stops), default=0)
             upto = max(live.sent_chars, len(live.text) - hold)
-            if upto > live.sent_chars or (live.pending_logprobs and not stops):
-                delta = Delta(live.text[live.sent_chars:upto], [tok], live.pending_logprobs,
+            if upto > live.sent_chars or (live.pending_ids and not stops):
+                delta = Delta(live.text[live.sent_chars:upto], live.pending_ids, live.pending_logprobs,
                               None if live.sent_any else live.prompt_logprobs)
                 live.sent_any = True
                 out.setdefault(live.loop, []).append((live.queue, delta))
                 live.sent_chars = upto
-                live.pending_logprobs = []
+                live.pending_logprobs, live.pending_ids = [], []
         for loop, items in out.items():  # one wake-up of each event loop per step, not one per token
             loop.call_soon_threadsafe(_deliver, items)
         return stopped
@@ -470,9 +472,9 @@ class Engine:
         if live is None:
             return
         text = live.text
-        if len(text) > live.sent_chars or live.pending_logprobs:
+        if len(text) > live.sent_chars or live.pending_logprobs or live.pending_ids:
             live.loop.call_soon_threadsafe(live.queue.put_nowait,
-                                           Delta(text[live.sent_chars:], [], live.pending_logprobs,
+                                           Delta(text[live.sent_chars:], live.pending_ids, live.pending_logprobs,
                                                  None if live.sent_any else live.prompt_logprobs))
         now = time.monotonic()
         reason = (req.finish_reason or FinishReason.STOP).value

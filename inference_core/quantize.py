@@ -7,11 +7,15 @@ activations stay in the model's dtype. The deployment guide's budget: 25 % of th
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from inference_core.model import CausalLM
+
+INT8_MM_MAX_ROWS = 4  # up to here torch's int8 kernel beats dequantizing (measured by bench/quantize.py)
 
 
 def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,6 +39,13 @@ class Int8Linear(nn.Module):
     scale: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and rows <= INT8_MM_MAX_ROWS:
+            # torch's CPU kernel reads the int8 weights directly: half the bytes of bf16 for a decode step
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.qweight,
+                                                     self.scale.to(x.dtype))
+            out = out.view(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
         return F.linear(x, w, self.bias)
 
@@ -56,14 +67,28 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_int8(model: CausalLM) -> CausalLM:
-    """Replace every linear layer and the embedding in place; returns the model."""
+    """Replace every linear layer and the embedding in place; returns the model. A tied output head and
+    embedding keep sharing one int8 matrix (the rows are quantized the same way for both)."""
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
             elif isinstance(child, nn.Embedding):
                 setattr(module, name, Int8Embedding(child))
+    if tied:
+        head, emb = model.lm_head, model.model.embed_tokens
+        assert isinstance(head, Int8Linear) and isinstance(emb, Int8Embedding)
+        emb.qweight, emb.scale = head.qweight, head.scale
+    release_mapped_pages(model)
     return model
+
+
+def release_mapped_pages(model: CausalLM) -> None:
+    """Drop the resident pages of the checkpoint's memory maps (the full-precision weights were read to
+    quantize them and are no longer used); the few tensors that still view the maps fault back in."""
+    for mm in getattr(model, "mmaps", []):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -45,6 +45,7 @@ from inference_core.integrity import MANIFEST, verify_manifest
 from inference_core.memory import KVCacheTooSmall, parse_bytes
 from inference_core.openai_format import chat_logprobs, completion_logprobs, echo_entries, entries
 from inference_core.placement import apply, parse_budgets, plan
+from inference_core.quantize import quantize_int8
 from inference_core.sampling import SamplingParams, TokenLogprob
 from inference_core.telemetry import BusyTracker, Metrics, request_logger, rss_bytes
 from inference_core.tokenizer import TextTokenizer
@@ -70,6 +71,7 @@ class _Common(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    return_token_ids: bool = False  # vLLM: each choice carries prompt_token_ids and token_ids
 
     def params(self, i: int, default_max: int, logprobs: int | None = None,
                prompt_logprobs: int | None = None) -> SamplingParams:
@@ -117,6 +119,7 @@ class _Shape:
     logprobs: int | None
     echo: bool
     prompt_text: str
+    return_token_ids: bool = False
 
 
 def openai_error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -272,10 +275,14 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         if cached:
             usage["prompt_tokens_details"] = {"cached_tokens": cached}
         tok = engine.tokenizer
+
+        def ids_of(token_ids: list[int]) -> dict[str, Any]:
+            return {"prompt_token_ids": ids, "token_ids": token_ids} if body.return_token_ids else {}
+
         if out.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                         "logprobs": chat_logprobs(tok, r.logprobs) if out.logprobs is not None else None,
-                        "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+                        "finish_reason": r.finish_reason, **ids_of(r.token_ids)} for i, r in enumerate(results)]
             return JSONResponse({"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created,
                                  "model": model_name, "choices": choices, "usage": usage})
         head = out.prompt_text if out.echo else ""
@@ -285,7 +292,8 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             if out.logprobs is not None:
                 items = (echo_entries(ids, res.prompt_logprobs) if out.echo else []) + entries(res.logprobs)
                 lp = completion_logprobs(tok, items, 0)
-            texts.append({"index": i, "text": head + res.text, "logprobs": lp, "finish_reason": res.finish_reason})
+            texts.append({"index": i, "text": head + res.text, "logprobs": lp, "finish_reason": res.finish_reason,
+                          **ids_of(res.token_ids)})
         return JSONResponse({"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model_name,
                              "choices": texts, "usage": usage})
 
@@ -302,9 +310,11 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         ident = f"chatcmpl-{rid}" if chat else f"cmpl-{rid}"
         tok = engine.tokenizer
         offsets = [0] * len(request_ids)  # completions: text_offset continues across chunks
+        sent_prompt_ids = [False] * len(request_ids)
 
         def chunk(i: int, text: str | None, finish: str | None, first: bool = False,
-                  lps: list[TokenLogprob] | None = None, echo: Delta | Result | None = None) -> str:
+                  lps: list[TokenLogprob] | None = None, echo: Delta | Result | None = None,
+                  token_ids: list[int] | None = None) -> str:
             lp: dict[str, Any] | None = None
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
@@ -320,6 +330,11 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
                     lp = completion_logprobs(tok, items, offsets[i])
                     offsets[i] += sum(len(t) for t in lp["tokens"])
                 choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            if out.return_token_ids and token_ids is not None:
+                choice["token_ids"] = token_ids
+                if not sent_prompt_ids[i]:
+                    sent_prompt_ids[i] = True
+                    choice["prompt_token_ids"] = prompt_ids
             return _sse({"id": ident, "object": obj, "created": created, "model": model_name, "choices": [choice]})
 
         queue: asyncio.Queue[tuple[int, Delta | Result | BaseException]] = asyncio.Queue()
@@ -350,7 +365,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
                     echoed[i] = True
                     yield chunk(i, out.prompt_text, None, echo=item)
                 if isinstance(item, Delta):
-                    yield chunk(i, item.text, None, lps=item.logprobs)
+                    yield chunk(i, item.text, None, lps=item.logprobs, token_ids=item.token_ids)
                 else:
                     completion += len(item.token_ids)
                     yield chunk(i, None if chat else "", item.finish_reason)
@@ -373,7 +388,8 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             text = engine.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
         if bad := check(body, ids, body.max_tokens):
             return bad
-        return await run(body, ids, body.max_tokens or 16, _Shape(False, body.logprobs, body.echo, text), raw)
+        shape = _Shape(False, body.logprobs, body.echo, text, body.return_token_ids)
+        return await run(body, ids, body.max_tokens or 16, shape, raw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, raw: Request) -> Response:
@@ -386,7 +402,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         if body.top_logprobs is not None and not body.logprobs:
             return openai_error(400, "top_logprobs needs logprobs: true", "invalid_request_error", "top_logprobs")
         return await run(body, ids, max_tokens or min(256, engine.max_model_len - len(ids)),
-                         _Shape(True, logprobs, False, ""), raw)
+                         _Shape(True, logprobs, False, "", body.return_token_ids), raw)
 
     def authorize(authorization: str | None) -> None:
         expected = f"Bearer {admin_token}" if admin_token else None
@@ -421,7 +437,8 @@ def _exit_soon(reason: str) -> None:
 
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
           served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False,
-          max_memory: str | None = None, offload_folder: Path | None = None, verify_integrity: bool = True) -> FastAPI:
+          max_memory: str | None = None, offload_folder: Path | None = None, verify_integrity: bool = True,
+          quantization: str | None = None) -> FastAPI:
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
@@ -442,6 +459,8 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
                     raise IntegrityError(f"{model_dir}/{MANIFEST}: {'; '.join(mismatched)} "
                                          "(--skip-integrity-check serves it anyway)")
             model = load_model(model_dir)
+            if quantization == "int8":
+                quantize_int8(model)
             if max_memory:
                 placement = plan(model.config, parse_budgets(max_memory), next(model.parameters()).element_size(),
                                  offload=offload_folder is not None)
@@ -491,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of repeated prompt prefixes")
+    p.add_argument("--quantization", choices=["int8"], default=None,
+                   help="int8: weight-only, per-row int8 with fp16 scales (the seed's 25%% size)")
     p.add_argument("--skip-integrity-check", action="store_true",
                    help="serve even if files differ from the model directory's integrity.json (MD5/SHA-256)")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
@@ -519,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
                        memory_utilization=args.memory_utilization, kv_cache_memory=args.kv_cache_memory,
                        enable_prefix_caching=args.enable_prefix_caching)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
-                args.max_memory, args.offload_folder, not args.skip_integrity_check)
+                args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

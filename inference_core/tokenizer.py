@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,26 @@ def train_bundled_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
+def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with exactly ``vocab_size`` ids — the 256 byte symbols, then letter pairs and
+    triples, the last three ids the special tokens — for checkpoints written locally without their own
+    tokenizer (benchmarks, parity tests): every id decodes to its own text, so any generated id streams."""
+    letters = string.ascii_letters + string.digits
+    symbols = pre_tokenizers.ByteLevel.alphabet()
+    vocab: dict[str, int] = {}
+    for text in [*sorted(symbols), *("".join(p) for n in (2, 3) for p in itertools.product(letters, repeat=n))]:
+        if len(vocab) >= vocab_size - 3:
+            break
+        vocab.setdefault(text, len(vocab))
+    for special in SPECIAL_TOKENS:
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
 class TextTokenizer:
     """Encode/decode plus the chat template, loaded from a Hugging Face model directory."""
 
@@ -72,6 +94,14 @@ class TextTokenizer:
                 config = json.loads(cfg_path.read_text())
             except json.JSONDecodeError as exc:
                 raise TokenizerError(f"{cfg_path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+        template_file = model_dir / "chat_template.jinja"  # transformers 5 keeps the template here
+        if template_file.exists():
+            config = {**config, "chat_template": template_file.read_text()}
+            try:
+                return cls(tok, config)
+            except TokenizerError as exc:
+                where = str(template_file)
+                raise TokenizerError(str(exc).replace("tokenizer_config.json: chat_template", where)) from exc
         return cls(tok, config)
 
     @property
