@@ -32,6 +32,7 @@ from inference_core.sampling import SamplingParams, TokenLogprob, sample_batch, 
 from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Scheduler, SchedulerConfig
 from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
 from inference_core.tokenizer import IncrementalDetokenizer, TextTokenizer
+from inference_core.tp_worker import Peers
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ FatalHook = Callable[[str], None]
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: TextTokenizer, metrics: Metrics, logger: logging.Logger,
                  busy: BusyTracker, faults: FaultSwitch | None = None, config: EngineConfig | None = None,
-                 log_text: bool = False, on_fatal: FatalHook | None = None) -> None:
+                 log_text: bool = False, on_fatal: FatalHook | None = None, peers: Peers | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -142,6 +143,7 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         self.log_text = log_text
         self.on_fatal = on_fatal
+        self.peers = peers  # tensor-parallel ranks 1..N-1, run in lockstep with this one
         self.vocab_size = model.config.vocab_size
         attns: list[Attention] = [layer.self_attn for layer in model.model.layers]  # type: ignore[misc]
         self.devices = [a.k_proj.weight.device for a in attns]
@@ -162,6 +164,8 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
                                                    num_blocks, cfg.block_size, cfg.mode == "static",
                                                    cfg.enable_prefix_caching))
+        if peers is not None:
+            peers.send("alloc", num_blocks, cfg.block_size)
         self.cache = PagedKVCache.allocate(num_blocks, cfg.block_size, self.kv_heads, self.head_dim, self.dtype,
                                            self.devices)
         metrics.kv_cache_blocks.set(num_blocks)
@@ -196,6 +200,8 @@ class Engine:
         n = max(1, min(cfg.max_num_batched_tokens, want - 1))
         activation = self._profile(n, device)
         total, available = device_memory(device)
+        if self.peers is not None and device.type == "cpu":  # the ranks share this host's memory
+            total, available = total // self.peers.world, available // self.peers.world
         bpt = kv_bytes_per_token(len(self.devices), self.kv_heads, self.head_dim, self.dtype.itemsize)
         # A decode step gathers one layer's keys and values of every running sequence (padded): reserve that.
         gather = -(-2 * bpt // max(len(self.devices), 1))
@@ -211,10 +217,12 @@ class Engine:
         bs = self.config.block_size
         blocks = -(-num_tokens // bs)
         tmp = PagedKVCache.allocate(blocks, bs, self.kv_heads, self.head_dim, self.dtype, self.devices)
+        if self.peers is not None:
+            self.peers.send("alloc", blocks, bs)
         table = list(range(blocks))
-        self.model.forward_flat(FlatBatch([SeqChunk([0], 0, table, True)], bs), tmp)
+        self._run_forward([SeqChunk([0], 0, table, True)], tmp)
         with PeakMemory(device) as peak:
-            self.model.forward_flat(FlatBatch([SeqChunk([0] * num_tokens, 0, table, True)], bs), tmp)
+            self._run_forward([SeqChunk([0] * num_tokens, 0, table, True)], tmp)
         if peak.bytes is not None:
             return peak.bytes
         mc = self.model.config  # the kernel would not reset the high-water mark: estimate in float32
@@ -359,6 +367,8 @@ class Engine:
         try:
             sampled = self._forward(rows)
         except Exception as exc:  # the requests in this batch fail; the engine goes on (unless CUDA is gone)
+            if self.peers is not None:  # the other ranks may be inside the pass: the group cannot go on
+                raise
             self._fail(rows, exc)
             return
         finally:
@@ -387,7 +397,7 @@ class Engine:
         for ch, live, toks, table in rows:
             prompt_lp = live.params.prompt_logprobs is not None and ch.start < len(live.req.prompt_ids) - 1
             chunks.append(SeqChunk(toks, ch.start, table, ch.start + len(toks) == live.req.num_tokens, prompt_lp))
-        logits = self.model.forward_flat(FlatBatch(chunks, self.config.block_size), self.cache)  # [M, V]
+        logits = self._run_forward(chunks, self.cache)  # [M, V]
         samplers: list[_Live] = []
         picks: list[int] = []
         row = 0
@@ -407,6 +417,11 @@ class Engine:
         chosen = logits if len(picks) == logits.shape[0] else logits[picks]
         ids, lps = sample_batch(chosen, [lv.params for lv in samplers], [lv.generator for lv in samplers], banned)
         return {lv.req.request_id: (tok, lp) for lv, tok, lp in zip(samplers, ids, lps, strict=True)}
+
+    def _run_forward(self, chunks: list[SeqChunk], cache: PagedKVCache) -> torch.Tensor:
+        if self.peers is not None:  # the other ranks run the same pass; the all-reduces join us
+            self.peers.send("forward", chunks)
+        return self.model.forward_flat(FlatBatch(chunks, cache.block_size), cache)
 
     def _prompt_logprobs(self, live: _Live, start: int, logits: torch.Tensor) -> None:
         """Logits at positions start.. predict prompt tokens start+1..; recorded once (a recompute after a

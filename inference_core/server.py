@@ -49,6 +49,7 @@ from inference_core.quantize import quantize_int8
 from inference_core.sampling import SamplingParams, TokenLogprob
 from inference_core.telemetry import BusyTracker, Metrics, request_logger, rss_bytes
 from inference_core.tokenizer import TextTokenizer
+from inference_core.tp_worker import Peers, load_shard
 from inference_core.weights import load_model
 
 ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
@@ -438,7 +439,7 @@ def _exit_soon(reason: str) -> None:
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
           served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False,
           max_memory: str | None = None, offload_folder: Path | None = None, verify_integrity: bool = True,
-          quantization: str | None = None) -> FastAPI:
+          quantization: str | None = None, tensor_parallel_size: int = 1) -> FastAPI:
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
@@ -458,9 +459,15 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
                 if mismatched:
                     raise IntegrityError(f"{model_dir}/{MANIFEST}: {'; '.join(mismatched)} "
                                          "(--skip-integrity-check serves it anyway)")
-            model = load_model(model_dir)
-            if quantization == "int8":
-                quantize_int8(model)
+            peers = None
+            if tensor_parallel_size > 1:  # start ranks 1..N-1, then keep this rank's shard
+                peers = Peers(model_dir, tensor_parallel_size, quantization)
+                peers.watch(_exit_soon)
+                model = load_shard(model_dir, 0, tensor_parallel_size, quantization)
+            else:
+                model = load_model(model_dir)
+                if quantization == "int8":
+                    quantize_int8(model)
             if max_memory:
                 placement = plan(model.config, parse_budgets(max_memory), next(model.parameters()).element_size(),
                                  offload=offload_folder is not None)
@@ -469,7 +476,7 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
             tokenizer = TextTokenizer.from_dir(model_dir)
             cfg = dataclasses.replace(config or EngineConfig(), runtime_bytes=runtime)
             engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, cfg, log_text,
-                            on_fatal=_exit_soon)
+                            on_fatal=_exit_soon, peers=peers)
         except KVCacheTooSmall as exc:  # the flags cannot work on this machine: refuse to start
             slot.load_error = f"{type(exc).__name__}: {exc}"
             print(f"cannot serve {model_dir}: {exc}", file=sys.stderr, flush=True)
@@ -512,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="share the KV blocks of repeated prompt prefixes")
     p.add_argument("--quantization", choices=["int8"], default=None,
                    help="int8: weight-only, per-row int8 with fp16 scales (the seed's 25%% size)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard every layer over N processes (gloo on a CPU, nccl on GPUs)")
     p.add_argument("--skip-integrity-check", action="store_true",
                    help="serve even if files differ from the model directory's integrity.json (MD5/SHA-256)")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
@@ -529,6 +538,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.tensor_parallel_size < 1:
+        p.error("--tensor-parallel-size must be at least 1")
+    if args.tensor_parallel_size > 1 and args.max_memory:
+        p.error("--tensor-parallel-size and --max-memory cannot be combined")
     if args.max_model_len is not None and args.max_model_len < 2:
         p.error("--max-model-len must be at least 2")
     token = os.environ.get(ADMIN_TOKEN_ENV) or None
@@ -540,7 +553,8 @@ def main(argv: list[str] | None = None) -> None:
                        memory_utilization=args.memory_utilization, kv_cache_memory=args.kv_cache_memory,
                        enable_prefix_caching=args.enable_prefix_caching)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
-                args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization)
+                args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization,
+                args.tensor_parallel_size)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -234,3 +234,47 @@ def test_preemption_under_memory_pressure_keeps_outputs(tiny_model_dir: Path, tm
         assert s.metric("inference_kv_cache_blocks") <= 64
     finally:
         s.close()
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+def test_tensor_parallel_serving_equals_one_process_and_fails_as_a_group(tiny_model_dir: Path, tmp_path: Path,
+                                                                         server: Server) -> None:
+    """--tensor-parallel-size 2 (gloo: ranks as processes): the same greedy tokens as one process for
+    concurrent requests; a rank killed takes the server down (exit 70), and a killed server its ranks."""
+    prompts = ["The cluster is", "Why did the alert fire?", "GPU", "def add(a, b):"]
+    body = {"max_tokens": 16, "temperature": 0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+
+    def tokens(url: str) -> list[list[int]]:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        async def run() -> list[list[int]]:
+            rs = await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, **body)  # type: ignore[call-overload]
+                                        for p in prompts))
+            return [r.choices[0].model_extra["token_ids"] for r in rs]
+
+        return asyncio.run(run())
+
+    tp = Server(tiny_model_dir, tmp_path, "--tensor-parallel-size", "2")
+    try:
+        assert tokens(tp.url) == tokens(server.url)
+        (worker,) = [k for k in _children(tp.proc.pid)
+                     if b"inference_core.tp_worker" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        os.kill(worker, 9)
+        assert tp.proc.wait(30) == 70
+    finally:
+        assert "tensor-parallel rank 1 exited with -9" in tp.stderr()
+    tp2 = Server(tiny_model_dir, tmp_path, "--tensor-parallel-size", "2")
+    (worker,) = [k for k in _children(tp2.proc.pid)
+                 if b"inference_core.tp_worker" in Path(f"/proc/{k}/cmdline").read_bytes()]
+    tp2.proc.kill()
+    tp2.proc.wait(30)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
