@@ -82,26 +82,35 @@ def main() -> None:
     try:
         ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
         rng = random.Random(0)
+        prompts = [[rng.randrange(3, 150000) for _ in range(args.prompt_len)] for _ in range(args.runs)]
         ours_r, theirs_r = [], []
-        stream_completion(srv.url, srv.name, [rng.randrange(3, 150000) for _ in range(8)], 4)  # warm-up
+        stream_completion(srv.url, srv.name, [5, 6, 7, 8], 4)  # warm-up
         theirs(ref, [5, 6, 7, 8], 2)
-        for _ in range(args.runs):  # interleaved, so both see the same machine
-            prompt = [rng.randrange(3, 150000) for _ in range(args.prompt_len)]
+        for prompt in prompts:  # interleaved, so both see the same machine
             ours_r.append(rate(stream_completion(srv.url, srv.name, prompt, args.tokens)))
             theirs_r.append(rate(theirs(ref, prompt, args.tokens)))
         del ref
+        peak, ready, plan = srv.peak_rss(), srv.ready_s, srv.plan()
+        srv.close()
+        srv = Served(model_dir, "--quantization", "int8")  # the seed's int8, on the same prompts
+        stream_completion(srv.url, srv.name, [5, 6, 7, 8], 4)
+        int8_r = [rate(stream_completion(srv.url, srv.name, p, args.tokens)) for p in prompts]
+        int8_peak = srv.peak_rss()
         bw = read_bandwidth()
         bound = bw / weight_bytes
         o, t = statistics.median(ours_r), statistics.median(theirs_r)
         print(f"checkpoint: {model_dir.name}, {weight_bytes / 2**20:.0f} MiB of bf16 weights; memory read bandwidth "
               f"{bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s")
-        print(f"server (default flags): ready in {srv.ready_s:.1f} s; peak RSS {srv.peak_rss() / 2**30:.2f} GiB")
-        print(srv.plan())
+        print(f"server (default flags): ready in {ready:.1f} s; peak RSS {peak / 2**30:.2f} GiB")
+        print(plan)
         print(f"single-stream decode over HTTP: ours {o:.1f} tok/s, transformers generate {t:.1f} tok/s "
               f"(median of {args.runs}; ours {', '.join(f'{x:.1f}' for x in ours_r)}; "
               f"theirs {', '.join(f'{x:.1f}' for x in theirs_r)})")
         print(f"ratio ours / transformers: {o / t:.2f}x (target >= 1.5x); ours / bandwidth bound: "
               f"{100 * o / bound:.0f}% (target >= 50%)")
+        i8 = statistics.median(int8_r)
+        print(f"--quantization int8 (measured after, same prompts): {i8:.1f} tok/s = {i8 / o:.2f}x bf16 "
+              f"({', '.join(f'{x:.1f}' for x in int8_r)}); peak RSS {int8_peak / 2**30:.2f} GiB")
     finally:
         srv.close()
 

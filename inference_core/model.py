@@ -31,7 +31,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # In float32, then back to the input's dtype before the weight, as transformers' Qwen2/Llama RMSNorm.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        x32 = x.float()
+        if torch.onnx.is_in_onnx_export():  # opset 17 has no RMSNormalization: spell it out
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        else:
+            normed = F.rms_norm(x32, (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:

@@ -56,6 +56,9 @@ class ReplicaSettings(Section):
     enable_faults: bool = False
     admin_token: SecretStr | None = None
     start_timeout: Duration = 120.0
+    engine_args: list[str] = Field(
+        default_factory=list, description="more flags for every replica's inference server, as a list, e.g. "
+        "['--memory-utilization', '0.2', '--quantization', 'int8'] (replicas sharing a host share its memory)")
     _token = field_validator("admin_token")(_no_placeholder)
 
 

@@ -37,6 +37,7 @@ class ReplicaSpec:
     enable_faults: bool = False
     admin_token: str | None = None
     served_model_name: str | None = None
+    engine_args: tuple[str, ...] = ()  # more server flags (an argument list, never a shell string)
 
     @property
     def url(self) -> str:
@@ -49,7 +50,7 @@ class ReplicaSpec:
             args += ["--served-model-name", self.served_model_name]
         if self.enable_faults:
             args.append("--enable-faults")
-        return args
+        return args + list(self.engine_args)
 
 
 def stop_process(proc: subprocess.Popen[bytes], name: str, timeout_s: float = 10.0) -> None:

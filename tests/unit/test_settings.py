@@ -41,3 +41,13 @@ def test_secrets_never_print(tmp_path: Path) -> None:
     s = load_settings(cfg)
     assert "s3cr3t" not in repr(s) and "s3cr3t" not in s.model_dump_json()
     assert s.api.token is not None and s.api.token.get_secret_value() == "s3cr3t-value-0123456789"
+
+
+def test_replica_engine_args_reach_the_server_command_line_as_a_list(tmp_path: Path) -> None:
+    from sentinel.supervisor import ReplicaSpec
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("replicas:\n  engine_args: ['--memory-utilization', '0.2', '--quantization', 'int8']\n")
+    s = load_settings(cfg)
+    spec = ReplicaSpec("replica-0", 8000, tmp_path, tmp_path, engine_args=tuple(s.replicas.engine_args))
+    assert spec.argv()[-4:] == ["--memory-utilization", "0.2", "--quantization", "int8"]
