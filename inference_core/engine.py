@@ -356,7 +356,7 @@ class Engine:
             rows: list[Row] = []
             for ch in out.chunks:
                 live = self.live[ch.request_id]
-                rows.append((ch, live, live.req.all_ids[ch.start:ch.start + ch.num_tokens],
+                rows.append((ch, live, live.req.tokens(ch.start, ch.start + ch.num_tokens),
                              list(self.scheduler.blocks.tables[ch.request_id])))
             self._prefix_metrics()
             self.metrics.requests_running.set(len(self.scheduler.running))

@@ -68,6 +68,15 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """``all_ids[start:stop]`` without building the whole list (a hot path: every step, every request)."""
+        p = len(self.prompt_ids)
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        if start >= p:
+            return self.output_ids[start - p:stop - p]
+        return self.prompt_ids[start:] + self.output_ids[:stop - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -172,10 +181,9 @@ class BlockManager:
         table, hashes, bs = self.tables.get(req.request_id), self.hashes.get(req.request_id), self.block_size
         if table is None or hashes is None:
             return
-        ids = req.all_ids
         while len(hashes) < min(req.num_computed // bs, len(table)):
             i = len(hashes)
-            h = self._chain(hashes[-1] if hashes else None, ids[i * bs:(i + 1) * bs])
+            h = self._chain(hashes[-1] if hashes else None, req.tokens(i * bs, (i + 1) * bs))
             hashes.append(h)
             block = table[i]
             if h not in self.cached and block not in self.hash_of:

@@ -264,3 +264,10 @@ def test_shared_prefixes_give_the_outputs_of_no_caching(reqs: list[tuple[int, in
         assert s.blocks.usage == 0.0
         runs.append({k: v.output_ids for k, v in done.items()})
     assert runs[0] == runs[1] and len(runs[0]) == len(reqs)
+
+
+@given(st.integers(0, 6), st.integers(0, 6), st.integers(0, 12), st.integers(0, 12))
+def test_tokens_is_a_slice_of_all_ids(plen: int, olen: int, a: int, b: int) -> None:
+    r = Request("r", list(range(1, plen + 1)), 5, output_ids=list(range(100, 100 + olen)))
+    start, stop = min(a, b), max(a, b)
+    assert r.tokens(start, stop) == r.all_ids[start:stop]
