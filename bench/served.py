@@ -35,8 +35,12 @@ class Served:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.stderr()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/ready", timeout=2)
+                if r.status_code == 200:
                     break
+                if r.json().get("load_error"):
+                    self.close()
+                    raise RuntimeError(f"server failed to load: {r.json()['load_error']}")
             except httpx.HTTPError:
                 pass
             if time.monotonic() - t0 > timeout_s:

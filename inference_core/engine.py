@@ -27,7 +27,7 @@ from inference_core import kernels
 from inference_core.faults import FaultSwitch
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
 from inference_core.memory import KVPlan, PeakMemory, device_memory, kv_bytes_per_token, plan_kv_cache
-from inference_core.model import Attention, CausalLM
+from inference_core.model import Attention, CausalLM, device_of
 from inference_core.sampling import SamplingParams, TokenLogprob, sample_batch, token_logprobs
 from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Scheduler, SchedulerConfig
 from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
@@ -146,7 +146,7 @@ class Engine:
         self.peers = peers  # tensor-parallel ranks 1..N-1, run in lockstep with this one
         self.vocab_size = model.config.vocab_size
         attns: list[Attention] = [layer.self_attn for layer in model.model.layers]  # type: ignore[misc]
-        self.devices = [a.k_proj.weight.device for a in attns]
+        self.devices = [device_of(a.k_proj) for a in attns]
         self.dtype = next(model.parameters()).dtype
         self.kv_heads, self.head_dim = attns[0].k, attns[0].d  # a tensor-parallel shard holds fewer heads
         self.plan: KVPlan | None = None
@@ -551,9 +551,10 @@ class Engine:
 
 
 def _weights_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer storage (tied weights counted once)."""
+    """Bytes of every distinct parameter and buffer (tied weights counted once). Per tensor, not per
+    storage: the loaded weights are views of one memory map of the whole file."""
     seen: dict[int, int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         if t.device.type != "meta":
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            seen[t.data_ptr()] = max(seen.get(t.data_ptr(), 0), t.nbytes)
     return sum(seen.values())

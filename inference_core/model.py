@@ -89,6 +89,13 @@ class KVCache:
         return k, v
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's weights live (parameters, or buffers for quantized layers)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    raise ValueError(f"{type(module).__name__} holds no tensors")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

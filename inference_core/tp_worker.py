@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from inference_core.kv_cache import FlatBatch, PagedKVCache
-from inference_core.model import Attention, CausalLM
+from inference_core.model import Attention, CausalLM, device_of
 from inference_core.quantize import quantize_int8, release_mapped_pages
 from inference_core.tensor_parallel import init_process_group, shard_model
 from inference_core.weights import load_model
@@ -53,7 +53,7 @@ def load_shard(model_dir: Path, rank: int, world: int, quantization: str | None)
 
 def pool_for(model: CausalLM, num_blocks: int, block_size: int) -> PagedKVCache:
     attns: list[Attention] = [layer.self_attn for layer in model.model.layers]  # type: ignore[misc]
-    devices = [a.k_proj.weight.device for a in attns]
+    devices = [device_of(a.k_proj) for a in attns]
     return PagedKVCache.allocate(num_blocks, block_size, attns[0].k, attns[0].d, next(model.parameters()).dtype,
                                  devices)
 

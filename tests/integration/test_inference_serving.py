@@ -278,3 +278,22 @@ def test_tensor_parallel_serving_equals_one_process_and_fails_as_a_group(tiny_mo
     while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]
+
+
+def test_int8_quantization_serves_a_quarter_of_the_weights(tiny_model_dir: Path, tmp_path: Path,
+                                                           server: Server) -> None:
+    prompts = ["The cluster is", "Why did the alert fire? Because the error rate", "Memory usage must keep"]
+
+    def first_tokens(s: Server) -> list[int]:
+        return [s.client.completions.create(model=MODEL, prompt=p, max_tokens=1, temperature=0,
+                                            extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"][0]
+                for p in prompts]
+
+    q = Server(tiny_model_dir, tmp_path, "--quantization", "int8")
+    try:
+        assert first_tokens(q) == first_tokens(server)  # top-1 agreement where the model is confident
+    finally:
+        err = q.stderr()
+    weights = next(line for line in err.splitlines() if "weights" in line and "activation peak" in line)
+    mib = float(weights.split("weights ")[1].split(" MiB")[0])
+    assert mib < 0.35 * (tiny_model_dir / "model.safetensors").stat().st_size / 2**20, weights
