@@ -33,6 +33,7 @@ from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Sche
 from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
 from inference_core.tokenizer import IncrementalDetokenizer, TextTokenizer
 from inference_core.tp_worker import Peers
+from inference_core.weights import move_to_hugepages
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     runtime_bytes: int | None = None          # the process's footprint before the weights (default: measured now)
     cpu_kernels: bool = True                  # bf16 decode matrix-vector products on the AVX512-BF16 kernel
+    hugepage_weights: bool = True             # CPU weights copied from the file map into huge pages at start
     mode: Literal["continuous", "static"] = "continuous"
     static_batch_wait_s: float = 0.05         # static mode: how long to wait for a full batch
     max_num_waiting: int = 256
@@ -150,6 +152,9 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.kv_heads, self.head_dim = attns[0].k, attns[0].d  # a tensor-parallel shard holds fewer heads
         self.plan: KVPlan | None = None
+        if cfg.hugepage_weights and all(d.type == "cpu" for d in self.devices):
+            moved = move_to_hugepages(model)
+            log.info("weights in transparent huge pages: %.1f MiB", moved / 2**20)
         if cfg.cpu_kernels and self.dtype == torch.bfloat16 and torch.device("cpu") in self.devices:
             n = kernels.accelerate(model)
             log.info("cpu kernels: %s (%d linear layers)", kernels.status(), n)

@@ -285,9 +285,9 @@ def test_int8_quantization_serves_a_quarter_of_the_weights(tiny_model_dir: Path,
     prompts = ["The cluster is", "Why did the alert fire? Because the error rate", "Memory usage must keep"]
 
     def first_tokens(s: Server) -> list[int]:
-        return [s.client.completions.create(model=MODEL, prompt=p, max_tokens=1, temperature=0,
-                                            extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"][0]
-                for p in prompts]
+        rs = [s.client.completions.create(model=MODEL, prompt=p, max_tokens=1, temperature=0,
+                                          extra_body={"return_token_ids": True}) for p in prompts]
+        return [r.choices[0].model_extra["token_ids"][0] for r in rs]  # type: ignore[index]
 
     q = Server(tiny_model_dir, tmp_path, "--quantization", "int8")
     try:

@@ -143,3 +143,22 @@ def test_accelerated_bf16_model_decodes_the_same_tokens() -> None:
             toks.append(int(logits[0].argmax()))
             logits = m.forward_flat(FlatBatch([SeqChunk([toks[-1]], len(toks) - 1, [0, 1], True)], 16), pool)
     assert toks_a == toks_b
+
+
+@torch.inference_mode()
+def test_weights_moved_to_huge_pages_give_the_same_logits(tiny_model_dir: Path) -> None:
+    from inference_core.weights import hugepages_available, move_to_hugepages
+
+    model = load_model(tiny_model_dir)
+    ids, pos = torch.tensor([[5, 6, 7, 8, 9]]), torch.arange(5)[None]
+    before = model(ids, pos)
+    file_map = torch.frombuffer(model.mmaps[0], dtype=torch.uint8)
+    lo, hi = file_map.data_ptr(), file_map.data_ptr() + file_map.numel()
+    moved = move_to_hugepages(model)
+    if not hugepages_available():
+        assert moved == 0
+        pytest.skip("transparent huge pages are off on this machine: the weights stay in the file map")
+    assert moved >= sum(p.nbytes for p in model.parameters()) // 2
+    assert not any(lo <= p.data_ptr() < hi for p in model.parameters())  # nothing views the file any more
+    assert torch.equal(model(ids, pos), before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight or not model.config.tie_word_embeddings
