@@ -36,3 +36,21 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m inference_core.kernels
   echo "$want" > "$stamp"
 fi
+
+# Elasticsearch for the log store's tests: the integration-test distribution from Maven Central
+# (no bundled JDK: it runs on the default Java 17), fetched once into var/elasticsearch (ignored).
+ES_VERSION="${ES_VERSION:-8.17.4}"
+if [ ! -x "$ROOT/var/elasticsearch/elasticsearch-$ES_VERSION/bin/elasticsearch" ]; then
+  command -v mvn >/dev/null && command -v java >/dev/null && command -v unzip >/dev/null || {
+    echo "setup: installing Debian packages for Elasticsearch: maven openjdk-17-jre-headless unzip curl"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends maven \
+      openjdk-17-jre-headless unzip curl
+  }
+  echo "setup: fetching Elasticsearch $ES_VERSION (integ-test distribution) from Maven Central"
+  mkdir -p "$ROOT/var/elasticsearch"
+  mvn -q dependency:copy -Dartifact="org.elasticsearch.distribution.integ-test-zip:elasticsearch:$ES_VERSION:zip" \
+    -DoutputDirectory="$ROOT/var/elasticsearch"
+  (cd "$ROOT/var/elasticsearch" && unzip -q -o "elasticsearch-$ES_VERSION.zip" && rm -f "elasticsearch-$ES_VERSION.zip")
+fi

@@ -61,3 +61,24 @@ def test_field_names_never_reach_sql(tmp_path: Path) -> None:
 def test_redaction_follows_the_seed() -> None:
     doc = redact({"@timestamp": "2026-01-01T00:00:00Z", "message": "born 1990-04-01, mail a.b@example.com", "n": 3})
     assert doc == {"@timestamp": "2026-01-01T00:00:00Z", "message": "born XXXX-XX-XX, mail <email>", "n": 3}
+
+
+def test_personal_data_is_redacted_and_operational_numbers_are_not() -> None:
+    from sentinel.logstore.shipper import redact
+
+    doc = redact({"@timestamp": "2026-11-28T10:00:00Z", "message": (
+        "user a.b@example.org on 2026-11-28 id 11010519491231002X ssn 123-45-6789 card 4111 1111 1111 1111 "
+        "call +86 138 0013 8000 or 13800138000 or +1 (415) 555-2671; took 512 ms for 16384 tokens at 10:00"),
+        "inference_time": 512.5})
+    assert doc["message"] == ("user <email> on XXXX-XX-XX id <national-id> ssn <national-id> card <card> "
+                              "call <phone> or <phone> or <phone>; took 512 ms for 16384 tokens at 10:00")
+    assert doc["@timestamp"] == "2026-11-28T10:00:00Z" and doc["inference_time"] == 512.5
+
+
+def test_event_ids_are_deterministic() -> None:
+    from sentinel.logstore.shipper import event_id
+
+    a = event_id("replica-0", 42, 100, b'{"x": 1}')
+    assert a == event_id("replica-0", 42, 100, b'{"x": 1}')
+    assert len({a, event_id("replica-1", 42, 100, b'{"x": 1}'), event_id("replica-0", 43, 100, b'{"x": 1}'),
+                event_id("replica-0", 42, 101, b'{"x": 1}'), event_id("replica-0", 42, 100, b'{"x": 2}')}) == 5

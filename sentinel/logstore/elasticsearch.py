@@ -1,0 +1,115 @@
+"""Elasticsearch as the log store's sink: an index template with explicit mappings, daily indices
+``deepseek-inference-YYYY.MM.DD`` (UTC, from each event's ``@timestamp``), bulk indexing with each
+event's deterministic id (``event.id``, see ``shipper.event_id``), and the shipper's offsets
+checkpointed in SQLite only after Elasticsearch acknowledged the whole batch.
+
+So a crash between the bulk request and the checkpoint re-sends a batch that overwrites itself (same
+ids), and Elasticsearch being down raises ``LogStoreUnavailable`` with the offsets where they were:
+nothing is lost and nothing duplicated. Queries stay within the modules the integration-test
+distribution ships (the server's own query DSL and aggregations).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from elasticsearch import ApiError, Elasticsearch, TransportError, helpers
+
+INDEX_PREFIX = "deepseek-inference"
+TEMPLATE_NAME = "deepseek-inference"
+
+# Explicit mappings for what the inference core logs (ECS names where ECS has one); other string
+# fields become keywords, so nothing is analysed that a rule did not ask for.
+MAPPINGS: dict[str, Any] = {
+    "dynamic_templates": [{"strings_as_keywords": {"match_mapping_type": "string",
+                                                   "mapping": {"type": "keyword", "ignore_above": 1024}}}],
+    "properties": {
+        "@timestamp": {"type": "date"},
+        "message": {"type": "text"},
+        "level": {"type": "keyword"},
+        "service": {"properties": {"name": {"type": "keyword"}}},
+        "host": {"properties": {"name": {"type": "keyword"}}},
+        "event": {"properties": {"id": {"type": "keyword"}}},
+        "replica": {"type": "keyword"},
+        "request_id": {"type": "keyword"},
+        "inference_time": {"type": "float"},
+        "ttft_ms": {"type": "float"},
+        "batch_size": {"type": "integer"},
+        "cuda_error": {"type": "keyword"},
+        "error": {"type": "text"},
+        "finish_reason": {"type": "keyword"},
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "cached_tokens": {"type": "integer"},
+        "preemptions": {"type": "integer"},
+    },
+}
+
+
+class LogStoreUnavailable(RuntimeError):
+    """Elasticsearch did not take the batch (down, slow, or refusing): the offsets stay where they were."""
+
+
+def index_for(ts: float) -> str:
+    return f"{INDEX_PREFIX}-{datetime.fromtimestamp(ts, UTC):%Y.%m.%d}"
+
+
+class ElasticsearchSink:
+    """The shipper's sink for Elasticsearch, with its checkpoints in a SQLite file beside sentinel's state."""
+
+    def __init__(self, client: Elasticsearch, checkpoint_db: Path, replicas: int = 0) -> None:
+        self.client = client
+        checkpoint_db.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(checkpoint_db, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS checkpoints (source TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._lock = threading.Lock()
+        self._template_ready = False
+        self.replicas = replicas
+
+    def ensure_template(self) -> None:
+        """Install (or update) the index template; every daily index is created from it."""
+        try:
+            self.client.indices.put_index_template(
+                name=TEMPLATE_NAME, index_patterns=[f"{INDEX_PREFIX}-*"], priority=200,
+                template={"settings": {"number_of_shards": 1, "number_of_replicas": self.replicas},
+                          "mappings": MAPPINGS})
+        except (ApiError, TransportError) as exc:
+            raise LogStoreUnavailable(f"cannot install the index template: {exc}") from exc
+        self._template_ready = True
+
+    def add(self, events: Sequence[tuple[float, Mapping[str, Any]]],
+            checkpoint: tuple[str, Mapping[str, Any]] | None = None) -> None:
+        if events:
+            if not self._template_ready:
+                self.ensure_template()
+            actions = [{"_op_type": "index", "_index": index_for(ts), "_id": doc["event.id"], "_source": dict(doc)}
+                       for ts, doc in events]
+            try:
+                ok, errors = helpers.bulk(self.client, actions, raise_on_error=False, raise_on_exception=True,
+                                          max_retries=0)
+            except (ApiError, TransportError, helpers.BulkIndexError) as exc:
+                raise LogStoreUnavailable(f"bulk indexing failed: {exc}") from exc
+            if errors:
+                first = errors[0] if isinstance(errors, list) else errors
+                raise LogStoreUnavailable(f"{len(errors) if isinstance(errors, list) else 1} documents refused, "
+                                          f"e.g. {json.dumps(first)[:300]}")
+        if checkpoint is not None:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)",
+                                 (checkpoint[0], json.dumps(checkpoint[1])))
+
+    def checkpoint(self, source: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM checkpoints WHERE source = ?", (source,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
