@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from elasticsearch import ApiError, Elasticsearch, TransportError, helpers
+
+from sentinel.rules.model import LogFilter
 
 INDEX_PREFIX = "deepseek-inference"
 TEMPLATE_NAME = "deepseek-inference"
@@ -113,3 +115,61 @@ class ElasticsearchSink:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class ElasticsearchLogStore:
+    """Answers log rules from the daily indices with the local store's semantics (``LocalLogStore.count``):
+    matching events in (since, until] by ``@timestamp``, grouped by the ``query_key`` fields (a missing
+    field groups as ""), through a composite aggregation paged to the end."""
+
+    def __init__(self, client: Elasticsearch, timeout_s: float = 10.0) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+
+    @staticmethod
+    def _query(filters: Iterable[LogFilter], since: float, until: float) -> dict[str, Any]:
+        must: list[dict[str, Any]] = [{"range": {"@timestamp": {
+            "gt": int(since * 1000), "lte": int(until * 1000), "format": "epoch_millis"}}}]
+        for f in filters:
+            if f.exists is not None:
+                must.append({"exists": {"field": f.exists}})
+            for name, value in (f.term or {}).items():
+                must.append({"term": {name: value}})
+        return {"bool": {"filter": must}}
+
+    def count(self, filters: Iterable[LogFilter], since: float, until: float,
+              query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]:
+        query = self._query(list(filters), since, until)
+        es = self.client.options(request_timeout=self.timeout_s)
+        try:
+            if not query_key:
+                n = int(es.count(index=f"{INDEX_PREFIX}-*", query=query, ignore_unavailable=True,
+                                 allow_no_indices=True)["count"])
+                return [({}, n)] if n else []
+            out: list[tuple[dict[str, str], int]] = []
+            after: dict[str, Any] | None = None
+            sources = [{k: {"terms": {"field": k, "missing_bucket": True}}} for k in query_key]
+            while True:
+                comp: dict[str, Any] = {"size": 1000, "sources": sources}
+                if after is not None:
+                    comp["after"] = after
+                r = es.search(index=f"{INDEX_PREFIX}-*", size=0, query=query, ignore_unavailable=True,
+                              allow_no_indices=True, aggs={"g": {"composite": comp}})
+                agg = (r.get("aggregations") or {}).get("g") or {}
+                for b in agg.get("buckets", []):
+                    labels = {k: "" if b["key"][k] is None else _label(b["key"][k]) for k in query_key}
+                    out.append((labels, int(b["doc_count"])))
+                after = agg.get("after_key")
+                if not agg.get("buckets") or after is None:
+                    return out
+        except (ApiError, TransportError) as exc:
+            raise LogStoreUnavailable(f"Elasticsearch query failed: {exc}") from exc
+
+
+def _label(v: Any) -> str:
+    """As the local store prints a JSON value: integers without a fraction, booleans lower-case."""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)

@@ -6,7 +6,9 @@ Third-party errors are translated here, at the boundary, into DatasourceError.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
@@ -14,8 +16,7 @@ from urllib3.util.retry import Retry
 
 from sentinel.alerts.state import Sample
 from sentinel.errors import DatasourceError
-from sentinel.logstore.local import LocalLogStore
-from sentinel.rules.model import LogQuery
+from sentinel.rules.model import LogFilter, LogQuery
 
 
 class PromQLSource:
@@ -59,6 +60,14 @@ class PromQLSource:
                  [float(v) for _, v in r.get("values", [])]) for r in result]
 
 
+class LogCounter(Protocol):
+    """A log store that counts matching events in (since, until] per ``query_key`` group: the local
+    store (``LocalLogStore``) or Elasticsearch (``ElasticsearchLogStore``), with the same answers."""
+
+    def count(self, filters: Iterable[LogFilter], since: float, until: float,
+              query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]: ...
+
+
 class LogRuleSource:
     """Turns an ElastAlert-style log query into samples: one per ``query_key`` group that matches.
 
@@ -66,13 +75,13 @@ class LogRuleSource:
     ``frequency``: only groups with at least ``num_events`` matching events.
     """
 
-    def __init__(self, store: LocalLogStore) -> None:
+    def __init__(self, store: LogCounter) -> None:
         self.store = store
 
     def query(self, q: LogQuery, at: float) -> list[Sample]:
         try:
             groups = self.store.count(q.filter, at - q.timeframe, at, q.query_key)
-        except Exception as exc:  # sqlite3 errors; translated at the boundary
+        except Exception as exc:  # sqlite3 or Elasticsearch errors; translated at the boundary
             raise DatasourceError(f"log store query failed: {exc}") from exc
         need = q.num_events if q.type == "frequency" else 1
         return [Sample(labels, float(n)) for labels, n in groups if n >= need]

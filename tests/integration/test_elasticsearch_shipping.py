@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,46 @@ def test_kill_9_of_the_shipper_mid_stream(elasticsearch: ElasticsearchNode, tmp_
     restarted = Shipper(ElasticsearchSink(es, tmp_path / "ship.db"), [source])
     restarted.run_once()
     assert count(es, "replica-c") == written == 1100
+
+
+def test_log_rules_answer_the_same_from_both_stores(elasticsearch: ElasticsearchNode, tmp_path: Path) -> None:
+    """The same lines shipped to the local store and to Elasticsearch: every rule gives the same samples
+    at every evaluation time (ElastAlert's any and frequency, filters, query_key, window edges)."""
+    from sentinel.logstore.elasticsearch import ElasticsearchLogStore
+    from sentinel.logstore.local import LocalLogStore
+    from sentinel.rules.model import LogQuery
+    from sentinel.rules.sources import LogRuleSource
+
+    t0 = 1795900000.0  # 2026-11-28T...Z
+    sources = []
+    for r in range(3):
+        path = tmp_path / f"replica-{r}.log"
+        with path.open("w") as fh:
+            for i in range(60):
+                ts = t0 + i * 5 + r  # one line every 5 s per replica, offset by the replica
+                cuda = "CUDA error: an illegal memory access" if (i + r) % 7 == 0 else None
+                fh.write(json.dumps({"@timestamp": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+                                     .replace("+00:00", "Z"), "level": "error" if cuda else "info",
+                                     "cuda_error": cuda, "batch_size": i % 4, "finish_reason": "length" if i % 3
+                                     else "stop", "message": "x"}) + "\n")
+        sources.append(LogSource(f"replica-{r}", path, {"replica": f"replica-{r}", "host.name": "h"}))
+    local = LocalLogStore(tmp_path / "logs.db")
+    Shipper(local, sources).run_once()
+    es = Elasticsearch(elasticsearch.url)
+    Shipper(ElasticsearchSink(es, tmp_path / "ship.db"), sources).run_once()
+    es.indices.refresh(index="deepseek-inference-*")
+    a, b = LogRuleSource(local), LogRuleSource(ElasticsearchLogStore(es))
+    rules = [LogQuery(type="any", filter=[{"exists": "cuda_error"}], timeframe=60, query_key=["replica"]),
+             LogQuery(type="frequency", filter=[{"term": {"level": "error"}}], timeframe=120, num_events=2,
+                      query_key=["replica", "host.name"]),
+             LogQuery(type="any", filter=[{"term": {"batch_size": 3}}, {"term": {"finish_reason": "stop"}}],
+                      timeframe=30),
+             LogQuery(type="frequency", timeframe=45, num_events=20, query_key=["batch_size"]),
+             LogQuery(type="any", filter=[{"exists": "no_such_field"}], timeframe=300)]
+    checked = 0
+    for q in rules:
+        for at in [t0 + k * 17.5 for k in range(20)] + [t0 + 60.0, t0 + 61.0]:  # on and off the line times
+            want = sorted((sorted(s.labels.items()), s.value) for s in a.query(q, at))
+            assert sorted((sorted(s.labels.items()), s.value) for s in b.query(q, at)) == want, (q, at)
+            checked += bool(want)
+    assert checked > 30  # most evaluations found something: the comparison is not of empty sets
