@@ -32,6 +32,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def up(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
     prometheus_url: Annotated[str | None, typer.Option(help="use an existing Prometheus")] = None,
+    elasticsearch_url: Annotated[str | None, typer.Option(
+        help="ship logs to this Elasticsearch and answer log rules from it (default: the local store)")] = None,
     api_port: Annotated[int | None, typer.Option(help="sentinel API port (default: free)")] = None,
     replicas: Annotated[int | None, typer.Option(help="number of inference replicas")] = None,
     model_dir: Annotated[Path | None, typer.Option(help="model directory (default: bundled)")] = None,
@@ -51,6 +53,8 @@ def up(
     overrides: dict[str, Any] = {}
     if prometheus_url:
         overrides.setdefault("prometheus", {})["url"] = prometheus_url
+    if elasticsearch_url:
+        overrides.setdefault("logs", {})["elasticsearch_url"] = elasticsearch_url
     if api_port is not None:
         overrides.setdefault("api", {})["port"] = api_port
     if replicas is not None:

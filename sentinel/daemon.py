@@ -20,6 +20,7 @@ import uvicorn
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor as APThreadPool
 from apscheduler.schedulers.background import BackgroundScheduler
+from elasticsearch import Elasticsearch
 from prometheus_client import CollectorRegistry
 
 from sentinel.alerts.inbound import WebhookPayload, match
@@ -28,8 +29,9 @@ from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
 from sentinel.api import create_app
 from sentinel.errors import FileFormatError, ServiceError
+from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, LogStoreUnavailable
 from sentinel.logstore.local import LocalLogStore
-from sentinel.logstore.shipper import LogSource, Shipper
+from sentinel.logstore.shipper import LogSource, Shipper, Sink
 from sentinel.metrics import SentinelMetrics
 from sentinel.netutil import free_port, port_in_use
 from sentinel.promserver import PrometheusServer, ScrapeTarget
@@ -37,7 +39,7 @@ from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Remediator
 from sentinel.rules.evaluator import Evaluator, Receiver, RuleRuntime
 from sentinel.rules.model import load_rules, rule_files
-from sentinel.rules.sources import LogRuleSource, PromQLSource
+from sentinel.rules.sources import LogCounter, LogRuleSource, PromQLSource
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.context import build_context
 from sentinel.runbooks.model import check_runbook_references, load_runbooks
@@ -89,6 +91,7 @@ class Daemon:
         self._loaded_signature: tuple[tuple[str, int, int], ...] = ()
         self.store: Store | None = None
         self.logstore: LocalLogStore | None = None
+        self.es_sink: ElasticsearchSink | None = None
         self.http: httpx.Client | None = None
         self.api_port = s.api.port or free_port(s.api.host)
 
@@ -129,13 +132,21 @@ class Daemon:
             prom_url = self.prometheus.url
 
         self.store = Store(self.state_dir / "sentinel.db")
-        self.logstore = LocalLogStore(self.state_dir / "logs.db")
-        shipper = Shipper(self.logstore, [_log_source(sp) for sp in specs])
+        counter: LogCounter
+        if s.logs.elasticsearch_url:  # Elasticsearch: shipped there, log rules answered from it
+            es = Elasticsearch(s.logs.elasticsearch_url)
+            self.es_sink = ElasticsearchSink(es, self.state_dir / "shipper.db")
+            sink: Sink = self.es_sink
+            counter = ElasticsearchLogStore(es, s.logs.elasticsearch_timeout)
+        else:
+            self.logstore = LocalLogStore(self.state_dir / "logs.db")
+            sink = counter = self.logstore
+        shipper = Shipper(sink, [_log_source(sp) for sp in specs])
         self.shipper = shipper
         self.remediator = Remediator(self.store, self.supervisor, self.guardrails, self.metrics,
                                      verify_timeout_s=s.remediation.verify_timeout)
         evaluator = Evaluator(
-            self.store, PromQLSource(prom_url, s.prometheus.query_timeout), LogRuleSource(self.logstore),
+            self.store, PromQLSource(prom_url, s.prometheus.query_timeout), LogRuleSource(counter),
             self._receivers(), s.alerting.evaluation_interval,
             s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for)
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
@@ -172,16 +183,30 @@ class Daemon:
                        "eval": APThreadPool(s.alerting.max_concurrent_evaluations)})  # bounded query concurrency
         self.scheduler = sched
 
+        store_up = [True]
+
         def ship() -> None:
-            self.metrics.log_events.inc(shipper.run_once())
+            try:
+                self.metrics.log_events.inc(shipper.run_once())
+            except LogStoreUnavailable as exc:  # the offsets stay; the next run catches up
+                if store_up[0]:  # said once per outage
+                    log.warning("log store unavailable, shipping paused: %s", exc)
+                store_up[0] = False
+                self.metrics.log_store_up.set(0)
+                return
+            if not store_up[0]:
+                log.info("log store reachable again, shipping resumed")
+            store_up[0] = True
+            self.metrics.log_store_up.set(1)
 
         sched.add_job(ship, "interval", seconds=s.logs.ship_interval, id="ship", next_run_time=_now_dt())
         self._sync_eval_jobs()
         sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="notify")
         sched.add_job(self._maybe_reload, "interval", seconds=s.alerting.reload_interval, id="reload")
-        assert self.logstore is not None
-        logstore = self.logstore
-        sched.add_job(lambda: logstore.prune(time.time() - s.logs.retention), "interval", minutes=10, id="prune")
+        if self.logstore is not None:  # Elasticsearch's retention is the cluster's business (ILM, curator)
+            logstore = self.logstore
+            sched.add_job(lambda: logstore.prune(time.time() - s.logs.retention), "interval", minutes=10,
+                          id="prune")
 
         def missed(ev: JobExecutionEvent) -> None:
             if ev.job_id.startswith("eval:"):
@@ -360,7 +385,7 @@ class Daemon:
             self.prometheus.stop()
         if self.http is not None:
             self.http.close()
-        for db in (self.store, self.logstore):
+        for db in (self.store, self.logstore, self.es_sink):
             if db is not None:
                 db.close()
 

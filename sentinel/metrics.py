@@ -31,5 +31,7 @@ class SentinelMetrics:
                                registry=registry)
         self.reload_time = Gauge("sentinel_rules_last_reload_success_timestamp_seconds",
                                  "When rules were last loaded successfully.", registry=registry)
+        self.log_store_up = Gauge("sentinel_log_store_up", "1 when the last shipment reached the log store.",
+                                  registry=registry)
         self.log_events = Counter("sentinel_log_events_shipped_total", "Log events shipped into the log store.",
                                   registry=registry)

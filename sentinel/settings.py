@@ -103,6 +103,10 @@ class DiagnosticsSettings(Section):
 class LogSettings(Section):
     ship_interval: Duration = 1.0
     retention: Duration = 86400.0
+    elasticsearch_url: str | None = Field(
+        None, description="ship logs to this Elasticsearch (8.x) and answer log rules from it; "
+        "default: the local store")
+    elasticsearch_timeout: Duration = 10.0
 
 
 class Settings(BaseSettings):

@@ -8,6 +8,7 @@ fault switch injects latency and a CUDA error. Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import pytest
 import yaml
 
 from sentinel.netutil import port_in_use
-from tests.conftest import ROOT, Receiver
+from tests.conftest import ROOT, ElasticsearchNode, Receiver
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -60,18 +61,18 @@ def shortened_rules(dst: Path) -> None:
     (dst / "inference.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-@pytest.fixture
-def sentinel_up(tmp_path: Path, receiver: Receiver, tiny_model_dir: Path
-                ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
+@contextlib.contextmanager
+def run_sentinel(tmp_path: Path, receiver: Receiver, model_dir: Path, **extra: Any
+                 ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
     shortened_rules(tmp_path / "rules")
     config = {
         "state_dir": str(tmp_path / "state"), "rules_dir": str(tmp_path / "rules"),
         "prometheus": {"scrape_interval": "1s"},
-        "replicas": {"enable_faults": True, "admin_token": ADMIN_TOKEN, "model_dir": str(tiny_model_dir)},
+        "replicas": {"enable_faults": True, "admin_token": ADMIN_TOKEN, "model_dir": str(model_dir)},
         "alerting": {"receivers": [{"name": "oncall", "url": receiver.url}]},
-        "remediation": {"verify_timeout": "60s"},
+        "remediation": {"verify_timeout": "60s"}, **extra,
     }
     (tmp_path / "sentinel.yaml").write_text(yaml.safe_dump(config))
     log = tmp_path / "sentinel.out"
@@ -92,6 +93,13 @@ def sentinel_up(tmp_path: Path, receiver: Receiver, tiny_model_dir: Path
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def sentinel_up(tmp_path: Path, receiver: Receiver, tiny_model_dir: Path
+                ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
+    with run_sentinel(tmp_path, receiver, tiny_model_dir) as running:
+        yield running
 
 
 def prom_value(prom_url: str, query: str) -> float:
@@ -200,3 +208,29 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     for port in (int(replica["url"].rsplit(":", 1)[1]), prom_port, int(api.rsplit(":", 1)[1])):
         assert not port_in_use(port), f"port {port} still in use after shutdown"
+
+
+def test_cuda_error_pages_through_elasticsearch(tmp_path: Path, receiver: Receiver, tiny_model_dir: Path,
+                                                elasticsearch: ElasticsearchNode) -> None:
+    """`sentinel up --elasticsearch-url` (here via the settings file): the replica's log lines are shipped
+    to Elasticsearch, the CudaError log rule is answered from it, and the page goes out."""
+    from elasticsearch import Elasticsearch
+
+    with run_sentinel(tmp_path, receiver, tiny_model_dir, logs={"elasticsearch_url": elasticsearch.url}) as (
+            proc, up, log):
+        replica = up["replicas"][0]
+        client = openai.OpenAI(base_url=f"{replica['url']}/v1", api_key="unused", max_retries=0, timeout=30)
+        admin = httpx.Client(base_url=replica["url"], headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        client.completions.create(model="deepseek-tiny", prompt="The cluster is", max_tokens=4, temperature=0)
+        assert admin.post("/admin/faults", json={"cuda_error": True}).status_code == 200
+        with pytest.raises(openai.InternalServerError):
+            client.completions.create(model="deepseek-tiny", prompt="boom", max_tokens=4)
+        firing = wait_for("a firing CudaError notification", lambda: alerts_named(receiver, "CudaError", "firing"),
+                          60, proc, log)
+        assert firing[0]["labels"] == {"alertname": "CudaError", "replica": "replica-0", "severity": "page"}
+        es = Elasticsearch(elasticsearch.url)
+        es.indices.refresh(index="deepseek-inference-*")
+        hits = es.search(index="deepseek-inference-*", query={"exists": {"field": "cuda_error"}})["hits"]["hits"]
+        assert hits and hits[0]["_source"]["replica"] == "replica-0"
+        assert "sentinel_log_store_up 1.0" in httpx.get(f"{up['api']}/metrics").text
+        assert not (tmp_path / "state" / "logs.db").exists()  # nothing went to the local store
