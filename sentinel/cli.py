@@ -250,3 +250,19 @@ def dashboards_generate(
 
 if __name__ == "__main__":
     app()
+
+
+deploy_app = typer.Typer(help="Deployment files generated from sentinel's own sources.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("filebeat")
+def deploy_filebeat(
+    out: Annotated[Path, typer.Option(help="where to write it")] = Path("deploy/filebeat.yml"),
+) -> None:
+    """Write deploy/filebeat.yml: the seed's Filebeat input with sentinel's redaction as processors."""
+    from sentinel.generate.filebeat import render
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render())
+    typer.echo(f"wrote {out}")

@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 # The seed's GDPR rule (dates → XXXX-XX-XX), then e-mail addresses, national ID numbers (the PRC's
 # 18-character resident ID, US SSNs), phone numbers (international "+CC ..." or 11-digit mobile) and
 # payment card numbers (13-19 digits, spaces or dashes allowed); every string field but @timestamp.
+# RE2 syntax only (no look-around): deploy/filebeat.yml carries the same patterns to Filebeat's
+# `replace` processor (Go regexp), generated from this list.
 REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\d{4}-\d{2}-\d{2}"), "XXXX-XX-XX"),
     (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "<email>"),
-    (re.compile(r"(?<!\d)\d{17}[\dXx](?!\d)"), "<national-id>"),
-    (re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)"), "<national-id>"),
-    (re.compile(r"\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?){2,4}(?!\d)"), "<phone>"),
-    (re.compile(r"(?<!\d)1[3-9]\d{9}(?!\d)"), "<phone>"),
-    (re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"), "<card>"),
+    (re.compile(r"\b\d{17}[\dXx]\b"), "<national-id>"),
+    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "<national-id>"),
+    (re.compile(r"\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?){2,4}\b"), "<phone>"),
+    (re.compile(r"\b1[3-9]\d{9}\b"), "<phone>"),
+    (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "<card>"),
 )
 KEEP_UNREDACTED = frozenset({"@timestamp"})
 MAX_BATCH_BYTES = 4 * 2**20
