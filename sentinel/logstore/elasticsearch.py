@@ -33,7 +33,8 @@ MAPPINGS: dict[str, Any] = {
                                                    "mapping": {"type": "keyword", "ignore_above": 1024}}}],
     "properties": {
         "@timestamp": {"type": "date"},
-        "message": {"type": "text"},
+        # keyword, so filters match the whole value as in the local store; .text for full-text search
+        "message": {"type": "keyword", "ignore_above": 8191, "fields": {"text": {"type": "text"}}},
         "level": {"type": "keyword"},
         "service": {"properties": {"name": {"type": "keyword"}}},
         "host": {"properties": {"name": {"type": "keyword"}}},
@@ -44,7 +45,7 @@ MAPPINGS: dict[str, Any] = {
         "ttft_ms": {"type": "float"},
         "batch_size": {"type": "integer"},
         "cuda_error": {"type": "keyword"},
-        "error": {"type": "text"},
+        "error": {"type": "keyword", "ignore_above": 8191, "fields": {"text": {"type": "text"}}},
         "finish_reason": {"type": "keyword"},
         "prompt_tokens": {"type": "integer"},
         "completion_tokens": {"type": "integer"},
@@ -135,6 +136,12 @@ class ElasticsearchLogStore:
                 must.append({"exists": {"field": f.exists}})
             for name, value in (f.term or {}).items():
                 must.append({"term": {name: value}})
+            for name, values in (f.terms or {}).items():
+                must.append({"terms": {name: values}})
+            for name, rng in (f.range or {}).items():
+                must.append({"range": {name: dict(rng.bounds())}})
+            for name, pattern in (f.wildcard or {}).items():
+                must.append({"wildcard": {name: {"value": pattern}}})
         return {"bool": {"filter": must}}
 
     def count(self, filters: Iterable[LogFilter], since: float, until: float,

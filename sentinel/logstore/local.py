@@ -15,6 +15,8 @@ from typing import Any
 
 from sentinel.rules.model import LogFilter
 
+RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}  # fixed SQL text; the bounds are bound parameters
+
 
 def json_path(field: str) -> str:
     """A SQLite JSON path for a (possibly dotted) top-level field name such as ``service.name``."""
@@ -71,6 +73,18 @@ class LocalLogStore:
             for name, value in (f.term or {}).items():
                 where.append("json_extract(doc, ?) = ?")
                 params += [json_path(name), value]
+            for name, values in (f.terms or {}).items():
+                where.append(f"json_extract(doc, ?) IN ({', '.join('?' for _ in values)})")
+                params += [json_path(name), *values]
+            for name, rng in (f.range or {}).items():
+                for op, bound in rng.bounds():
+                    # typed like the bound: numbers never compare with strings (as Elasticsearch's mapping does)
+                    kind = "IN ('integer', 'real')" if isinstance(bound, int | float) else "= 'text'"
+                    where.append(f"json_type(doc, ?) {kind} AND json_extract(doc, ?) {RANGE_OPS[op]} ?")
+                    params += [json_path(name), json_path(name), bound]
+            for name, pattern in (f.wildcard or {}).items():
+                where.append("json_type(doc, ?) = 'text' AND json_extract(doc, ?) GLOB ?")
+                params += [json_path(name), json_path(name), pattern]
         keys = ["json_extract(doc, ?)" for _ in query_key]
         sql = f"SELECT {', '.join([*keys, 'COUNT(*)'])} FROM events WHERE {' AND '.join(where)}"
         if keys:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -57,21 +57,59 @@ class Extension(Strict):
     learned: Learned | None = None
 
 
+Scalar = str | int | float | bool
+
+
+class Range(Strict):
+    """Bounds on a field (numbers compare as numbers, strings as strings, as in Elasticsearch)."""
+
+    gt: float | str | None = None
+    gte: float | str | None = None
+    lt: float | str | None = None
+    lte: float | str | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Range:
+        if all(getattr(self, k) is None for k in ("gt", "gte", "lt", "lte")):
+            raise ValueError("a range needs at least one of: gt, gte, lt, lte")
+        return self
+
+    def bounds(self) -> list[tuple[str, float | str]]:
+        return [(k, v) for k in ("gt", "gte", "lt", "lte") if (v := getattr(self, k)) is not None]
+
+
 class LogFilter(Strict):
-    """One condition on a log event: the field exists (is non-null), or equals a value."""
+    """One condition on a log event, in Elasticsearch's query language (the subset both stores answer
+    alike): the field ``exists`` (non-null), equals a ``term``, is one of ``terms``, is within a
+    ``range``, or matches a ``wildcard`` (``*`` any characters, ``?`` one character; case-sensitive).
+    Several fields in one filter must all match."""
 
     exists: str | None = None
-    term: dict[str, str | int | float | bool] | None = None
+    term: dict[str, Scalar] | None = None
+    terms: dict[str, list[Scalar]] | None = None
+    range: dict[str, Range] | None = None
+    wildcard: dict[str, str] | None = None
+
+    KINDS: ClassVar[tuple[str, ...]] = ("exists", "term", "terms", "range", "wildcard")
 
     @model_validator(mode="after")
     def _one(self) -> LogFilter:
-        given = [k for k in ("exists", "term") if getattr(self, k) is not None]
+        given = [k for k in self.KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("a filter needs exactly one of: exists, term")
-        fields = [self.exists] if self.exists else list((self.term or {}).keys())
+            raise ValueError(f"a filter needs exactly one of: {', '.join(self.KINDS)}")
+        kind = given[0]
+        fields = [self.exists] if kind == "exists" else list(getattr(self, kind).keys())
+        if kind != "exists" and not fields:
+            raise ValueError(f"{kind}: name a field")
         for f in fields:
             if not f or not FIELD_NAME.match(f):
                 raise ValueError(f"invalid field name {f!r}")
+        for values in (self.terms or {}).values():
+            if not values:
+                raise ValueError("terms: give at least one value")
+        for pattern in (self.wildcard or {}).values():
+            if any(c in pattern for c in "[]\\"):
+                raise ValueError(f"wildcard {pattern!r}: only * and ? are special; [, ] and \\ are not allowed")
         return self
 
 

@@ -146,7 +146,9 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
                 fh.write(json.dumps({"@timestamp": datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
                                      .replace("+00:00", "Z"), "level": "error" if cuda else "info",
                                      "cuda_error": cuda, "batch_size": i % 4, "finish_reason": "length" if i % 3
-                                     else "stop", "message": "x"}) + "\n")
+                                     else "stop", "message": "inference request failed" if cuda
+                                     else "inference request completed", "inference_time": 40.0 + (i * 37) % 600})
+                         + "\n")
         sources.append(LogSource(f"replica-{r}", path, {"replica": f"replica-{r}", "host.name": "h"}))
     local = LocalLogStore(tmp_path / "logs.db")
     Shipper(local, sources).run_once()
@@ -160,7 +162,15 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
              LogQuery(type="any", filter=[{"term": {"batch_size": 3}}, {"term": {"finish_reason": "stop"}}],
                       timeframe=30),
              LogQuery(type="frequency", timeframe=45, num_events=20, query_key=["batch_size"]),
-             LogQuery(type="any", filter=[{"exists": "no_such_field"}], timeframe=300)]
+             LogQuery(type="any", filter=[{"exists": "no_such_field"}], timeframe=300),
+             LogQuery(type="frequency", filter=[{"range": {"inference_time": {"gt": 500}}}], timeframe=60,
+                      num_events=2, query_key="replica"),
+             LogQuery(type="any", filter=[{"range": {"batch_size": {"gte": 2, "lt": 3.5}}},
+                                          {"terms": {"finish_reason": ["stop", "abort"]}}], timeframe=40),
+             LogQuery(type="any", filter=[{"wildcard": {"message": "*fail?d"}}], timeframe=90,
+                      query_key=["replica"]),
+             LogQuery(type="any", filter=[{"wildcard": {"message": "inference*"}}, {"term": {"level": "info"}}],
+                      timeframe=20, query_key=["finish_reason"])]
     checked = 0
     for q in rules:
         for at in [t0 + k * 17.5 for k in range(20)] + [t0 + 60.0, t0 + 61.0]:  # on and off the line times

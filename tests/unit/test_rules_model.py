@@ -56,3 +56,18 @@ def test_rules_check_cli_exit_codes(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["rules", "check", str(write(tmp_path, "groups:\n  - name: g\n    rules:\n      - {}\n"))])
     assert bad.exit_code == 1
     assert "r.yaml:4: groups.0.rules.0:" in bad.output
+
+
+def test_log_filters_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from sentinel.rules.model import LogFilter
+
+    assert LogFilter(range={"inference_time": {"gt": 500}}).range is not None
+    assert LogFilter(terms={"finish_reason": ["stop", "length"]}).terms is not None
+    assert LogFilter(wildcard={"message": "*CUDA*"}).wildcard is not None
+    for bad, msg in [({"term": {"a": 1}, "exists": "b"}, "exactly one of"), ({"range": {"x": {}}}, "at least one of"),
+                     ({"terms": {"x": []}}, "at least one value"), ({"wildcard": {"m": "[ab]*"}}, "not allowed"),
+                     ({"term": {"bad field": 1}}, "invalid field name"), ({"range": {"x": {"gt": 1, "gtx": 2}}}, "gtx")]:
+        with pytest.raises(ValidationError, match=msg):
+            LogFilter(**bad)
