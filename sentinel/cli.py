@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -266,3 +267,98 @@ def deploy_filebeat(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render())
     typer.echo(f"wrote {out}")
+
+
+logs_app = typer.Typer(help="The log lines behind an alert, from the configured log store.", no_args_is_help=True)
+app.add_typer(logs_app, name="logs")
+
+
+@logs_app.command("query")
+def logs_query(
+    rule: Annotated[str | None, typer.Option(help="a log rule's alert name: its filters (and timeframe)")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        "--filter", help="FIELD=VALUE, or a filter as JSON, e.g. '{\"range\": {\"inference_time\": {\"gt\": 500}}}'"
+        " (repeatable; all must match)")] = None,
+    since: Annotated[str | None, typer.Option(help="how far back (e.g. 15m, 2h); default: the rule's timeframe, "
+                                                   "else 15m")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    elasticsearch_url: Annotated[str | None, typer.Option(help="query this Elasticsearch")] = None,
+    rules_dir: Annotated[Path | None, typer.Option(help="rule files directory")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Newest first: the lines a rule matches (`--rule CudaError`), or any filter, from Elasticsearch when one
+    is configured, else from the local store under the state directory."""
+    import json as _json
+
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.table import Table
+
+    from sentinel.durations import parse_duration
+    from sentinel.errors import SentinelError
+    from sentinel.logstore.elasticsearch import LogStoreUnavailable
+    from sentinel.rules.model import LogFilter, load_rules
+    from sentinel.settings import load_settings
+
+    try:
+        s = load_settings(config, {"logs": {"elasticsearch_url": elasticsearch_url}} if elasticsearch_url else None)
+        filters: list[LogFilter] = []
+        window = 900.0
+        if rule is not None:
+            found = [r for g in load_rules(rules_dir or s.rules_dir) for r in g.group.rules
+                     if r.alert == rule and r.log is not None]
+            if not found:
+                where_ = rules_dir or s.rules_dir
+                raise typer.BadParameter(f"no log rule named {rule!r} in {where_}", param_hint="--rule")
+            assert found[0].log is not None
+            filters += found[0].log.filter
+            window = found[0].log.timeframe
+        for text in where or []:
+            if text.lstrip().startswith("{"):
+                filters.append(LogFilter.model_validate(_json.loads(text)))
+            elif "=" in text:
+                name, value = text.split("=", 1)
+                filters.append(LogFilter(term={name.strip(): value}))
+            else:
+                raise typer.BadParameter(f"{text!r}: expected FIELD=VALUE or a JSON filter", param_hint="--filter")
+        if since is not None:
+            window = parse_duration(since)
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except SentinelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    now = time.time()
+    try:
+        if s.logs.elasticsearch_url:
+            from elasticsearch import Elasticsearch
+
+            from sentinel.logstore.elasticsearch import ElasticsearchLogStore
+
+            docs = ElasticsearchLogStore(Elasticsearch(s.logs.elasticsearch_url), s.logs.elasticsearch_timeout
+                                         ).search(filters, now - window, now, limit)
+        else:
+            from sentinel.logstore.local import LocalLogStore
+
+            db = s.state_dir / "logs.db"
+            if not db.exists():
+                typer.echo(f"error: no local log store at {db} (is sentinel running with state_dir "
+                           f"{s.state_dir}?)", err=True)
+                raise typer.Exit(2)
+            docs = LocalLogStore(db).search(filters, now - window, now, limit)
+    except LogStoreUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if json_out:
+        for d in docs:
+            typer.echo(_json.dumps(d, sort_keys=True))
+        return
+    shown = ["@timestamp", "replica", "level", "request_id", "inference_time", "cuda_error", "message"]
+    table = Table(title=f"{len(docs)} line(s), newest first", show_lines=False)
+    for col in shown:
+        table.add_column(col, overflow="fold")
+    for d in docs:
+        table.add_row(*("" if d.get(c) is None else str(d.get(c)) for c in shown))
+    Console().print(table)

@@ -144,6 +144,17 @@ class ElasticsearchLogStore:
                 must.append({"wildcard": {name: {"value": pattern}}})
         return {"bool": {"filter": must}}
 
+    def search(self, filters: Iterable[LogFilter], since: float, until: float, limit: int = 100
+               ) -> list[dict[str, Any]]:
+        """The newest matching events in (since, until], newest first (as ``LocalLogStore.search``)."""
+        try:
+            r = self.client.options(request_timeout=self.timeout_s).search(
+                index=f"{INDEX_PREFIX}-*", size=int(limit), query=self._query(list(filters), since, until),
+                sort=[{"@timestamp": "desc"}], ignore_unavailable=True, allow_no_indices=True)
+        except (ApiError, TransportError) as exc:
+            raise LogStoreUnavailable(f"Elasticsearch query failed: {exc}") from exc
+        return [dict(h["_source"]) for h in r["hits"]["hits"]]
+
     def count(self, filters: Iterable[LogFilter], since: float, until: float,
               query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]:
         query = self._query(list(filters), since, until)

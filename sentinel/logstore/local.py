@@ -61,9 +61,35 @@ class LocalLogStore:
             row = self._db.execute("SELECT value FROM checkpoints WHERE source = ?", (source,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
+    def search(self, filters: Iterable[LogFilter], since: float, until: float, limit: int = 100
+               ) -> list[dict[str, Any]]:
+        """The newest matching events in (since, until], newest first."""
+        where, params = self._where(filters, since, until)
+        sql = f"SELECT doc FROM events WHERE {' AND '.join(where)} ORDER BY ts DESC, id DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, [*params, int(limit)]).fetchall()
+        return [dict(json.loads(r[0])) for r in rows]
+
     def count(self, filters: Iterable[LogFilter], since: float, until: float,
               query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]:
         """Matching events in (since, until], grouped by the ``query_key`` fields."""
+        where, params = self._where(filters, since, until)
+        keys = ["json_extract(doc, ?)" for _ in query_key]
+        sql = f"SELECT {', '.join([*keys, 'COUNT(*)'])} FROM events WHERE {' AND '.join(where)}"
+        if keys:
+            sql += f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}"
+        with self._lock:
+            rows = self._db.execute(sql, [*[json_path(k) for k in query_key], *params]).fetchall()
+        out = []
+        for row in rows:
+            if row[-1] == 0:
+                continue
+            labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}
+            out.append((labels, int(row[-1])))
+        return out
+
+    @staticmethod
+    def _where(filters: Iterable[LogFilter], since: float, until: float) -> tuple[list[str], list[Any]]:
         where = ["ts > ?", "ts <= ?"]
         params: list[Any] = [since, until]
         for f in filters:
@@ -85,19 +111,7 @@ class LocalLogStore:
             for name, pattern in (f.wildcard or {}).items():
                 where.append("json_type(doc, ?) = 'text' AND json_extract(doc, ?) GLOB ?")
                 params += [json_path(name), json_path(name), pattern]
-        keys = ["json_extract(doc, ?)" for _ in query_key]
-        sql = f"SELECT {', '.join([*keys, 'COUNT(*)'])} FROM events WHERE {' AND '.join(where)}"
-        if keys:
-            sql += f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}"
-        with self._lock:
-            rows = self._db.execute(sql, [*[json_path(k) for k in query_key], *params]).fetchall()
-        out = []
-        for row in rows:
-            if row[-1] == 0:
-                continue
-            labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}
-            out.append((labels, int(row[-1])))
-        return out
+        return where, params
 
     def prune(self, before: float) -> int:
         with self._lock:

@@ -58,6 +58,16 @@ def test_template_daily_indices_and_redaction(elasticsearch: ElasticsearchNode, 
     agg = es.search(index="deepseek-inference-*", size=0, query={"term": {"replica": "replica-a"}},
                     aggs={"p99": {"percentiles": {"field": "inference_time", "percents": [99]}}})
     assert 21.0 < agg["aggregations"]["p99"]["values"]["99.0"] <= 22.5
+    # on-call's view: `sentinel logs query` against the same indices
+    from typer.testing import CliRunner
+
+    from sentinel.cli import app
+
+    r = CliRunner().invoke(app, ["logs", "query", "--elasticsearch-url", elasticsearch.url, "--filter", "request_id=r3",
+                                 "--filter", '{"range": {"inference_time": {"gt": 15}}}', "--since", "1000d", "--json"])
+    assert r.exit_code == 0, r.output
+    [doc] = [json.loads(x) for x in r.output.splitlines()]
+    assert doc["request_id"] == "r3" and doc["replica"] == "replica-a"
 
 
 def test_an_outage_loses_nothing_and_duplicates_nothing(elasticsearch: ElasticsearchNode, tmp_path: Path) -> None:

@@ -82,3 +82,34 @@ def test_event_ids_are_deterministic() -> None:
     assert a == event_id("replica-0", 42, 100, b'{"x": 1}')
     assert len({a, event_id("replica-1", 42, 100, b'{"x": 1}'), event_id("replica-0", 43, 100, b'{"x": 1}'),
                 event_id("replica-0", 42, 101, b'{"x": 1}'), event_id("replica-0", 42, 100, b'{"x": 2}')}) == 5
+
+
+def test_logs_query_cli_shows_the_lines_behind_a_rule(tmp_path: Path) -> None:
+    """`sentinel logs query --rule CudaError` against the local store: the rule's filter, newest first."""
+    import json as _json
+    import time as _time
+
+    from typer.testing import CliRunner
+
+    from sentinel.cli import app
+    from sentinel.logstore.local import LocalLogStore
+    from tests.conftest import ROOT
+
+    store = LocalLogStore(tmp_path / "state" / "logs.db")
+    now = _time.time()
+    store.add([(now - 30, {"replica": "replica-0", "cuda_error": None, "message": "ok", "request_id": "a"}),
+               (now - 20, {"replica": "replica-0", "cuda_error": "CUDA error: illegal address", "request_id": "b"}),
+               (now - 10, {"replica": "replica-1", "cuda_error": "CUDA error: ECC", "request_id": "c"}),
+               (now - 5000, {"replica": "replica-1", "cuda_error": "CUDA error: old", "request_id": "d"})])
+    store.close()
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nrules_dir: {ROOT / 'rules'}\n")
+    r = CliRunner().invoke(app, ["logs", "query", "-c", str(cfg), "--rule", "CudaError", "--since", "1h", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [_json.loads(x)["request_id"] for x in r.output.splitlines()] == ["c", "b"]
+    r = CliRunner().invoke(app, ["logs", "query", "-c", str(cfg), "--filter", "replica=replica-1", "--since", "2h"])
+    assert r.exit_code == 0 and "2 line(s)" in r.output and "ECC" in r.output and "old" in r.output
+    r = CliRunner().invoke(app, ["logs", "query", "-c", str(cfg), "--filter", '{"range": {"x": {}}}'])
+    assert r.exit_code == 2 and "at least one of" in r.output
+    r = CliRunner().invoke(app, ["logs", "query", "-c", str(cfg), "--rule", "NoSuchRule"])
+    assert r.exit_code == 2 and "no log rule named 'NoSuchRule'" in r.output

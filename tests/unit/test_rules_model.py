@@ -68,6 +68,7 @@ def test_log_filters_are_validated() -> None:
     assert LogFilter(wildcard={"message": "*CUDA*"}).wildcard is not None
     for bad, msg in [({"term": {"a": 1}, "exists": "b"}, "exactly one of"), ({"range": {"x": {}}}, "at least one of"),
                      ({"terms": {"x": []}}, "at least one value"), ({"wildcard": {"m": "[ab]*"}}, "not allowed"),
-                     ({"term": {"bad field": 1}}, "invalid field name"), ({"range": {"x": {"gt": 1, "gtx": 2}}}, "gtx")]:
+                     ({"term": {"bad field": 1}}, "invalid field name"),
+                     ({"range": {"x": {"gt": 1, "gtx": 2}}}, "gtx")]:
         with pytest.raises(ValidationError, match=msg):
             LogFilter(**bad)
