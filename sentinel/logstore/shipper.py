@@ -38,10 +38,14 @@ KEEP_UNREDACTED = frozenset({"@timestamp"})
 MAX_BATCH_BYTES = 4 * 2**20
 
 
+# Every pattern needs a digit or an "@": strings without either (most fields) skip them all.
+_MAYBE_PERSONAL = re.compile(r"[\d@]")
+
+
 def redact(doc: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in doc.items():
-        if isinstance(v, str) and k not in KEEP_UNREDACTED:
+        if isinstance(v, str) and k not in KEEP_UNREDACTED and _MAYBE_PERSONAL.search(v):
             for pattern, repl in REDACTIONS:
                 v = pattern.sub(repl, v)
         out[k] = v
