@@ -155,6 +155,41 @@ class ElasticsearchLogStore:
             raise LogStoreUnavailable(f"Elasticsearch query failed: {exc}") from exc
         return [dict(h["_source"]) for h in r["hits"]["hits"]]
 
+    def aggregate(self, filters: Iterable[LogFilter], since: float, until: float, query_key: Sequence[str],
+                  field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]:
+        """As ``LocalLogStore.aggregate``: a metric aggregation per ``query_key`` group."""
+        query = self._query([*filters, LogFilter(exists=field)], since, until)
+        es = self.client.options(request_timeout=self.timeout_s)
+        metric = _metric(agg, field, percentile)
+        out: list[tuple[dict[str, str], float]] = []
+        try:
+            if not query_key:
+                r = es.search(index=f"{INDEX_PREFIX}-*", size=0, query=query, ignore_unavailable=True,
+                              allow_no_indices=True, aggs={"m": metric})
+                value = _metric_value(agg, (r.get("aggregations") or {}).get("m") or {})
+                total = int(r["hits"]["total"]["value"]) if r.get("hits") else 0
+                return [({}, value)] if value is not None and total and not (
+                    agg in ("value_count", "cardinality") and value == 0) else []
+            after: dict[str, Any] | None = None
+            sources = [{k: {"terms": {"field": k, "missing_bucket": True}}} for k in query_key]
+            while True:
+                comp: dict[str, Any] = {"size": 1000, "sources": sources}
+                if after is not None:
+                    comp["after"] = after
+                r = es.search(index=f"{INDEX_PREFIX}-*", size=0, query=query, ignore_unavailable=True,
+                              allow_no_indices=True, aggs={"g": {"composite": comp, "aggs": {"m": metric}}})
+                agg_r = (r.get("aggregations") or {}).get("g") or {}
+                for b in agg_r.get("buckets", []):
+                    value = _metric_value(agg, b["m"])
+                    if value is None or (agg in ("value_count", "cardinality") and value == 0):
+                        continue
+                    out.append(({k: "" if b["key"][k] is None else _label(b["key"][k]) for k in query_key}, value))
+                after = agg_r.get("after_key")
+                if not agg_r.get("buckets") or after is None:
+                    return out
+        except (ApiError, TransportError) as exc:
+            raise LogStoreUnavailable(f"Elasticsearch query failed: {exc}") from exc
+
     def count(self, filters: Iterable[LogFilter], since: float, until: float,
               query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]:
         query = self._query(list(filters), since, until)
@@ -182,6 +217,21 @@ class ElasticsearchLogStore:
                     return out
         except (ApiError, TransportError) as exc:
             raise LogStoreUnavailable(f"Elasticsearch query failed: {exc}") from exc
+
+
+def _metric(agg: str, field: str, percentile: float | None) -> dict[str, Any]:
+    if agg == "percentiles":  # HDR: the nearest-rank value within 0.1 %, as the local store computes it
+        return {"percentiles": {"field": field, "percents": [percentile], "keyed": False,
+                                "hdr": {"number_of_significant_value_digits": 3}}}
+    return {agg: {"field": field}}
+
+
+def _metric_value(agg: str, result: dict[str, Any]) -> float | None:
+    if agg == "percentiles":
+        values = result.get("values") or []
+        return None if not values or values[0].get("value") is None else float(values[0]["value"])
+    value = result.get("value")
+    return None if value is None else float(value)
 
 
 def _label(v: Any) -> str:

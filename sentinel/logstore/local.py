@@ -7,6 +7,7 @@ reach the SQL.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,6 +87,47 @@ class LocalLogStore:
                 continue
             labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}
             out.append((labels, int(row[-1])))
+        return out
+
+    def aggregate(self, filters: Iterable[LogFilter], since: float, until: float, query_key: Sequence[str],
+                  field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]:
+        """``agg`` of ``field`` over matching events per ``query_key`` group, as Elasticsearch's metric
+        aggregations: only events whose field is a number count (any non-null value for
+        ``cardinality``); groups without one are left out. ``percentiles`` is the nearest rank."""
+        where, params = self._where(filters, since, until)
+        fp = json_path(field)
+        if agg == "cardinality":
+            where.append("json_type(doc, ?) IS NOT NULL AND json_type(doc, ?) != 'null'")
+            params += [fp, fp]
+        else:
+            where.append("json_type(doc, ?) IN ('integer', 'real')")
+            params.append(fp)
+        keys = ["json_extract(doc, ?)" for _ in query_key]
+        sql_agg = {"min": "MIN(v)", "max": "MAX(v)", "avg": "AVG(v)", "sum": "SUM(v)", "value_count": "COUNT(v)",
+                   "cardinality": "COUNT(DISTINCT v)", "percentiles": "json_group_array(v)"}[agg]
+        inner = (f"SELECT {', '.join([*[f'{k} AS k{i}' for i, k in enumerate(keys)], 'json_extract(doc, ?) AS v'])} "
+                 f"FROM events WHERE {' AND '.join(where)}")
+        group = [f"k{i}" for i in range(len(keys))]
+        sql = f"SELECT {', '.join([*group, sql_agg])} FROM ({inner})"
+        if group:
+            sql += f" GROUP BY {', '.join(group)}"
+        with self._lock:
+            rows = self._db.execute(sql, [*[json_path(k) for k in query_key], fp, *params]).fetchall()
+        out = []
+        for row in rows:
+            value = row[-1]
+            if value is None:
+                continue
+            if agg == "percentiles":
+                values = sorted(json.loads(value))
+                if not values:
+                    continue
+                assert percentile is not None
+                value = values[max(0, math.ceil(percentile / 100 * len(values)) - 1)]
+            elif agg in ("value_count", "cardinality") and value == 0:
+                continue
+            labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}
+            out.append((labels, float(value)))
         return out
 
     @staticmethod

@@ -115,13 +115,40 @@ class LogFilter(Strict):
 
 class LogQuery(Strict):
     """An ElastAlert-style log rule. ``any``: every matching event counts; ``frequency``: at least
-    ``num_events`` matching events in ``timeframe``. Each ``query_key`` value is its own alert."""
+    ``num_events`` matching events in ``timeframe``; ``metric_aggregation``: ``metric_agg_type`` of the
+    numeric field ``metric_agg_key`` over the matching events in ``timeframe`` is above
+    ``max_threshold`` or below ``min_threshold`` (ElastAlert2's names; ``percentiles`` at
+    ``percentile_range``, nearest rank, e.g. the seed's P99 of ``inference_time`` > 500 ms). Each
+    ``query_key`` value is its own alert."""
 
-    type: Literal["any", "frequency"] = "any"
+    type: Literal["any", "frequency", "metric_aggregation"] = "any"
     filter: list[LogFilter] = Field(default_factory=list)
     timeframe: Duration = 300.0
     num_events: int = Field(1, ge=1)
     query_key: list[str] = Field(default_factory=list)
+    metric_agg_key: str | None = None
+    metric_agg_type: Literal["min", "max", "avg", "sum", "value_count", "cardinality", "percentiles"] | None = None
+    percentile_range: float | None = Field(None, gt=0, le=100)
+    max_threshold: float | None = None
+    min_threshold: float | None = None
+
+    @model_validator(mode="after")
+    def _metric(self) -> LogQuery:
+        if self.type != "metric_aggregation":
+            given = [k for k in ("metric_agg_key", "metric_agg_type", "percentile_range", "max_threshold",
+                                 "min_threshold") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for type metric_aggregation")
+            return self
+        if not self.metric_agg_key or not FIELD_NAME.match(self.metric_agg_key):
+            raise ValueError("metric_aggregation needs metric_agg_key, a field name")
+        if self.metric_agg_type is None:
+            raise ValueError("metric_aggregation needs metric_agg_type")
+        if (self.metric_agg_type == "percentiles") != (self.percentile_range is not None):
+            raise ValueError("percentile_range goes with metric_agg_type percentiles, and only with it")
+        if self.max_threshold is None and self.min_threshold is None:
+            raise ValueError("metric_aggregation needs max_threshold or min_threshold")
+        return self
 
     @field_validator("query_key", mode="before")
     @classmethod

@@ -67,21 +67,40 @@ class LogCounter(Protocol):
     def count(self, filters: Iterable[LogFilter], since: float, until: float,
               query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]: ...
 
+    def aggregate(self, filters: Iterable[LogFilter], since: float, until: float, query_key: Sequence[str],
+                  field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]: ...
+
 
 class LogRuleSource:
     """Turns an ElastAlert-style log query into samples: one per ``query_key`` group that matches.
 
     ``any``: a group with at least one matching event in ``timeframe`` is a sample (value = count).
     ``frequency``: only groups with at least ``num_events`` matching events.
+    ``metric_aggregation``: groups whose aggregate crosses a threshold (see ``LogQuery``).
     """
 
     def __init__(self, store: LogCounter) -> None:
         self.store = store
 
     def query(self, q: LogQuery, at: float) -> list[Sample]:
+        if q.type == "metric_aggregation":
+            return self._metric(q, at)
         try:
             groups = self.store.count(q.filter, at - q.timeframe, at, q.query_key)
         except Exception as exc:  # sqlite3 or Elasticsearch errors; translated at the boundary
             raise DatasourceError(f"log store query failed: {exc}") from exc
         need = q.num_events if q.type == "frequency" else 1
         return [Sample(labels, float(n)) for labels, n in groups if n >= need]
+
+    def _metric(self, q: LogQuery, at: float) -> list[Sample]:
+        """``metric_aggregation``: a group is a sample when its value is above ``max_threshold`` or below
+        ``min_threshold`` (value = the aggregate, e.g. the P99 in ms)."""
+        assert q.metric_agg_key is not None and q.metric_agg_type is not None
+        try:
+            groups = self.store.aggregate(q.filter, at - q.timeframe, at, q.query_key, q.metric_agg_key,
+                                          q.metric_agg_type, q.percentile_range)
+        except Exception as exc:  # translated at the boundary, as above
+            raise DatasourceError(f"log store aggregation failed: {exc}") from exc
+        hi, lo = q.max_threshold, q.min_threshold
+        return [Sample(labels, v) for labels, v in groups
+                if (hi is not None and v > hi) or (lo is not None and v < lo)]

@@ -188,3 +188,29 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
             assert sorted((sorted(s.labels.items()), s.value) for s in b.query(q, at)) == want, (q, at)
             checked += bool(want)
     assert checked > 30  # most evaluations found something: the comparison is not of empty sets
+    metric_rules = [
+        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+                 percentile_range=99, max_threshold=500.7, timeframe=60, query_key="replica"),  # the seed's P99
+        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+                 percentile_range=50, min_threshold=300.7, timeframe=90),
+        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="avg",
+                 max_threshold=300.0, timeframe=45, query_key=["replica", "finish_reason"]),
+        LogQuery(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="max",
+                 min_threshold=3, timeframe=30, query_key="replica"),
+        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="sum",
+                 max_threshold=1000, timeframe=20, filter=[{"term": {"level": "info"}}]),
+        LogQuery(type="metric_aggregation", metric_agg_key="cuda_error", metric_agg_type="cardinality",
+                 max_threshold=0, timeframe=120),
+        LogQuery(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="value_count",
+                 min_threshold=5, timeframe=60, query_key="replica"),
+    ]
+    fired = 0
+    for q in metric_rules:
+        for at in [t0 + k * 17.5 for k in range(20)]:
+            want = {tuple(sorted(s.labels.items())): s.value for s in a.query(q, at)}
+            got = {tuple(sorted(s.labels.items())): s.value for s in b.query(q, at)}
+            assert set(got) == set(want), (q, at, want, got)
+            for k, v in want.items():
+                assert got[k] == pytest.approx(v, rel=2e-3), (q, at, k)  # HDR percentiles: 3 digits
+            fired += len(want)
+    assert fired > 40

@@ -72,3 +72,23 @@ def test_log_filters_are_validated() -> None:
                      ({"range": {"x": {"gt": 1, "gtx": 2}}}, "gtx")]:
         with pytest.raises(ValidationError, match=msg):
             LogFilter(**bad)
+
+
+def test_metric_aggregation_rules_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from sentinel.rules.model import LogQuery
+
+    ok = LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+                  percentile_range=99, max_threshold=500, query_key="replica")
+    assert ok.query_key == ["replica"]
+    for bad, msg in [({"type": "metric_aggregation", "metric_agg_type": "avg", "max_threshold": 1}, "metric_agg_key"),
+                     ({"type": "metric_aggregation", "metric_agg_key": "x", "max_threshold": 1}, "metric_agg_type"),
+                     ({"type": "metric_aggregation", "metric_agg_key": "x", "metric_agg_type": "percentiles",
+                       "max_threshold": 1}, "percentile_range"),
+                     ({"type": "metric_aggregation", "metric_agg_key": "x", "metric_agg_type": "max"}, "threshold"),
+                     ({"type": "any", "max_threshold": 5}, "only for type metric_aggregation"),
+                     ({"type": "metric_aggregation", "metric_agg_key": "x", "metric_agg_type": "median",
+                       "max_threshold": 1}, "metric_agg_type")]:
+        with pytest.raises(ValidationError, match=msg):
+            LogQuery(**bad)
