@@ -115,17 +115,31 @@ class LogFilter(Strict):
 
 class LogQuery(Strict):
     """An ElastAlert-style log rule. ``any``: every matching event counts; ``frequency``: at least
-    ``num_events`` matching events in ``timeframe``; ``metric_aggregation``: ``metric_agg_type`` of the
+    ``num_events`` matching events in ``timeframe``; ``flatline``: fewer than ``threshold`` (a group
+    that had events in the window before and now has fewer, or none); ``spike``: the count in
+    ``timeframe`` is ``spike_height`` times the one in the ``timeframe`` before (``spike_type`` up, down
+    or both; ``threshold_ref`` / ``threshold_cur`` minimum counts); ``percentage_match``: the share of
+    events that also match ``match_bucket_filter`` is below ``min_percentage`` or above
+    ``max_percentage``; ``metric_aggregation``: ``metric_agg_type`` of the
     numeric field ``metric_agg_key`` over the matching events in ``timeframe`` is above
     ``max_threshold`` or below ``min_threshold`` (ElastAlert2's names; ``percentiles`` at
     ``percentile_range``, nearest rank, e.g. the seed's P99 of ``inference_time`` > 500 ms). Each
     ``query_key`` value is its own alert."""
 
-    type: Literal["any", "frequency", "metric_aggregation"] = "any"
+    type: Literal["any", "frequency", "flatline", "spike", "percentage_match", "metric_aggregation"] = "any"
     filter: list[LogFilter] = Field(default_factory=list)
     timeframe: Duration = 300.0
+    query_delay: Duration = 0.0   # evaluate the window this long ago (the store's indexing delay)
     num_events: int = Field(1, ge=1)
     query_key: list[str] = Field(default_factory=list)
+    threshold: int | None = Field(None, ge=1)                     # flatline: fewer events than this
+    spike_height: float | None = Field(None, gt=1)                # spike: current / reference window
+    spike_type: Literal["up", "down", "both"] = "both"
+    threshold_ref: int | None = Field(None, ge=0)                 # spike: minimum events in the reference window
+    threshold_cur: int | None = Field(None, ge=0)                 # spike: minimum events in the current window
+    match_bucket_filter: list[LogFilter] = Field(default_factory=list)  # percentage_match: the matching part
+    min_percentage: float | None = Field(None, ge=0, le=100)
+    max_percentage: float | None = Field(None, ge=0, le=100)
     metric_agg_key: str | None = None
     metric_agg_type: Literal["min", "max", "avg", "sum", "value_count", "cardinality", "percentiles"] | None = None
     percentile_range: float | None = Field(None, gt=0, le=100)
@@ -133,6 +147,22 @@ class LogQuery(Strict):
     min_threshold: float | None = None
 
     @model_validator(mode="after")
+    def _by_type(self) -> LogQuery:
+        needs = {"flatline": ["threshold"], "spike": ["spike_height"], "percentage_match": ["match_bucket_filter"]}
+        for kind, fields in needs.items():
+            for f in fields:
+                if self.type == kind and not getattr(self, f):
+                    raise ValueError(f"{kind} needs {f}")
+                if self.type != kind and getattr(self, f):
+                    raise ValueError(f"{f}: only for type {kind}")
+        if self.type == "percentage_match" and self.min_percentage is None and self.max_percentage is None:
+            raise ValueError("percentage_match needs min_percentage or max_percentage")
+        if self.type != "percentage_match" and (self.min_percentage is not None or self.max_percentage is not None):
+            raise ValueError("min_percentage, max_percentage: only for type percentage_match")
+        if self.type != "spike" and (self.threshold_ref is not None or self.threshold_cur is not None):
+            raise ValueError("threshold_ref, threshold_cur: only for type spike")
+        return self._metric()
+
     def _metric(self) -> LogQuery:
         if self.type != "metric_aggregation":
             given = [k for k in ("metric_agg_key", "metric_agg_type", "percentile_range", "max_threshold",

@@ -76,6 +76,7 @@ class LogRuleSource:
 
     ``any``: a group with at least one matching event in ``timeframe`` is a sample (value = count).
     ``frequency``: only groups with at least ``num_events`` matching events.
+    ``flatline``, ``spike``, ``percentage_match``: from the counts of two windows or two filters;
     ``metric_aggregation``: groups whose aggregate crosses a threshold (see ``LogQuery``).
     """
 
@@ -83,14 +84,46 @@ class LogRuleSource:
         self.store = store
 
     def query(self, q: LogQuery, at: float) -> list[Sample]:
+        at -= q.query_delay
         if q.type == "metric_aggregation":
             return self._metric(q, at)
+        tf = q.timeframe
+        cur = self._counts(q.filter, at - tf, at, q.query_key)
+        if q.type in ("any", "frequency"):
+            need = q.num_events if q.type == "frequency" else 1
+            return [Sample(dict(k), float(n)) for k, n in cur.items() if n >= need]
+        if q.type == "percentage_match":
+            matched = self._counts([*q.filter, *q.match_bucket_filter], at - tf, at, q.query_key)
+            out = []
+            for k, total in cur.items():
+                pct = 100.0 * matched.get(k, 0) / total
+                if (q.min_percentage is not None and pct < q.min_percentage) or (
+                        q.max_percentage is not None and pct > q.max_percentage):
+                    out.append(Sample(dict(k), pct))
+            return out
+        ref = self._counts(q.filter, at - 2 * tf, at - tf, q.query_key)  # the window before
+        if q.type == "flatline":  # without a query_key: the whole stream; with one: the groups seen lately
+            assert q.threshold is not None
+            keys = set(cur) | set(ref) if q.query_key else {()}
+            return [Sample(dict(k), float(cur.get(k, 0))) for k in keys if cur.get(k, 0) < q.threshold]
+        assert q.spike_height is not None  # spike: no reference (0 events before) is no spike
+        out = []
+        for k in set(cur) | set(ref):
+            c, r = cur.get(k, 0), ref.get(k, 0)
+            if r == 0 or c < (q.threshold_cur or 0) or r < (q.threshold_ref or 0):
+                continue
+            up, down = c >= q.spike_height * r, c * q.spike_height <= r
+            if (up and q.spike_type in ("up", "both")) or (down and q.spike_type in ("down", "both")):
+                out.append(Sample(dict(k), c / r))
+        return out
+
+    def _counts(self, filters: Sequence[LogFilter], since: float, until: float, query_key: Sequence[str]
+                ) -> dict[tuple[tuple[str, str], ...], int]:
         try:
-            groups = self.store.count(q.filter, at - q.timeframe, at, q.query_key)
+            groups = self.store.count(filters, since, until, query_key)
         except Exception as exc:  # sqlite3 or Elasticsearch errors; translated at the boundary
             raise DatasourceError(f"log store query failed: {exc}") from exc
-        need = q.num_events if q.type == "frequency" else 1
-        return [Sample(labels, float(n)) for labels, n in groups if n >= need]
+        return {tuple((k, labels[k]) for k in query_key): n for labels, n in groups}
 
     def _metric(self, q: LogQuery, at: float) -> list[Sample]:
         """``metric_aggregation``: a group is a sample when its value is above ``max_threshold`` or below

@@ -180,7 +180,13 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
              LogQuery(type="any", filter=[{"wildcard": {"message": "*fail?d"}}], timeframe=90,
                       query_key=["replica"]),
              LogQuery(type="any", filter=[{"wildcard": {"message": "inference*"}}, {"term": {"level": "info"}}],
-                      timeframe=20, query_key=["finish_reason"])]
+                      timeframe=20, query_key=["finish_reason"]),
+             LogQuery(type="flatline", filter=[{"term": {"level": "error"}}], threshold=2, timeframe=30,
+                      query_key="replica"),
+             LogQuery(type="spike", filter=[{"range": {"inference_time": {"gt": 300}}}], spike_height=1.5,
+                      timeframe=25, query_key="replica"),
+             LogQuery(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "stop"}}],
+                      max_percentage=30, timeframe=40, query_key="replica", query_delay=5)]
     checked = 0
     for q in rules:
         for at in [t0 + k * 17.5 for k in range(20)] + [t0 + 60.0, t0 + 61.0]:  # on and off the line times
