@@ -120,13 +120,16 @@ class LogQuery(Strict):
     ``timeframe`` is ``spike_height`` times the one in the ``timeframe`` before (``spike_type`` up, down
     or both; ``threshold_ref`` / ``threshold_cur`` minimum counts); ``percentage_match``: the share of
     events that also match ``match_bucket_filter`` is below ``min_percentage`` or above
-    ``max_percentage``; ``metric_aggregation``: ``metric_agg_type`` of the
+    ``max_percentage``; ``new_term``: a value (or combination) of ``fields`` in ``timeframe`` that did
+    not occur in the ``terms_window_size`` before it; ``change``: ``compare_key`` took more than one value
+    within ``timeframe`` for the same ``query_key`` group; ``metric_aggregation``: ``metric_agg_type`` of the
     numeric field ``metric_agg_key`` over the matching events in ``timeframe`` is above
     ``max_threshold`` or below ``min_threshold`` (ElastAlert2's names; ``percentiles`` at
     ``percentile_range``, nearest rank, e.g. the seed's P99 of ``inference_time`` > 500 ms). Each
     ``query_key`` value is its own alert."""
 
-    type: Literal["any", "frequency", "flatline", "spike", "percentage_match", "metric_aggregation"] = "any"
+    type: Literal["any", "frequency", "flatline", "spike", "percentage_match", "new_term", "change",
+                  "metric_aggregation"] = "any"
     filter: list[LogFilter] = Field(default_factory=list)
     timeframe: Duration = 300.0
     query_delay: Duration = 0.0   # evaluate the window this long ago (the store's indexing delay)
@@ -140,6 +143,9 @@ class LogQuery(Strict):
     match_bucket_filter: list[LogFilter] = Field(default_factory=list)  # percentage_match: the matching part
     min_percentage: float | None = Field(None, ge=0, le=100)
     max_percentage: float | None = Field(None, ge=0, le=100)
+    fields: list[str] = Field(default_factory=list)               # new_term: the fields whose values are watched
+    terms_window_size: Duration = 30 * 86400.0                    # new_term: "new" means unseen for this long
+    compare_key: str | None = None                                # change: the field whose value changed
     metric_agg_key: str | None = None
     metric_agg_type: Literal["min", "max", "avg", "sum", "value_count", "cardinality", "percentiles"] | None = None
     percentile_range: float | None = Field(None, gt=0, le=100)
@@ -148,7 +154,13 @@ class LogQuery(Strict):
 
     @model_validator(mode="after")
     def _by_type(self) -> LogQuery:
-        needs = {"flatline": ["threshold"], "spike": ["spike_height"], "percentage_match": ["match_bucket_filter"]}
+        needs = {"flatline": ["threshold"], "spike": ["spike_height"], "percentage_match": ["match_bucket_filter"],
+                 "new_term": ["fields"], "change": ["compare_key"]}
+        for f in [*self.fields, *([self.compare_key] if self.compare_key else [])]:
+            if not FIELD_NAME.match(f):
+                raise ValueError(f"invalid field name {f!r}")
+        if self.type == "new_term" and self.terms_window_size <= self.timeframe:
+            raise ValueError("terms_window_size must be longer than timeframe")
         for kind, fields in needs.items():
             for f in fields:
                 if self.type == kind and not getattr(self, f):

@@ -101,6 +101,20 @@ class LogRuleSource:
                         q.max_percentage is not None and pct > q.max_percentage):
                     out.append(Sample(dict(k), pct))
             return out
+        if q.type == "new_term":  # from the store itself: a restart neither floods nor forgets
+            names = [*q.query_key, *q.fields]
+            now = self._counts(q.filter, at - tf, at, names)
+            seen = self._counts(q.filter, at - q.terms_window_size, at - tf, names)
+            return [Sample({k: v for k, v in key if v != ""}, float(n)) for key, n in now.items()
+                    if key not in seen and any(v != "" for k, v in key if k in q.fields)]
+        if q.type == "change":
+            assert q.compare_key is not None
+            values: dict[tuple[tuple[str, str], ...], int] = {}
+            for key in self._counts(q.filter, at - tf, at, [*q.query_key, q.compare_key]):
+                if dict(key)[q.compare_key] != "":
+                    group = key[:-1]
+                    values[group] = values.get(group, 0) + 1
+            return [Sample(dict(k), float(n)) for k, n in values.items() if n > 1]
         ref = self._counts(q.filter, at - 2 * tf, at - tf, q.query_key)  # the window before
         if q.type == "flatline":  # without a query_key: the whole stream; with one: the groups seen lately
             assert q.threshold is not None

@@ -186,7 +186,9 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
              LogQuery(type="spike", filter=[{"range": {"inference_time": {"gt": 300}}}], spike_height=1.5,
                       timeframe=25, query_key="replica"),
              LogQuery(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "stop"}}],
-                      max_percentage=30, timeframe=40, query_key="replica", query_delay=5)]
+                      max_percentage=30, timeframe=40, query_key="replica", query_delay=5),
+             LogQuery(type="new_term", fields=["batch_size", "finish_reason"], timeframe=30, terms_window_size=60),
+             LogQuery(type="change", compare_key="level", timeframe=35, query_key="replica")]
     checked = 0
     for q in rules:
         for at in [t0 + k * 17.5 for k in range(20)] + [t0 + 60.0, t0 + 61.0]:  # on and off the line times

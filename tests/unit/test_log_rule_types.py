@@ -77,3 +77,29 @@ def test_rule_types_are_validated(q: dict[str, Any], msg: str) -> None:
 
     with pytest.raises(ValidationError, match=msg):
         LogQuery(**q)
+
+
+def test_new_term_from_the_store_itself(tmp_path: Path) -> None:
+    """A finish_reason or model never seen in the 30 days before fires once it appears; a restart asks
+    the same store, so it neither floods nor forgets."""
+    day = 86400.0
+    ev = [(T0 - 10 * day + i, {"replica": "a", "finish_reason": "stop"}) for i in range(5)] + \
+         [(T0 + 10, {"replica": "a", "finish_reason": "stop"}), (T0 + 20, {"replica": "a", "finish_reason": "abort"}),
+          (T0 + 30, {"replica": "b", "finish_reason": "stop"}), (T0 + 40, {"replica": "b"})]
+    src = store(tmp_path, ev)
+    q = {"type": "new_term", "fields": ["finish_reason"], "timeframe": 60}
+    assert got(src, T0 + 60, **q) == {(("finish_reason", "abort"),): 1.0}
+    assert got(src, T0 + 60, **q, query_key="replica") == {(("finish_reason", "abort"), ("replica", "a")): 1.0,
+                                                          (("finish_reason", "stop"), ("replica", "b")): 1.0}
+    assert got(src, T0 + 60, **{**q, "terms_window_size": 5 * day}) == {
+        (("finish_reason", "abort"),): 1.0, (("finish_reason", "stop"),): 2.0}  # 10 days ago is forgotten
+
+
+def test_change_of_a_value_within_the_window(tmp_path: Path) -> None:
+    ev = [(T0 + 1, {"replica": "a", "model": "v1"}), (T0 + 2, {"replica": "a", "model": "v2"}),
+          (T0 + 3, {"replica": "b", "model": "v1"}), (T0 + 4, {"replica": "b", "model": "v1"}),
+          (T0 + 5, {"replica": "b"})]
+    src = store(tmp_path, ev)
+    assert got(src, T0 + 10, type="change", compare_key="model", query_key="replica", timeframe=60) == {
+        (("replica", "a"),): 2.0}
+    assert got(src, T0 + 10, type="change", compare_key="model", timeframe=60) == {(): 2.0}
