@@ -1,0 +1,130 @@
+"""Log-rule evaluation at scale: 200 rules over N indexed lines, the total query time of one evaluation
+cycle from Elasticsearch and from the local store, same lines, same rules, same instant.
+
+Usage: .venv/bin/python bench/log_rules.py [--lines 1000000] [--rules 200]
+Starts its own Elasticsearch node (scripts/elasticsearch.sh on a free port) and stops it after. Lines
+are bulk-indexed directly (the shipper's throughput is bench/shipping.py's business); the rules mix
+every rule type with filters and query keys, over 5- to 30-minute windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from elasticsearch import Elasticsearch, helpers  # noqa: E402
+
+from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, index_for  # noqa: E402
+from sentinel.logstore.local import LocalLogStore  # noqa: E402
+from sentinel.rules.model import LogQuery  # noqa: E402
+from sentinel.rules.sources import LogRuleSource  # noqa: E402
+
+T_END = 1795900000.0
+
+
+def events(n: int, seed: int = 0) -> list[tuple[float, dict[str, object]]]:
+    rng = random.Random(seed)
+    span = 3600.0  # one hour of traffic
+    out = []
+    for i in range(n):
+        ts = T_END - span + span * i / n
+        cuda = "CUDA error: an illegal memory access" if rng.random() < 0.002 else None
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+        out.append((ts, {"@timestamp": stamp,
+                         "replica": f"replica-{rng.randrange(8)}", "level": "error" if cuda else "info",
+                         "cuda_error": cuda, "inference_time": round(rng.lognormvariate(5, 0.6), 2),
+                         "batch_size": rng.randint(1, 32), "finish_reason": rng.choice(["stop", "length", "abort"]),
+                         "message": "inference request failed" if cuda else "inference request completed",
+                         "event.id": f"{seed}-{i}"}))
+    return out
+
+
+def rules(n: int, seed: int = 1) -> list[LogQuery]:
+    rng = random.Random(seed)
+    kinds = [
+        lambda: LogQuery(type="any", filter=[{"exists": "cuda_error"}], timeframe=rng.choice([300, 600]),
+                         query_key="replica"),
+        lambda: LogQuery(type="frequency", filter=[{"term": {"level": "error"}}], num_events=rng.randint(2, 20),
+                         timeframe=rng.choice([600, 1800]), query_key="replica"),
+        lambda: LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+                         percentile_range=99, max_threshold=rng.choice([500, 800]), timeframe=300, query_key="replica"),
+        lambda: LogQuery(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="avg",
+                         min_threshold=rng.randint(5, 20), timeframe=600),
+        lambda: LogQuery(type="spike", filter=[{"range": {"inference_time": {"gt": rng.choice([300, 500])}}}],
+                         spike_height=2, timeframe=300, query_key="replica"),
+        lambda: LogQuery(type="flatline", threshold=rng.randint(10, 100), timeframe=300, query_key="replica"),
+        lambda: LogQuery(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "abort"}}],
+                         max_percentage=rng.choice([20, 40]), timeframe=900, query_key="replica"),
+        lambda: LogQuery(type="new_term", fields=["finish_reason"], timeframe=300, terms_window_size=3000),
+        lambda: LogQuery(type="any", filter=[{"wildcard": {"message": "*failed"}},
+                                             {"terms": {"replica": ["replica-1", "replica-2"]}}], timeframe=1800),
+    ]
+    return [kinds[i % len(kinds)]() for i in range(n)]
+
+
+def cycle(src: LogRuleSource, qs: list[LogQuery]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    fired = sum(len(src.query(q, T_END)) for q in qs)
+    return time.perf_counter() - t0, fired
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lines", type=int, default=1_000_000)
+    ap.add_argument("--rules", type=int, default=200)
+    args = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = Path(tempfile.mkdtemp(prefix="sentinel-es-bench-"))
+    os.chmod(run_dir, 0o755)
+    env = {**os.environ, "ES_PORT": str(port), "ES_HOME_DIR": str(run_dir), "ES_HEAP": "2g"}
+    subprocess.run(["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "start"], env=env, check=True)
+    work = Path(tempfile.mkdtemp(prefix="log-rules-bench-"))
+    try:
+        es = Elasticsearch(f"http://127.0.0.1:{port}", request_timeout=300)
+        ElasticsearchSink(es, work / "cp.db").ensure_template()
+        data = events(args.lines)
+        t0 = time.perf_counter()
+        helpers.bulk(es, ({"_index": index_for(ts), "_id": d["event.id"], "_source": d} for ts, d in data),
+                     chunk_size=2000)
+        es.indices.refresh(index="deepseek-inference-*")
+        es.indices.forcemerge(index="deepseek-inference-*", max_num_segments=1)
+        t_index = time.perf_counter() - t0
+        local = LocalLogStore(work / "logs.db")
+        t0 = time.perf_counter()
+        for i in range(0, len(data), 50_000):
+            local.add(data[i:i + 50_000])
+        t_local = time.perf_counter() - t0
+        qs = rules(args.rules)
+        es_src, local_src = LogRuleSource(ElasticsearchLogStore(es, 60)), LogRuleSource(local)
+        cycle(es_src, qs[:10])  # warm caches
+        cycle(local_src, qs[:10])
+        es_t, es_fired = cycle(es_src, qs)
+        lo_t, lo_fired = cycle(local_src, qs)
+        print(f"{args.lines:,} lines (indexed in {t_index:.0f} s into Elasticsearch, {t_local:.0f} s into the local "
+              f"store), {args.rules} rules of 9 kinds:")
+        print(f"  one evaluation cycle: Elasticsearch {es_t:.2f} s ({1000 * es_t / args.rules:.0f} ms/rule), "
+              f"local store {lo_t:.2f} s ({1000 * lo_t / args.rules:.0f} ms/rule); samples {es_fired} vs {lo_fired}")
+        print(json.dumps({"lines": args.lines, "rules": args.rules, "es_cycle_s": round(es_t, 3),
+                          "local_cycle_s": round(lo_t, 3)}))
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "stop"], env=env, check=False)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
