@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,8 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from elasticsearch import Elasticsearch, helpers  # noqa: E402
+from served import local_elasticsearch  # noqa: E402
 
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, index_for  # noqa: E402
 from sentinel.logstore.local import LocalLogStore  # noqa: E402
@@ -85,16 +84,9 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--rules", type=int, default=200)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_dir = Path(tempfile.mkdtemp(prefix="sentinel-es-bench-"))
-    os.chmod(run_dir, 0o755)
-    env = {**os.environ, "ES_PORT": str(port), "ES_HOME_DIR": str(run_dir), "ES_HEAP": "2g"}
-    subprocess.run(["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "start"], env=env, check=True)
     work = Path(tempfile.mkdtemp(prefix="log-rules-bench-"))
-    try:
-        es = Elasticsearch(f"http://127.0.0.1:{port}", request_timeout=300)
+    with local_elasticsearch(heap="2g") as url:
+        es = Elasticsearch(url, request_timeout=300)
         ElasticsearchSink(es, work / "cp.db").ensure_template()
         data = events(args.lines)
         t0 = time.perf_counter()
@@ -120,10 +112,7 @@ def main() -> None:
               f"local store {lo_t:.2f} s ({1000 * lo_t / args.rules:.0f} ms/rule); samples {es_fired} vs {lo_fired}")
         print(json.dumps({"lines": args.lines, "rules": args.rules, "es_cycle_s": round(es_t, 3),
                           "local_cycle_s": round(lo_t, 3)}))
-    finally:
-        subprocess.run(["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "stop"], env=env, check=False)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

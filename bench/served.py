@@ -7,10 +7,14 @@ completion of token ids and returns the arrival time of every token.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -79,3 +83,20 @@ def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int,
             if line.startswith("data: {") and '"text":""' not in line.replace(" ", ""):
                 times.append(time.perf_counter())
     return times
+
+
+@contextlib.contextmanager
+def local_elasticsearch(heap: str = "1g") -> Iterator[str]:
+    """A fresh single-node Elasticsearch (scripts/elasticsearch.sh) on a free port; yields its URL and
+    stops it (and removes its data) after."""
+    port = free_port()
+    run_dir = Path(tempfile.mkdtemp(prefix="sentinel-es-bench-"))
+    os.chmod(run_dir, 0o755)  # the node runs as an unprivileged user when we are root
+    env = {**os.environ, "ES_PORT": str(port), "ES_HOME_DIR": str(run_dir), "ES_HEAP": heap}
+    script = str(ROOT / "scripts" / "elasticsearch.sh")
+    subprocess.run(["bash", script, "start"], env=env, check=True)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, check=False)
+        shutil.rmtree(run_dir, ignore_errors=True)

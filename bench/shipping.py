@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,8 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from elasticsearch import Elasticsearch, helpers  # noqa: E402
+from served import local_elasticsearch  # noqa: E402
 
 from sentinel.logstore.elasticsearch import ElasticsearchSink, index_for  # noqa: E402
 from sentinel.logstore.shipper import LogSource, Shipper, parse_timestamp  # noqa: E402
@@ -50,15 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=100_000)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_dir = Path(tempfile.mkdtemp(prefix="sentinel-es-bench-"))
-    os.chmod(run_dir, 0o755)
-    env = {**os.environ, "ES_PORT": str(port), "ES_HOME_DIR": str(run_dir)}
-    subprocess.run(["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "start"], env=env, check=True)
-    try:
-        es = Elasticsearch(f"http://127.0.0.1:{port}", request_timeout=120)
+    with local_elasticsearch() as url:
+        es = Elasticsearch(url, request_timeout=120)
         data = lines(args.lines)
         work = Path(tempfile.mkdtemp(prefix="ship-bench-"))
         log = work / "inference.log"
@@ -84,9 +76,6 @@ def main() -> None:
         print(f"ratio shipper / plain bulk: {plain / ours:.2f}x (target >= 0.8x); first index "
               f"{index_for(parse_timestamp(docs[0]['@timestamp'], 0))}")
         shutil.rmtree(work, ignore_errors=True)
-    finally:
-        subprocess.run(["bash", str(ROOT / "scripts" / "elasticsearch.sh"), "stop"], env=env, check=False)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

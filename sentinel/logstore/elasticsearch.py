@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -159,68 +159,63 @@ class ElasticsearchLogStore:
                   field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]:
         """As ``LocalLogStore.aggregate``: a metric aggregation per ``query_key`` group."""
         query = self._query([*filters, LogFilter(exists=field)], since, until)
-        es = self.client.options(request_timeout=self.timeout_s)
         metric = _metric(agg, field, percentile)
         out: list[tuple[dict[str, str], float]] = []
+        groups: list[tuple[dict[str, str], float | None]]
         try:
             if not query_key:
-                r = es.search(index=f"{INDEX_PREFIX}-*", size=0, query=query, ignore_unavailable=True,
-                              allow_no_indices=True, aggs={"m": metric})
+                r = self._search(query, {"m": metric})
                 value = _metric_value(agg, (r.get("aggregations") or {}).get("m") or {})
-                total = int(r["hits"]["total"]["value"]) if r.get("hits") else 0
-                return [({}, value)] if value is not None and total and not (
-                    agg in ("value_count", "cardinality") and value == 0) else []
-            after: dict[str, Any] | None = None
-            sources = [{k: {"terms": {"field": k, "missing_bucket": True}}} for k in query_key]
-            while True:
-                comp: dict[str, Any] = {"size": 1000, "sources": sources}
-                if after is not None:
-                    comp["after"] = after
-                r = es.search(index=f"{INDEX_PREFIX}-*", size=0, query=query, ignore_unavailable=True,
-                              allow_no_indices=True, aggs={"g": {"composite": comp, "aggs": {"m": metric}}})
-                agg_r = (r.get("aggregations") or {}).get("g") or {}
-                for b in agg_r.get("buckets", []):
-                    value = _metric_value(agg, b["m"])
-                    if value is None or (agg in ("value_count", "cardinality") and value == 0):
-                        continue
-                    out.append(({k: "" if b["key"][k] is None else _label(b["key"][k]) for k in query_key}, value))
-                after = agg_r.get("after_key")
-                if not agg_r.get("buckets") or after is None:
-                    return out
+                groups = [({}, value)] if int(r["hits"]["total"]["value"]) else []
+            else:
+                groups = [(labels, _metric_value(agg, b["m"])) for labels, b in self._groups(query, query_key,
+                                                                                             {"m": metric})]
         except (ApiError, TransportError) as exc:
             raise LogStoreUnavailable(f"Elasticsearch query failed: {exc}") from exc
+        for labels, value in groups:
+            if value is not None and not (agg in ("value_count", "cardinality") and value == 0):
+                out.append((labels, value))
+        return out
 
     def count(self, filters: Iterable[LogFilter], since: float, until: float,
               query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]:
         query = self._query(list(filters), since, until)
-        es = self.client.options(request_timeout=self.timeout_s)
         try:
             if not query_key:
-                n = int(es.count(index=f"{INDEX_PREFIX}-*", query=query, ignore_unavailable=True,
-                                 allow_no_indices=True)["count"])
+                n = int(self.client.options(request_timeout=self.timeout_s).count(
+                    index=f"{INDEX_PREFIX}-*", query=query, ignore_unavailable=True, allow_no_indices=True)["count"])
                 return [({}, n)] if n else []
-            out: list[tuple[dict[str, str], int]] = []
-            after: dict[str, Any] | None = None
-            sources = [{k: {"terms": {"field": k, "missing_bucket": True}}} for k in query_key]
-            while True:
-                comp: dict[str, Any] = {"size": 1000, "sources": sources}
-                if after is not None:
-                    comp["after"] = after
-                r = es.search(index=f"{INDEX_PREFIX}-*", size=0, query=query, ignore_unavailable=True,
-                              allow_no_indices=True, aggs={"g": {"composite": comp}})
-                agg = (r.get("aggregations") or {}).get("g") or {}
-                for b in agg.get("buckets", []):
-                    labels = {k: "" if b["key"][k] is None else _label(b["key"][k]) for k in query_key}
-                    out.append((labels, int(b["doc_count"])))
-                after = agg.get("after_key")
-                if not agg.get("buckets") or after is None:
-                    return out
+            return [(labels, int(b["doc_count"])) for labels, b in self._groups(query, query_key)]
         except (ApiError, TransportError) as exc:
             raise LogStoreUnavailable(f"Elasticsearch query failed: {exc}") from exc
 
+    def _search(self, query: dict[str, Any], aggs: dict[str, Any]) -> dict[str, Any]:
+        r = self.client.options(request_timeout=self.timeout_s).search(
+            index=f"{INDEX_PREFIX}-*", size=0, query=query, aggs=aggs, ignore_unavailable=True,
+            allow_no_indices=True)
+        return dict(r.body)
+
+    def _groups(self, query: dict[str, Any], query_key: Sequence[str], sub: dict[str, Any] | None = None
+                ) -> Iterator[tuple[dict[str, str], dict[str, Any]]]:
+        """Every ``query_key`` group (a missing field groups as "") with its bucket, a composite
+        aggregation paged to the end."""
+        sources = [{k: {"terms": {"field": k, "missing_bucket": True}}} for k in query_key]
+        after: dict[str, Any] | None = None
+        while True:
+            comp: dict[str, Any] = {"size": 1000, "sources": sources}
+            if after is not None:
+                comp["after"] = after
+            agg = (self._search(query, {"g": {"composite": comp, **({"aggs": sub} if sub else {})}})
+                   .get("aggregations") or {}).get("g") or {}
+            for b in agg.get("buckets", []):
+                yield {k: "" if b["key"][k] is None else _label(b["key"][k]) for k in query_key}, b
+            after = agg.get("after_key")
+            if not agg.get("buckets") or after is None:
+                return
+
 
 def _metric(agg: str, field: str, percentile: float | None) -> dict[str, Any]:
-    if agg == "percentiles":  # HDR: the nearest-rank value within 0.1 %, as the local store computes it
+    if agg == "percentiles":  # HDR at 3 digits: the local store takes the value at the same rank
         return {"percentiles": {"field": field, "percents": [percentile], "keyed": False,
                                 "hdr": {"number_of_significant_value_digits": 3}}}
     return {agg: {"field": field}}

@@ -7,7 +7,6 @@ reach the SQL.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -93,7 +92,8 @@ class LocalLogStore:
                   field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]:
         """``agg`` of ``field`` over matching events per ``query_key`` group, as Elasticsearch's metric
         aggregations: only events whose field is a number count (any non-null value for
-        ``cardinality``); groups without one are left out. ``percentiles`` is the nearest rank."""
+        ``cardinality``); groups without one are left out. ``percentiles`` takes the value at HdrHistogram's
+        rank (p/100 * n rounded, at least 1), as Elasticsearch's ``hdr`` percentiles do."""
         where, params = self._where(filters, since, until)
         fp = json_path(field)
         if agg == "cardinality":
@@ -123,7 +123,8 @@ class LocalLogStore:
                 if not values:
                     continue
                 assert percentile is not None
-                value = values[max(0, math.ceil(percentile / 100 * len(values)) - 1)]
+                # HdrHistogram's rank, as Elasticsearch's hdr percentiles: p/100 * n rounded, at least 1
+                value = values[max(1, int(percentile / 100 * len(values) + 0.5)) - 1]
             elif agg in ("value_count", "cardinality") and value == 0:
                 continue
             labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}

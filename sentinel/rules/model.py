@@ -125,7 +125,7 @@ class LogQuery(Strict):
     within ``timeframe`` for the same ``query_key`` group; ``metric_aggregation``: ``metric_agg_type`` of the
     numeric field ``metric_agg_key`` over the matching events in ``timeframe`` is above
     ``max_threshold`` or below ``min_threshold`` (ElastAlert2's names; ``percentiles`` at
-    ``percentile_range``, nearest rank, e.g. the seed's P99 of ``inference_time`` > 500 ms). Each
+    ``percentile_range``, HdrHistogram's rank, e.g. the seed's P99 of ``inference_time`` > 500 ms). Each
     ``query_key`` value is its own alert."""
 
     type: Literal["any", "frequency", "flatline", "spike", "percentage_match", "new_term", "change",

@@ -201,6 +201,9 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
                  percentile_range=99, max_threshold=500.7, timeframe=60, query_key="replica"),  # the seed's P99
         LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                  percentile_range=50, min_threshold=300.7, timeframe=90),
+        # 16 lines per replica in 80 s: the rank rounds (p/100 * n + 0.5) where a ceiling would not
+        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+                 percentile_range=90, min_threshold=10_000, timeframe=80, query_key="replica"),
         LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="avg",
                  max_threshold=300.0, timeframe=45, query_key=["replica", "finish_reason"]),
         LogQuery(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="max",
