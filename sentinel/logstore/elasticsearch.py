@@ -21,7 +21,7 @@ from typing import Any
 
 from elasticsearch import ApiError, Elasticsearch, TransportError, helpers
 
-from sentinel.rules.model import LogFilter
+from sentinel.rules.model import FilterNode, LogFilter
 
 INDEX_PREFIX = "deepseek-inference"
 TEMPLATE_NAME = "deepseek-inference"
@@ -131,17 +131,7 @@ class ElasticsearchLogStore:
     def _query(filters: Iterable[LogFilter], since: float, until: float) -> dict[str, Any]:
         must: list[dict[str, Any]] = [{"range": {"@timestamp": {
             "gt": int(since * 1000), "lte": int(until * 1000), "format": "epoch_millis"}}}]
-        for f in filters:
-            if f.exists is not None:
-                must.append({"exists": {"field": f.exists}})
-            for name, value in (f.term or {}).items():
-                must.append({"term": {name: value}})
-            for name, values in (f.terms or {}).items():
-                must.append({"terms": {name: values}})
-            for name, rng in (f.range or {}).items():
-                must.append({"range": {name: dict(rng.bounds())}})
-            for name, pattern in (f.wildcard or {}).items():
-                must.append({"wildcard": {name: {"value": pattern}}})
+        must += [_filter_query(f) for f in filters]
         return {"bool": {"filter": must}}
 
     def search(self, filters: Iterable[LogFilter], since: float, until: float, limit: int = 100
@@ -236,3 +226,32 @@ def _label(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)
+
+
+def _filter_query(f: LogFilter) -> dict[str, Any]:
+    """One filter as an Elasticsearch query clause (the local store's ``_filter_sql``, clause for clause)."""
+    if f.tree is not None:
+        return _node_query(f.tree)
+    must: list[dict[str, Any]] = []
+    if f.exists is not None:
+        must.append({"exists": {"field": f.exists}})
+    for name, value in (f.term or {}).items():
+        must.append({"term": {name: value}})
+    for name, values in (f.terms or {}).items():
+        must.append({"terms": {name: values}})
+    for name, rng in (f.range or {}).items():
+        must.append({"range": {name: dict(rng.bounds())}})
+    for name, pattern in (f.wildcard or {}).items():
+        must.append({"wildcard": {name: {"value": pattern}}})
+    return must[0] if len(must) == 1 else {"bool": {"filter": must}}
+
+
+def _node_query(node: FilterNode) -> dict[str, Any]:
+    kind, arg = node
+    if kind == "leaf":
+        return _filter_query(arg)
+    if kind == "not":
+        return {"bool": {"must_not": [_node_query(arg)]}}
+    if kind == "and":
+        return {"bool": {"filter": [_node_query(n) for n in arg]}}
+    return {"bool": {"should": [_node_query(n) for n in arg], "minimum_should_match": 1}}

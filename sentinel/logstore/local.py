@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sentinel.rules.model import LogFilter
+from sentinel.rules.model import FilterNode, LogFilter
 
 RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}  # fixed SQL text; the bounds are bound parameters
 
@@ -136,26 +136,51 @@ class LocalLogStore:
         where = ["ts > ?", "ts <= ?"]
         params: list[Any] = [since, until]
         for f in filters:
-            if f.exists is not None:
-                where.append("json_type(doc, ?) IS NOT NULL AND json_type(doc, ?) != 'null'")
-                params += [json_path(f.exists)] * 2
-            for name, value in (f.term or {}).items():
-                where.append("json_extract(doc, ?) = ?")
-                params += [json_path(name), value]
-            for name, values in (f.terms or {}).items():
-                where.append(f"json_extract(doc, ?) IN ({', '.join('?' for _ in values)})")
-                params += [json_path(name), *values]
-            for name, rng in (f.range or {}).items():
-                for op, bound in rng.bounds():
-                    # typed like the bound: numbers never compare with strings (as Elasticsearch's mapping does)
-                    kind = "IN ('integer', 'real')" if isinstance(bound, int | float) else "= 'text'"
-                    where.append(f"json_type(doc, ?) {kind} AND json_extract(doc, ?) {RANGE_OPS[op]} ?")
-                    params += [json_path(name), json_path(name), bound]
-            for name, pattern in (f.wildcard or {}).items():
-                where.append("json_type(doc, ?) = 'text' AND json_extract(doc, ?) GLOB ?")
-                params += [json_path(name), json_path(name), pattern]
+            sql, p = _filter_sql(f)
+            where.append(sql)
+            params += p
         return where, params
 
     def prune(self, before: float) -> int:
         with self._lock:
             return self._db.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
+
+
+def _filter_sql(f: LogFilter) -> tuple[str, list[Any]]:
+    """One filter as a SQL condition that is 0 or 1, never NULL: a missing field fails every condition,
+    so NOT of it holds, as Elasticsearch's ``must_not`` on a missing field."""
+    if f.tree is not None:
+        return _node_sql(f.tree)
+    where: list[str] = []
+    params: list[Any] = []
+    if f.exists is not None:
+        where.append("json_type(doc, ?) IS NOT NULL AND json_type(doc, ?) != 'null'")
+        params += [json_path(f.exists)] * 2
+    for name, value in (f.term or {}).items():
+        where.append("json_extract(doc, ?) = ?")
+        params += [json_path(name), value]
+    for name, values in (f.terms or {}).items():
+        where.append(f"json_extract(doc, ?) IN ({', '.join('?' for _ in values)})")
+        params += [json_path(name), *values]
+    for name, rng in (f.range or {}).items():
+        for op, bound in rng.bounds():
+            # typed like the bound: numbers never compare with strings (as Elasticsearch's mapping does)
+            kind = "IN ('integer', 'real')" if isinstance(bound, int | float) else "= 'text'"
+            where.append(f"json_type(doc, ?) {kind} AND json_extract(doc, ?) {RANGE_OPS[op]} ?")
+            params += [json_path(name), json_path(name), bound]
+    for name, pattern in (f.wildcard or {}).items():
+        where.append("json_type(doc, ?) = 'text' AND json_extract(doc, ?) GLOB ?")
+        params += [json_path(name), json_path(name), pattern]
+    return f"COALESCE(({' AND '.join(where)}), 0)", params
+
+
+def _node_sql(node: FilterNode) -> tuple[str, list[Any]]:
+    kind, arg = node
+    if kind == "leaf":
+        return _filter_sql(arg)
+    if kind == "not":
+        sql, params = _node_sql(arg)
+        return f"NOT {sql}", params
+    parts = [_node_sql(n) for n in arg]
+    joiner = " AND " if kind == "and" else " OR "
+    return "(" + joiner.join(sql for sql, _ in parts) + ")", [p for _, ps in parts for p in ps]

@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from sentinel.durations import Duration
 from sentinel.errors import FileFormatError, RuleFileError
+from sentinel.rules import querystring
 from sentinel.yamlfile import load_model_file
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -81,16 +82,28 @@ class Range(Strict):
 class LogFilter(Strict):
     """One condition on a log event, in Elasticsearch's query language (the subset both stores answer
     alike): the field ``exists`` (non-null), equals a ``term``, is one of ``terms``, is within a
-    ``range``, or matches a ``wildcard`` (``*`` any characters, ``?`` one character; case-sensitive).
-    Several fields in one filter must all match."""
+    ``range``, matches a ``wildcard`` (``*`` any characters, ``?`` one character; case-sensitive), or a
+    Lucene ``query_string`` (``cuda_error:* AND NOT replica:0``; see ``sentinel/rules/querystring.py``),
+    which parses into a tree of the others. Several fields in one filter must all match."""
 
     exists: str | None = None
     term: dict[str, Scalar] | None = None
     terms: dict[str, list[Scalar]] | None = None
     range: dict[str, Range] | None = None
     wildcard: dict[str, str] | None = None
+    query_string: str | None = None
 
-    KINDS: ClassVar[tuple[str, ...]] = ("exists", "term", "terms", "range", "wildcard")
+    KINDS: ClassVar[tuple[str, ...]] = ("exists", "term", "terms", "range", "wildcard", "query_string")
+    _tree: FilterNode | None = PrivateAttr(None)
+
+    @field_validator("query_string", mode="before")
+    @classmethod
+    def _query_form(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # ElastAlert's form: query_string: {query: "..."}
+            if set(v) != {"query"}:
+                raise ValueError("query_string takes a string, or {query: <string>}")
+            return v["query"]
+        return v
 
     @model_validator(mode="after")
     def _one(self) -> LogFilter:
@@ -98,6 +111,10 @@ class LogFilter(Strict):
         if len(given) != 1:
             raise ValueError(f"a filter needs exactly one of: {', '.join(self.KINDS)}")
         kind = given[0]
+        if kind == "query_string":
+            assert self.query_string is not None
+            self._tree = _build(querystring.parse(self.query_string))
+            return self
         fields = [self.exists] if kind == "exists" else list(getattr(self, kind).keys())
         if kind != "exists" and not fields:
             raise ValueError(f"{kind}: name a field")
@@ -111,6 +128,24 @@ class LogFilter(Strict):
             if any(c in pattern for c in "[]\\"):
                 raise ValueError(f"wildcard {pattern!r}: only * and ? are special; [, ] and \\ are not allowed")
         return self
+
+    @property
+    def tree(self) -> FilterNode | None:
+        """A ``query_string`` as a tree of the other kinds; None for the other kinds."""
+        return self._tree
+
+
+# A parsed query_string: ("and" | "or", [nodes]), ("not", node) or ("leaf", LogFilter).
+FilterNode = tuple[str, Any]
+
+
+def _build(node: querystring.Node) -> FilterNode:
+    kind, arg = node
+    if kind == "leaf":
+        return ("leaf", LogFilter.model_validate(arg))
+    if kind == "not":
+        return ("not", _build(arg))
+    return (kind, [_build(n) for n in arg])
 
 
 class LogQuery(Strict):

@@ -188,14 +188,30 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
              LogQuery(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "stop"}}],
                       max_percentage=30, timeframe=40, query_key="replica", query_delay=5),
              LogQuery(type="new_term", fields=["batch_size", "finish_reason"], timeframe=30, terms_window_size=60),
-             LogQuery(type="change", compare_key="level", timeframe=35, query_key="replica")]
+             LogQuery(type="change", compare_key="level", timeframe=35, query_key="replica"),
+             # query_string: the Lucene subset, the same in both stores (NOT on a missing field holds in both)
+             LogQuery(type="any", filter=[{"query_string": "cuda_error:* AND NOT replica:replica-1"}], timeframe=60,
+                      query_key="replica"),
+             LogQuery(type="frequency", filter=[{"query_string": {"query": "batch_size:3 OR (finish_reason:stop AND "
+                                                                        "inference_time:[100 TO 400})"}}],
+                      timeframe=45, num_events=2, query_key="replica"),
+             LogQuery(type="any", filter=[{"query_string": "NOT _exists_:cuda_error AND batch_size:(0 OR 2) AND "
+                                                           "message:inference\\ request*"}], timeframe=30),
+             LogQuery(type="any", filter=[{"query_string": "-cuda_error:\"CUDA error: an illegal memory access\" AND "
+                                                           "inference_time:>=600"}], timeframe=60),
+             LogQuery(type="frequency",
+                      filter=[{"query_string": "level:error || (batch_size:<1 && !finish_reason:stop)"}],
+                      timeframe=40, num_events=3, query_key=["replica"])]
     checked = 0
+    hits: dict[int, int] = {}
     for q in rules:
         for at in [t0 + k * 17.5 for k in range(20)] + [t0 + 60.0, t0 + 61.0]:  # on and off the line times
             want = sorted((sorted(s.labels.items()), s.value) for s in a.query(q, at))
             assert sorted((sorted(s.labels.items()), s.value) for s in b.query(q, at)) == want, (q, at)
             checked += bool(want)
+            hits[id(q)] = hits.get(id(q), 0) + bool(want)
     assert checked > 30  # most evaluations found something: the comparison is not of empty sets
+    assert all(hits.get(id(q)) for q in rules if any(f.query_string for f in q.filter)), hits
     metric_rules = [
         LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                  percentile_range=99, max_threshold=500.7, timeframe=60, query_key="replica"),  # the seed's P99
