@@ -138,17 +138,22 @@ class Daemon:
             self.es_sink = ElasticsearchSink(es, self.state_dir / "shipper.db")
             sink: Sink = self.es_sink
             counter = ElasticsearchLogStore(es, s.logs.elasticsearch_timeout)
+            self.log_reader: Any = counter
         else:
             self.logstore = LocalLogStore(self.state_dir / "logs.db")
             sink = counter = self.logstore
+            self.log_reader = self.logstore
         shipper = Shipper(sink, [_log_source(sp) for sp in specs])
         self.shipper = shipper
         self.remediator = Remediator(self.store, self.supervisor, self.guardrails, self.metrics,
                                      verify_timeout_s=s.remediation.verify_timeout)
         evaluator = Evaluator(
-            self.store, PromQLSource(prom_url, s.prometheus.query_timeout), LogRuleSource(counter),
+            self.store, PromQLSource(prom_url, s.prometheus.query_timeout),
+            LogRuleSource(counter, lambda: shipper.synced_at, slack_s=s.logs.ship_interval + 2.0,
+                          settle_s=1.0 if s.logs.elasticsearch_url else 0.0),  # Elasticsearch's refresh
             self._receivers(), s.alerting.evaluation_interval,
-            s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for)
+            s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for,
+            catch_up_max=s.logs.catch_up_max)
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
         evaluator.on_firing = self._on_firing
@@ -330,7 +335,7 @@ class Daemon:
         up = {"prometheus": next((x.url for x in self.services if x.name == "prometheus"), None),
               "replicas": [{"name": r.spec.name, "url": r.spec.url, "logFile": str(r.spec.log_dir / "inference.log")}
                            for r in (self.supervisor.replicas.values() if self.supervisor else [])]}
-        return build_context(self.settings, labels, up)
+        return build_context(self.settings, labels, up, self.log_reader)
 
     @property
     def api_url(self) -> str:

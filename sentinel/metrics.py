@@ -33,5 +33,8 @@ class SentinelMetrics:
                                  "When rules were last loaded successfully.", registry=registry)
         self.log_store_up = Gauge("sentinel_log_store_up", "1 when the last shipment reached the log store.",
                                   registry=registry)
+        self.catch_up = Counter("sentinel_rule_catch_up_evaluations_total",
+                                "Missed log-rule evaluations replayed after the log store (or sentinel) was back.", g,
+                                registry=registry)
         self.log_events = Counter("sentinel_log_events_shipped_total", "Log events shipped into the log store.",
                                   registry=registry)

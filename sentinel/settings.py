@@ -107,6 +107,8 @@ class LogSettings(Section):
         None, description="ship logs to this Elasticsearch (8.x) and answer log rules from it; "
         "default: the local store")
     elasticsearch_timeout: Duration = 10.0
+    catch_up_max: Duration = Field(3600.0, description="log rules replay the evaluations they missed (log store "
+                                   "down, sentinel down) up to this far back; 0 turns replays off")
 
 
 class Settings(BaseSettings):

@@ -43,6 +43,7 @@ class Alert:
     valid_until: float = 0.0
     keep_firing_since: float = 0.0
     hits: int = 1  # consecutive evaluations that returned this alert (for consecutive_samples)
+    notified_at: float = 0.0  # the last firing notification, carried across episodes (for realert)
 
     @property
     def fingerprint(self) -> str:
@@ -73,6 +74,7 @@ class AlertingRule:
     annotations: Mapping[str, str] = field(default_factory=dict)
     limit: int = 0
     consecutive: int = 0  # the seed's "N consecutive samples": also needs N evaluations in a row
+    realert_s: float | None = None  # ElastAlert's realert (log rules): see ``to_send``
     expand: Expander = _no_templates
     active: dict[str, Alert] = field(default_factory=dict)
 
@@ -103,8 +105,11 @@ class AlertingRule:
                 old.value, old.annotations = a.value, a.annotations
                 old.hits = min(old.hits + 1, max(self.consecutive, 1))  # capped: steady state stays steady
             else:
+                if old is not None:
+                    a.notified_at = old.notified_at
                 self.active[fp] = a
 
+        retention = max(RESOLVED_RETENTION_S, self.realert_s or 0.0)
         num_active = 0
         for fp, a in list(self.active.items()):
             if fp not in fresh:
@@ -113,7 +118,7 @@ class AlertingRule:
                     if not a.keep_firing_since:
                         a.keep_firing_since = now
                     keep_firing = now - a.keep_firing_since < self.keep_firing_for_s
-                if a.state == State.PENDING or (a.resolved_at and now - a.resolved_at > RESOLVED_RETENTION_S):
+                if a.state == State.PENDING or (a.resolved_at and now - a.resolved_at > retention):
                     del self.active[fp]
                 if a.state != State.INACTIVE and not keep_firing:
                     a.state = State.INACTIVE
@@ -132,13 +137,32 @@ class AlertingRule:
             raise EvaluationError(f"rule {self.name}: exceeded limit of {self.limit} with {num_active} alerts")
         return [replace(a) for a in self.active.values() if a.state != State.INACTIVE]
 
-    def to_send(self, now: float, resend_delay: float, interval: float) -> list[Alert]:
-        """Alerts due to be sent now; marks them sent and sets ``valid_until`` (the ``endsAt``)."""
+    def to_send(self, now: float, resend_delay: float, interval: float, repeat: bool = True,
+                sent_at: float | None = None) -> list[Alert]:
+        """Alerts due to be sent now; marks them sent and sets ``valid_until`` (the ``endsAt``).
+
+        With ``realert_s`` (ElastAlert's realert) it replaces ``resend_delay``, and it also spaces the
+        firing notifications of one label set across episodes: an alert that fires again sooner than
+        ``realert_s`` after the last firing notification is held until then (sent if it still fires), and
+        an episode whose firing was never sent is not sent as resolved either (a flap within realert is
+        one page, not two). ``repeat=False`` sends state changes only, and ``sent_at`` is when they really
+        go out (replaying missed evaluations: ``endsAt`` counts from then, not from the past evaluation)."""
         out = []
+        realert = self.realert_s
+        delay = resend_delay if realert is None else realert
         for a in self.active.values():
-            if a.needs_sending(now, resend_delay):
+            if realert is not None:
+                if a.state == State.FIRING and not a.last_sent_at and a.notified_at and now - a.notified_at < realert:
+                    continue  # fired again within realert of the last page: held
+                if a.state == State.INACTIVE and a.notified_at < a.active_at:
+                    continue  # its firing was never sent: nothing to resolve
+            if not repeat and a.last_sent_at and a.resolved_at <= a.last_sent_at:
+                continue
+            if a.needs_sending(now, delay):
                 a.last_sent_at = now
-                a.valid_until = now + 4 * max(resend_delay, interval)
+                a.valid_until = (now if sent_at is None else sent_at) + 4 * max(delay, interval)
+                if a.state == State.FIRING:
+                    a.notified_at = now
                 out.append(replace(a, labels=dict(a.labels), annotations=dict(a.annotations)))
         return out
 

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS alerts (
   rule TEXT NOT NULL, fingerprint TEXT NOT NULL, labels TEXT NOT NULL, annotations TEXT NOT NULL,
   value REAL NOT NULL, state TEXT NOT NULL, active_at REAL NOT NULL, fired_at REAL NOT NULL,
   resolved_at REAL NOT NULL, last_sent_at REAL NOT NULL, valid_until REAL NOT NULL,
-  keep_firing_since REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (rule, fingerprint));
+  keep_firing_since REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 1, notified_at REAL NOT NULL DEFAULT 0,
+  PRIMARY KEY (rule, fingerprint));
 CREATE TABLE IF NOT EXISTS outbox (
   id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, receiver TEXT NOT NULL,
   url TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS findings (
 """
 
 _ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at", "resolved_at",
-               "last_sent_at", "valid_until", "keep_firing_since", "hits")
+               "last_sent_at", "valid_until", "keep_firing_since", "hits", "notified_at")
 
 
 # (idempotency key, receiver name, url, JSON payload)
@@ -88,6 +89,8 @@ class Store:
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(alerts)")}
         if "hits" not in cols:  # a state file from before consecutive_samples existed
             self._db.execute("ALTER TABLE alerts ADD COLUMN hits INTEGER NOT NULL DEFAULT 1")
+        if "notified_at" not in cols:  # ... and from before realert
+            self._db.execute("ALTER TABLE alerts ADD COLUMN notified_at REAL NOT NULL DEFAULT 0")
         self._lock = threading.RLock()
 
     @contextmanager
@@ -106,16 +109,20 @@ class Store:
             self._db.close()
 
     # -- alert state -------------------------------------------------------------------------------
-    def save_rule_state(self, rule: str, alerts: Iterable[Alert], outbox: Iterable[OutboxEntry], now: float) -> None:
-        """Replace ``rule``'s alerts and enqueue (key, receiver, url, payload) notifications atomically."""
+    def save_rule_state(self, rule: str, alerts: Iterable[Alert], outbox: Iterable[OutboxEntry], now: float,
+                        kv: dict[str, Any] | None = None) -> None:
+        """Replace ``rule``'s alerts and enqueue (key, receiver, url, payload) notifications atomically,
+        with ``kv`` entries (e.g. an aggregation buffer) in the same transaction."""
         with self.tx() as db:
+            db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)",
+                           [(k, json.dumps(v)) for k, v in (kv or {}).items()])
             db.execute("DELETE FROM alerts WHERE rule = ?", (rule,))
             db.executemany(
                 f"INSERT INTO alerts (rule, fingerprint, {', '.join(_ALERT_COLS)}) "
                 f"VALUES (?, ?{', ?' * len(_ALERT_COLS)})",
                 [(rule, a.fingerprint, json.dumps(a.labels), json.dumps(a.annotations), a.value, a.state.value,
-                  a.active_at, a.fired_at, a.resolved_at, a.last_sent_at, a.valid_until, a.keep_firing_since, a.hits)
-                 for a in alerts])
+                  a.active_at, a.fired_at, a.resolved_at, a.last_sent_at, a.valid_until, a.keep_firing_since, a.hits,
+                  a.notified_at) for a in alerts])
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (key, receiver, url, payload, created_at, next_attempt_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",

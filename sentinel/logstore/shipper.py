@@ -94,11 +94,15 @@ class Shipper:
         self.clock = clock
         self.bad_lines = 0
         self.shipped = 0
+        self.synced_at = 0.0  # every line written before this time is in the store
 
     def run_once(self) -> int:
+        """Ship every source to its end; an error (the store down) propagates and ``synced_at`` stays."""
+        start = self.clock()
         n = 0
-        for src in self.sources:
+        for src in list(self.sources):
             n += self._ship(src)
+        self.synced_at = start
         return n
 
     def _ship(self, src: LogSource) -> int:

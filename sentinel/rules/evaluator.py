@@ -8,6 +8,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from sentinel.alerts.notify import alertmanager_key, alertmanager_payload, idempotency_key, webhook_payload
@@ -24,10 +25,14 @@ log = logging.getLogger(__name__)
 META_ALERT = "SentinelRuleEvaluationFailing"
 
 
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def _persisted_state(alerts: Iterable[Alert]) -> tuple[object, ...]:
     """What restoring needs (value and annotations are recomputed by the next evaluation)."""
     return tuple(sorted((a.fingerprint, a.state.value, a.active_at, a.fired_at, a.resolved_at, a.last_sent_at,
-                         a.valid_until, a.keep_firing_since, a.hits) for a in alerts))
+                         a.valid_until, a.keep_firing_since, a.hits, a.notified_at) for a in alerts))
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class RuleRuntime:
     last_eval: float = 0.0
     last_duration: float = 0.0
     persisted: tuple[object, ...] | None = None  # the state last written to the store
+    held: dict[str, Any] | None = None  # aggregation: {"since": t, "fingerprints": [...]} until it is sent
+    last_ok: float = 0.0  # log rules: the last evaluation that answered (evaluations after it are replayed)
+    last_ok_saved: float = 0.0
 
     @property
     def key(self) -> str:
@@ -76,6 +84,7 @@ class Evaluator:
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
     meta_for: float = 60.0
+    catch_up_max: float = 3600.0  # log rules: replay at most this much of a gap (0: never)
     learned: LearnedThresholds = field(default_factory=LearnedThresholds)
 
     def __post_init__(self) -> None:
@@ -110,6 +119,9 @@ class Evaluator:
                 else:
                     for a in self.store.load_rule_state(rt.key):
                         rt.machine.active[a.fingerprint] = a
+                    if rule.log is not None:
+                        rt.held = self.store.get(f"held:{rt.key}")
+                        rt.last_ok = float(self.store.get(f"last_ok:{rt.key}") or 0.0)
                 rts.append(rt)
             new[g.key] = rts
         self.runtimes = new
@@ -121,6 +133,7 @@ class Evaluator:
             name=rule.name, for_s=rule.for_, keep_firing_for_s=rule.keep_firing_for,
             labels={**g.group.labels, **rule.labels}, annotations=rule.annotations, limit=g.group.limit,
             consecutive=rule.sentinel.consecutive_samples or 0,
+            realert_s=rule.log.realert if rule.log is not None else None,
             expand=lambda text, labels, value: expand(text, labels, value))
 
     def interval(self, g: LoadedGroup) -> float:
@@ -139,12 +152,12 @@ class Evaluator:
             self.metrics.group_duration.labels(name).set(self.clock() - start)
             self.metrics.group_last.labels(name).set(start)
 
-    def _query(self, rt: RuleRuntime, now: float) -> list[Sample]:
+    def _query(self, rt: RuleRuntime, now: float, replay: bool = False) -> list[Sample]:
         offset = rt.group.group.query_offset or 0.0
         if rt.rule.log is not None:
             if self.logs is None:
                 raise DatasourceError("no log store is configured for log rules")
-            return self.logs.query(rt.rule.log, now - offset)
+            return self.logs.query(rt.rule.log, now - offset, replay)
         if self.promql is None:
             raise DatasourceError("no Prometheus is configured for PromQL rules")
         samples = self.promql.query(rt.rule.expr or "", now - offset)
@@ -168,6 +181,8 @@ class Evaluator:
         return n
 
     def eval_rule(self, rt: RuleRuntime, now: float) -> None:
+        if rt.rule.log is not None and rt.last_ok and self.catch_up_max > 0 and not self._catch_up(rt, now):
+            return  # still replaying the past: the present waits (its state would skip what is not replayed)
         gname = rt.group.group.name
         t0 = time.perf_counter()
         if self.metrics:
@@ -194,13 +209,68 @@ class Evaluator:
         if firing and self.on_firing is not None:
             self.on_firing(rt, firing)
 
-    def _after_eval(self, rt: RuleRuntime, now: float, firing_before: set[str]) -> None:
+    def _catch_up(self, rt: RuleRuntime, now: float) -> bool:
+        """Replay the evaluations a log rule missed (the log store was down, or sentinel was), in order,
+        so that what happened meanwhile fires and resolves with its real times, as ElastAlert queries from
+        its last run. Windows are (at - timeframe, at], so a past evaluation sees exactly what it would
+        have, once the shipper has delivered the lines up to ``at``. Replays send state changes only (no
+        repeats of an alert already sent) and start no runbook or remediation. The gap is replayed at the
+        group's interval, coarser (never coarser than the rule's timeframe, so every line is in some
+        window) when that would take more than 60 queries, and at most the last ``catch_up_max`` seconds
+        of it. Returns False while replays remain (the first failing one stops this round; the next
+        evaluation resumes from it)."""
+        assert rt.rule.log is not None
+        interval = self.interval(rt.group)
+        if now - rt.last_ok <= 1.5 * interval:
+            return True
+        start = max(rt.last_ok, now - self.catch_up_max)
+        step = max(interval, min((now - start) / 60.0, rt.rule.log.timeframe))
+        n = 0
+        t = start + step
+        done = True
+        while t < now - 0.5 * interval:
+            try:
+                samples = self._query(rt, t, replay=True)
+                with self._lock:
+                    firing_before = {a.fingerprint for a in rt.machine.firing()}
+                    rt.machine.eval(t, samples)
+                    self._after_eval(rt, t, firing_before, sent_at=now)
+            except (DatasourceError, EvaluationError) as exc:
+                rt.health, rt.last_error = "err", f"catching up from {_iso(t)}: {exc}"
+                log.warning("rule %s: catching up paused at %s: %s", rt.rule.name, _iso(t), exc)
+                done = False
+                break
+            n += 1
+            t += step
+        if n:
+            log.warning("rule %s: replayed %d evaluations missed since %s", rt.rule.name, n, _iso(start))
+            if self.metrics:
+                self.metrics.catch_up.labels(rt.group.group.name).inc(n)
+        return done
+
+    def _after_eval(self, rt: RuleRuntime, now: float, firing_before: set[str], sent_at: float | None = None
+                    ) -> None:
+        """Notifications and persistence after ``rt.machine`` was evaluated at ``now``; ``sent_at``: a
+        replayed evaluation's notifications go out at that (later) time and carry state changes only."""
         rt.health, rt.last_error = "ok", None
-        due = rt.machine.to_send(now, self.resend_delay, self.interval(rt.group))
-        outbox = self._outbox(rt, due, now)
+        agg = rt.rule.log.aggregation if rt.rule.log is not None else None
+        interval = self.interval(rt.group)
+        due = rt.machine.to_send(now, self.resend_delay, max(interval, agg or 0.0), repeat=sent_at is None,
+                                 sent_at=sent_at)
+        kv: dict[str, Any] = {}
+        if agg is not None:
+            due, kv = self._aggregate(rt, due, now, agg)
+        outbox = [e for group in self._by_aggregation_key(rt, due) for e in self._outbox(rt, group, now)]
         snapshot = _persisted_state(rt.machine.active.values())
-        if outbox or snapshot != rt.persisted:  # a steady state is not rewritten on every evaluation
-            self.store.save_rule_state(rt.key, list(rt.machine.active.values()), outbox, now)
+        changed = bool(outbox) or snapshot != rt.persisted or bool(kv)
+        if rt.rule.log is not None:
+            rt.last_ok = now
+            # with every state change, else once a minute: replaying evaluations that changed nothing is harmless
+            if changed or now - rt.last_ok_saved >= 60.0:
+                kv[f"last_ok:{rt.key}"] = now
+                rt.last_ok_saved = now
+        if changed or kv:  # a steady state is not rewritten on every evaluation
+            self.store.save_rule_state(rt.key, list(rt.machine.active.values()), outbox, now, kv)
             rt.persisted = snapshot
         for a in rt.machine.active.values():
             if a.state == State.FIRING and a.fingerprint not in firing_before:
@@ -211,6 +281,38 @@ class Evaluator:
             for state in State:
                 n = sum(1 for a in rt.machine.active.values() if a.state == state)
                 self.metrics.alerts.labels(rt.rule.name, state.value).set(n)
+
+    def _aggregate(self, rt: RuleRuntime, due: list[Alert], now: float, period: float
+                   ) -> tuple[list[Alert], dict[str, Any]]:
+        """ElastAlert's ``aggregation``: due notifications are held from the first one for ``period``, then
+        sent together with each held alert's state at that time (firing, or resolved if it ended meanwhile).
+        The held set is saved with the alert state, so a restart neither loses nor repeats it."""
+        held = rt.held or {"since": now, "fingerprints": []}
+        if not rt.held and not due:
+            return [], {}
+        fps = list(dict.fromkeys([*held["fingerprints"], *(a.fingerprint for a in due)]))
+        if now - float(held["since"]) < period:
+            if rt.held is not None and fps == rt.held["fingerprints"]:
+                return [], {}  # nothing new while holding: nothing to write
+            rt.held = {"since": held["since"], "fingerprints": fps}
+            return [], {f"held:{rt.key}": rt.held}
+        rt.held = None
+        out = []
+        for fp in fps:
+            a = rt.machine.active.get(fp)
+            if a is not None and a.state != State.PENDING:
+                out.append(replace(a, labels=dict(a.labels), annotations=dict(a.annotations)))
+        return out, {f"held:{rt.key}": None}
+
+    @staticmethod
+    def _by_aggregation_key(rt: RuleRuntime, due: list[Alert]) -> list[list[Alert]]:
+        keys = rt.rule.log.aggregation_key if rt.rule.log is not None else []
+        if not due or not keys:
+            return [due] if due else []
+        groups: dict[tuple[str, ...], list[Alert]] = {}
+        for a in due:
+            groups.setdefault(tuple(a.labels.get(k, "") for k in keys), []).append(a)
+        return list(groups.values())
 
     def eval_meta(self, now: float) -> None:
         """The meta-alert: one alert per rule whose datasource query is failing."""

@@ -186,6 +186,13 @@ class LogQuery(Strict):
     percentile_range: float | None = Field(None, gt=0, le=100)
     max_threshold: float | None = None
     min_threshold: float | None = None
+    # ElastAlert's notification options. realert: the least time between two firing notifications of one
+    # alert (repeats of a firing alert, and a new episode after a resolved one); aggregation: hold this
+    # rule's notifications and send them together once per period (one notification per value of the
+    # aggregation_key labels).
+    realert: Duration = Field(60.0, ge=0)
+    aggregation: Duration | None = Field(None, gt=0)
+    aggregation_key: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _by_type(self) -> LogQuery:
@@ -208,6 +215,8 @@ class LogQuery(Strict):
             raise ValueError("min_percentage, max_percentage: only for type percentage_match")
         if self.type != "spike" and (self.threshold_ref is not None or self.threshold_cur is not None):
             raise ValueError("threshold_ref, threshold_cur: only for type spike")
+        if self.aggregation_key and self.aggregation is None:
+            raise ValueError("aggregation_key needs aggregation (the period)")
         return self._metric()
 
     def _metric(self) -> LogQuery:
@@ -227,12 +236,12 @@ class LogQuery(Strict):
             raise ValueError("metric_aggregation needs max_threshold or min_threshold")
         return self
 
-    @field_validator("query_key", mode="before")
+    @field_validator("query_key", "aggregation_key", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("query_key")
+    @field_validator("query_key", "aggregation_key")
     @classmethod
     def _keys(cls, v: list[str]) -> list[str]:
         for f in v:

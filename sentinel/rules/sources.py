@@ -6,7 +6,7 @@ Third-party errors are translated here, at the boundary, into DatasourceError.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -60,6 +60,10 @@ class PromQLSource:
                  [float(v) for _, v in r.get("values", [])]) for r in result]
 
 
+def _iso(ts: float) -> str:
+    return "never" if not ts else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 class LogCounter(Protocol):
     """A log store that counts matching events in (since, until] per ``query_key`` group: the local
     store (``LocalLogStore``) or Elasticsearch (``ElasticsearchLogStore``), with the same answers."""
@@ -80,11 +84,24 @@ class LogRuleSource:
     ``metric_aggregation``: groups whose aggregate crosses a threshold (see ``LogQuery``).
     """
 
-    def __init__(self, store: LogCounter) -> None:
+    def __init__(self, store: LogCounter, shipped_until: Callable[[], float] | None = None,
+                 slack_s: float = 3.0, settle_s: float = 0.0) -> None:
+        """``shipped_until``: every line written before this time has been handed to the store (the
+        shipper's last complete run); ``settle_s``: how long the store takes to show what it was handed
+        (Elasticsearch's refresh interval); ``slack_s``: how far a live window may run past that (the
+        next evaluation's window overlaps it). Replays of past evaluations get no slack."""
         self.store = store
+        self.shipped_until = shipped_until
+        self.slack_s = slack_s
+        self.settle_s = settle_s
 
-    def query(self, q: LogQuery, at: float) -> list[Sample]:
+    def query(self, q: LogQuery, at: float, replay: bool = False) -> list[Sample]:
         at -= q.query_delay
+        if self.shipped_until is not None:  # a window whose lines are still on their way is not judged yet
+            until = self.shipped_until() - self.settle_s
+            if at > until + (0.0 if replay else self.slack_s):
+                raise DatasourceError(f"log shipping is behind: lines are in the store up to {_iso(until)}, "
+                                      f"the window ends at {_iso(at)}; the rule waits, then catches up")
         if q.type == "metric_aggregation":
             return self._metric(q, at)
         tf = q.timeframe

@@ -167,7 +167,7 @@ def _run_group(tg: TestGroup, groups: list[LoadedGroup], ei: float, src: PromQLS
 
     machines = {r.name: AlertingRule(
         r.name, r.for_, r.keep_firing_for, {**g.group.labels, **r.labels}, r.annotations, g.group.limit,
-        r.sentinel.consecutive_samples or 0, expander) for g, r in rules}
+        r.sentinel.consecutive_samples or 0, expand=expander) for g, r in rules}
     checks = sorted(tg.alert_rule_test, key=lambda a: a.eval_time)
     end = max([c.eval_time for c in checks], default=0.0)
     steps = int(round(end / ei))

@@ -50,6 +50,7 @@ class Context:
     prometheus_url: str | None = None
     nvml: Any = None                                    # the pynvml module, or a stand-in in tests
     torch: Any = None                                   # the torch module, or a stand-in in tests
+    logs: Any = None                                    # the log store (``search``): Elasticsearch or local
     alert_labels: dict[str, str] = field(default_factory=dict)
 
 

@@ -25,8 +25,23 @@ def running_sentinel(state_dir: Path) -> dict[str, Any] | None:
     return doc
 
 
+def log_store(settings: Settings) -> Any:
+    """The configured log store for reading (Elasticsearch, else the local store if it exists), or None."""
+    if settings.logs.elasticsearch_url:
+        from elasticsearch import Elasticsearch
+
+        from sentinel.logstore.elasticsearch import ElasticsearchLogStore
+        return ElasticsearchLogStore(Elasticsearch(settings.logs.elasticsearch_url),
+                                     settings.logs.elasticsearch_timeout)
+    db = settings.state_dir / "logs.db"
+    if db.exists():
+        from sentinel.logstore.local import LocalLogStore
+        return LocalLogStore(db)
+    return None
+
+
 def build_context(settings: Settings, alert_labels: dict[str, str] | None = None,
-                  up: dict[str, Any] | None = None) -> Context:
+                  up: dict[str, Any] | None = None, logs: Any = None) -> Context:
     d = settings.diagnostics
     state = settings.state_dir.resolve()
     model_dir = settings.replicas.model_dir
@@ -39,4 +54,4 @@ def build_context(settings: Settings, alert_labels: dict[str, str] | None = None
     return Context(proc=d.proc_root, sys=d.sys_root, dev=d.dev_root, var_log=d.var_log, nvidia_smi=d.nvidia_smi,
                    dmesg=d.dmesg, model_dir=model_dir, replicas=replicas, replica_logs=logs,
                    prometheus_url=(up or {}).get("prometheus") or settings.prometheus.url,
-                   alert_labels=dict(alert_labels or {}))
+                   alert_labels=dict(alert_labels or {}), logs=logs if logs is not None else log_store(settings))

@@ -10,6 +10,7 @@ from collections import deque
 import httpx
 from pydantic import Field
 
+from sentinel.durations import parse_duration
 from sentinel.errors import DatasourceError
 from sentinel.rules.sources import PromQLSource
 from sentinel.runbooks.base import Context, Finding, Params, Status, check
@@ -27,7 +28,29 @@ class ServiceParams(Params):
     timeout_s: float = Field(3.0, gt=0)
 
 
-def _recent_cuda_errors(ctx: Context, n: int) -> list[dict[str, object]]:
+def _recent_cuda_errors(ctx: Context, n: int, window_s: float) -> tuple[list[dict[str, object]], str]:
+    """The newest ``cuda_error`` lines (at most 10, oldest first) and where they came from: the log store
+    (Elasticsearch or the local one) over the window, for the alert's replica when the alert names one, or
+    else the tail of each replica's log file. The replica label is a term in a structured query, never
+    part of a query string, a path or a command."""
+    if ctx.logs is not None:
+        from sentinel.rules.model import LogFilter
+
+        filters = [LogFilter(exists="cuda_error")]
+        replica = ctx.alert_labels.get("replica")
+        if replica:
+            filters.append(LogFilter(term={"replica": replica}))
+        now = time.time()
+        try:
+            docs = ctx.logs.search(filters, now - window_s, now, 10)
+        except Exception as exc:  # the store down: the files still answer
+            source = f"log files (the log store did not answer: {type(exc).__name__})"
+        else:
+            cited = [{k: d.get(k) for k in ("@timestamp", "replica", "cuda_error", "message", "request_id",
+                                              "event.id") if d.get(k) is not None} for d in reversed(docs)]
+            return cited, f"log store ({type(ctx.logs).__name__})"
+    else:
+        source = "log files"
     out: list[dict[str, object]] = []
     for path in ctx.replica_logs:
         try:
@@ -41,14 +64,15 @@ def _recent_cuda_errors(ctx: Context, n: int) -> list[dict[str, object]]:
             except ValueError:
                 continue
             if isinstance(doc, dict) and doc.get("cuda_error"):
-                out.append({"file": str(path), "@timestamp": doc.get("@timestamp"), "cuda_error": doc["cuda_error"]})
-    return out[-10:]
+                out.append({"file": str(path), "@timestamp": doc.get("@timestamp"), "cuda_error": doc["cuda_error"],
+                            **({"request_id": doc["request_id"]} if doc.get("request_id") else {})})
+    return out[-10:], source
 
 
 @check("service", ServiceParams)
 def service_check(p: ServiceParams, ctx: Context) -> Finding:
     """Each replica's /health and /ready, P99 latency and error ratio over the window, cuda_error lines."""
-    if not ctx.replicas and ctx.prometheus_url is None and not ctx.replica_logs:
+    if not ctx.replicas and ctx.prometheus_url is None and not ctx.replica_logs and ctx.logs is None:
         return Finding(Status.SKIPPED, "no running sentinel found (no up.json in the state directory)")
     fails: list[str] = []
     warns: list[str] = []
@@ -78,10 +102,13 @@ def service_check(p: ServiceParams, ctx: Context) -> Finding:
         except DatasourceError as exc:
             ev["prometheus_error"] = str(exc)
             warns.append("Prometheus did not answer")
-    cuda = _recent_cuda_errors(ctx, p.log_lines)
+    cuda, source = _recent_cuda_errors(ctx, p.log_lines, parse_duration(p.window))
     ev["recent_cuda_errors"] = cuda
+    ev["cuda_error_source"] = source
     if cuda:
-        fails.append(f"{len(cuda)} recent cuda_error log line(s), last: {cuda[-1]['cuda_error']}")
+        last = cuda[-1]
+        fails.append(f"{len(cuda)} recent cuda_error log line(s) from the {source}, last: {last['cuda_error']} "
+                     f"({last.get('replica') or last.get('file')}, {last.get('@timestamp')})")
     if fails:
         return Finding(Status.FAIL, "; ".join(fails + warns), ev,
                        "restart the affected replica (sentinel does this for CudaError) and run the cuda-error runbook")
