@@ -51,6 +51,9 @@ def up(
                         stream=sys.stderr)
     for noisy in ("apscheduler", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # the Elasticsearch client logs every request, and every retry with a traceback; sentinel says once per
+    # outage that the store is unreachable, and why
+    logging.getLogger("elastic_transport").setLevel(logging.ERROR)
     overrides: dict[str, Any] = {}
     if prometheus_url:
         overrides.setdefault("prometheus", {})["url"] = prometheus_url
@@ -279,6 +282,9 @@ def logs_query(
     where: Annotated[list[str] | None, typer.Option(
         "--filter", help="FIELD=VALUE, or a filter as JSON, e.g. '{\"range\": {\"inference_time\": {\"gt\": 500}}}'"
         " (repeatable; all must match)")] = None,
+    query: Annotated[str | None, typer.Option(
+        "--query", "-q", help="a Lucene query, as a rule's query_string, e.g. 'cuda_error:* AND NOT replica:r0'")
+    ] = None,
     since: Annotated[str | None, typer.Option(help="how far back (e.g. 15m, 2h); default: the rule's timeframe, "
                                                    "else 15m")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
@@ -322,6 +328,8 @@ def logs_query(
                 filters.append(LogFilter(term={name.strip(): value}))
             else:
                 raise typer.BadParameter(f"{text!r}: expected FIELD=VALUE or a JSON filter", param_hint="--filter")
+        if query is not None:
+            filters.append(LogFilter(query_string=query))
         if since is not None:
             window = parse_duration(since)
     except (ValidationError, ValueError) as exc:

@@ -147,10 +147,10 @@ class Daemon:
         self.shipper = shipper
         self.remediator = Remediator(self.store, self.supervisor, self.guardrails, self.metrics,
                                      verify_timeout_s=s.remediation.verify_timeout)
+        settle = 1.0 if s.logs.elasticsearch_url else 0.0  # Elasticsearch shows new documents within 1 s
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout),
-            LogRuleSource(counter, lambda: shipper.synced_at, slack_s=s.logs.ship_interval + 2.0,
-                          settle_s=1.0 if s.logs.elasticsearch_url else 0.0),  # Elasticsearch's refresh
+            LogRuleSource(counter, lambda: shipper.visible_until(settle), slack_s=s.logs.ship_interval + 2.0 + settle),
             self._receivers(), s.alerting.evaluation_interval,
             s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for,
             catch_up_max=s.logs.catch_up_max)

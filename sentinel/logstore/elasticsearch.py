@@ -113,6 +113,14 @@ class ElasticsearchSink:
             row = self._db.execute("SELECT value FROM checkpoints WHERE source = ?", (source,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
 
+    def ping(self) -> None:
+        """Is the store reachable? Asked when there was nothing to ship, so that an idle service still
+        notices Elasticsearch going away (``SentinelLogStoreDown``)."""
+        try:
+            self.client.options(request_timeout=5.0, max_retries=0).cluster.health()  # (no GET / in this distribution)
+        except (ApiError, TransportError) as exc:
+            raise LogStoreUnavailable(f"Elasticsearch unreachable: {exc}") from exc
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

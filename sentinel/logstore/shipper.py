@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -94,7 +95,8 @@ class Shipper:
         self.clock = clock
         self.bad_lines = 0
         self.shipped = 0
-        self.synced_at = 0.0  # every line written before this time is in the store
+        self.synced_at = 0.0  # every line written before this time has been handed to the store
+        self._runs: deque[tuple[float, float]] = deque(maxlen=16)  # (start, end) of complete runs
 
     def run_once(self) -> int:
         """Ship every source to its end; an error (the store down) propagates and ``synced_at`` stays."""
@@ -102,8 +104,18 @@ class Shipper:
         n = 0
         for src in list(self.sources):
             n += self._ship(src)
+        ping = getattr(self.sink, "ping", None)
+        if n == 0 and ping is not None:  # nothing to ship: still find out whether the store is there
+            ping()
         self.synced_at = start
+        self._runs.append((start, self.clock()))
         return n
+
+    def visible_until(self, settle_s: float = 0.0) -> float:
+        """Every line written before the returned time can be found in the store: it was handed over by a
+        run that ended at least ``settle_s`` ago (the store's refresh interval, 1 s for Elasticsearch)."""
+        now = self.clock()
+        return max((start for start, end in self._runs if end + settle_s <= now), default=0.0)
 
     def _ship(self, src: LogSource) -> int:
         cp = self.sink.checkpoint(src.name) or {}

@@ -217,18 +217,20 @@ class Evaluator:
         repeats of an alert already sent) and start no runbook or remediation. The gap is replayed at the
         group's interval, coarser (never coarser than the rule's timeframe, so every line is in some
         window) when that would take more than 60 queries, and at most the last ``catch_up_max`` seconds
-        of it. Returns False while replays remain (the first failing one stops this round; the next
-        evaluation resumes from it)."""
+        of it; the last seconds, which the store may not show yet in normal operation either, are left to
+        the live evaluation's window. Returns False while replays remain (the first failing one stops this
+        round; the next evaluation resumes from it)."""
         assert rt.rule.log is not None
         interval = self.interval(rt.group)
-        if now - rt.last_ok <= 1.5 * interval:
+        if now - rt.last_ok <= 1.5 * interval + (self.logs.lag_s if self.logs is not None else 0.0):
             return True
         start = max(rt.last_ok, now - self.catch_up_max)
         step = max(interval, min((now - start) / 60.0, rt.rule.log.timeframe))
         n = 0
         t = start + step
         done = True
-        while t < now - 0.5 * interval:
+        margin = max(0.5 * interval, self.logs.lag_s if self.logs is not None else 0.0)
+        while t < now - margin:
             try:
                 samples = self._query(rt, t, replay=True)
                 with self._lock:

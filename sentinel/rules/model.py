@@ -187,10 +187,11 @@ class LogQuery(Strict):
     max_threshold: float | None = None
     min_threshold: float | None = None
     # ElastAlert's notification options. realert: the least time between two firing notifications of one
-    # alert (repeats of a firing alert, and a new episode after a resolved one); aggregation: hold this
+    # alert (repeats of a firing alert, and a new episode after a resolved one); unset, a new episode pages
+    # at once and a firing alert is repeated at the resend delay, as PromQL rules. aggregation: hold this
     # rule's notifications and send them together once per period (one notification per value of the
     # aggregation_key labels).
-    realert: Duration = Field(60.0, ge=0)
+    realert: Duration | None = Field(None, ge=0)
     aggregation: Duration | None = Field(None, gt=0)
     aggregation_key: list[str] = Field(default_factory=list)
 

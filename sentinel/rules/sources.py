@@ -85,22 +85,25 @@ class LogRuleSource:
     """
 
     def __init__(self, store: LogCounter, shipped_until: Callable[[], float] | None = None,
-                 slack_s: float = 3.0, settle_s: float = 0.0) -> None:
-        """``shipped_until``: every line written before this time has been handed to the store (the
-        shipper's last complete run); ``settle_s``: how long the store takes to show what it was handed
-        (Elasticsearch's refresh interval); ``slack_s``: how far a live window may run past that (the
-        next evaluation's window overlaps it). Replays of past evaluations get no slack."""
+                 slack_s: float = 3.0) -> None:
+        """``shipped_until``: every line written before this time can be found in the store (the shipper's
+        ``visible_until``); ``slack_s``: how far a live window may run past that (the next evaluation's
+        window overlaps it). Replays of past evaluations get no slack."""
         self.store = store
         self.shipped_until = shipped_until
         self.slack_s = slack_s
-        self.settle_s = settle_s
+
+    @property
+    def lag_s(self) -> float:
+        """How far behind the present the store may be in normal operation."""
+        return self.slack_s if self.shipped_until is not None else 0.0
 
     def query(self, q: LogQuery, at: float, replay: bool = False) -> list[Sample]:
         at -= q.query_delay
         if self.shipped_until is not None:  # a window whose lines are still on their way is not judged yet
-            until = self.shipped_until() - self.settle_s
-            if at > until + (0.0 if replay else self.slack_s):
-                raise DatasourceError(f"log shipping is behind: lines are in the store up to {_iso(until)}, "
+            shipped = self.shipped_until()
+            if at > shipped + (0.0 if replay else self.slack_s):
+                raise DatasourceError(f"log shipping is behind: lines are in the store up to {_iso(shipped)}, "
                                       f"the window ends at {_iso(at)}; the rule waits, then catches up")
         if q.type == "metric_aggregation":
             return self._metric(q, at)

@@ -50,8 +50,8 @@ def build_context(settings: Settings, alert_labels: dict[str, str] | None = None
     if up is None:
         up = running_sentinel(state)
     replicas = tuple((r["name"], r["url"]) for r in (up or {}).get("replicas", []))
-    logs = tuple(Path(r["logFile"]) for r in (up or {}).get("replicas", []) if r.get("logFile"))
+    files = tuple(Path(r["logFile"]) for r in (up or {}).get("replicas", []) if r.get("logFile"))
     return Context(proc=d.proc_root, sys=d.sys_root, dev=d.dev_root, var_log=d.var_log, nvidia_smi=d.nvidia_smi,
-                   dmesg=d.dmesg, model_dir=model_dir, replicas=replicas, replica_logs=logs,
+                   dmesg=d.dmesg, model_dir=model_dir, replicas=replicas, replica_logs=files,
                    prometheus_url=(up or {}).get("prometheus") or settings.prometheus.url,
                    alert_labels=dict(alert_labels or {}), logs=logs if logs is not None else log_store(settings))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -211,13 +212,22 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
 
 
 def test_cuda_error_pages_through_elasticsearch(tmp_path: Path, receiver: Receiver, tiny_model_dir: Path,
-                                                elasticsearch: ElasticsearchNode) -> None:
+                                                elasticsearch: ElasticsearchNode,
+                                                report_figure: Callable[[str, str], None]) -> None:
     """`sentinel up --elasticsearch-url` (here via the settings file): the replica's log lines are shipped
-    to Elasticsearch, the CudaError log rule is answered from it, and the page goes out."""
+    to Elasticsearch, the CudaError log rule is answered from it, the page goes out and the runbook cites
+    the lines from the store. Then Elasticsearch goes down: SentinelLogStoreDown pages, a CUDA error logged
+    during the outage is not lost: once the store is back the rule replays the missed evaluations and
+    pages with the time the error really happened."""
     from elasticsearch import Elasticsearch
 
+    down_rule = next(r for g in yaml.safe_load((ROOT / "rules" / "slo.yaml").read_text())["groups"]
+                     for r in g["rules"] if r.get("alert") == "SentinelLogStoreDown")
+    down_rule["for"] = "2s"
     with run_sentinel(tmp_path, receiver, tiny_model_dir, logs={"elasticsearch_url": elasticsearch.url}) as (
             proc, up, log):
+        (tmp_path / "rules" / "store.yaml").write_text(yaml.safe_dump(
+            {"groups": [{"name": "store", "interval": "1s", "rules": [down_rule]}]}))  # picked up by the reload
         replica = up["replicas"][0]
         client = openai.OpenAI(base_url=f"{replica['url']}/v1", api_key="unused", max_retries=0, timeout=30)
         admin = httpx.Client(base_url=replica["url"], headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
@@ -234,3 +244,47 @@ def test_cuda_error_pages_through_elasticsearch(tmp_path: Path, receiver: Receiv
         assert hits and hits[0]["_source"]["replica"] == "replica-0"
         assert "sentinel_log_store_up 1.0" in httpx.get(f"{up['api']}/metrics").text
         assert not (tmp_path / "state" / "logs.db").exists()  # nothing went to the local store
+        # The runbook's findings cite the line from Elasticsearch (its event id is the document's).
+        [update] = wait_for("CudaError findings", lambda: [a for a in alerts_named(receiver, "CudaError", "firing")
+                                                         if "sentinel" in a], 60, proc, log)
+        service = next(r for r in update["sentinel"]["findings"]["results"] if r["step"] == "service")
+        assert "from the log store (ElasticsearchLogStore)" in service["summary"], service
+        wait_for("the first episode to resolve", lambda: alerts_named(receiver, "CudaError", "resolved"), 60,
+                 proc, log)
+
+        def serving() -> dict[str, Any] | None:
+            st = httpx.get(f"{up['api']}/api/v1/status").json()["data"]["replicas"][0]
+            return st if st["healthy"] else None
+
+        wait_for("the replica to serve again", serving, 90, proc, log)
+
+        # The outage.
+        elasticsearch.stop()
+        try:
+            wait_for("SentinelLogStoreDown to page", lambda: alerts_named(receiver, "SentinelLogStoreDown", "firing"),
+                     60, proc, log)
+            before = len(alerts_named(receiver, "CudaError", "firing"))
+            assert admin.post("/admin/faults", json={"cuda_error": True}).status_code == 200
+            t_fault = time.time()
+            with pytest.raises(openai.InternalServerError):
+                client.completions.create(model="deepseek-tiny", prompt="boom", max_tokens=4)
+            time.sleep(8)  # longer than the rule's 6 s window: only a replay can still see the line
+            assert len(alerts_named(receiver, "CudaError", "firing")) == before  # the store is down: no verdict
+        finally:
+            elasticsearch.start()
+        t_back = time.time()
+
+        def second_episode() -> list[dict[str, Any]] | None:
+            fresh = [a for a in alerts_named(receiver, "CudaError", "firing") if a["startsAt"] > firing[0]["startsAt"]]
+            return fresh or None
+
+        again = wait_for("the CudaError logged during the outage to page", second_episode, 90, proc, log)
+        starts = datetime.fromisoformat(again[0]["startsAt"].replace("Z", "+00:00")).timestamp()
+        assert t_fault - 1 <= starts <= t_fault + 4 < t_back, (t_fault, starts, t_back)  # its real time
+        wait_for("SentinelLogStoreDown to resolve", lambda: alerts_named(receiver, "SentinelLogStoreDown",
+                                                                         "resolved"), 60, proc, log)
+        metrics = httpx.get(f"{up['api']}/metrics").text
+        replayed = [ln for ln in metrics.splitlines() if ln.startswith("sentinel_rule_catch_up_evaluations_total{")]
+        assert replayed and float(replayed[0].rsplit(" ", 1)[1]) >= 8, replayed
+        report_figure("ES outage -> CudaError from the outage paged after the store returned",
+                      f"{time.time() - t_back:.1f}s after Elasticsearch was back")

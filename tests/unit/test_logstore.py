@@ -113,3 +113,8 @@ def test_logs_query_cli_shows_the_lines_behind_a_rule(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "at least one of" in r.output
     r = CliRunner().invoke(app, ["logs", "query", "-c", str(cfg), "--rule", "NoSuchRule"])
     assert r.exit_code == 2 and "no log rule named 'NoSuchRule'" in r.output
+    r = CliRunner().invoke(app, ["logs", "query", "-c", str(cfg), "-q", "cuda_error:* AND NOT replica:replica-0",
+                                 "--since", "2h", "--json"])
+    assert r.exit_code == 0 and [_json.loads(x)["request_id"] for x in r.output.splitlines()] == ["c", "d"]
+    r = CliRunner().invoke(app, ["logs", "query", "-c", str(cfg), "-q", "cuda_error:* replica:r0"])
+    assert r.exit_code == 2 and "column 14" in r.output and "join terms with AND or OR" in r.output

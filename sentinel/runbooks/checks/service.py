@@ -44,7 +44,7 @@ def _recent_cuda_errors(ctx: Context, n: int, window_s: float) -> tuple[list[dic
         try:
             docs = ctx.logs.search(filters, now - window_s, now, 10)
         except Exception as exc:  # the store down: the files still answer
-            source = f"log files (the log store did not answer: {type(exc).__name__})"
+            source = f"log files (the log store did not answer: {type(exc).__name__}: {str(exc)[:200]})"
         else:
             cited = [{k: d.get(k) for k in ("@timestamp", "replica", "cuda_error", "message", "request_id",
                                               "event.id") if d.get(k) is not None} for d in reversed(docs)]
