@@ -148,25 +148,42 @@ def diagnose(
 def rules_check(
     files: Annotated[list[Path], typer.Argument(help="rule files")],
     promtool: Annotated[str, typer.Option(help="promtool binary for the PromQL parse")] = "promtool",
+    runbooks_dir: Annotated[Path | None, typer.Option(help="runbooks a rule may name (default: the settings' "
+                                                           "runbooks_dir)")] = None,
+    lint_fatal: Annotated[bool, typer.Option("--lint-fatal", help="exit 3 on lint problems (as promtool)")] = False,
 ) -> None:
-    """Validate rule files: schema, templates, duplicates, PromQL (through promtool).
+    """Validate rule files: schema, templates, duplicates, runbook names, PromQL (through promtool).
 
-    Errors print as file:line: field: problem. Exit 0 ok, 1 error, 3 lint (like promtool).
+    Errors print as file:line: field: problem. As promtool: exit 0 ok (lint problems are printed and,
+    with --lint-fatal, exit 3), 1 error.
     """
+    from sentinel.errors import FileFormatError
     from sentinel.rules.check import check_file
+    from sentinel.runbooks.model import load_runbooks
+    from sentinel.settings import load_settings
 
+    folder = runbooks_dir or load_settings(None).runbooks_dir
+    books: list[str] | None = None
+    if folder.is_dir():
+        try:
+            books = list(load_runbooks(folder))
+        except FileFormatError as exc:
+            for line in exc.problems:
+                typer.echo(f"{line} (runbook names not checked)", err=True)
     worst = 0
     for f in files:
-        errors, lints, n = check_file(f, promtool)
+        errors, lints, n = check_file(f, promtool, books)
         for line in errors:
             typer.echo(line, err=True)  # plain: one problem a line, never wrapped
         for line in lints:
             typer.echo(f"{line} (lint)", err=True)
         if errors:
             worst = 1
-        elif lints and worst == 0:
-            worst = 3
-        if not errors:
+        elif lints:
+            if lint_fatal and worst == 0:
+                worst = 3
+            typer.echo(f"{f}: FAILED (lint): {n} rules found, {len(lints)} lint problem(s)")
+        else:
             typer.echo(f"{f}: SUCCESS: {n} rules found")
     raise typer.Exit(worst)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,37 +15,102 @@ M = TypeVar("M", bound=BaseModel)
 Loc = tuple[str | int, ...]
 
 
-def _lines(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
+def _lines(node: yaml.Node, loc: Loc, out: dict[Loc, int], seen: dict[int, int]) -> None:
     out[loc] = node.start_mark.line + 1
+    if id(node) in seen:  # an alias: its lines are those of the anchor, recorded once
+        return
+    seen[id(node)] = 1
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             k = key.value
             out[(*loc, k)] = key.start_mark.line + 1
-            _lines(value, (*loc, k), out)
+            _lines(value, (*loc, k), out, seen)
             out[(*loc, k)] = key.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _lines(item, (*loc, i), out)
+            _lines(item, (*loc, i), out, seen)
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it: ~10x faster
+MAX_FILE_BYTES = 32 * 1024 * 1024
+MAX_NODES = 2_000_000  # nodes after alias expansion: a billion-laughs file is refused, not expanded
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-8 text without control characters (other than tab and newlines), or a FileFormatError naming
+    the line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise FileFormatError(str(path), [f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                                          f"{exc.start}); is this a rule file?"]) from exc
+    m = _CONTROL.search(text)
+    if m is not None:
+        line = text.count("\n", 0, m.start()) + 1
+        raise FileFormatError(str(path), [f"{path}:{line}: control character U+{ord(m.group(0)):04X} in the text; "
+                                          "is this a rule file?"])
+    return text
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], path: Path) -> int:
+    """The number of nodes the document has once aliases are expanded (shared nodes counted each time),
+    computed without expanding: linear in the file."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once (PyYAML refuses those on construction anyway)
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            size += _expanded_size(k, memo, path) + _expanded_size(v, memo, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            size += _expanded_size(item, memo, path)
+    if size > MAX_NODES:
+        raise FileFormatError(str(path), [f"{path}:{node.start_mark.line + 1}: YAML aliases expand to more than "
+                                          f"{MAX_NODES:,} nodes here (an alias bomb?); refused"])
+    memo[key] = size
+    return size
 
 
 def load_yaml(path: Path, text: str | None = None) -> tuple[Any, dict[Loc, int]]:
-    """Parse ``path``; returns the data and a map from each key path to its line number."""
+    """Parse ``path`` once; returns the data and a map from each key path to its line number.
+
+    Refused with file:line before anything is built: files over 32 MiB, bytes that are not UTF-8,
+    control characters, and aliases that would expand past 2,000,000 nodes."""
     if text is None:
         try:
-            text = path.read_text()
+            with path.open("rb") as fh:
+                raw = fh.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise FileFormatError(str(path), [f"{path}: cannot read: {exc.strerror}"]) from exc
+        if len(raw) > MAX_FILE_BYTES:
+            raise FileFormatError(str(path), [f"{path}: larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; split it "
+                                              "into several files"])
+        text = _decode(path, raw)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _expanded_size(node, {}, path)
+                data = loader.construct_document(node)
+            else:
+                data = None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise FileFormatError(str(path), [f"{path}{line}: YAML syntax error: {problem}"]) from exc
+    except RecursionError as exc:
+        raise FileFormatError(str(path), [f"{path}: nested too deeply"]) from exc
     lines: dict[Loc, int] = {}
     if node is not None:
-        _lines(node, (), lines)
+        _lines(node, (), lines, {})
     return data, lines
 
 
@@ -68,11 +134,17 @@ def format_problems(path: Path, exc: ValidationError, lines: dict[Loc, int]) -> 
 def load_model_file(path: Path, model: type[M], error: type[FileFormatError] = FileFormatError,
                     text: str | None = None) -> M:
     """Validate a YAML file against a pydantic model; errors name file, line and field."""
+    return load_model_file_lines(path, model, error, text)[0]
+
+
+def load_model_file_lines(path: Path, model: type[M], error: type[FileFormatError] = FileFormatError,
+                          text: str | None = None) -> tuple[M, dict[Loc, int]]:
+    """As ``load_model_file``, with the map of key paths to line numbers (the file is parsed once)."""
     try:
         data, lines = load_yaml(path, text)
     except FileFormatError as exc:
         raise error(exc.path, exc.problems) from exc
     try:
-        return model.model_validate(data if data is not None else {})
+        return model.model_validate(data if data is not None else {}), lines
     except ValidationError as exc:
         raise error(str(path), format_problems(path, exc, lines)) from exc

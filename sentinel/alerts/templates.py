@@ -110,6 +110,13 @@ FUNCS: dict[str, Callable[..., str]] = {
 }
 
 
+class GoMap(dict[str, str]):
+    """A label map as Go's text/template prints one: ``map[a:1 b:2]``, keys sorted."""
+
+    def __str__(self) -> str:
+        return "map[" + " ".join(f"{k}:{v}" for k, v in sorted(self.items())) + "]"
+
+
 @dataclass(frozen=True)
 class Context:
     labels: Mapping[str, str]
@@ -117,6 +124,10 @@ class Context:
     external_labels: Mapping[str, str]
 
     def operand(self, tok: str) -> object:
+        if tok in ("$labels", ".Labels"):
+            return GoMap(self.labels)
+        if tok in ("$externalLabels", ".ExternalLabels"):
+            return GoMap(self.external_labels)
         if tok.startswith(("$labels.", ".Labels.")):
             return self.labels.get(tok.split(".", 2)[-1] if tok.startswith(".") else tok[8:], "")
         if tok.startswith("$externalLabels."):

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from sentinel.alerts.templates import check as check_template
 from sentinel.errors import FileFormatError
 from sentinel.generate.prometheus_rules import promtool_problems
-from sentinel.rules.model import LoadedGroup, load_rule_file
-from sentinel.yamlfile import line_of, load_yaml
+from sentinel.rules.model import LoadedGroup, load_rule_file_lines
+from sentinel.yamlfile import line_of
 
 
-def check_file(path: Path, promtool: str = "promtool") -> tuple[list[str], list[str], int]:
-    """(errors, lint warnings, number of rules), each problem as ``file:line: field: problem``."""
+def check_file(path: Path, promtool: str = "promtool", runbooks: Collection[str] | None = None
+               ) -> tuple[list[str], list[str], int]:
+    """(errors, lint warnings, number of rules), each problem as ``file:line: field: problem``.
+    ``runbooks``: the names a ``sentinel.runbook`` may take (None: not checked)."""
     try:
-        groups = load_rule_file(path)
+        groups, lines = load_rule_file_lines(path)
     except FileFormatError as exc:
         return exc.problems, [], 0
-    _, lines = load_yaml(path)
     errors: list[str] = []
     lints: list[str] = []
 
@@ -33,6 +35,10 @@ def check_file(path: Path, promtool: str = "promtool") -> tuple[list[str], list[
                     err = check_template(text)
                     if err is not None:
                         errors.append(f"{at(gi, ri, kind, key)}: {err}")
+            book = rule.sentinel.runbook
+            if runbooks is not None and book is not None and book not in runbooks:
+                errors.append(f"{at(gi, ri, 'sentinel', 'runbook')}: unknown runbook {book!r}; known: "
+                              f"{', '.join(sorted(runbooks)) or '(none)'}")
             ident = (rule.name, tuple(sorted(rule.labels.items())))
             if ident in seen:
                 lints.append(f"{at(gi, ri)}: duplicate rule {rule.name} with the same labels as rule {seen[ident]}")

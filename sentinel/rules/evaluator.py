@@ -193,12 +193,17 @@ class Evaluator:
                 firing_before = {a.fingerprint for a in rt.machine.firing()}
                 rt.machine.eval(now, samples)
                 self._after_eval(rt, now, firing_before)
-        except (DatasourceError, EvaluationError) as exc:
+        except Exception as exc:  # any failure is this rule's alone: it is marked, and the group carries on
             # A failed query changes no state: nothing resolves because a datasource is down.
-            rt.health, rt.last_error = "err", str(exc)
+            rt.health = "err"
+            rt.last_error = str(exc) if isinstance(exc, DatasourceError | EvaluationError) else \
+                f"internal error: {type(exc).__name__}: {exc}"
             if self.metrics:
                 self.metrics.failures.labels(gname).inc()
-            log.warning("rule %s: %s", rt.rule.name, exc)
+            if isinstance(exc, DatasourceError | EvaluationError):
+                log.warning("rule %s: %s", rt.rule.name, exc)
+            else:
+                log.exception("rule %s: evaluation failed", rt.rule.name)
             return
         finally:
             rt.last_duration = time.perf_counter() - t0
@@ -237,7 +242,7 @@ class Evaluator:
                     firing_before = {a.fingerprint for a in rt.machine.firing()}
                     rt.machine.eval(t, samples)
                     self._after_eval(rt, t, firing_before, sent_at=now)
-            except (DatasourceError, EvaluationError) as exc:
+            except Exception as exc:  # as in eval_rule: this rule's failure alone
                 rt.health, rt.last_error = "err", f"catching up from {_iso(t)}: {exc}"
                 log.warning("rule %s: catching up paused at %s: %s", rt.rule.name, _iso(t), exc)
                 done = False

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from sentinel.durations import Duration
 from sentinel.errors import FileFormatError, RuleFileError
 from sentinel.rules import querystring
-from sentinel.yamlfile import load_model_file
+from sentinel.yamlfile import line_of, load_model_file_lines
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 FIELD_NAME = re.compile(r"^[A-Za-z_@][A-Za-z0-9_.@-]*$")
@@ -288,6 +288,11 @@ class Rule(Strict):
             raise ValueError("a rule needs exactly one of: expr (PromQL), log (log query)")
         if self.record is not None and self.log is not None:
             raise ValueError("recording rules take expr, not log")
+        if self.record is not None:  # as promtool (rulefmt): these mean nothing on a recording rule
+            for name, given in (("annotations", bool(self.annotations)), ("for", self.for_ != 0),
+                                ("keep_firing_for", self.keep_firing_for != 0)):
+                if given:
+                    raise ValueError(f"invalid field '{name}' in recording rule")
         if self.sentinel.learned is not None and self.expr is None:
             raise ValueError("a learned threshold needs a PromQL signal in expr")
         name = self.alert or self.record or ""
@@ -337,16 +342,23 @@ class LoadedGroup(BaseModel):
 
 
 def load_rule_file(path: Path) -> list[LoadedGroup]:
-    rf = load_model_file(path, RuleFile, RuleFileError)
+    return load_rule_file_lines(path)[0]
+
+
+def load_rule_file_lines(path: Path) -> tuple[list[LoadedGroup], dict[tuple[str | int, ...], int]]:
+    """The groups of one rule file, and the line of each key path (the file is parsed once)."""
+    rf, lines = load_model_file_lines(path, RuleFile, RuleFileError)
     seen: dict[str, int] = {}
     problems = []
-    for g in rf.groups:
+    for gi, g in enumerate(rf.groups):
         if g.name in seen:
-            problems.append(f"{path}: groups: duplicate group name {g.name!r}")
-        seen[g.name] = 1
+            problems.append(f"{path}:{line_of(lines, ('groups', gi, 'name'))}: groups.{gi}.name: duplicate group name "
+                            f"{g.name!r} (first at line {line_of(lines, ('groups', seen[g.name], 'name'))})")
+        else:
+            seen[g.name] = gi
     if problems:
         raise RuleFileError(str(path), problems)
-    return [LoadedGroup(file=str(path), group=g) for g in rf.groups]
+    return [LoadedGroup(file=str(path), group=g) for g in rf.groups], lines
 
 
 def rule_files(rules_dir: Path) -> list[Path]:

@@ -10,12 +10,13 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
+import httpx
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
 from sentinel.alerts.state import Sample
-from sentinel.errors import DatasourceError
+from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.rules.model import LogFilter, LogQuery
 
 
@@ -26,25 +27,36 @@ class PromQLSource:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.client = PrometheusConnect(url=self.url, disable_ssl=True, retry=Retry(total=0), timeout=timeout_s)
+        # instant queries, the hot path: one keep-alive connection pool shared by every rule of every group
+        self.http = httpx.Client(timeout=timeout_s + 1.0, limits=httpx.Limits(max_keepalive_connections=16))
 
     def query(self, expr: str, at: float) -> list[Sample]:
-        params = {"time": f"{at:.3f}", "timeout": f"{self.timeout_s:g}s"}
+        params = {"query": expr, "time": f"{at:.3f}", "timeout": f"{self.timeout_s:g}s"}
         try:
-            result = self.client.custom_query(expr, params=params, timeout=self.timeout_s)
-        except PrometheusApiClientException as exc:
-            raise DatasourceError(f"Prometheus at {self.url} rejected the query: {exc}") from exc
-        except requests.RequestException as exc:
+            resp = self.http.get(f"{self.url}/api/v1/query", params=params)
+        except httpx.HTTPError as exc:
             raise DatasourceError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(result, list) or any(not isinstance(r, dict) for r in result):
-            raise DatasourceError(f"expression does not return an instant vector: {expr}")
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            raise DatasourceError(f"Prometheus at {self.url} answered HTTP {resp.status_code} with no JSON") from exc
+        if resp.status_code != 200 or body.get("status") != "success":
+            error = body.get("error") or resp.text[:300]
+            if resp.status_code in (400, 422):  # bad_data / execution: the expression's fault, not the server's
+                raise DatasourceError(f"Prometheus at {self.url} rejected the query: {error}")
+            raise DatasourceError(f"Prometheus at {self.url} failed the query (HTTP {resp.status_code}): {error}")
+        data = body.get("data") or {}
+        if data.get("resultType") != "vector":
+            kind = {"matrix": "a range vector", "scalar": "a scalar", "string": "a string"}.get(
+                str(data.get("resultType")), repr(data.get("resultType")))
+            raise EvaluationError(f"the expression returns {kind}, not an instant vector: {expr}")
         out = []
-        for r in result:
+        for r in data.get("result") or []:
             value = float(r["value"][1])
             if math.isnan(value):
                 continue
             out.append(Sample(dict(r.get("metric", {})), value))
         return out
-
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[tuple[dict[str, str], list[float]]]:
         """Each series of a range query with its values (for learned thresholds)."""

@@ -73,8 +73,11 @@ def test_rules_check_maps_promtool_errors_to_our_lines(tmp_path: Path) -> None:
     lint = tmp_path / "lint.yaml"
     lint.write_text("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n      - alert: A\n"
                     "        expr: up == 0\n")
-    res = CliRunner().invoke(app, ["rules", "check", str(lint)])
-    assert res.exit_code == 3 and "duplicate rule A" in res.output
+    res = CliRunner().invoke(app, ["rules", "check", str(lint)])  # as promtool: a lint alone exits 0 ...
+    assert res.exit_code == 0 and "duplicate rule A" in res.output and "FAILED (lint)" in res.output
+    assert "SUCCESS" not in res.output
+    res = CliRunner().invoke(app, ["rules", "check", "--lint-fatal", str(lint)])  # ... and 3 with --lint-fatal
+    assert res.exit_code == 3
 
 
 def test_rules_export_cli(tmp_path: Path) -> None:

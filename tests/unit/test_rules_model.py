@@ -41,7 +41,14 @@ def write(tmp_path: Path, text: str) -> Path:
     ("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        labels:\n          bad-name: x\n",
      "r.yaml:6: groups.0.rules.0.labels: Value error, invalid label name 'bad-name'"),
     ("groups:\n  - name: g\n   rules: []\n", "r.yaml:3: YAML syntax error"),
-    ("groups:\n  - name: g\n  - name: g\n", "groups: duplicate group name 'g'"),
+    ("groups:\n  - name: g\n  - name: g\n", "r.yaml:3: groups.1.name: duplicate group name 'g' (first at line 2)"),
+    # recording rules take no annotations, for or keep_firing_for (promtool's rulefmt)
+    ("groups:\n  - name: g\n    rules:\n      - record: a:b\n        expr: up\n        for: 1m\n",
+     "r.yaml:4: groups.0.rules.0: Value error, invalid field 'for' in recording rule"),
+    ("groups:\n  - name: g\n    rules:\n      - record: a:b\n        expr: up\n        annotations: {x: y}\n",
+     "invalid field 'annotations' in recording rule"),
+    ("groups:\n  - name: g\n    rules:\n      - record: a:b\n        expr: up\n        keep_firing_for: 1m\n",
+     "invalid field 'keep_firing_for' in recording rule"),
 ])
 def test_bad_rule_files_name_file_line_and_field(tmp_path: Path, text: str, expected: str) -> None:
     with pytest.raises(RuleFileError) as info:
@@ -92,3 +99,26 @@ def test_metric_aggregation_rules_are_validated() -> None:
                        "max_threshold": 1}, "metric_agg_type")]:
         with pytest.raises(ValidationError, match=msg):
             LogQuery(**bad)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(9))
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (BOMB.encode(), "r.yaml:7: YAML aliases expand to more than 2,000,000 nodes here"),
+    (b"groups:\n  - name: g\n    rules: \xff\xfe\n", "r.yaml:3: not UTF-8 text (byte 0xff"),
+    (b"\x7fELF\x02\x01\x01\x00\x00", "r.yaml:1: control character U+007F"),
+    (b"groups:\n  - name: g\x00\n", "r.yaml:2: control character U+0000"),
+    (b"#" * (33 * 1024 * 1024), "r.yaml: larger than 32 MiB"),
+])
+def test_hostile_files_are_refused_quickly_with_the_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    import time
+
+    p = tmp_path / "r.yaml"
+    p.write_bytes(content)
+    t0 = time.perf_counter()
+    with pytest.raises(RuleFileError) as info:
+        load_rule_file(p)
+    assert time.perf_counter() - t0 < 1.0  # a billion laughs is refused, not expanded (promtool: 0.04 s)
+    assert any(expected in p for p in info.value.problems), info.value.problems
