@@ -4,6 +4,7 @@ notification, remediation and the API, started in order and stopped in reverse."
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +244,15 @@ class Daemon:
         for job_id, seconds in want.items():
             job = sched.get_job(job_id)
             if job is None:
+                # spread over the interval by a hash of the group, as Prometheus offsets its groups: groups do not
+                # all query at once, and a group keeps its slot across restarts
+                offset = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16) % max(1, int(seconds * 1000)) / 1000
+                now = time.time()
+                first = now - now % seconds + offset
+                if first < now:
+                    first += seconds
                 sched.add_job(ev.eval_group, "interval", args=[job_id[5:]], id=job_id, seconds=seconds,
-                              executor="eval", next_run_time=_now_dt())
+                              executor="eval", next_run_time=datetime.fromtimestamp(first, UTC))
             elif job.trigger.interval.total_seconds() != seconds:
                 job.reschedule("interval", seconds=seconds)
 

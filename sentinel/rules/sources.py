@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
+from urllib.parse import urlencode
 
 import httpx
 import requests
@@ -31,9 +32,17 @@ class PromQLSource:
         self.http = httpx.Client(timeout=timeout_s + 1.0, limits=httpx.Limits(max_keepalive_connections=16))
 
     def query(self, expr: str, at: float) -> list[Sample]:
+        """The instant vector at ``at``; NaN samples are left out (they cannot become alerts)."""
+        return [s for s in self.query_raw(expr, at) if not math.isnan(s.value)]
+
+    def query_raw(self, expr: str, at: float) -> list[Sample]:
+        """The instant vector at ``at`` as Prometheus returns it, NaN included (recording rules keep it)."""
         params = {"query": expr, "time": f"{at:.3f}", "timeout": f"{self.timeout_s:g}s"}
         try:
-            resp = self.http.get(f"{self.url}/api/v1/query", params=params)
+            # POST (form-encoded), as Prometheus's own UI does: long expressions stay out of the URL, and the
+            # standard library encodes the body faster than httpx parses a long query string
+            resp = self.http.post(f"{self.url}/api/v1/query", content=urlencode(params),
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
         except httpx.HTTPError as exc:
             raise DatasourceError(f"Prometheus at {self.url} unreachable: {type(exc).__name__}: {exc}") from exc
         try:
@@ -50,13 +59,7 @@ class PromQLSource:
             kind = {"matrix": "a range vector", "scalar": "a scalar", "string": "a string"}.get(
                 str(data.get("resultType")), repr(data.get("resultType")))
             raise EvaluationError(f"the expression returns {kind}, not an instant vector: {expr}")
-        out = []
-        for r in data.get("result") or []:
-            value = float(r["value"][1])
-            if math.isnan(value):
-                continue
-            out.append(Sample(dict(r.get("metric", {})), value))
-        return out
+        return [Sample(dict(r.get("metric", {})), float(r["value"][1])) for r in data.get("result") or []]
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[tuple[dict[str, str], list[float]]]:
         """Each series of a range query with its values (for learned thresholds)."""

@@ -1,10 +1,16 @@
 """`sentinel rules test`: promtool's rule unit-test files, run through sentinel's own state machine.
 
-The PromQL is answered by a real, temporary Prometheus whose TSDB is built from the test's input
-series with `promtool tsdb create-blocks-from openmetrics` — no PromQL re-implementation. Like
-promtool, every rule is evaluated at every ``evaluation_interval`` from 0 to the last ``eval_time``,
-and only firing alerts are compared. Known difference: ``stale`` is written as a gap (OpenMetrics text
-cannot carry Prometheus's stale marker), so a series stays visible for the 5m lookback after it.
+The PromQL is answered by a real, temporary Prometheus (no PromQL re-implementation). The test's input
+series, stale markers included, are written into it through its remote-write receiver, with an
+out-of-order window so that results can be written at past timestamps. Then, as `promtool test rules`
+does, every group is evaluated at every ``evaluation_interval`` from 0 to the last ``eval_time`` (of alert
+and expression tests alike), in ``group_eval_order`` or file order:
+- recording rules write their results back at the evaluation time (and a stale marker for a series they
+  no longer return), so the rules after them, and ``promql_expr_test``, read them;
+- alerting rules run sentinel's state machine and write ``ALERTS`` / ``ALERTS_FOR_STATE`` as Prometheus does;
+- an ``alert_rule_test`` at ``eval_time`` is checked against the last evaluation at or before it;
+- an evaluation error stops the test group, as in promtool.
+Log rules are skipped (promtool has no log store).
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sentinel.alerts.state import AlertingRule, Sample, State
 from sentinel.alerts.templates import expand
 from sentinel.durations import Duration, format_duration
-from sentinel.errors import DatasourceError, FileFormatError, ServiceError
+from sentinel.errors import DatasourceError, EvaluationError, FileFormatError
 from sentinel.generate.prometheus_rules import render
 from sentinel.netutil import free_port
-from sentinel.promserver import PrometheusServer, find_binary
-from sentinel.rules.model import LoadedGroup, load_rule_file
-from sentinel.rules.series import expand_values, format_value, parse_series
+from sentinel.promserver import PrometheusServer
+from sentinel.rules.model import LoadedGroup, Rule, load_rule_file
+from sentinel.rules.remote_write import RemoteWriter, Series
+from sentinel.rules.series import expand_values, parse_series
 from sentinel.rules.sources import PromQLSource
 from sentinel.supervisor import ChildRegistry
 from sentinel.yamlfile import load_model_file
@@ -93,53 +100,51 @@ class Outcome:
         return not self.failures
 
 
-def write_openmetrics(tg: TestGroup, interval: float) -> str:
-    """The input series as OpenMetrics text with Unix-second timestamps from 0."""
-    families: dict[str, list[str]] = {}
+def input_series(tg: TestGroup, interval: float) -> list[Series]:
+    """The input series with millisecond timestamps from 0; ``_`` is no sample, ``stale`` a stale marker."""
+    out: list[Series] = []
     for s in tg.input_series:
         labels = parse_series(s.series)
-        name = labels.pop("__name__", None)
-        if name is None:
+        if "__name__" not in labels:
             raise ValueError(f"input series {s.series!r} has no metric name")
-        lbl = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(labels.items()))
-        series = f"{name}{{{lbl}}}" if lbl else name
+        samples: list[tuple[int, float | None]] = []
         for i, v in enumerate(expand_values(s.values)):
-            if v is None or isinstance(v, str):  # missing, or stale (see the module docstring)
+            if v is None:
                 continue
-            families.setdefault(name, []).append(f"{series} {format_value(v)} {i * interval:.3f}")
-    lines = []
-    for name, samples in families.items():
-        lines.append(f"# TYPE {name} unknown")
-        lines.extend(samples)
-    return "\n".join(lines + ["# EOF", ""])
-
-
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            samples.append((round(i * interval * 1000), None if isinstance(v, str) else v))
+        if samples:
+            out.append((labels, samples))
+    return out
 
 
 class TemporaryTsdb:
-    """A temporary Prometheus serving the test's series."""
+    """A temporary Prometheus that takes samples through remote write, at any past time."""
 
-    def __init__(self, work: Path, metrics: str, promtool: str, prometheus: str) -> None:
+    def __init__(self, work: Path, prometheus: str) -> None:
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
-        data = work / "data"
-        (work / "input.om").write_text(metrics)
-        out = subprocess.run([find_binary(promtool, "apt-get install prometheus"), "tsdb", "create-blocks-from",
-                              "openmetrics", str(work / "input.om"), str(data)], capture_output=True, text=True,
-                             timeout=120, check=False)
-        if out.returncode != 0:
-            raise ServiceError(f"promtool could not build blocks from the input series: {out.stderr.strip()}")
-        self.server = PrometheusServer(work, free_port(), [], 3600.0, ChildRegistry(work / "children.json"),
-                                       prometheus, extra_args=["--storage.tsdb.retention.time=100y"])
+        self.server = PrometheusServer(
+            work, free_port(), [], 3600.0, ChildRegistry(work / "children.json"), prometheus,
+            extra_args=["--storage.tsdb.retention.time=100y", "--web.enable-remote-write-receiver"],
+            extra_config={"storage": {"tsdb": {"out_of_order_time_window": "100y"}}})
 
-    def __enter__(self) -> PromQLSource:
+    def __enter__(self) -> tuple[PromQLSource, RemoteWriter]:
         self.server.start()
-        return PromQLSource(self.server.url, timeout_s=30)
+        return PromQLSource(self.server.url, timeout_s=30), RemoteWriter(self.server.url)
 
     def __exit__(self, *exc: Any) -> None:
         self.server.stop()
+
+
+def ordered_groups(groups: list[LoadedGroup], order: list[str]) -> list[LoadedGroup]:
+    """``group_eval_order`` first, in its order; the rest in file order (promtool requires all or none)."""
+    if not order:
+        return groups
+    rank = {name: i for i, name in enumerate(order)}
+    missing = [g.group.name for g in groups if g.group.name not in rank]
+    if missing:
+        raise ValueError(f"group_eval_order does not name every group: missing {', '.join(missing)}")
+    return sorted(groups, key=lambda g: rank[g.group.name])
 
 
 def run_test_file(path: Path, promtool: str = "promtool", prometheus: str = "prometheus") -> Outcome:
@@ -147,52 +152,105 @@ def run_test_file(path: Path, promtool: str = "promtool", prometheus: str = "pro
     groups: list[LoadedGroup] = []
     for rf in tf.rule_files:
         groups.extend(load_rule_file((path.parent / rf).resolve()))
+    groups = ordered_groups(groups, tf.group_eval_order)
     outcome = Outcome(path)
     for ti, tg in enumerate(tf.tests):
         label = tg.name or f"tests[{ti}]"
         interval = tg.interval or tf.evaluation_interval
         with tempfile.TemporaryDirectory(prefix="sentinel-rules-test-") as tmp, \
-                TemporaryTsdb(Path(tmp), write_openmetrics(tg, interval), promtool, prometheus) as src:
-            outcome.failures += [f"{label}: {f}" for f in _run_group(tg, groups, tf.evaluation_interval, src)]
+                TemporaryTsdb(Path(tmp), prometheus) as (src, writer):
+            writer.write(input_series(tg, interval))
+            outcome.failures += [f"{label}: {f}" for f in _run_group(tg, groups, tf.evaluation_interval, src, writer)]
     return outcome
 
 
-def _run_group(tg: TestGroup, groups: list[LoadedGroup], ei: float, src: PromQLSource) -> list[str]:
+def _key(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels.items()))
+
+
+def _run_group(tg: TestGroup, groups: list[LoadedGroup], ei: float, src: PromQLSource,
+               writer: RemoteWriter) -> list[str]:
     failures: list[str] = []
-    rules = [(g, r) for g in groups for r in g.group.rules if r.alert and r.kind == "promql"]
     ext = tg.external_labels
 
     def expander(text: str, labels: Mapping[str, str], value: float) -> str:
         return expand(text, labels, value, ext)
 
-    machines = {r.name: AlertingRule(
+    rules = [(gi, ri, g, r) for gi, g in enumerate(groups) for ri, r in enumerate(g.group.rules)
+             if r.expr is not None and r.kind == "promql"]
+    machines = {(gi, ri): AlertingRule(
         r.name, r.for_, r.keep_firing_for, {**g.group.labels, **r.labels}, r.annotations, g.group.limit,
-        r.sentinel.consecutive_samples or 0, expand=expander) for g, r in rules}
+        r.sentinel.consecutive_samples or 0, expand=expander) for gi, ri, g, r in rules if r.alert}
     checks = sorted(tg.alert_rule_test, key=lambda a: a.eval_time)
-    end = max([c.eval_time for c in checks], default=0.0)
-    steps = int(round(end / ei))
+    end = max([c.eval_time for c in checks] + [e.eval_time for e in tg.promql_expr_test], default=0.0)
+    previous: dict[tuple[int, int], set[tuple[tuple[str, str], ...]]] = {}
     ci = 0
-    for k in range(steps + 1):
+    k = 0
+    while k * ei <= end + 1e-9:
         t = k * ei
-        for _, r in rules:
+        ms = round(t * 1000)
+        errors: list[str] = []
+        for gi, ri, g, r in rules:
             try:
-                machines[r.name].eval(t, src.query(r.expr or "", t))
-            except DatasourceError as exc:
-                failures.append(f"rule {r.name} at {format_duration(t)}: {exc}")
-        while ci < len(checks) and checks[ci].eval_time <= t + 1e-9:
-            failures += _compare_alerts(checks[ci], machines)
+                samples = src.query_raw(r.expr or "", t)
+                if r.record is not None:
+                    out = _recorded(r.record, {**g.group.labels, **r.labels}, samples)
+                else:
+                    m = machines[(gi, ri)]
+                    m.eval(t, [x for x in samples if not math.isnan(x.value)])
+                    out = _alerts_series(m)
+            except (DatasourceError, EvaluationError) as exc:
+                errors.append(f"    rule: {r.name}, time: {format_duration(t)}, err: {exc}")
+                continue
+            now = {_key(labels) for labels, _ in out}
+            gone = previous.get((gi, ri), set()) - now
+            previous[(gi, ri)] = now
+            batch: list[Series] = [(labels, [(ms, v)]) for labels, v in out]
+            batch += [(dict(key), [(ms, None)]) for key in gone]  # a stale marker, as Prometheus writes
+            if batch:
+                writer.write(batch)
+        if errors:  # promtool stops the group at the first evaluation with errors
+            return failures + errors
+        while ci < len(checks) and checks[ci].eval_time < t + ei - 1e-9:
+            failures += _compare_alerts(checks[ci], rules, machines)
             ci += 1
+        k += 1
     for et in tg.promql_expr_test:
         failures += _compare_expr(et, src)
     return failures
 
 
-def _compare_alerts(c: AlertTest, machines: dict[str, AlertingRule]) -> list[str]:
-    m = machines.get(c.alertname)
-    if m is None:
-        return [f"alertname {c.alertname}: no such alerting rule in rule_files"]
+def _recorded(name: str, labels: Mapping[str, str], samples: list[Sample]) -> list[tuple[dict[str, str], float]]:
+    out: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], float]] = {}
+    for s in samples:
+        lbs = {k: v for k, v in s.labels.items() if k != "__name__"}
+        lbs.update(labels)
+        lbs["__name__"] = name
+        key = _key(lbs)
+        if key in out:
+            raise EvaluationError("vector contains metrics with the same labelset after applying rule labels")
+        out[key] = (lbs, s.value)
+    return list(out.values())
+
+
+def _alerts_series(m: AlertingRule) -> list[tuple[dict[str, str], float]]:
+    """``ALERTS`` (1 per pending or firing alert) and ``ALERTS_FOR_STATE`` (its activation time)."""
+    out: list[tuple[dict[str, str], float]] = []
+    for a in m.active.values():
+        if a.state == State.INACTIVE:
+            continue
+        out.append(({**a.labels, "__name__": "ALERTS", "alertstate": a.state.value}, 1.0))
+        out.append(({**a.labels, "__name__": "ALERTS_FOR_STATE"}, a.active_at))
+    return out
+
+
+def _compare_alerts(c: AlertTest, rules: list[tuple[int, int, LoadedGroup, Rule]],
+                    machines: dict[tuple[int, int], AlertingRule]) -> list[str]:
+    """Firing alerts of every rule named ``alertname`` (the name may be in several groups), as promtool."""
     got = sorted(({"labels": dict(a.labels), "annotations": dict(a.annotations)}
-                  for a in m.active.values() if a.state == State.FIRING), key=lambda x: sorted(x["labels"].items()))
+                  for gi, ri, _, r in rules if r.alert == c.alertname
+                  for a in machines[(gi, ri)].active.values() if a.state == State.FIRING),
+                 key=lambda x: sorted(x["labels"].items()))
     exp = sorted(({"labels": {**e.exp_labels, "alertname": c.alertname}, "annotations": dict(e.exp_annotations)}
                   for e in c.exp_alerts), key=lambda x: sorted(x["labels"].items()))
     if got == exp:

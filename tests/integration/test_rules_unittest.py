@@ -89,7 +89,7 @@ def test_learned_threshold_against_real_prometheus_history(tmp_path: Path) -> No
     from sentinel.alerts.store import Store
     from sentinel.rules.evaluator import Evaluator
     from sentinel.rules.model import Group, LoadedGroup, Rule
-    from sentinel.rules.unittest import InputSeries, TemporaryTsdb, TestGroup, write_openmetrics
+    from sentinel.rules.unittest import InputSeries, TemporaryTsdb, TestGroup, input_series
 
     normal = " ".join(f"{0.12 + 0.005 * ((i * 7) % 5 - 2):.3f}" for i in range(120))
     shifted = normal.rsplit(" ", 10)[0] + " 0.4" * 10
@@ -98,7 +98,8 @@ def test_learned_threshold_against_real_prometheus_history(tmp_path: Path) -> No
     rule = Rule.model_validate({"alert": "LatencyAnomaly", "expr": "latency", "sentinel": {
         "learned": {"history": "2h", "step": "1m", "k": 4, "min_points": 30}}})
     group = LoadedGroup(file="f", group=Group(name="g", rules=[rule]))
-    with TemporaryTsdb(tmp_path / "tsdb", write_openmetrics(tg, 60.0), "promtool", "prometheus") as src:
+    with TemporaryTsdb(tmp_path / "tsdb", "prometheus") as (src, writer):
+        writer.write(input_series(tg, 60.0))
         ev = Evaluator(Store(tmp_path / "s.db"), src, None, [], clock=lambda: 119 * 60.0)
         ev.load([group])
         [rt] = ev.all_runtimes()
