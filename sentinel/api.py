@@ -21,7 +21,7 @@ from sentinel.alerts.notify import rfc3339
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
 from sentinel.remediation.policy import Guardrails
-from sentinel.rules.evaluator import Evaluator
+from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import Rule
 
 
@@ -84,17 +84,7 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
             g = rts[0].group
             groups.append({
                 "name": g.group.name, "file": g.file, "interval": evaluator.interval(g),
-                "rules": [{
-                    "type": "alerting", "name": rt.rule.name, "query": _query_text(rt.rule), "duration": rt.rule.for_,
-                    "keepFiringFor": rt.rule.keep_firing_for,
-                    "labels": rt.rule.labels, "annotations": rt.rule.annotations, "health": rt.health,
-                    "lastError": rt.last_error or "", "evaluationTime": rt.last_duration,
-                    "lastEvaluation": rfc3339(rt.last_eval),
-                    "state": _rule_state(rt.machine.active.values()),
-                    "alerts": [{"labels": a.labels, "state": a.state.value, "activeAt": rfc3339(a.active_at),
-                                "value": f"{a.value:g}"} for a in rt.machine.active.values()
-                               if a.state != State.INACTIVE],
-                } for rt in rts]})
+                "rules": [_rule_json(rt) for rt in rts]})
         return {"status": "success", "data": {"groups": groups}}
 
     @app.get("/api/v1/actions")
@@ -134,6 +124,19 @@ def _query_text(rule: Rule) -> str:
     if rule.log is not None:
         return "log: " + rule.log.model_dump_json()
     return rule.expr or ""
+
+
+def _rule_json(rt: RuleRuntime) -> dict[str, Any]:
+    """One rule as Prometheus's ``/api/v1/rules`` shows it (recording rules without alert fields)."""
+    common = {"name": rt.rule.name, "query": _query_text(rt.rule), "labels": rt.rule.labels, "health": rt.health,
+              "lastError": rt.last_error or "", "evaluationTime": rt.last_duration,
+              "lastEvaluation": rfc3339(rt.last_eval)}
+    if rt.rule.record is not None:
+        return {"type": "recording", **common}
+    return {"type": "alerting", **common, "duration": rt.rule.for_, "keepFiringFor": rt.rule.keep_firing_for,
+            "annotations": rt.rule.annotations, "state": _rule_state(rt.machine.active.values()),
+            "alerts": [{"labels": a.labels, "state": a.state.value, "activeAt": rfc3339(a.active_at),
+                        "value": f"{a.value:g}"} for a in rt.machine.active.values() if a.state != State.INACTIVE]}
 
 
 def _rule_state(alerts: Any) -> str:

@@ -41,6 +41,7 @@ from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Remediator
 from sentinel.rules.evaluator import Evaluator, Receiver, RuleRuntime
 from sentinel.rules.model import load_rules, rule_files
+from sentinel.rules.remote_write import RemoteWriter
 from sentinel.rules.sources import LogCounter, LogRuleSource, PromQLSource
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.context import build_context
@@ -129,7 +130,9 @@ class Daemon:
         if prom_url is None:
             self.prometheus = PrometheusServer(self.state_dir / "prometheus", s.prometheus.port or free_port(),
                                                self._targets(specs), s.prometheus.scrape_interval, self.children,
-                                               s.prometheus.binary)
+                                               s.prometheus.binary,  # recording rules write back through it:
+                                               ["--storage.tsdb.retention.time=2d",
+                                                "--web.enable-remote-write-receiver"])
             self.prometheus.start()
             prom_url = self.prometheus.url
 
@@ -155,7 +158,7 @@ class Daemon:
             LogRuleSource(counter, lambda: shipper.visible_until(settle), slack_s=s.logs.ship_interval + 2.0 + settle),
             self._receivers(), s.alerting.evaluation_interval,
             s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for,
-            catch_up_max=s.logs.catch_up_max)
+            catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url))
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
         evaluator.on_firing = self._on_firing
@@ -210,6 +213,15 @@ class Daemon:
         self._sync_eval_jobs()
         sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="notify")
         sched.add_job(self._maybe_reload, "interval", seconds=s.alerting.reload_interval, id="reload")
+        store = self.store
+        assert store is not None
+
+        def prune_state() -> None:
+            n = store.prune(time.time(), s.alerting.retention, s.alerting.audit_retention)
+            if any(n.values()):
+                log.info("pruned past retention: %s", ", ".join(f"{v} {k}" for k, v in n.items() if v))
+
+        sched.add_job(prune_state, "interval", hours=1, id="prune-state", next_run_time=_now_dt())
         if self.logstore is not None:  # Elasticsearch's retention is the cluster's business (ILM, curator)
             logstore = self.logstore
             sched.add_job(lambda: logstore.prune(time.time() - s.logs.retention), "interval", minutes=10,

@@ -73,6 +73,9 @@ class AlertingSettings(Section):
     meta_for: Duration = 60.0
     reload_interval: Duration = 2.0
     max_concurrent_evaluations: int = Field(4, ge=1, le=64)
+    retention: Duration = Field(7 * 86400.0, gt=0, description="delivered notifications, runbook findings, finished "
+                                "remediations and resolved alerts are kept this long")
+    audit_retention: Duration = Field(90 * 86400.0, gt=0, description="audit log rows are kept this long")
     receivers: list[ReceiverSettings] = Field(default_factory=list)
     alertmanager_url: str | None = Field(None, pattern=r"^https?://",
                                          description="also push alerts to this Alertmanager (POST /api/v2/alerts)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ CREATE TABLE IF NOT EXISTS audit (
   detail TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS audit_append_only_u BEFORE UPDATE ON audit
   BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_append_only_d BEFORE DELETE ON audit
-  BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_append_only_retained BEFORE DELETE ON audit
+  WHEN old.ts >= COALESCE((SELECT CAST(value AS REAL) FROM kv WHERE key = 'audit:pruned_before'), 0)
+  BEGIN SELECT RAISE(ABORT, 'audit log is append-only (only rows past its retention are pruned)'); END;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS findings (
   rule TEXT NOT NULL, fingerprint TEXT NOT NULL, active_at REAL NOT NULL, created_at REAL NOT NULL,
@@ -85,6 +87,7 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("DROP TRIGGER IF EXISTS audit_append_only_d")  # before retention existed: no deletes
         self._db.executescript(SCHEMA)
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(alerts)")}
         if "hits" not in cols:  # a state file from before consecutive_samples existed
@@ -123,6 +126,17 @@ class Store:
                 [(rule, a.fingerprint, json.dumps(a.labels), json.dumps(a.annotations), a.value, a.state.value,
                   a.active_at, a.fired_at, a.resolved_at, a.last_sent_at, a.valid_until, a.keep_firing_since, a.hits,
                   a.notified_at) for a in alerts])
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (key, receiver, url, payload, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(key, rcv, url, json.dumps(payload), now, now) for key, rcv, url, payload in outbox])
+
+    def forget_rule(self, rule: str, outbox: Iterable[OutboxEntry] = ()) -> None:
+        """A rule removed by a reload: its alerts and its keys go; its last notifications are queued."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute("DELETE FROM alerts WHERE rule = ?", (rule,))
+            db.executemany("DELETE FROM kv WHERE key = ?", [(f"{p}:{rule}",) for p in ("held", "last_ok")])
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (key, receiver, url, payload, created_at, next_attempt_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -228,6 +242,27 @@ class Store:
             rows = self._db.execute("SELECT ts, kind, subject, detail FROM audit ORDER BY id DESC LIMIT ?",
                                     (limit,)).fetchall()
         return [{"ts": r[0], "kind": r[1], "subject": r[2], **json.loads(r[3])} for r in rows]
+
+    # -- retention -------------------------------------------------------------------------------------
+    def prune(self, now: float, retention_s: float, audit_retention_s: float) -> dict[str, int]:
+        """Delete what is older than its retention: delivered or failed notifications, runbook findings,
+        remediation records that finished, resolved alerts of rules that no longer load (by
+        ``retention_s``), and audit rows (by ``audit_retention_s``, usually longer; the trigger lets only
+        those go). Pending notifications and firing alerts are never pruned."""
+        cut, audit_cut = now - retention_s, now - audit_retention_s
+        with self.tx() as db:
+            out = {
+                "notifications": db.execute("DELETE FROM outbox WHERE status != 'pending' AND created_at < ?",
+                                            (cut,)).rowcount,
+                "findings": db.execute("DELETE FROM findings WHERE created_at < ?", (cut,)).rowcount,
+                "remediations": db.execute("DELETE FROM remediations WHERE finished_at IS NOT NULL AND "
+                                           "finished_at < ?", (cut,)).rowcount,
+                "alerts": db.execute("DELETE FROM alerts WHERE state = 'inactive' AND resolved_at > 0 AND "
+                                     "resolved_at < ?", (cut,)).rowcount,
+            }
+            db.execute("INSERT OR REPLACE INTO kv VALUES ('audit:pruned_before', ?)", (json.dumps(audit_cut),))
+            out["audit"] = db.execute("DELETE FROM audit WHERE ts < ?", (audit_cut,)).rowcount
+        return out
 
     # -- small key/value (checkpoints) ---------------------------------------------------------------
     def get(self, key: str) -> Any:

@@ -19,6 +19,7 @@ from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import SentinelMetrics
 from sentinel.rules.learned import LearnedThresholds
 from sentinel.rules.model import Group, LoadedGroup, Rule
+from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
 from sentinel.rules.sources import LogRuleSource, PromQLSource
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class RuleRuntime:
     held: dict[str, Any] | None = None  # aggregation: {"since": t, "fingerprints": [...]} until it is sent
     last_ok: float = 0.0  # log rules: the last evaluation that answered (evaluations after it are replayed)
     last_ok_saved: float = 0.0
+    recorded: set[tuple[tuple[str, str], ...]] = field(default_factory=set)  # a recording rule's series last time
 
     @property
     def key(self) -> str:
@@ -85,6 +87,7 @@ class Evaluator:
 
     meta_for: float = 60.0
     catch_up_max: float = 3600.0  # log rules: replay at most this much of a gap (0: never)
+    writer: RemoteWriter | None = None  # where recording rules write their results (Prometheus's remote write)
     learned: LearnedThresholds = field(default_factory=LearnedThresholds)
 
     def __post_init__(self) -> None:
@@ -109,8 +112,6 @@ class Evaluator:
         for g in groups:
             rts = []
             for rule in g.group.rules:
-                if rule.alert is None:
-                    continue  # recording rules run in Prometheus, from the exported rule files
                 rt = RuleRuntime(g, rule, self._machine(g, rule))
                 prev = old.get(rt.key)
                 if prev is not None and prev.rule == rule and prev.group.group.labels == g.group.labels:
@@ -126,6 +127,34 @@ class Evaluator:
             new[g.key] = rts
         self.runtimes = new
         self.learned.forget({rt.key for rts in new.values() for rt in rts if rt.rule.sentinel.learned})
+        kept = {rt.key for rts in new.values() for rt in rts}
+        for key, rt in old.items():
+            if key not in kept:
+                self._forget(rt)
+
+    def _forget(self, rt: RuleRuntime) -> None:
+        """A rule that a reload removed: its firing alerts are sent as resolved, its stored state and its
+        gauges go, and a recording rule's series get stale markers (as Prometheus does)."""
+        now = self.clock()
+        ended = []
+        for a in rt.machine.active.values():
+            if a.state == State.FIRING and a.last_sent_at:
+                a.state, a.resolved_at = State.INACTIVE, now
+                ended.append(replace(a, labels=dict(a.labels), annotations=dict(a.annotations)))
+        self.store.forget_rule(rt.key, self._outbox(rt, ended, now))
+        if self.metrics:
+            for state in State:
+                try:
+                    self.metrics.alerts.remove(rt.rule.name, state.value)
+                except KeyError:
+                    pass
+        if rt.recorded and self.writer is not None:
+            try:
+                self.writer.write([(dict(k), [(round(now * 1000), None)]) for k in rt.recorded])
+            except Exception as exc:  # the series then end at Prometheus's 5m lookback instead
+                log.warning("recording rule %s removed; stale markers not written: %s", rt.rule.name, exc)
+        log.warning("rule %s removed by a reload: %d firing alert(s) resolved, its state forgotten", rt.rule.name,
+                    len(ended))
 
     @staticmethod
     def _machine(g: LoadedGroup, rule: Rule) -> AlertingRule:
@@ -180,7 +209,43 @@ class Evaluator:
         log.info("rule %s: learned bands for %d series", rt.rule.name, n)
         return n
 
+    def _record(self, rt: RuleRuntime, now: float) -> None:
+        """A recording rule: its result is written back to Prometheus (remote write) at the evaluation time,
+        with stale markers for the series it no longer returns, where later rules and dashboards read it."""
+        if self.promql is None:
+            raise DatasourceError("no Prometheus is configured for recording rules")
+        if self.writer is None:
+            raise DatasourceError("recording rules need a Prometheus remote-write receiver "
+                                  "(--web.enable-remote-write-receiver; sentinel starts its own Prometheus with it)")
+        offset = rt.group.group.query_offset or 0.0
+        out = recorded_series(rt.rule.name, {**rt.group.group.labels, **rt.rule.labels},
+                              self.promql.query_raw(rt.rule.expr or "", now - offset))
+        ms = round((now - offset) * 1000)
+        keys = {tuple(sorted(labels.items())) for labels, _ in out}
+        batch: list[Series] = [(labels, [(ms, v)]) for labels, v in out]
+        batch += [(dict(k), [(ms, None)]) for k in rt.recorded - keys]
+        if batch:
+            try:
+                self.writer.write(batch)
+            except Exception as exc:
+                raise DatasourceError(f"writing the recorded series failed: {exc}") from exc
+        rt.recorded = keys
+        rt.health, rt.last_error = "ok", None
+
     def eval_rule(self, rt: RuleRuntime, now: float) -> None:
+        if rt.rule.record is not None:
+            t0 = time.perf_counter()
+            try:
+                self._record(rt, now)
+            except Exception as exc:  # as below: this rule's failure alone
+                rt.health, rt.last_error = "err", str(exc)
+                if self.metrics:
+                    self.metrics.failures.labels(rt.group.group.name).inc()
+                log.warning("recording rule %s: %s", rt.rule.name, exc)
+            finally:
+                rt.last_duration = time.perf_counter() - t0
+                rt.last_eval = now
+            return
         if rt.rule.log is not None and rt.last_ok and self.catch_up_max > 0 and not self._catch_up(rt, now):
             return  # still replaying the past: the present waits (its state would skip what is not replayed)
         gname = rt.group.group.name

@@ -13,6 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import httpx
 
+from sentinel.alerts.state import Sample
+from sentinel.errors import EvaluationError
+
 # Prometheus's staleness marker: a NaN with this exact bit pattern (model/value.StaleNaN)
 STALE_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
 STALE_BITS = 0x7FF0000000000002
@@ -90,3 +93,20 @@ class RemoteWriter:
             "X-Prometheus-Remote-Write-Version": "0.1.0"})
         if r.status_code >= 300:
             raise RuntimeError(f"remote write to {self.url} refused: HTTP {r.status_code}: {r.text[:300]}")
+
+
+def recorded_series(name: str, labels: Mapping[str, str], samples: Sequence[Sample]
+                    ) -> list[tuple[dict[str, str], float]]:
+    """A recording rule's output: each sample renamed to ``name`` with the rule's labels on top; two samples
+    that end up with one label set are an error, as in Prometheus."""
+    out: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], float]] = {}
+    for s in samples:
+        lbs = {k: v for k, v in s.labels.items() if k != "__name__"}
+        lbs.update(labels)
+        lbs["__name__"] = name
+        key = tuple(sorted(lbs.items()))
+        if key in out:
+            raise EvaluationError(f"recording rule {name}: vector contains metrics with the same labelset after "
+                                  f"applying rule labels: {lbs}")
+        out[key] = (lbs, s.value)
+    return list(out.values())

@@ -35,7 +35,7 @@ from sentinel.generate.prometheus_rules import render
 from sentinel.netutil import free_port
 from sentinel.promserver import PrometheusServer
 from sentinel.rules.model import LoadedGroup, Rule, load_rule_file
-from sentinel.rules.remote_write import RemoteWriter, Series
+from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
 from sentinel.rules.series import expand_values, parse_series
 from sentinel.rules.sources import PromQLSource
 from sentinel.supervisor import ChildRegistry
@@ -194,7 +194,7 @@ def _run_group(tg: TestGroup, groups: list[LoadedGroup], ei: float, src: PromQLS
             try:
                 samples = src.query_raw(r.expr or "", t)
                 if r.record is not None:
-                    out = _recorded(r.record, {**g.group.labels, **r.labels}, samples)
+                    out = recorded_series(r.record, {**g.group.labels, **r.labels}, samples)
                 else:
                     m = machines[(gi, ri)]
                     m.eval(t, [x for x in samples if not math.isnan(x.value)])
@@ -218,19 +218,6 @@ def _run_group(tg: TestGroup, groups: list[LoadedGroup], ei: float, src: PromQLS
     for et in tg.promql_expr_test:
         failures += _compare_expr(et, src)
     return failures
-
-
-def _recorded(name: str, labels: Mapping[str, str], samples: list[Sample]) -> list[tuple[dict[str, str], float]]:
-    out: dict[tuple[tuple[str, str], ...], tuple[dict[str, str], float]] = {}
-    for s in samples:
-        lbs = {k: v for k, v in s.labels.items() if k != "__name__"}
-        lbs.update(labels)
-        lbs["__name__"] = name
-        key = _key(lbs)
-        if key in out:
-            raise EvaluationError("vector contains metrics with the same labelset after applying rule labels")
-        out[key] = (lbs, s.value)
-    return list(out.values())
 
 
 def _alerts_series(m: AlertingRule) -> list[tuple[dict[str, str], float]]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
@@ -117,3 +118,54 @@ def test_up_refuses_bad_rules_before_starting_anything(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "bad.yaml:6: groups.0.rules.0.for" in out.stderr.replace("\n", "")
     assert not (tmp_path / "st" / "models").exists()
+
+
+def test_recording_rules_write_back_and_reloads_forget_removed_rules(tmp_path: Path) -> None:
+    """sentinel evaluates recording rules itself and writes their results into Prometheus through its
+    remote-write receiver: the alert after it in the group reads the recorded series. A reload that removes
+    rules resolves their firing alerts (a notification says so), forgets their stored state and gauges, and
+    ends the recorded series with a stale marker (absent at once, not after the 5m lookback)."""
+    from prometheus_client import CollectorRegistry
+
+    from sentinel.metrics import SentinelMetrics
+    from sentinel.rules.remote_write import RemoteWriter
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    port = free_port()
+    server = PrometheusServer(tmp_path / "prom", port, [ScrapeTarget("self", f"127.0.0.1:{port}", {})], 1.0,
+                              ChildRegistry(tmp_path / "children.json"),
+                              extra_args=["--web.enable-remote-write-receiver"])
+    server.start()
+    try:
+        rec = Rule.model_validate({"record": "job:up:count", "expr": "count by (job) (up)", "labels": {"src": "s"}})
+        alert = Rule.model_validate({"alert": "Recorded", "expr": "job:up:count > 0"})
+        g = LoadedGroup(file="f.yaml", group=Group(name="g", rules=[rec, alert]))
+        store = Store(tmp_path / "s.db")
+        metrics = SentinelMetrics(CollectorRegistry())
+        ev = Evaluator(store, PromQLSource(server.url, 5), None, [Receiver("r", "http://127.0.0.1:9/")],
+                       metrics=metrics, writer=RemoteWriter(server.url))
+        ev.load([g])
+        src = PromQLSource(server.url, 5)
+        deadline = time.time() + 30
+        while not src.query("up", time.time()) and time.time() < deadline:
+            time.sleep(0.5)  # the first self-scrape
+        ev.eval_group(g.key)
+        time.sleep(0.1)
+        ev.eval_group(g.key)
+        rt_rec, rt_alert = ev.all_runtimes()
+        assert rt_rec.health == "ok" and rt_alert.health == "ok", (rt_rec.last_error, rt_alert.last_error)
+        [s] = src.query("job:up:count", time.time())
+        assert s.labels == {"__name__": "job:up:count", "job": "self", "src": "s"} and s.value == 1
+        assert [a.labels["job"] for a in rt_alert.machine.firing()] == ["self"]
+        assert store.load_rule_state(rt_alert.key)
+        # the reload: both rules gone
+        ev.load([LoadedGroup(file="f.yaml", group=Group(name="g", rules=[]))])
+        assert store.load_rule_state(rt_alert.key) == []
+        resolved = [i for i in store.due(time.time() + 1)
+                    if any(a["status"] == "resolved" for a in i.payload["alerts"])]
+        assert resolved and resolved[-1].payload["alerts"][0]["labels"]["alertname"] == "Recorded"
+        assert "sentinel_alerts{alertname=\"Recorded\"" not in generate_latest(metrics.registry).decode()
+        assert src.query("job:up:count", time.time() + 0.001) == []  # stale now, not in 5 minutes
+    finally:
+        server.stop()

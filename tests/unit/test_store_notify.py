@@ -51,6 +51,41 @@ def test_audit_log_is_append_only(tmp_path: Path) -> None:
     assert store.audit_log()[0]["act"] is True
 
 
+def test_retention_prunes_what_is_old_and_nothing_that_is_live(tmp_path: Path) -> None:
+    """Delivered and failed notifications, findings, finished remediations, resolved alerts and audit rows
+    older than their retention go; pending notifications, firing alerts and recent rows stay. The audit
+    trigger still refuses to delete anything younger than the audit retention."""
+    from sentinel.alerts.state import Alert, State
+    from sentinel.alerts.store import Remediation
+
+    day = 86400.0
+    now = 100 * day
+    store = Store(tmp_path / "s.db")
+    firing = Alert({"alertname": "A"}, {}, 1.0, State.FIRING, 1.0, fired_at=1.0)
+    resolved = Alert({"alertname": "B"}, {}, 1.0, State.INACTIVE, 1.0, resolved_at=2.0)
+    store.save_rule_state("r", [firing, resolved], [("k-old-sent", "oncall", "u", {}), ("k-old-pending", "oncall",
+                                                                                       "u", {})], now=10.0)
+    store.save_rule_state("r2", [], [("k-new", "oncall", "u", {})], now=now - day)
+    for item in store.due(now):
+        if item.key in ("k-old-sent", "k-new"):
+            store.mark_sent(item.id, now)
+    assert store.claim_findings("r", firing.fingerprint, 1.0, 3.0)
+    store.save_findings("r", firing.fingerprint, 1.0, "ok", {"x": 1})
+    store.start_remediation(Remediation("i1", "f", "r", "restart", "r0", 5.0, 6.0, "succeeded"))
+    store.start_remediation(Remediation("i2", "f", "r", "restart", "r0", 7.0, None, None))  # still running
+    store.audit(50.0, "decision", "old")
+    store.audit(now - day, "decision", "recent")
+    n = store.prune(now, retention_s=7 * day, audit_retention_s=90 * day)
+    assert n == {"notifications": 1, "findings": 1, "remediations": 1, "alerts": 1, "audit": 1}, n
+    assert {a.labels["alertname"] for a in store.load_rule_state("r")} == {"A"}
+    assert sorted(store.outbox_counts().items()) == [("pending", 1), ("sent", 1)]
+    assert [r.incident for r in store.remediations()] == ["i2"]
+    assert [e["subject"] for e in store.audit_log()] == ["recent"]
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with store.tx() as db:
+            db.execute("DELETE FROM audit")
+
+
 def test_webhook_payload_is_alertmanager_v4() -> None:
     _, _, _, p = firing_payload("oncall", "", 1_000_000.0)
     assert p["version"] == "4" and p["status"] == "firing" and p["receiver"] == "oncall"
