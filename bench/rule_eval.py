@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sentinel.alerts.store import Store  # noqa: E402
-from sentinel.generate.prometheus_rules import render  # noqa: E402
 from sentinel.netutil import free_port  # noqa: E402
 from sentinel.promserver import PrometheusServer, ScrapeTarget  # noqa: E402
 from sentinel.rules.evaluator import Evaluator  # noqa: E402
+from sentinel.rules.export import render  # noqa: E402
 from sentinel.rules.model import Group, LoadedGroup, Rule, load_rules  # noqa: E402
 from sentinel.rules.sources import PromQLSource  # noqa: E402
 from sentinel.supervisor import ChildRegistry  # noqa: E402

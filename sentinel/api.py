@@ -16,10 +16,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 
-from sentinel.alerts.inbound import WebhookPayload
 from sentinel.alerts.notify import rfc3339
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
+from sentinel.inbound import WebhookPayload
 from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import Rule

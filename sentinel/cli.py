@@ -229,7 +229,7 @@ def rules_export(
     rules_dir: Annotated[Path, typer.Option(help="the rules directory")] = Path("rules"),
 ) -> None:
     """Write Prometheus rule files (log rules and sentinel: blocks stripped) that promtool accepts."""
-    from sentinel.generate.prometheus_rules import export_files
+    from sentinel.rules.export import export_files
     from sentinel.rules.model import rule_files
 
     if fmt != "prometheus":

@@ -25,12 +25,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from elasticsearch import Elasticsearch
 from prometheus_client import CollectorRegistry
 
-from sentinel.alerts.inbound import WebhookPayload, match
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
 from sentinel.api import create_app
 from sentinel.errors import FileFormatError, ServiceError
+from sentinel.inbound import WebhookPayload, match
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, LogStoreUnavailable
 from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper, Sink

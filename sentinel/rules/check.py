@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sentinel.alerts.templates import check as check_template
 from sentinel.errors import FileFormatError
-from sentinel.generate.prometheus_rules import promtool_problems
+from sentinel.rules.export import promtool_problems
 from sentinel.rules.model import LoadedGroup, load_rule_file_lines
 from sentinel.yamlfile import line_of
 

@@ -72,31 +72,3 @@ def format_value(v: float) -> str:
     if math.isinf(v):
         return "+Inf" if v > 0 else "-Inf"
     return repr(v)
-
-
-def go_float(v: float) -> str:
-    """How Go's ``%v`` prints a float64 (what ``{{ $value }}`` renders): strconv's 'g' with the
-    shortest digits, in e-notation when the decimal exponent is below -4 or at least 6 (1e+06)."""
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if v == 0:
-        return "-0" if math.copysign(1, v) < 0 else "0"
-    r = repr(v)
-    mant, _, e = r.partition("e")
-    sign = "-" if mant.startswith("-") else ""
-    mant = mant.lstrip("-")
-    whole, _, frac = mant.partition(".")
-    digits = (whole + frac).lstrip("0")
-    lead_zeros = len(whole + frac) - len((whole + frac).lstrip("0"))
-    exp = len(whole) - 1 - lead_zeros + (int(e) if e else 0)
-    digits = digits.rstrip("0") or "0"
-    if exp < -4 or exp >= 6:
-        head = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return f"{sign}{head}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
-    if exp < 0:
-        return f"{sign}0.{'0' * (-exp - 1)}{digits}"
-    if len(digits) <= exp + 1:
-        return f"{sign}{digits}{'0' * (exp + 1 - len(digits))}"
-    return f"{sign}{digits[:exp + 1]}.{digits[exp + 1:]}"

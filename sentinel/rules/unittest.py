@@ -31,9 +31,9 @@ from sentinel.alerts.state import AlertingRule, Sample, State
 from sentinel.alerts.templates import expand
 from sentinel.durations import Duration, format_duration
 from sentinel.errors import DatasourceError, EvaluationError, FileFormatError
-from sentinel.generate.prometheus_rules import render
 from sentinel.netutil import free_port
 from sentinel.promserver import PrometheusServer
+from sentinel.rules.export import render
 from sentinel.rules.model import LoadedGroup, Rule, load_rule_file
 from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
 from sentinel.rules.series import expand_values, parse_series

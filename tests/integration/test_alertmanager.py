@@ -86,8 +86,8 @@ def test_alertmanager_webhook_in(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry
     from pydantic import SecretStr
 
-    from sentinel.alerts.inbound import WebhookPayload, match
     from sentinel.api import create_app
+    from sentinel.inbound import WebhookPayload, match
     from sentinel.remediation.policy import Guardrails
 
     token = "inbound-token-0123456789"

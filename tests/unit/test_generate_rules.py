@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sentinel.cli import app
-from sentinel.generate.prometheus_rules import export_files, render
+from sentinel.rules.export import export_files, render
 from sentinel.rules.model import Rule, load_rule_file, rule_files
 from tests.conftest import ROOT
 

@@ -56,7 +56,8 @@ def test_humanize_like_prometheus() -> None:
 
 
 def test_series_and_value_notation() -> None:
-    from sentinel.rules.series import expand_values, go_float, parse_series
+    from sentinel.alerts.templates import go_float
+    from sentinel.rules.series import expand_values, parse_series
 
     assert parse_series('up{job="a", instance="x:1"}') == {"__name__": "up", "job": "a", "instance": "x:1"}
     assert parse_series('{__name__="m", a="q\\"uote"}') == {"__name__": "m", "a": 'q"uote'}
