@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from sentinel.cli import app
 from sentinel.rules.export import export_files, render
-from sentinel.rules.model import Rule, load_rule_file, rule_files
+from sentinel.rules.model import Rule, load_rule_file, load_rules, rule_files
 from tests.conftest import ROOT
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
@@ -118,4 +119,9 @@ def test_dashboard_panels_draw_signals_and_thresholds() -> None:
 def test_dashboards_cli(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["dashboards", "generate", "--rules-dir", str(ROOT / "rules"), "--out",
                                    str(tmp_path / "d.json")])
-    assert res.exit_code == 0 and (tmp_path / "d.json").read_text().startswith("{")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "d.json").read_text())
+    titles = " ".join(p.get("title", "") for p in doc["panels"])
+    alerts = [r.alert for g in load_rules(ROOT / "rules") for r in g.group.rules if r.alert]
+    assert doc["title"] and alerts and all(a in titles for a in alerts), (alerts, titles)  # one panel per rule
+    assert doc == json.loads((ROOT / "dashboards" / "sentinel-inference.json").read_text())  # the checked-in file

@@ -93,8 +93,19 @@ def test_unusable_index() -> None:
 
 
 def test_memory_on_the_live_machine() -> None:
+    """The live reading agrees with /proc/meminfo read here, and the status follows from the evidence."""
     f = run_check("memory", Context())
-    assert f.status in (Status.OK, Status.WARN, Status.FAIL) and f.evidence["mem_total_bytes"] > 0
+    info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.split()[-1] == "kB"}
+    ev = f.evidence
+    assert ev["mem_total_bytes"] == info["MemTotal"]
+    assert abs(ev["available_pct"] - 100 * info["MemAvailable"] / info["MemTotal"]) < 5  # moments apart
+    frag = ev["unusable_index_order_9"]
+    if ev["available_pct"] < 10:
+        assert f.status == Status.FAIL
+    elif ev["available_pct"] < 20 or frag > 0.9:
+        assert f.status in (Status.WARN, Status.FAIL)
+    if f.status == Status.OK:
+        assert ev["available_pct"] >= 20 and frag <= 0.9 and f"{ev['available_pct']:.1f}% available" in f.summary
 
 
 # -- storage (live: real reads on this machine's disk) --------------------------------------------------

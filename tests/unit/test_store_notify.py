@@ -129,15 +129,45 @@ def test_dispatcher_does_not_retry_4xx(tmp_path: Path, receiver: Receiver) -> No
     assert len(receiver.received) == 1 and store.outbox_counts() == {"failed": 1}
 
 
-def test_dispatcher_retries_network_errors_and_survives_restart(tmp_path: Path, receiver: Receiver) -> None:
+KILLED_DISPATCHER = """
+import os, signal, sys
+from pathlib import Path
+import httpx
+sys.path.insert(0, sys.argv[2])
+from sentinel.alerts.notify import Dispatcher
+from sentinel.alerts.store import Store
+from tests.unit.test_store_notify import Clock, firing_payload
+clock = Clock()
+store = Store(Path(sys.argv[1]))
+store.save_rule_state("r", [], [firing_payload("oncall", sys.argv[3], clock.t)], clock.t)
+Dispatcher(store, httpx.Client(), clock).run_once()   # 503: retry scheduled
+os.kill(os.getpid(), signal.SIGKILL)                    # no close, no flush: as a crash
+"""
+
+
+def test_dispatcher_retries_network_errors_and_survives_kill_9(tmp_path: Path, receiver: Receiver) -> None:
+    """A process queues a page, fails to deliver it (the receiver answers 503) and is killed with SIGKILL; a
+    new process finds the page pending with its attempt counted, and delivers it, with the same
+    Idempotency-Key, once the receiver answers."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    receiver.status_codes = [503]
+    p = subprocess.run([sys.executable, "-c", KILLED_DISPATCHER, str(tmp_path / "s.db"), str(ROOT), receiver.url],
+                       capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
+    assert p.returncode == -signal.SIGKILL, p.stderr
     clock = Clock()
     store = Store(tmp_path / "s.db")
-    dead = "http://127.0.0.1:9/hook"  # discard port: connection refused
-    store.save_rule_state("r", [], [firing_payload("oncall", dead, clock.t)], clock.t)
-    with httpx.Client() as client:
-        Dispatcher(store, client, clock).run_once()
-    store.close()
-    store = Store(tmp_path / "s.db")  # as after kill -9: the pending item is still there
     assert store.outbox_counts() == {"pending": 1}
     [item] = store.due(clock.t + 10)
     assert item.attempts == 1
+    clock.t += 10
+    with httpx.Client() as client:
+        assert Dispatcher(store, client, clock).run_once() == 1
+    assert store.outbox_counts() == {"sent": 1}
+    first, second = receiver.headers
+    assert first["Idempotency-Key"] == second["Idempotency-Key"] == item.key
+    assert receiver.snapshot()[1]["alerts"][0]["labels"]["alertname"] == "CudaError"
