@@ -99,7 +99,8 @@ def up(
     except KeyboardInterrupt:
         pass
     except SentinelError as exc:
-        err_console.print(f"[bold red]sentinel up failed:[/] {exc}")
+        err_console.print("[bold red]sentinel up failed:[/]")
+        typer.echo(str(exc), err=True)  # plain: file:line problems are never wrapped mid-line
         raise typer.Exit(2) from None
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

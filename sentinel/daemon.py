@@ -90,6 +90,7 @@ class Daemon:
         self.scheduler: BackgroundScheduler | None = None
         self.remediator: Remediator | None = None
         self.runbooks: AlertRunbooks | None = None
+        self.dispatcher: Dispatcher | None = None
         self._reload_lock = threading.Lock()
         self._loaded_signature: tuple[tuple[str, int, int], ...] = ()
         self.store: Store | None = None
@@ -211,7 +212,8 @@ class Daemon:
 
         sched.add_job(ship, "interval", seconds=s.logs.ship_interval, id="ship", next_run_time=_now_dt())
         self._sync_eval_jobs()
-        sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="notify")
+        sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="notify", kwargs={"wait": False})
+        self.dispatcher = dispatcher
         sched.add_job(self._maybe_reload, "interval", seconds=s.alerting.reload_interval, id="reload")
         store = self.store
         assert store is not None
@@ -409,6 +411,8 @@ class Daemon:
             self.supervisor.stop_all()
         if self.prometheus is not None:
             self.prometheus.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         if self.http is not None:
             self.http.close()
         for db in (self.store, self.logstore, self.es_sink):

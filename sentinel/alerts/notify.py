@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
+from sentinel.alerts.fingerprint import fingerprint
 from sentinel.alerts.state import Alert, State, ends_at
 from sentinel.alerts.store import OutboxItem, Store
 
@@ -89,44 +92,118 @@ def idempotency_key(receiver: str, payload: Mapping[str, Any], sent_at: float) -
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
+def _alert_fingerprints(payload: Any) -> list[str]:
+    """The alerts of a queued payload: a webhook body (``alerts``) or Alertmanager's list of alerts."""
+    alerts = payload.get("alerts", []) if isinstance(payload, dict) else payload
+    return [a.get("fingerprint") or fingerprint(a.get("labels", {})) for a in alerts]
+
+
+def _without(payload: Any, drop: set[str]) -> Any | None:
+    """``payload`` without the alerts in ``drop`` (None when nothing is left); a webhook body's status and
+    common labels are recomputed from what stays."""
+    if isinstance(payload, list):
+        kept = [a for a in payload if fingerprint(a.get("labels", {})) not in drop]
+        return kept or None
+    kept = [a for a in payload.get("alerts", []) if (a.get("fingerprint") or fingerprint(a.get("labels", {})))
+            not in drop]
+    if not kept:
+        return None
+    return {**payload, "alerts": kept,
+            "status": "firing" if any(a.get("status") == "firing" for a in kept) else "resolved",
+            "commonLabels": _common([a.get("labels", {}) for a in kept]),
+            "commonAnnotations": _common([a.get("annotations", {}) for a in kept])}
+
+
 class Dispatcher:
-    """Drains the outbox: one POST per item, retried on 5xx/429/network errors with backoff."""
+    """Drains the outbox: one queue per receiver, the receivers concurrently, each queue in order.
+
+    A slow or dead receiver delays only its own queue. Within a queue the head goes first (a firing never
+    overtakes into second place behind its own resolution), and before sending, an alert that a later
+    notification of the same receiver carries again is dropped from the earlier one: after an outage only
+    the newest state of each alert is delivered, as Alertmanager does. 2xx is done; 5xx, 429 and network
+    errors are retried with exponential backoff (the queue waits); any other 4xx is final.
+    """
 
     def __init__(self, store: Store, client: httpx.Client, clock: Callable[[], float] = time.time,
                  max_backoff_s: float = 300.0, give_up_after_s: float = 24 * 3600.0,
-                 on_result: Callable[[str, str], None] | None = None) -> None:
+                 on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16) -> None:
         self.store = store
         self.client = client
         self.clock = clock
         self.max_backoff_s = max_backoff_s
         self.give_up_after_s = give_up_after_s
         self.on_result = on_result or (lambda receiver, outcome: None)
+        self._pool = ThreadPoolExecutor(max_workers=max_receivers, thread_name_prefix="notify")
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
 
-    def run_once(self) -> int:
-        """Attempt every due item once; returns how many were delivered."""
-        sent = 0
-        for item in self.store.due(self.clock()):
-            sent += self._deliver(item)
-        return sent
+    def run_once(self, wait: bool = True) -> int:
+        """Start a delivery round for every receiver with pending notifications that is not already in
+        one; with ``wait``, wait for this round and return how many were delivered (the daemon does not
+        wait: a slow receiver must not hold up the next round of the others)."""
+        futures = []
+        for receiver in self.store.pending_receivers():
+            with self._lock:
+                if receiver in self._busy:
+                    continue
+                self._busy.add(receiver)
+            futures.append(self._pool.submit(self._drain, receiver))
+        return sum(f.result() for f in futures) if wait else 0
 
-    def _deliver(self, item: OutboxItem) -> int:
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _drain(self, receiver: str) -> int:
+        try:
+            queue = self.store.queue(receiver)
+            last: dict[str, int] = {}
+            for item, _ in queue:
+                for fp in _alert_fingerprints(item.payload):
+                    last[fp] = item.id
+            sent = 0
+            for item, next_at in queue:
+                drop = {fp for fp in _alert_fingerprints(item.payload) if last[fp] != item.id}
+                if drop:
+                    kept = _without(item.payload, drop)
+                    self.store.supersede(item.id, kept)
+                    if kept is None:
+                        self.on_result(receiver, "superseded")
+                        continue
+                    item = OutboxItem(item.id, item.key, item.receiver, item.url, kept, item.attempts,
+                                      item.created_at)
+                if next_at > self.clock():
+                    break  # the head is backing off: the rest of the queue waits, in order
+                outcome = self._deliver(item)
+                if outcome == "retry":
+                    break
+                sent += outcome == "sent"
+            return sent
+        except Exception:  # a bug here must not stop delivery for good: logged, retried next round
+            log.exception("delivery to %s failed", receiver)
+            return 0
+        finally:
+            with self._lock:
+                self._busy.discard(receiver)
+
+    def _deliver(self, item: OutboxItem) -> str:
+        """One POST: "sent", "retry" (5xx, 429, network; the queue waits) or "failed" (any other 4xx)."""
         try:
             resp = self.client.post(item.url, json=item.payload, headers={"Idempotency-Key": item.key})
         except httpx.HTTPError as exc:
             self._retry(item, f"{type(exc).__name__}: {exc}")
-            return 0
+            return "retry"
         if resp.is_success:
             self.store.mark_sent(item.id, self.clock())
             self.on_result(item.receiver, "sent")
-            return 1
+            return "sent"
         error = f"HTTP {resp.status_code}: {resp.text[:200]}"
         if resp.status_code >= 500 or resp.status_code == 429:
             self._retry(item, error)
-        else:
-            log.error("notification to %s refused, not retrying: %s", item.receiver, error)
-            self.store.mark_failed(item.id, error)
-            self.on_result(item.receiver, "failed")
-        return 0
+            return "retry"
+        log.error("notification to %s refused, not retrying: %s", item.receiver, error)
+        self.store.mark_failed(item.id, error)
+        self.on_result(item.receiver, "failed")
+        return "failed"
 
     def _retry(self, item: OutboxItem, error: str) -> None:
         now = self.clock()

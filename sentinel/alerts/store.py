@@ -192,6 +192,28 @@ class Store:
                 "WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (now, limit)).fetchall()
         return [OutboxItem(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in rows]
 
+    def pending_receivers(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT DISTINCT receiver FROM outbox WHERE status = 'pending' ORDER BY receiver").fetchall()]
+
+    def queue(self, receiver: str, limit: int = 200) -> list[tuple[OutboxItem, float]]:
+        """A receiver's pending notifications in the order they were queued, with when each may be tried."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, key, receiver, url, payload, attempts, created_at, next_attempt_at FROM outbox "
+                "WHERE status = 'pending' AND receiver = ? ORDER BY id LIMIT ?", (receiver, limit)).fetchall()
+        return [(OutboxItem(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]), r[7]) for r in rows]
+
+    def supersede(self, item_id: int, payload: Any | None) -> None:
+        """Drop alerts a later notification of the same receiver replaces: the item keeps the rest
+        (``payload``), or, with nothing left (None), ends as 'superseded'."""
+        with self.tx() as db:
+            if payload is None:
+                db.execute("UPDATE outbox SET status = 'superseded' WHERE id = ?", (item_id,))
+            else:
+                db.execute("UPDATE outbox SET payload = ? WHERE id = ?", (json.dumps(payload), item_id))
+
     def mark_sent(self, item_id: int, now: float) -> None:
         with self.tx() as db:
             db.execute("UPDATE outbox SET status = 'sent', attempts = attempts + 1, next_attempt_at = ?, "

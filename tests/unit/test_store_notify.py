@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -171,3 +172,84 @@ def test_dispatcher_retries_network_errors_and_survives_kill_9(tmp_path: Path, r
     first, second = receiver.headers
     assert first["Idempotency-Key"] == second["Idempotency-Key"] == item.key
     assert receiver.snapshot()[1]["alerts"][0]["labels"]["alertname"] == "CudaError"
+
+
+def _payload(receiver: str, url: str, now: float, status: str, replicas: list[str]) -> tuple[str, str, str, dict]:  # type: ignore[type-arg]
+    """A webhook notification of CudaError alerts for ``replicas``, firing or resolved at ``now``."""
+    rule = AlertingRule("CudaError", labels={"severity": "page"})
+    rule.eval(now - 10, [Sample({"replica": r}, 1) for r in replicas])
+    if status == "resolved":
+        rule.eval(now, [])
+    due = [a for a in rule.to_send(now, 60, 5) if (a.state.value == "inactive") == (status == "resolved")]
+    payload = webhook_payload(receiver, due, {"alertname": "CudaError"}, "http://sentinel", "http://gen")
+    return idempotency_key(receiver, payload, now), receiver, url, payload
+
+
+def test_a_slow_receiver_delays_only_itself(tmp_path: Path, receiver: Receiver) -> None:
+    """One receiver answers after 3 s per request; the other gets all its pages at once, and the slow one
+    still gets all of its own, in order."""
+    import threading
+    import time as _time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got: list[str] = []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            _time.sleep(3)
+            got.append(json.loads(body)["alerts"][0]["labels"]["replica"])
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    slow = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    slow_url = f"http://127.0.0.1:{slow.server_address[1]}/hook"
+    store = Store(tmp_path / "s.db")
+    now = _time.time()
+    for i in range(3):
+        store.save_rule_state(f"r{i}", [], [_payload("slow", slow_url, now, "firing", [f"s{i}"]),
+                                            _payload("fast", receiver.url, now, "firing", [f"f{i}"])], now)
+    with httpx.Client(timeout=30) as client:
+        d = Dispatcher(store, client)
+        t0 = _time.monotonic()
+        d.run_once(wait=False)
+        while len(receiver.snapshot()) < 3 and _time.monotonic() - t0 < 10:
+            _time.sleep(0.05)
+        fast_s = _time.monotonic() - t0
+        assert [p["alerts"][0]["labels"]["replica"] for p in receiver.snapshot()] == ["f0", "f1", "f2"]
+        assert fast_s < 2.0, fast_s  # serially, behind the slow receiver, this took 9 s and more
+        d.run_once(wait=False)  # a new round while the slow one is still busy: nothing sent twice
+        while len(got) < 3 and _time.monotonic() - t0 < 20:
+            _time.sleep(0.1)
+    assert got == ["s0", "s1", "s2"]
+    assert store.outbox_counts() == {"sent": 6}
+    slow.shutdown()
+
+
+def test_after_an_outage_only_the_newest_state_is_sent_in_order(tmp_path: Path, receiver: Receiver) -> None:
+    """A firing page fails (503) and backs off; its resolution is queued behind it. The queue waits for its
+    head (the resolution never overtakes the firing), and when the receiver is back the firing is dropped
+    as superseded: one notification, resolved. An alert of the same payload that did not resolve stays."""
+    clock = Clock()
+    store = Store(tmp_path / "s.db")
+    receiver.status_codes = [503]
+    store.save_rule_state("r", [], [_payload("oncall", receiver.url, clock.t, "firing", ["a", "b"])], clock.t)
+    with httpx.Client() as client:
+        d = Dispatcher(store, client, clock)
+        assert d.run_once() == 0  # 503: backing off
+        clock.t += 0.5
+        store.save_rule_state("r", [], [_payload("oncall", receiver.url, clock.t, "resolved", ["a"])], clock.t)
+        assert d.run_once() == 0  # the head is still backing off: nothing overtakes it
+        assert len(receiver.snapshot()) == 1
+        clock.t += 5
+        assert d.run_once() == 2
+    first, second, third = receiver.snapshot()
+    assert [(a["labels"]["replica"], a["status"]) for a in second["alerts"]] == [("b", "firing")]
+    assert [(a["labels"]["replica"], a["status"]) for a in third["alerts"]] == [("a", "resolved")]
+    assert second["commonLabels"]["replica"] == "b" and second["status"] == "firing"
+    assert store.outbox_counts() == {"sent": 2}
