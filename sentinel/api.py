@@ -6,11 +6,11 @@ Read-only endpoints answer without auth; every mutating endpoint needs the API b
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -46,7 +46,21 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
         yield
 
     app = FastAPI(title="sentinel", version="0.1.0", lifespan=lifespan)
-    authorized = Depends(require_token(token))
+    check_token = require_token(token)
+    authorized = Depends(check_token)
+
+    @app.middleware("http")
+    async def authenticate_first(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                                 ) -> Response:
+        """Every mutating request is authenticated before its body is read or validated: a stranger learns
+        nothing about the schema (401, not 422), and a malformed body costs nothing."""
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            try:
+                check_token(request.headers.get("authorization"))
+            except HTTPException as exc:
+                return JSONResponse({"status": "error", "error": exc.detail}, status_code=exc.status_code,
+                                    headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None)
+        return await call_next(request)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

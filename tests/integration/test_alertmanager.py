@@ -118,6 +118,15 @@ def test_alertmanager_webhook_in(tmp_path: Path) -> None:
     am.start()
     try:
         assert httpx.post(hook, json={}).status_code == 401
+        # authentication comes before the body is read: malformed JSON without a token is 401, not 422
+        for body in (b"{not json", b"\xff\xfe", b'{"version": "4"'):
+            r = httpx.post(hook, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", (body, r.text)
+        wrong = httpx.post(hook, content=b"{not json", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        malformed = httpx.post(hook, content=b"{not json", headers={"Authorization": f"Bearer {token}",
+                                                                   "Content-Type": "application/json"})
+        assert malformed.status_code == 422  # with the token, the body's problem is told
         bad = httpx.post(hook, json={"version": "3"}, headers={"Authorization": f"Bearer {token}"})
         assert bad.status_code == 422 and "version" in bad.text
         httpx.post(f"{am.url}/api/v2/alerts", json=[
