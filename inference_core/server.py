@@ -11,14 +11,15 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import math
 import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,7 +27,7 @@ import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
@@ -47,6 +48,7 @@ from inference_core.openai_format import chat_logprobs, completion_logprobs, ech
 from inference_core.placement import apply, parse_budgets, plan
 from inference_core.quantize import quantize_int8
 from inference_core.sampling import SamplingParams, TokenLogprob
+from inference_core.security import Authenticator, AuthError, RateLimiter, server_config
 from inference_core.telemetry import BusyTracker, Metrics, request_logger, rss_bytes
 from inference_core.tokenizer import TextTokenizer
 from inference_core.tp_worker import Peers, load_shard
@@ -171,12 +173,55 @@ class _Proxy:
         setattr(object.__getattribute__(self, "_slot"), name, value)
 
 
+@dataclass
+class Guard:
+    """Who may call the model API (/v1/*), and how often: authentication with the ``infer`` scope, then a
+    token bucket per client (the token's subject, else the peer address), then a body size limit."""
+
+    auth: Authenticator = field(default_factory=Authenticator)
+    limiter: RateLimiter | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
 def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRegistry,
                faults: FaultSwitch | None = None, admin_token: str | None = None,
-               lifespan: Any = None) -> FastAPI:
+               lifespan: Any = None, guard: Guard | None = None) -> FastAPI:
     holder = slot if isinstance(slot, EngineSlot) else EngineSlot(slot)
     engine: Any = _Proxy(holder)
     app = FastAPI(title="inference_core", version="0.2.0", lifespan=lifespan)
+    gate = guard or Guard()
+    limited = Counter("inference_requests_refused_total", "Model API requests refused before reaching the engine.",
+                      ["reason"], registry=registry)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Before anything is read: authentication, the client's rate, the body's declared size."""
+        if not request.url.path.startswith("/v1/"):
+            return await call_next(request)
+        try:
+            who = gate.auth.authenticate(request.headers.get("authorization"), "infer")
+        except AuthError as exc:
+            limited.labels("unauthenticated" if exc.status == 401 else "forbidden").inc()
+            resp = openai_error(exc.status, str(exc), "authentication_error" if exc.status == 401
+                                else "permission_error")
+            if exc.status == 401:
+                resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
+        if who == "anonymous":
+            who = f"addr:{request.client.host if request.client else '?'}"
+        if gate.limiter is not None:
+            wait = gate.limiter.take(who)
+            if wait > 0:
+                limited.labels("rate_limited").inc()
+                resp = openai_error(429, f"rate limit exceeded ({gate.limiter.rate:g} requests/s, bursts of "
+                                    f"{gate.limiter.burst}); retry in {wait:.1f}s", "rate_limit_error")
+                resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                return resp
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > gate.max_body_bytes):
+            limited.labels("too_large").inc()
+            return openai_error(413, f"request body over {gate.max_body_bytes} bytes", "invalid_request_error")
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -439,7 +484,7 @@ def _exit_soon(reason: str) -> None:
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
           served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False,
           max_memory: str | None = None, offload_folder: Path | None = None, verify_integrity: bool = True,
-          quantization: str | None = None, tensor_parallel_size: int = 1) -> FastAPI:
+          quantization: str | None = None, tensor_parallel_size: int = 1, guard: Guard | None = None) -> FastAPI:
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
@@ -496,7 +541,7 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
         threading.Thread(target=load, name="model-load", daemon=True).start()
         yield
 
-    return create_app(slot, served_name or model_dir.name, registry, faults, admin_token, lifespan)
+    return create_app(slot, served_name or model_dir.name, registry, faults, admin_token, lifespan, guard)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -530,6 +575,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-memory", default=None,
                    help="device budgets, e.g. cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB: layers fill them in order")
     p.add_argument("--offload-folder", type=Path, default=None, help="layers that fit no budget go here (disk)")
+    sec = p.add_argument_group("security (the seed's section 5)")
+    sec.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS, TLS 1.3 only, with this certificate")
+    sec.add_argument("--tls-key", type=Path, default=None)
+    sec.add_argument("--tls-client-ca", type=Path, default=None, help="mutual TLS: clients need a certificate "
+                     "signed by this CA")
+    sec.add_argument("--api-key-hash", action="append", default=[], metavar="SHA256",
+                     help="accept the API key with this SHA-256 (hex; repeatable; `sentinel token hash` makes one)")
+    sec.add_argument("--jwt-secret-env", default=None, metavar="VAR",
+                     help="accept HS256 tokens signed with the secret in this environment variable")
+    sec.add_argument("--jwt-public-key", type=Path, default=None, help="accept RS256/ES256 tokens (PEM)")
+    sec.add_argument("--jwt-jwks", type=Path, default=None, help="accept RS256/ES256 tokens (a JWKS file)")
+    sec.add_argument("--jwt-audience", default=None)
+    sec.add_argument("--jwt-issuer", default=None)
+    sec.add_argument("--rate-limit", type=float, default=0.0,
+                     help="requests/s per client on /v1/* (the seed: 10; 0: none; sentinel starts replicas with 10)")
+    sec.add_argument("--rate-burst", type=int, default=20)
+    sec.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
@@ -552,10 +614,27 @@ def main(argv: list[str] | None = None) -> None:
                        block_size=args.block_size, max_model_len=args.max_model_len,
                        memory_utilization=args.memory_utilization, kv_cache_memory=args.kv_cache_memory,
                        enable_prefix_caching=args.enable_prefix_caching)
+    secret = None
+    if args.jwt_secret_env:
+        secret = os.environ.get(args.jwt_secret_env)
+        if not secret:
+            p.error(f"--jwt-secret-env {args.jwt_secret_env}: that environment variable is empty")
+    try:
+        auth = Authenticator.from_files(args.api_key_hash, secret, args.jwt_public_key, args.jwt_jwks,
+                                        args.jwt_audience, args.jwt_issuer)
+        limiter = RateLimiter(args.rate_limit, args.rate_burst) if args.rate_limit > 0 else None
+    except (OSError, ValueError) as exc:
+        p.error(f"security settings: {exc}")
+    guard = Guard(auth, limiter, args.max_body_bytes)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
                 args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization,
-                args.tensor_parallel_size)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+                args.tensor_parallel_size, guard)
+    try:
+        config = server_config(app, args.host, args.port, args.tls_cert, args.tls_key, args.tls_client_ca,
+                               log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+    except ValueError as exc:
+        p.error(str(exc))
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

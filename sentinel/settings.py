@@ -56,6 +56,9 @@ class ReplicaSettings(Section):
     enable_faults: bool = False
     admin_token: SecretStr | None = None
     start_timeout: Duration = 120.0
+    rate_limit: float = Field(10.0, ge=0, description="requests/s per client on each replica's /v1/* (the seed: 10; "
+                              "0: none)")
+    rate_burst: int = Field(20, ge=1, description="bursts of this many requests (the seed: 20)")
     engine_args: list[str] = Field(
         default_factory=list, description="more flags for every replica's inference server, as a list, e.g. "
         "['--memory-utilization', '0.2', '--quantization', 'int8'] (replicas sharing a host share its memory)")
