@@ -119,11 +119,11 @@ class Daemon:
         admin = s.replicas.admin_token.get_secret_value() if s.replicas.admin_token else None
         if s.replicas.enable_faults and admin is None:
             admin = secrets.token_urlsafe(24)
+        limits = ("--rate-limit", f"{s.replicas.rate_limit:g}", "--rate-burst", str(s.replicas.rate_burst))
         specs = [ReplicaSpec(f"replica-{i}", port, model_dir, run_dir / f"replica-{i}" / "logs",
                              enable_faults=s.replicas.enable_faults, admin_token=admin,
                              served_model_name=s.replicas.served_model_name,
-                             engine_args=("--rate-limit", f"{s.replicas.rate_limit:g}", "--rate-burst",
-                                          str(s.replicas.rate_burst), *s.replicas.engine_args)) for i, port in enumerate(ports)]
+                             engine_args=(*limits, *s.replicas.engine_args)) for i, port in enumerate(ports)]
         self.supervisor = Supervisor(specs, run_dir, self.children, s.replicas.start_timeout,
                                      max(s.replicas.max_count, s.replicas.count), self._replicas_changed)
         self.supervisor.start_all()
