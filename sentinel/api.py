@@ -5,17 +5,18 @@ Read-only endpoints answer without auth; every mutating endpoint needs the API b
 
 from __future__ import annotations
 
-import hmac
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 
+from inference_core.security import Authenticator, AuthError, RateLimiter, hash_key
 from sentinel.alerts.notify import rfc3339
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
@@ -25,41 +26,54 @@ from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import Rule
 
 
-def require_token(token: SecretStr | None) -> Callable[[str | None], None]:
-    def check(authorization: Annotated[str | None, Header()] = None) -> None:
-        if token is None:
-            raise HTTPException(403, "mutating endpoints are disabled: set api.token (SENTINEL_API__TOKEN)")
-        expected = f"Bearer {token.get_secret_value()}".encode()
-        if not hmac.compare_digest((authorization or "").encode(), expected):
-            raise HTTPException(401, "missing or wrong 'Authorization: Bearer <api token>'")
-    return check
+def authenticator(token: SecretStr | None, api: Any = None) -> Authenticator:
+    """The API's credentials: the static ``api.token`` (an API key with every scope, kept only as a hash),
+    hashed API keys, and JWTs (``api.jwt_*``); see ``inference_core.security.Authenticator``."""
+    hashes = [hash_key(token.get_secret_value())] if token is not None else []
+    if api is None:
+        return Authenticator(hashes)
+    secret = api.jwt_secret.get_secret_value() if api.jwt_secret is not None else None
+    return Authenticator.from_files([*hashes, *api.api_key_hashes], secret, api.jwt_public_key, api.jwt_jwks,
+                                    api.jwt_audience, api.jwt_issuer)
 
 
 def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
                guardrails: Callable[[], Guardrails], set_paused: Callable[[bool], None],
                token: SecretStr | None, on_startup: Callable[[], None] = lambda: None,
                reload: Callable[[], list[str]] = lambda: [],
-               inbound: Callable[[WebhookPayload], dict[str, Any]] | None = None) -> FastAPI:
+               inbound: Callable[[WebhookPayload], dict[str, Any]] | None = None,
+               auth: Authenticator | None = None, limiter: RateLimiter | None = None,
+               protect_reads: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         on_startup()
         yield
 
     app = FastAPI(title="sentinel", version="0.1.0", lifespan=lifespan)
-    check_token = require_token(token)
-    authorized = Depends(check_token)
+    auth = auth or authenticator(token)
 
     @app.middleware("http")
     async def authenticate_first(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                                  ) -> Response:
-        """Every mutating request is authenticated before its body is read or validated: a stranger learns
-        nothing about the schema (401, not 422), and a malformed body costs nothing."""
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
+        """Every mutating request is authenticated (scope ``operate``) before its body is read or validated:
+        a stranger learns nothing about the schema (401, not 422), and a malformed body costs nothing.
+        Reads under /api/ need the ``read`` scope when ``protect_reads`` is on. Then the client's rate."""
+        path, mutating = request.url.path, request.method not in ("GET", "HEAD", "OPTIONS")
+        who = f"addr:{request.client.host if request.client else '?'}"
+        if mutating or (protect_reads and path.startswith("/api/")):
+            if mutating and not auth.enabled:
+                return JSONResponse({"status": "error", "error": "mutating endpoints are disabled: set api.token "
+                                     "(SENTINEL_API__TOKEN) or api.jwt_*"}, status_code=403)
             try:
-                check_token(request.headers.get("authorization"))
-            except HTTPException as exc:
-                return JSONResponse({"status": "error", "error": exc.detail}, status_code=exc.status_code,
-                                    headers={"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None)
+                who = auth.authenticate(request.headers.get("authorization"), "operate" if mutating else "read")
+            except AuthError as exc:
+                return JSONResponse({"status": "error", "error": str(exc)}, status_code=exc.status,
+                                    headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        if limiter is not None and path.startswith("/api/"):
+            wait = limiter.take(who)
+            if wait > 0:
+                return JSONResponse({"status": "error", "error": f"rate limit exceeded; retry in {wait:.1f}s"},
+                                    status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return await call_next(request)
 
     @app.get("/healthz")
@@ -106,14 +120,14 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
         return {"status": "success", "data": {"audit": store.audit_log(min(max(limit, 1), 1000)),
                                               "guardrails": vars(guardrails())}}
 
-    @app.post("/api/v1/alertmanager/webhook", dependencies=[authorized])
+    @app.post("/api/v1/alertmanager/webhook")
     def alertmanager_webhook(payload: WebhookPayload) -> dict[str, Any]:
         """Alertmanager's webhook in: firing alerts named like a sentinel rule get its runbook and remedy."""
         if inbound is None:
             raise HTTPException(503, "inbound alerts are not wired in this process")
         return {"status": "success", "data": inbound(payload)}
 
-    @app.post("/api/v1/rules/reload", dependencies=[authorized])
+    @app.post("/api/v1/rules/reload")
     def reload_rules() -> JSONResponse:
         problems = reload()
         if problems:
@@ -121,12 +135,12 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
                                 status_code=400)
         return JSONResponse({"status": "success", "data": {}})
 
-    @app.post("/api/v1/remediation/pause", dependencies=[authorized])
+    @app.post("/api/v1/remediation/pause")
     def pause() -> dict[str, Any]:
         set_paused(True)
         return {"status": "success", "data": {"paused": True}}
 
-    @app.post("/api/v1/remediation/resume", dependencies=[authorized])
+    @app.post("/api/v1/remediation/resume")
     def resume() -> dict[str, Any]:
         set_paused(False)
         return {"status": "success", "data": {"paused": False}}

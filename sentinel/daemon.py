@@ -25,10 +25,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from elasticsearch import Elasticsearch
 from prometheus_client import CollectorRegistry
 
+from inference_core.security import RateLimiter, server_config
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
-from sentinel.api import create_app
+from sentinel.api import authenticator, create_app
 from sentinel.errors import FileFormatError, ServiceError
 from sentinel.inbound import WebhookPayload, match
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, LogStoreUnavailable
@@ -176,7 +177,10 @@ class Daemon:
         self._schedule(evaluator, shipper, dispatcher, s)
 
         self.app = create_app(evaluator, self.store, self.registry, self.status, lambda: self.guardrails,
-                              self._set_paused, s.api.token, self._ready, self.reload_rules, self._inbound)
+                              self._set_paused, s.api.token, self._ready, self.reload_rules, self._inbound,
+                              auth=authenticator(s.api.token, s.api),
+                              limiter=RateLimiter(s.api.rate_limit, s.api.rate_burst) if s.api.rate_limit else None,
+                              protect_reads=s.api.protect_reads)
         self.services = [Service(sp.name, sp.url, pid) for sp, pid in
                          ((r.spec, r.pid) for r in self.supervisor.replicas.values())]
         self.services[0:0] = [Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics")]
@@ -334,7 +338,8 @@ class Daemon:
 
     def _targets(self, specs: list[ReplicaSpec]) -> list[ScrapeTarget]:
         targets = [ScrapeTarget("inference", f"127.0.0.1:{sp.port}", {"replica": sp.name}) for sp in specs]
-        return [*targets, ScrapeTarget("sentinel", f"127.0.0.1:{self.api_port}", {})]
+        return [*targets, ScrapeTarget("sentinel", f"127.0.0.1:{self.api_port}", {},
+                                       "https" if self.settings.api.tls_cert else "http")]
 
     def _replicas_changed(self, specs: list[ReplicaSpec]) -> None:
         """After a scale-out: scrape, ship logs from, and list the new replica."""
@@ -363,7 +368,8 @@ class Daemon:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.settings.api.host}:{self.api_port}"
+        scheme = "https" if self.settings.api.tls_cert else "http"
+        return f"{scheme}://{self.settings.api.host}:{self.api_port}"
 
     def _set_paused(self, paused: bool) -> None:
         self.guardrails = dataclasses.replace(self.guardrails, paused=paused)
@@ -385,8 +391,9 @@ class Daemon:
     # -- run and stop ---------------------------------------------------------------------------------
     def serve(self) -> None:
         """Serve the API until SIGINT/SIGTERM (uvicorn handles them), then return."""
-        config = uvicorn.Config(self.app, host=self.settings.api.host, port=self.api_port, log_level="warning",
-                                access_log=False, lifespan="on")
+        api = self.settings.api
+        config = server_config(self.app, api.host, self.api_port, api.tls_cert, api.tls_key, api.tls_client_ca,
+                               log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10)
         uvicorn.Server(config).run()
 
     def _ready(self) -> None:

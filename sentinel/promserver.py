@@ -24,6 +24,7 @@ class ScrapeTarget:
     job: str
     address: str           # host:port
     labels: dict[str, str]
+    scheme: str = "http"   # https: sentinel's own API with TLS on (loopback, its own certificate)
 
 
 def find_binary(name: str, hint: str) -> str:
@@ -59,7 +60,9 @@ def prometheus_config(targets: list[ScrapeTarget], scrape_interval_s: float,
                    "evaluation_interval": format_duration(scrape_interval_s)},
         "rule_files": rule_files or [],
         "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": [t.address], "labels": t.labels} for t in ts]}
+            {"job_name": job, "static_configs": [{"targets": [t.address], "labels": t.labels} for t in ts],
+             **({"scheme": "https", "tls_config": {"insecure_skip_verify": True}}
+                if ts[0].scheme == "https" else {})}
             for job, ts in jobs.items()],
     }
 

@@ -6,6 +6,7 @@ the YAML file, defaults. Invalid settings stop the start with ``file:line: field
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,32 @@ class Section(BaseModel):
 class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0: a free port")
-    token: SecretStr | None = Field(None, description="bearer token for mutating endpoints")
-    _token = field_validator("token")(_no_placeholder)
+    token: SecretStr | None = Field(None, description="bearer token for mutating endpoints (an API key with every "
+                                    "scope)")
+    api_key_hashes: list[str] = Field(default_factory=list, description="SHA-256 (hex) of more API keys "
+                                      "(`sentinel token hash`); the keys themselves are never stored")
+    jwt_secret: SecretStr | None = Field(None, description="accept HS256 tokens signed with this secret "
+                                         "(`sentinel token issue` signs with it)")
+    jwt_public_key: Path | None = Field(None, description="accept RS256/ES256 tokens: a PEM public key")
+    jwt_jwks: Path | None = Field(None, description="accept RS256/ES256 tokens: a JWKS file")
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    protect_reads: bool = Field(False, description="reads under /api/ need a token with the 'read' scope")
+    tls_cert: Path | None = Field(None, description="serve HTTPS (TLS 1.3 only) with this certificate")
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="mutual TLS: clients need a certificate signed by this CA")
+    rate_limit: float = Field(10.0, ge=0, description="requests/s per client on /api/ (the seed: 10; 0: none)")
+    rate_burst: int = Field(20, ge=1)
+    _token = field_validator("token", "jwt_secret")(_no_placeholder)
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hashes(cls, v: list[str]) -> list[str]:
+        for h in v:
+            if not re.fullmatch(r"[0-9a-f]{64}", h):
+                raise ValueError(f"{h[:8]}...: not a SHA-256 in hex (64 characters 0-9a-f); `sentinel token hash` "
+                                 "makes one")
+        return v
 
 
 class PrometheusSettings(Section):

@@ -43,7 +43,7 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float, proc: subp
             return value
         if proc is not None and proc.poll() is not None:
             break
-        time.sleep(0.1)
+        time.sleep(0.25)  # polls stay well under the API's 10 requests/s per client
     tail = log.read_text()[-4000:] if log and log.exists() else ""
     raise AssertionError(f"timed out waiting for {what}\n--- sentinel output ---\n{tail}")
 
