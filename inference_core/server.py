@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +183,54 @@ class Guard:
     max_body_bytes: int = 4 * 1024 * 1024
 
 
+class GuardMiddleware:
+    """``Guard`` as plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which would hide a client's
+    disconnect from streaming responses): before anything is read, authentication, the client's rate and
+    the body's declared size."""
+
+    def __init__(self, app: Any, gate: Guard, refused: Counter) -> None:
+        self.app, self.gate, self.refused = app, gate, refused
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        response = self.check(scope)
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def check(self, scope: dict[str, Any]) -> Response | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        gate = self.gate
+        try:
+            who = gate.auth.authenticate(headers.get("authorization"), "infer")
+        except AuthError as exc:
+            self.refused.labels("unauthenticated" if exc.status == 401 else "forbidden").inc()
+            resp = openai_error(exc.status, str(exc), "authentication_error" if exc.status == 401
+                                else "permission_error")
+            if exc.status == 401:
+                resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp
+        if who == "anonymous":
+            client = scope.get("client")
+            who = f"addr:{client[0] if client else '?'}"
+        if gate.limiter is not None:
+            wait = gate.limiter.take(who)
+            if wait > 0:
+                self.refused.labels("rate_limited").inc()
+                resp = openai_error(429, f"rate limit exceeded ({gate.limiter.rate:g} requests/s, bursts of "
+                                    f"{gate.limiter.burst}); retry in {wait:.1f}s", "rate_limit_error")
+                resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                return resp
+        size = headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > gate.max_body_bytes):
+            self.refused.labels("too_large").inc()
+            return openai_error(413, f"request body over {gate.max_body_bytes} bytes", "invalid_request_error")
+        return None
+
+
 def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRegistry,
                faults: FaultSwitch | None = None, admin_token: str | None = None,
                lifespan: Any = None, guard: Guard | None = None) -> FastAPI:
@@ -190,38 +238,10 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
     engine: Any = _Proxy(holder)
     app = FastAPI(title="inference_core", version="0.2.0", lifespan=lifespan)
     gate = guard or Guard()
-    limited = Counter("inference_requests_refused_total", "Model API requests refused before reaching the engine.",
-                      ["reason"], registry=registry)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """Before anything is read: authentication, the client's rate, the body's declared size."""
-        if not request.url.path.startswith("/v1/"):
-            return await call_next(request)
-        try:
-            who = gate.auth.authenticate(request.headers.get("authorization"), "infer")
-        except AuthError as exc:
-            limited.labels("unauthenticated" if exc.status == 401 else "forbidden").inc()
-            resp = openai_error(exc.status, str(exc), "authentication_error" if exc.status == 401
-                                else "permission_error")
-            if exc.status == 401:
-                resp.headers["WWW-Authenticate"] = "Bearer"
-            return resp
-        if who == "anonymous":
-            who = f"addr:{request.client.host if request.client else '?'}"
-        if gate.limiter is not None:
-            wait = gate.limiter.take(who)
-            if wait > 0:
-                limited.labels("rate_limited").inc()
-                resp = openai_error(429, f"rate limit exceeded ({gate.limiter.rate:g} requests/s, bursts of "
-                                    f"{gate.limiter.burst}); retry in {wait:.1f}s", "rate_limit_error")
-                resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-                return resp
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > gate.max_body_bytes):
-            limited.labels("too_large").inc()
-            return openai_error(413, f"request body over {gate.max_body_bytes} bytes", "invalid_request_error")
-        return await call_next(request)
+    refused = Counter("inference_requests_refused_total", "Model API requests refused before reaching the engine.",
+                      ["reason"], registry=registry)
+    app.add_middleware(GuardMiddleware, gate=gate, refused=refused)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
