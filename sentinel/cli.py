@@ -171,6 +171,9 @@ def rules_check(
         except FileFormatError as exc:
             for line in exc.problems:
                 typer.echo(f"{line} (runbook names not checked)", err=True)
+    else:
+        typer.echo(f"note: no runbooks directory at {folder}; sentinel.runbook names are not checked "
+                   "(--runbooks-dir)", err=True)
     worst = 0
     for f in files:
         errors, lints, n = check_file(f, promtool, books)
