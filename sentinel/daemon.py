@@ -172,7 +172,9 @@ class Daemon:
         self.metrics.reload_ok.set(1)
         self.metrics.reload_time.set(time.time())
         self.http = httpx.Client(timeout=10.0)
-        dispatcher = Dispatcher(self.store, self.http,
+        signing = {r.name: (r.signing_key_id, r.signing_key.get_secret_value().encode())
+                   for r in s.alerting.receivers if r.signing_key is not None}
+        dispatcher = Dispatcher(self.store, self.http, signing=signing,
                                 on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc())
         self._schedule(evaluator, shipper, dispatcher, s)
 

@@ -93,6 +93,11 @@ class ReplicaSettings(Section):
 class ReceiverSettings(Section):
     name: str = Field(min_length=1)
     url: str = Field(pattern=r"^https?://")
+    signing_key: SecretStr | None = Field(None, description="sign each request: HMAC-SHA256 over the timestamp and "
+                                          "the body (X-Sentinel-Signature); never stored in sentinel's state")
+    signing_key_id: str = Field("default", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="named in the "
+                                "signature so receivers can rotate keys")
+    _key = field_validator("signing_key")(_no_placeholder)
 
 
 class AlertingSettings(Section):

@@ -23,6 +23,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
+        self.bodies: list[bytes] = []
         self.headers: list[dict[str, str]] = []
         self.status_codes: list[int] = []
         self.lock = threading.Lock()
@@ -34,6 +35,7 @@ class Receiver:
                 with receiver.lock:
                     code = receiver.status_codes.pop(0) if receiver.status_codes else 200
                     receiver.received.append(json.loads(body))
+                    receiver.bodies.append(body)
                     receiver.headers.append(dict(self.headers))
                 self.send_response(code)
                 self.send_header("Content-Length", "2")

@@ -8,6 +8,7 @@ retried with exponential backoff; any other 4xx is final. Each delivery carries 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -92,6 +93,15 @@ def idempotency_key(receiver: str, payload: Mapping[str, Any], sent_at: float) -
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
+def sign(key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
+    """Headers that let a receiver check a request came from sentinel, unaltered and recent:
+    ``X-Sentinel-Timestamp`` (Unix seconds) and ``X-Sentinel-Signature: keyid=<id>,sha256=<hex>``, the
+    HMAC-SHA256 of ``<timestamp>.<body>`` (the verifier is in the README)."""
+    ts = str(int(now))
+    mac = hmac.new(key, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {"X-Sentinel-Timestamp": ts, "X-Sentinel-Signature": f"keyid={key_id},sha256={mac}"}
+
+
 def _alert_fingerprints(payload: Any) -> list[str]:
     """The alerts of a queued payload: a webhook body (``alerts``) or Alertmanager's list of alerts."""
     alerts = payload.get("alerts", []) if isinstance(payload, dict) else payload
@@ -126,8 +136,10 @@ class Dispatcher:
 
     def __init__(self, store: Store, client: httpx.Client, clock: Callable[[], float] = time.time,
                  max_backoff_s: float = 300.0, give_up_after_s: float = 24 * 3600.0,
-                 on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16) -> None:
+                 on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16,
+                 signing: Mapping[str, tuple[str, bytes]] | None = None) -> None:
         self.store = store
+        self.signing = dict(signing or {})  # receiver name -> (key id, key): from the settings, never stored
         self.client = client
         self.clock = clock
         self.max_backoff_s = max_backoff_s
@@ -187,8 +199,13 @@ class Dispatcher:
 
     def _deliver(self, item: OutboxItem) -> str:
         """One POST: "sent", "retry" (5xx, 429, network; the queue waits) or "failed" (any other 4xx)."""
+        body = json.dumps(item.payload, separators=(",", ":")).encode()
+        headers = {"Idempotency-Key": item.key, "Content-Type": "application/json"}
+        if item.receiver in self.signing:
+            key_id, key = self.signing[item.receiver]
+            headers.update(sign(key_id, key, body, self.clock()))
         try:
-            resp = self.client.post(item.url, json=item.payload, headers={"Idempotency-Key": item.key})
+            resp = self.client.post(item.url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             self._retry(item, f"{type(exc).__name__}: {exc}")
             return "retry"

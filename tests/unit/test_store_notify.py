@@ -253,3 +253,30 @@ def test_after_an_outage_only_the_newest_state_is_sent_in_order(tmp_path: Path, 
     assert [(a["labels"]["replica"], a["status"]) for a in third["alerts"]] == [("a", "resolved")]
     assert second["commonLabels"]["replica"] == "b" and second["status"] == "firing"
     assert store.outbox_counts() == {"sent": 2}
+
+
+def test_signed_requests_verify_with_the_readme_verifier(tmp_path: Path, receiver: Receiver) -> None:
+    """The README's verifier, run as written, accepts what the dispatcher sends and refuses a changed body,
+    another key and a stale timestamp."""
+    import re
+    import time as _time
+
+    from tests.conftest import ROOT
+
+    block = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None, "the verifier block is gone from the README"
+    scope: dict[str, object] = {}
+    exec(block.group(1), scope)  # noqa: S102 - our own README, run as documentation
+    verify = scope["verify"]
+    store = Store(tmp_path / "s.db")
+    now = _time.time()
+    store.save_rule_state("r", [], [_payload("oncall", receiver.url, now, "firing", ["a"])], now)
+    with httpx.Client() as client:
+        assert Dispatcher(store, client, signing={"oncall": ("k2026", b"receiver-secret-0123456789")}).run_once() == 1
+    headers, body = receiver.headers[0], receiver.bodies[0]
+    keys = {"k2026": b"receiver-secret-0123456789"}
+    assert verify(headers, body, keys)  # type: ignore[operator]
+    assert not verify(headers, body.replace(b'"firing"', b'"resolved"'), keys)  # type: ignore[operator]
+    assert not verify(headers, body, {"k2026": b"another-secret-0123456789"})  # type: ignore[operator]
+    stale = {**headers, "X-Sentinel-Timestamp": str(int(now) - 3600)}
+    assert not verify(stale, body, keys)  # type: ignore[operator]
