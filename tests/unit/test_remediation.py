@@ -117,3 +117,47 @@ def test_scale_actions_share_one_cooldown_across_replicas(tmp_path: Path) -> Non
     cuda = Alert({"alertname": "CudaError", "replica": "replica-1"}, {}, 1.0, State.FIRING, 2.0, fired_at=2.0)
     assert r2.consider("CudaError", "restart", cuda).act
     r2.shutdown()
+
+
+HOSTILE = ["$(touch /tmp/sentinel-pwned)", "`touch /tmp/sentinel-pwned`", "replica-0; touch /tmp/sentinel-pwned",
+           "../../../../tmp/sentinel-pwned", "replica-0\ntouch /tmp/sentinel-pwned", "-rf"]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_labels_never_reach_an_action(tmp_path: Path, value: str) -> None:
+    """A label is only ever compared with the names of the replicas sentinel runs: a hostile value is an
+    unknown target, no action is taken, and the audit keeps the value as data."""
+    store = Store(tmp_path / "s.db")
+    actuator = Actuator()
+    r = Remediator(store, actuator, Guardrails(cooldown_s=0), clock=lambda: 100.0)
+    a = Alert({"alertname": "CudaError", "replica": value}, {}, 1.0, State.FIRING, 1.0, fired_at=1.0)
+    d = r.consider("CudaError", "restart", a)
+    r.shutdown()
+    assert not d.act and actuator.calls == []
+    assert store.audit_log()[0]["labels"]["replica"] == value
+
+
+def test_hostile_labels_never_reach_a_runbook_command(tmp_path: Path) -> None:
+    """The cuda-error runbook with every hostile label at once: the nvidia-smi it runs (a stand-in that
+    records its argument list) gets only the runbook's own arguments, and nothing is created anywhere."""
+    import os
+    import stat
+
+    from sentinel.runbooks.base import Context
+    from sentinel.runbooks.model import load_runbooks
+    from sentinel.runbooks.runner import run
+    from tests.conftest import ROOT
+
+    argv_log = tmp_path / "argv.log"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" >> {argv_log}\necho 'NVIDIA-SMI has failed'\nexit 9\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    labels = {"alertname": "CudaError", **{f"l{i}": v for i, v in enumerate(HOSTILE)}, "replica": HOSTILE[0]}
+    ctx = Context(nvidia_smi=str(smi), alert_labels=labels, proc=tmp_path, sys=tmp_path, var_log=tmp_path,
+                  dmesg=str(tmp_path / "no-dmesg"))
+    report = run([load_runbooks(ROOT / "runbooks")["cuda-error"]], ctx, "injection drill")
+    assert report.results, "the runbook ran no step"
+    recorded = argv_log.read_text() if argv_log.exists() else ""
+    assert recorded, "the stand-in nvidia-smi was never run: the test would prove nothing"
+    assert not any(v in recorded or v.strip("`$()") in recorded for v in HOSTILE[:4]), recorded
+    assert not os.path.exists("/tmp/sentinel-pwned")
