@@ -293,6 +293,58 @@ def deploy_filebeat(
     typer.echo(f"wrote {out}")
 
 
+@app.command("alerts")
+def alerts_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+    all_states: Annotated[bool, typer.Option("--all", help="resolved alerts too (kept 15 minutes)")] = False,
+) -> None:
+    """The alerts sentinel holds (state, age, value) and each receiver's delivery status, from its state
+    database: works whether or not sentinel is running."""
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sentinel.alerts.store import Store
+    from sentinel.settings import load_settings
+
+    s = load_settings(config)
+    db = s.state_dir / "sentinel.db"
+    if not db.exists():
+        typer.echo(f"error: no state database at {db} (is state_dir right?)", err=True)
+        raise typer.Exit(2)
+    store = Store(db)
+    now = time.time()
+    alerts: list[dict[str, Any]] = [
+        {"rule": rule.split(";")[-1], "labels": a.labels, "state": a.state.value, "value": a.value,
+         "active_for_s": round(now - a.active_at, 1),
+         "last_sent_s_ago": round(now - a.last_sent_at, 1) if a.last_sent_at else None}
+        for rule, a in store.all_alerts() if all_states or a.state.value != "inactive"]
+    receivers = store.receiver_status()
+    if json_out:
+        typer.echo(_json.dumps({"alerts": alerts, "receivers": receivers}, default=str))
+        return
+    console = Console()
+    t = Table(title=f"{len(alerts)} alert(s)")
+    for col in ("alert", "labels", "state", "value", "active for", "last sent"):
+        t.add_column(col)
+    for a in sorted(alerts, key=lambda x: -float(x["active_for_s"])):
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(a["labels"].items()) if k != "alertname")
+        t.add_row(str(a["rule"]), labels, str(a["state"]), f"{a['value']:g}", f"{a['active_for_s']:.0f}s",
+                  "-" if a["last_sent_s_ago"] is None else f"{a['last_sent_s_ago']:.0f}s ago")
+    console.print(t)
+    r = Table(title="receivers")
+    for col in ("receiver", "pending", "sent", "failed", "superseded", "oldest pending", "last error"):
+        r.add_column(col)
+    for name, st in sorted(receivers.items()):
+        c = st["counts"]
+        oldest = f"{now - st['oldest_pending']:.0f}s" if st["oldest_pending"] else "-"
+        r.add_row(name, *(str(c.get(k, 0)) for k in ("pending", "sent", "failed", "superseded")), oldest,
+                  (st["last_error"] or "")[:60])
+    console.print(r)
+
+
 token_app = typer.Typer(help="Credentials for sentinel's API and the replicas' model API.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 SCOPES = ("read", "operate", "infer")

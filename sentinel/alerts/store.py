@@ -229,6 +229,22 @@ class Store:
             db.execute("UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?",
                        (error, item_id))
 
+    def receiver_status(self) -> dict[str, dict[str, Any]]:
+        """Per receiver: notifications by status, the oldest still pending, and its last error."""
+        out: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for rcv, status, n, oldest in self._db.execute(
+                    "SELECT receiver, status, COUNT(*), MIN(created_at) FROM outbox GROUP BY receiver, status"):
+                entry = out.setdefault(rcv, {"counts": {}, "oldest_pending": None, "last_error": None})
+                entry["counts"][status] = n
+                if status == "pending":
+                    entry["oldest_pending"] = oldest
+            for rcv, err in self._db.execute(
+                    "SELECT receiver, last_error FROM outbox WHERE last_error IS NOT NULL AND id IN "
+                    "(SELECT MAX(id) FROM outbox WHERE last_error IS NOT NULL GROUP BY receiver)"):
+                out.setdefault(rcv, {"counts": {}, "oldest_pending": None, "last_error": None})["last_error"] = err
+        return out
+
     def outbox_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())

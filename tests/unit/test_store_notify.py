@@ -280,3 +280,32 @@ def test_signed_requests_verify_with_the_readme_verifier(tmp_path: Path, receive
     assert not verify(headers, body, {"k2026": b"another-secret-0123456789"})  # type: ignore[operator]
     stale = {**headers, "X-Sentinel-Timestamp": str(int(now) - 3600)}
     assert not verify(stale, body, keys)  # type: ignore[operator]
+
+
+def test_sentinel_alerts_cli(tmp_path: Path) -> None:
+    """`sentinel alerts` reads the state database: alerts with state and age, receivers with their queues."""
+    from typer.testing import CliRunner
+
+    from sentinel.alerts.state import Alert, State
+    from sentinel.cli import app
+
+    store = Store(tmp_path / "state" / "sentinel.db")
+    now = 1_000_000.0
+    firing = Alert({"alertname": "CudaError", "replica": "replica-0"}, {}, 1.0, State.FIRING, now - 120,
+                   fired_at=now - 120, last_sent_at=now - 60)
+    store.save_rule_state("f;g;CudaError", [firing], [firing_payload("oncall", "http://127.0.0.1:9/", now)], now)
+    store.mark_retry(store.due(now)[0].id, now + 10, "HTTP 503: busy")
+    store.close()
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\n")
+    r = CliRunner().invoke(app, ["alerts", "-c", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    [a] = doc["alerts"]
+    assert a["rule"] == "CudaError" and a["labels"]["replica"] == "replica-0" and a["state"] == "firing"
+    assert doc["receivers"]["oncall"]["counts"] == {"pending": 1}
+    assert doc["receivers"]["oncall"]["last_error"] == "HTTP 503: busy"
+    table = CliRunner().invoke(app, ["alerts", "-c", str(cfg)])
+    assert table.exit_code == 0 and "CudaError" in table.output and "oncall" in table.output
+    missing = CliRunner().invoke(app, ["alerts", "-c", str(tmp_path / "nothing.yaml")])
+    assert missing.exit_code != 0
