@@ -28,6 +28,7 @@ from inference_core.faults import FaultSwitch
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
 from inference_core.memory import KVPlan, PeakMemory, device_memory, kv_bytes_per_token, plan_kv_cache
 from inference_core.model import Attention, CausalLM, device_of
+from inference_core.redaction import redact_text
 from inference_core.sampling import SamplingParams, TokenLogprob, sample_batch, token_logprobs
 from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Scheduler, SchedulerConfig
 from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
@@ -547,8 +548,8 @@ class Engine:
                   "preemptions": live.req.num_preemptions}
         if error and not cuda_error:
             fields["error"] = error
-        if self.log_text and res is not None:
-            fields["completion"] = res.text
+        if self.log_text and res is not None:  # asked for; personal data redacted before the line is written
+            fields["completion"] = redact_text(res.text)
         failed = cuda_error is not None or error is not None
         self.logger.log(logging.ERROR if failed else logging.INFO,
                         "inference request failed" if failed else "inference request completed",

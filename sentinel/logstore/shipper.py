@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -19,38 +18,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
+from inference_core.redaction import redact
 
-# The seed's GDPR rule (dates → XXXX-XX-XX), then e-mail addresses, national ID numbers (the PRC's
-# 18-character resident ID, US SSNs), phone numbers (international "+CC ..." or 11-digit mobile) and
-# payment card numbers (13-19 digits, spaces or dashes allowed); every string field but @timestamp.
-# RE2 syntax only (no look-around): deploy/filebeat.yml carries the same patterns to Filebeat's
-# `replace` processor (Go regexp), generated from this list.
-REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\d{4}-\d{2}-\d{2}"), "XXXX-XX-XX"),
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "<email>"),
-    (re.compile(r"\b\d{17}[\dXx]\b"), "<national-id>"),
-    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), "<national-id>"),
-    (re.compile(r"\+\d{1,3}(?:[ -]?\(?\d{1,4}\)?){2,4}\b"), "<phone>"),
-    (re.compile(r"\b1[3-9]\d{9}\b"), "<phone>"),
-    (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "<card>"),
-)
-KEEP_UNREDACTED = frozenset({"@timestamp"})
+log = logging.getLogger(__name__)
 MAX_BATCH_BYTES = 4 * 2**20
 
-
-# Every pattern needs a digit or an "@": strings without either (most fields) skip them all.
-_MAYBE_PERSONAL = re.compile(r"[\d@]")
-
-
-def redact(doc: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in doc.items():
-        if isinstance(v, str) and k not in KEEP_UNREDACTED and _MAYBE_PERSONAL.search(v):
-            for pattern, repl in REDACTIONS:
-                v = pattern.sub(repl, v)
-        out[k] = v
-    return out
 
 
 def event_id(source: str, inode: int, offset: int, line: bytes) -> str:

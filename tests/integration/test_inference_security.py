@@ -130,3 +130,33 @@ def test_the_openai_client_through_tls_and_an_api_key(tls_server: tuple[str, Pat
         assert out.usage is not None and out.usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="sk-nope", max_retries=0, http_client=http).models.list()
+
+
+def test_completion_text_is_logged_only_when_asked_and_then_redacted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Without --log-text no prompt or completion text reaches the log; with it, the completion is written
+    through the same redaction as log shipping (inference_core/redaction.py)."""
+    import json
+
+    from inference_core.redaction import redact_text
+    from tests.integration.test_inference_api import start_server
+
+    for flag in ([], ["--log-text"]):
+        logs = tmp_path / ("with" if flag else "without")
+        proc, url = start_server(tiny_model_dir, logs, *flag)
+        try:
+            r = httpx.post(f"{url}/v1/completions", json={"model": "deepseek-tiny", "prompt": "mail bob@example.com "
+                           "on 2026-11-29", "max_tokens": 8, "temperature": 0}, timeout=60)
+            assert r.status_code == 200, r.text
+            text = r.json()["choices"][0]["text"]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        lines = [json.loads(x) for x in (logs / "inference.log").read_text().splitlines()]
+        done = [x for x in lines if x.get("message") == "inference request completed"]
+        assert done, lines
+        raw = (logs / "inference.log").read_text()
+        assert "bob@example.com" not in raw and "2026-11-29 " not in raw  # the prompt is never logged
+        if flag:
+            assert done[-1]["completion"] == redact_text(text)
+        else:
+            assert "completion" not in done[-1]

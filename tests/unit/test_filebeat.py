@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from inference_core.redaction import redact
 from sentinel.generate.filebeat import render
-from sentinel.logstore.shipper import redact
 from tests.conftest import ROOT
 
 SAMPLES = [
