@@ -181,6 +181,7 @@ class Guard:
     auth: Authenticator = field(default_factory=Authenticator)
     limiter: RateLimiter | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    max_concurrent: int = 0  # requests (streams included) in flight per client; 0: no limit
 
 
 class GuardMiddleware:
@@ -190,18 +191,54 @@ class GuardMiddleware:
 
     def __init__(self, app: Any, gate: Guard, refused: Counter) -> None:
         self.app, self.gate, self.refused = app, gate, refused
+        self.in_flight: dict[str, int] = {}  # per client; only the event loop's thread touches it
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        response = self.check(scope)
+        who, response = self.check(scope)
         if response is not None:
             await response(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        limit = self.gate.max_concurrent
+        if limit and self.in_flight.get(who, 0) >= limit:
+            self.refused.labels("concurrency").inc()
+            resp = openai_error(429, f"{limit} requests of this client are already in flight", "rate_limit_error")
+            resp.headers["Retry-After"] = "1"
+            await resp(scope, receive, send)
+            return
+        self.in_flight[who] = self.in_flight.get(who, 0) + 1
+        released = False
 
-    def check(self, scope: dict[str, Any]) -> Response | None:
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight[who] -= 1
+                if not self.in_flight[who]:
+                    del self.in_flight[who]
+
+        # A stream may outlive the app's own call: the request counts until its last body message is sent,
+        # or the client goes away.
+        async def send_counted(message: dict[str, Any]) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()
+
+        async def receive_counted() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.disconnect":
+                release()
+            return message
+
+        try:
+            await self.app(scope, receive_counted, send_counted)
+        except BaseException:
+            release()
+            raise
+
+    def check(self, scope: dict[str, Any]) -> tuple[str, Response | None]:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         gate = self.gate
         try:
@@ -212,7 +249,7 @@ class GuardMiddleware:
                                 else "permission_error")
             if exc.status == 401:
                 resp.headers["WWW-Authenticate"] = "Bearer"
-            return resp
+            return "", resp
         if who == "anonymous":
             client = scope.get("client")
             who = f"addr:{client[0] if client else '?'}"
@@ -223,12 +260,12 @@ class GuardMiddleware:
                 resp = openai_error(429, f"rate limit exceeded ({gate.limiter.rate:g} requests/s, bursts of "
                                     f"{gate.limiter.burst}); retry in {wait:.1f}s", "rate_limit_error")
                 resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-                return resp
+                return who, resp
         size = headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > gate.max_body_bytes):
             self.refused.labels("too_large").inc()
-            return openai_error(413, f"request body over {gate.max_body_bytes} bytes", "invalid_request_error")
-        return None
+            return who, openai_error(413, f"request body over {gate.max_body_bytes} bytes", "invalid_request_error")
+        return who, None
 
 
 def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRegistry,
@@ -612,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
                      help="requests/s per client on /v1/* (the seed: 10; 0: none; sentinel starts replicas with 10)")
     sec.add_argument("--rate-burst", type=int, default=20)
     sec.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    sec.add_argument("--max-concurrent-per-client", type=int, default=0,
+                     help="requests (streams included) in flight per client; 0: no limit")
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
@@ -645,7 +684,7 @@ def main(argv: list[str] | None = None) -> None:
         limiter = RateLimiter(args.rate_limit, args.rate_burst) if args.rate_limit > 0 else None
     except (OSError, ValueError) as exc:
         p.error(f"security settings: {exc}")
-    guard = Guard(auth, limiter, args.max_body_bytes)
+    guard = Guard(auth, limiter, args.max_body_bytes, max(0, args.max_concurrent_per_client))
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
                 args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization,
                 args.tensor_parallel_size, guard)

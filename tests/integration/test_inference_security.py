@@ -160,3 +160,29 @@ def test_completion_text_is_logged_only_when_asked_and_then_redacted(tiny_model_
             assert done[-1]["completion"] == redact_text(text)
         else:
             assert "completion" not in done[-1]
+
+
+def test_concurrent_streams_per_client(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With --max-concurrent-per-client 1, a second request while a stream is open is a 429; once the
+    stream is over, the client may go again."""
+    from tests.integration.test_inference_api import fault, start_server
+
+    proc, url = start_server(tiny_model_dir, tmp_path, "--max-concurrent-per-client", "1")
+    fault(url, latency_ms=50)  # 64 tokens take seconds: the stream is surely still open
+    body = {"model": "deepseek-tiny", "prompt": "The cluster is", "max_tokens": 64, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    try:
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", f"{url}/v1/completions", json=body) as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()  # kept: a dropped iterator would close the stream
+                next(lines)  # the stream is open and producing
+                second = c.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+                assert second.status_code == 429 and "already in flight" in second.text
+                assert sum(1 for _ in lines) > 10
+            fault(url, latency_ms=0)
+            again = c.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 2})
+            assert again.status_code == 200, again.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
