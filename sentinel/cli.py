@@ -335,12 +335,12 @@ def alerts_cmd(
                   "-" if a["last_sent_s_ago"] is None else f"{a['last_sent_s_ago']:.0f}s ago")
     console.print(t)
     r = Table(title="receivers")
-    for col in ("receiver", "pending", "sent", "failed", "superseded", "oldest pending", "last error"):
+    for col in ("receiver", "pending", "sent", "failed", "expired", "superseded", "oldest pending", "last error"):
         r.add_column(col)
     for name, st in sorted(receivers.items()):
         c = st["counts"]
         oldest = f"{now - st['oldest_pending']:.0f}s" if st["oldest_pending"] else "-"
-        r.add_row(name, *(str(c.get(k, 0)) for k in ("pending", "sent", "failed", "superseded")), oldest,
+        r.add_row(name, *(str(c.get(k, 0)) for k in ("pending", "sent", "failed", "expired", "superseded")), oldest,
                   (st["last_error"] or "")[:60])
     console.print(r)
 

@@ -174,7 +174,7 @@ class Daemon:
         self.http = httpx.Client(timeout=10.0)
         signing = {r.name: (r.signing_key_id, r.signing_key.get_secret_value().encode())
                    for r in s.alerting.receivers if r.signing_key is not None}
-        dispatcher = Dispatcher(self.store, self.http, signing=signing,
+        dispatcher = Dispatcher(self.store, self.http, signing=signing, give_up_after_s=s.alerting.notification_max_age,
                                 on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc())
         self._schedule(evaluator, shipper, dispatcher, s)
 

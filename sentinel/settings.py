@@ -106,6 +106,9 @@ class AlertingSettings(Section):
     meta_for: Duration = 60.0
     reload_interval: Duration = 2.0
     max_concurrent_evaluations: int = Field(4, ge=1, le=64)
+    notification_max_age: Duration = Field(3600.0, gt=0, description="a notification still undelivered after this "
+                                           "long expires, and SentinelNotificationUndeliverable tells the other "
+                                           "receivers")
     retention: Duration = Field(7 * 86400.0, gt=0, description="delivered notifications, runbook findings, finished "
                                 "remediations and resolved alerts are kept this long")
     audit_retention: Duration = Field(90 * 86400.0, gt=0, description="audit log rows are kept this long")

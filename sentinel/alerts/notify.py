@@ -135,7 +135,7 @@ class Dispatcher:
     """
 
     def __init__(self, store: Store, client: httpx.Client, clock: Callable[[], float] = time.time,
-                 max_backoff_s: float = 300.0, give_up_after_s: float = 24 * 3600.0,
+                 max_backoff_s: float = 300.0, give_up_after_s: float = 3600.0,
                  on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16,
                  signing: Mapping[str, tuple[str, bytes]] | None = None) -> None:
         self.store = store
@@ -218,16 +218,17 @@ class Dispatcher:
             self._retry(item, error)
             return "retry"
         log.error("notification to %s refused, not retrying: %s", item.receiver, error)
-        self.store.mark_failed(item.id, error)
+        self.store.mark_failed(item.id, error, self.clock())
         self.on_result(item.receiver, "failed")
         return "failed"
 
     def _retry(self, item: OutboxItem, error: str) -> None:
         now = self.clock()
         if now - item.created_at > self.give_up_after_s:
-            log.error("notification to %s given up after %d attempts: %s", item.receiver, item.attempts + 1, error)
-            self.store.mark_failed(item.id, error)
-            self.on_result(item.receiver, "failed")
+            log.error("notification to %s expired undelivered after %d attempts (SentinelNotificationUndeliverable "
+                      "tells the other receivers): %s", item.receiver, item.attempts + 1, error)
+            self.store.mark_failed(item.id, error, now, "expired")
+            self.on_result(item.receiver, "expired")
             return
         delay = min(self.max_backoff_s, 2.0 ** min(item.attempts, 16))
         log.warning("notification to %s failed (attempt %d), retrying in %.0fs: %s", item.receiver,

@@ -224,10 +224,24 @@ class Store:
             db.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE id = ?",
                        (next_at, error, item_id))
 
-    def mark_failed(self, item_id: int, error: str) -> None:
+    def mark_failed(self, item_id: int, error: str, now: float | None = None, status: str = "failed") -> None:
+        """Final: refused by the receiver ('failed') or past its maximum age ('expired'); ``now`` is kept as
+        the time it ended (in next_attempt_at), for SentinelNotificationUndeliverable."""
         with self.tx() as db:
-            db.execute("UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?",
-                       (error, item_id))
+            db.execute("UPDATE outbox SET status = ?, attempts = attempts + 1, last_error = ?, "
+                       "next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?", (status, error, now, item_id))
+
+    def undelivered(self, since: float) -> dict[str, tuple[int, str]]:
+        """Per receiver: notifications that ended undelivered since ``since``, and the last error."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT receiver, COUNT(*), MAX(id) FROM outbox WHERE status IN ('failed', 'expired') AND "
+                "next_attempt_at >= ? GROUP BY receiver", (since,)).fetchall()
+            out = {}
+            for rcv, n, last_id in rows:
+                err = self._db.execute("SELECT last_error FROM outbox WHERE id = ?", (last_id,)).fetchone()[0]
+                out[rcv] = (int(n), str(err or ""))
+        return out
 
     def receiver_status(self) -> dict[str, dict[str, Any]]:
         """Per receiver: notifications by status, the oldest still pending, and its last error."""
@@ -287,7 +301,7 @@ class Store:
         remediation records that finished, resolved alerts of rules that no longer load (by
         ``retention_s``), and audit rows (by ``audit_retention_s``, usually longer; the trigger lets only
         those go). Pending notifications and firing alerts are never pruned."""
-        cut, audit_cut = now - retention_s, now - audit_retention_s
+        cut, audit_cut = now - retention_s, now - audit_retention_s  # 'expired' rows go like 'failed' ones
         with self.tx() as db:
             out = {
                 "notifications": db.execute("DELETE FROM outbox WHERE status != 'pending' AND created_at < ?",

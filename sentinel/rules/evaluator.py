@@ -24,6 +24,8 @@ from sentinel.rules.sources import LogRuleSource, PromQLSource
 
 log = logging.getLogger(__name__)
 META_ALERT = "SentinelRuleEvaluationFailing"
+UNDELIVERABLE_ALERT = "SentinelNotificationUndeliverable"
+UNDELIVERABLE_WINDOW_S = 3600.0
 
 
 def _iso(ts: float) -> str:
@@ -100,6 +102,15 @@ class Evaluator:
         self.meta = RuleRuntime(group, rule, self._machine(group, rule))
         for a in self.store.load_rule_state(self.meta.key):
             self.meta.machine.active[a.fingerprint] = a
+        rule = Rule.model_validate({
+            "alert": UNDELIVERABLE_ALERT, "expr": "(sentinel internal)", "labels": {"severity": "page"},
+            "annotations": {"summary": "{{ $value }} notification(s) to receiver {{ $labels.receiver }} could not be "
+                            "delivered in the last hour (refused, or expired undelivered)",
+                            "description": "`sentinel alerts` shows each receiver's queue and its last error"}})
+        group = LoadedGroup(file="(sentinel)", group=Group(name="sentinel-delivery-internal", rules=[rule]))
+        self.undeliverable = RuleRuntime(group, rule, self._machine(group, rule))
+        for a in self.store.load_rule_state(self.undeliverable.key):
+            self.undeliverable.machine.active[a.fingerprint] = a
 
     def load(self, groups: Sequence[LoadedGroup]) -> None:
         """Install a rule set; rules whose definition is unchanged keep their in-memory state."""
@@ -395,6 +406,13 @@ class Evaluator:
             firing_before = {a.fingerprint for a in self.meta.machine.firing()}
             self.meta.machine.eval(now, failing)
             self._after_eval(self.meta, now, firing_before)
+        # notifications that could not be delivered are said to the receivers that can still hear it
+        lost = [Sample({"receiver": rcv}, float(n))
+                for rcv, (n, _) in self.store.undelivered(now - UNDELIVERABLE_WINDOW_S).items()]
+        with self._lock:
+            firing_before = {a.fingerprint for a in self.undeliverable.machine.firing()}
+            self.undeliverable.machine.eval(now, lost)
+            self._after_eval(self.undeliverable, now, firing_before)
 
     def _outbox(self, rt: RuleRuntime, due: list[Alert], now: float,
                 extra: dict[str, dict[str, Any]] | None = None) -> list[OutboxEntry]:
@@ -429,10 +447,12 @@ class Evaluator:
             self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:
-        if rt.rule.expr is not None and self.promql is not None and rt is not self.meta:
+        internal = rt is self.meta or rt is self.undeliverable
+        if rt.rule.expr is not None and self.promql is not None and not internal:
             q = urllib.parse.urlencode({"g0.expr": rt.rule.expr, "g0.tab": "1"})
             return f"{self.promql.url}/graph?{q}"
         return f"{self.external_url}/api/v1/rules?rule={urllib.parse.quote(rt.rule.name)}"
 
     def all_runtimes(self, include_meta: bool = False) -> list[RuleRuntime]:
-        return [rt for rts in self.runtimes.values() for rt in rts] + ([self.meta] if include_meta else [])
+        return [rt for rts in self.runtimes.values() for rt in rts] + (
+            [self.meta, self.undeliverable] if include_meta else [])

@@ -309,3 +309,33 @@ def test_sentinel_alerts_cli(tmp_path: Path) -> None:
     assert table.exit_code == 0 and "CudaError" in table.output and "oncall" in table.output
     missing = CliRunner().invoke(app, ["alerts", "-c", str(tmp_path / "nothing.yaml")])
     assert missing.exit_code != 0
+
+
+def test_an_undeliverable_notification_expires_and_the_other_receivers_hear_of_it(tmp_path: Path,
+                                                                                  receiver: Receiver) -> None:
+    """A page to a dead receiver is retried until it is older than the maximum age, then expires (never
+    silently dropped): SentinelNotificationUndeliverable{receiver="dead"} fires and goes to the live one."""
+    from sentinel.rules.evaluator import Evaluator
+    from sentinel.rules.evaluator import Receiver as Rcv
+
+    clock = Clock()
+    store = Store(tmp_path / "s.db")
+    store.save_rule_state("r", [], [firing_payload("dead", "http://127.0.0.1:9/hook", clock.t)], clock.t)
+    ev = Evaluator(store, None, None, [Rcv("oncall", receiver.url)], clock=clock)
+    with httpx.Client() as client:
+        d = Dispatcher(store, client, clock, give_up_after_s=60)
+        d.run_once()  # refused: retry in 1 s
+        clock.t += 61
+        d.run_once()  # past its maximum age: expired
+        assert store.outbox_counts() == {"expired": 1}
+        ev.eval_meta(clock.t)
+        [alert] = ev.undeliverable.machine.firing()
+        assert alert.labels == {"alertname": "SentinelNotificationUndeliverable", "receiver": "dead",
+                                "severity": "page"}
+        assert d.run_once() == 1
+    [page] = receiver.snapshot()
+    assert page["alerts"][0]["labels"]["receiver"] == "dead" and "could not be delivered" in \
+        page["alerts"][0]["annotations"]["summary"]
+    clock.t += 3700
+    ev.eval_meta(clock.t)  # an hour without losses: resolved
+    assert ev.undeliverable.machine.firing() == []
