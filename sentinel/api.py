@@ -6,24 +6,43 @@ Read-only endpoints answer without auth; every mutating endpoint needs the API b
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from inference_core.security import Authenticator, AuthError, RateLimiter, hash_key
 from sentinel.alerts.notify import rfc3339
+from sentinel.alerts.silences import parse_matcher
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
 from sentinel.inbound import WebhookPayload
 from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import Rule
+
+
+class SilenceIn(BaseModel):
+    """A silence as Alertmanager's API takes it (matchers in its text form)."""
+
+    model_config = ConfigDict(extra="forbid")
+    matchers: list[str] = Field(min_length=1, max_length=64)
+    startsAt: datetime | None = None  # noqa: N815 - Alertmanager's field names
+    endsAt: datetime  # noqa: N815
+    createdBy: str = Field(min_length=1, max_length=200)  # noqa: N815
+    comment: str = Field(min_length=1, max_length=2000)
+
+    @field_validator("matchers")
+    @classmethod
+    def _matchers(cls, v: list[str]) -> list[str]:
+        return [str(parse_matcher(m)) for m in v]
 
 
 def authenticator(token: SecretStr | None, api: Any = None) -> Authenticator:
@@ -134,6 +153,27 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
             return JSONResponse({"status": "error", "errorType": "bad_data", "error": "\n".join(problems)},
                                 status_code=400)
         return JSONResponse({"status": "success", "data": {}})
+
+    @app.get("/api/v1/silences")
+    def list_silences() -> dict[str, Any]:
+        return {"status": "success", "data": {"silences": store.silences()}}
+
+    @app.post("/api/v1/silences")
+    def add_silence(body: SilenceIn) -> dict[str, Any]:
+        now = time.time()
+        starts = body.startsAt.timestamp() if body.startsAt else now
+        if body.endsAt.timestamp() <= max(starts, now):
+            raise HTTPException(400, "endsAt must be in the future and after startsAt")
+        sid = store.add_silence(body.matchers, starts, body.endsAt.timestamp(), body.createdBy, body.comment, now)
+        store.audit(now, "silence", sid, matchers=body.matchers, by=body.createdBy, comment=body.comment)
+        return {"status": "success", "data": {"silenceID": sid}}
+
+    @app.delete("/api/v1/silence/{sid}")
+    def expire_silence(sid: str) -> dict[str, Any]:
+        if not store.expire_silence(sid, time.time()):
+            raise HTTPException(404, f"no active silence {sid}")
+        store.audit(time.time(), "silence-expired", sid)
+        return {"status": "success", "data": {"silenceID": sid}}
 
     @app.post("/api/v1/remediation/pause")
     def pause() -> dict[str, Any]:

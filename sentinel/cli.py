@@ -345,6 +345,92 @@ def alerts_cmd(
     console.print(r)
 
 
+silence_app = typer.Typer(help="Mute notifications of matching alerts for a while (Alertmanager's silences).",
+                          no_args_is_help=True)
+app.add_typer(silence_app, name="silence")
+
+
+def _state_store(config: Path | None) -> Any:
+    from sentinel.alerts.store import Store
+    from sentinel.settings import load_settings
+
+    db = load_settings(config).state_dir / "sentinel.db"
+    if not db.exists():
+        typer.echo(f"error: no state database at {db} (is state_dir right?)", err=True)
+        raise typer.Exit(2)
+    return Store(db)
+
+
+@silence_app.command("add")
+def silence_add(
+    matchers: Annotated[list[str], typer.Argument(help='e.g. alertname="CudaError" replica=~"replica-[01]"')],
+    author: Annotated[str, typer.Option(help="who silences")],
+    comment: Annotated[str, typer.Option(help="why")],
+    duration: Annotated[str, typer.Option(help="how long, from now")] = "1h",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+) -> None:
+    """Add a silence; prints its id. A running sentinel applies it at its next evaluation."""
+    from sentinel.alerts.silences import parse_matcher
+    from sentinel.durations import parse_duration
+
+    try:
+        texts = [str(parse_matcher(m)) for m in matchers]
+        seconds = parse_duration(duration)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if seconds <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--duration")
+    store = _state_store(config)
+    now = time.time()
+    sid = store.add_silence(texts, now, now + seconds, author, comment, now)
+    store.audit(now, "silence", sid, matchers=texts, by=author, comment=comment)
+    typer.echo(sid)
+
+
+@silence_app.command("list")
+def silence_list(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="expired ones too")] = False,
+) -> None:
+    """The active silences (with --all, every one)."""
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    now = time.time()
+    found = _state_store(config).silences(None if all_ else now)
+    if json_out:
+        typer.echo(_json.dumps(found))
+        return
+    t = Table(title=f"{len(found)} silence(s)")
+    for col in ("id", "matchers", "ends in", "by", "comment"):
+        t.add_column(col)
+    for x in found:
+        left = x["endsAt"] - now
+        t.add_row(x["id"][:12], " ".join(x["matchers"]), f"{left / 60:.0f}m" if left > 0 else "expired",
+                  x["createdBy"], x["comment"])
+    Console().print(t)
+
+
+@silence_app.command("expire")
+def silence_expire(
+    silence_id: Annotated[str, typer.Argument(help="the id `silence add` printed (or its first 12 characters)")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+) -> None:
+    """End a silence now."""
+    store = _state_store(config)
+    now = time.time()
+    ids = [x["id"] for x in store.silences(now) if x["id"].startswith(silence_id)]
+    if len(ids) != 1:
+        typer.echo(f"error: {'no' if not ids else 'more than one'} active silence starts with {silence_id!r}", err=True)
+        raise typer.Exit(1)
+    store.expire_silence(ids[0], now)
+    store.audit(now, "silence-expired", ids[0])
+    typer.echo(f"expired {ids[0]}")
+
+
 token_app = typer.Typer(help="Credentials for sentinel's API and the replicas' model API.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 SCOPES = ("read", "operate", "infer")

@@ -161,7 +161,7 @@ class Daemon:
             LogRuleSource(counter, lambda: shipper.visible_until(settle), slack_s=s.logs.ship_interval + 2.0 + settle),
             self._receivers(), s.alerting.evaluation_interval,
             s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for,
-            catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url))
+            catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url), inhibit_rules=s.alerting.inhibit_rules)
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
         evaluator.on_firing = self._on_firing

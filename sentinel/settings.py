@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule
 from sentinel.durations import Duration
 from sentinel.errors import ConfigError, FileFormatError
 from sentinel.yamlfile import format_problems, load_yaml
@@ -106,6 +107,9 @@ class AlertingSettings(Section):
     meta_for: Duration = 60.0
     reload_interval: Duration = 2.0
     max_concurrent_evaluations: int = Field(4, ge=1, le=64)
+    inhibit_rules: list[InhibitRule] = Field(
+        default_factory=lambda: list(DEFAULT_INHIBIT_RULES), description="Alertmanager's inhibit_rules (matcher "
+        "lists): the default mutes a down replica's latency and GPU alerts")
     notification_max_age: Duration = Field(3600.0, gt=0, description="a notification still undelivered after this "
                                            "long expires, and SentinelNotificationUndeliverable tells the other "
                                            "receivers")

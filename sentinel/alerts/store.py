@@ -10,6 +10,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ CREATE TRIGGER IF NOT EXISTS audit_append_only_retained BEFORE DELETE ON audit
   WHEN old.ts >= COALESCE((SELECT CAST(value AS REAL) FROM kv WHERE key = 'audit:pruned_before'), 0)
   BEGIN SELECT RAISE(ABORT, 'audit log is append-only (only rows past its retention are pruned)'); END;
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS silences (
+  id TEXT PRIMARY KEY, matchers TEXT NOT NULL, starts_at REAL NOT NULL, ends_at REAL NOT NULL,
+  created_by TEXT NOT NULL, comment TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS findings (
   rule TEXT NOT NULL, fingerprint TEXT NOT NULL, active_at REAL NOT NULL, created_at REAL NOT NULL,
   status TEXT NOT NULL, report TEXT NOT NULL, PRIMARY KEY (rule, fingerprint, active_at));
@@ -294,6 +298,29 @@ class Store:
             rows = self._db.execute("SELECT ts, kind, subject, detail FROM audit ORDER BY id DESC LIMIT ?",
                                     (limit,)).fetchall()
         return [{"ts": r[0], "kind": r[1], "subject": r[2], **json.loads(r[3])} for r in rows]
+
+    # -- silences ------------------------------------------------------------------------------------
+    def add_silence(self, matchers: list[str], starts_at: float, ends_at: float, created_by: str, comment: str,
+                    now: float) -> str:
+        sid = uuid.uuid4().hex
+        with self.tx() as db:
+            db.execute("INSERT INTO silences VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (sid, json.dumps(matchers), starts_at, ends_at, created_by, comment, now))
+        return sid
+
+    def silences(self, now: float | None = None) -> list[dict[str, Any]]:
+        """All silences (or, with ``now``, those active then), newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, matchers, starts_at, ends_at, created_by, comment, created_at "
+                                    "FROM silences ORDER BY created_at DESC").fetchall()
+        out = [{"id": r[0], "matchers": json.loads(r[1]), "startsAt": r[2], "endsAt": r[3], "createdBy": r[4],
+                "comment": r[5], "createdAt": r[6]} for r in rows]
+        return out if now is None else [x for x in out if x["startsAt"] <= now < x["endsAt"]]
+
+    def expire_silence(self, sid: str, now: float) -> bool:
+        with self.tx() as db:
+            return db.execute("UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?",
+                              (now, sid, now)).rowcount == 1
 
     # -- retention -------------------------------------------------------------------------------------
     def prune(self, now: float, retention_s: float, audit_retention_s: float) -> dict[str, int]:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sentinel.alerts.notify import alertmanager_key, alertmanager_payload, idempotency_key, webhook_payload
+from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule, inhibited, matches_all, parse_matcher
 from sentinel.alerts.state import Alert, AlertingRule, Sample, State
 from sentinel.alerts.store import OutboxEntry, Store
 from sentinel.alerts.templates import expand
@@ -91,6 +92,7 @@ class Evaluator:
     catch_up_max: float = 3600.0  # log rules: replay at most this much of a gap (0: never)
     writer: RemoteWriter | None = None  # where recording rules write their results (Prometheus's remote write)
     learned: LearnedThresholds = field(default_factory=LearnedThresholds)
+    inhibit_rules: Sequence[InhibitRule] = field(default_factory=lambda: list(DEFAULT_INHIBIT_RULES))
 
     def __post_init__(self) -> None:
         rule = Rule.model_validate({
@@ -343,6 +345,7 @@ class Evaluator:
         kv: dict[str, Any] = {}
         if agg is not None:
             due, kv = self._aggregate(rt, due, now, agg)
+        due = self._unmuted(due, now)
         outbox = [e for group in self._by_aggregation_key(rt, due) for e in self._outbox(rt, group, now)]
         snapshot = _persisted_state(rt.machine.active.values())
         changed = bool(outbox) or snapshot != rt.persisted or bool(kv)
@@ -364,6 +367,23 @@ class Evaluator:
             for state in State:
                 n = sum(1 for a in rt.machine.active.values() if a.state == state)
                 self.metrics.alerts.labels(rt.rule.name, state.value).set(n)
+
+    def _unmuted(self, due: list[Alert], now: float) -> list[Alert]:
+        """``due`` without the alerts a silence or an inhibition rule mutes (their state is kept)."""
+        if not due:
+            return due
+        silences = [[parse_matcher(m) for m in s["matchers"]] for s in self.store.silences(now)]
+        firing = [a.labels for rt in self.all_runtimes() for a in rt.machine.active.values()
+                  if a.state == State.FIRING] if self.inhibit_rules else []
+        out = []
+        for a in due:
+            if any(matches_all(ms, a.labels) for ms in silences):
+                log.info("silenced: %s", a.labels)
+            elif firing and inhibited(a.labels, firing, self.inhibit_rules):
+                log.info("inhibited: %s", a.labels)
+            else:
+                out.append(a)
+        return out
 
     def _aggregate(self, rt: RuleRuntime, due: list[Alert], now: float, period: float
                    ) -> tuple[list[Alert], dict[str, Any]]:

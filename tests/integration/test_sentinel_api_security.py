@@ -107,3 +107,26 @@ def test_rate_limit_per_subject(api: tuple[str, ssl.SSLContext, Path]) -> None:
         r = c.get(f"{url}/api/v1/alerts", headers={"Authorization": f"Bearer {a}"})
         assert int(r.headers["Retry-After"]) > 100
         assert c.get(f"{url}/api/v1/alerts", headers={"Authorization": f"Bearer {b}"}).status_code == 200
+
+
+def test_silence_routes(api: tuple[str, ssl.SSLContext, Path]) -> None:
+    """POST /api/v1/silences and DELETE /api/v1/silence/{id} need `operate`; bad matchers are 422s."""
+    url, ctx, work = api
+    reader, operator = issue(work, "read", subject="sil-r"), issue(work, "read", "operate", subject="sil-o")
+    body = {"matchers": ['alertname="CudaError"'], "endsAt": "2099-01-01T00:00:00Z", "createdBy": "alice",
+            "comment": "driver update"}
+    with httpx.Client(verify=ctx) as c:
+        assert c.post(f"{url}/api/v1/silences", json=body, headers={"Authorization": f"Bearer {reader}"}
+                      ).status_code == 403
+        r = c.post(f"{url}/api/v1/silences", json=body, headers={"Authorization": f"Bearer {operator}"})
+        assert r.status_code == 200, r.text
+        sid = r.json()["data"]["silenceID"]
+        bad = c.post(f"{url}/api/v1/silences", json={**body, "matchers": ["alertname=CudaError"]},
+                     headers={"Authorization": f"Bearer {operator}"})
+        assert bad.status_code == 422
+        listed = c.get(f"{url}/api/v1/silences", headers={"Authorization": f"Bearer {reader}"}).json()
+        assert [s["id"] for s in listed["data"]["silences"]] == [sid]
+        assert c.delete(f"{url}/api/v1/silence/{sid}", headers={"Authorization": f"Bearer {operator}"}
+                        ).status_code == 200
+        assert c.delete(f"{url}/api/v1/silence/{sid}", headers={"Authorization": f"Bearer {operator}"}
+                        ).status_code == 404
