@@ -18,11 +18,25 @@ from sentinel.errors import FileFormatError, SentinelError
 from sentinel.rules.model import load_rule_file
 
 app = typer.Typer(help="sentinel: watch, page, diagnose and heal a local LLM inference service.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=True)  # --install-completion / --show-completion
 rules_app = typer.Typer(help="Validate, test and export rule files.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"sentinel {version('sentinel')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """sentinel: watch, page, diagnose and heal a local LLM inference service."""
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -279,6 +293,17 @@ if __name__ == "__main__":
 
 deploy_app = typer.Typer(help="Deployment files generated from sentinel's own sources.", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("openapi")
+def deploy_openapi(
+    out: Annotated[Path, typer.Option(help="folder to write them in")] = Path("deploy/openapi"),
+) -> None:
+    """Write the OpenAPI documents of sentinel's API and the model API (deploy/openapi/*.json)."""
+    from sentinel.generate.openapi import write
+
+    for path in write(out):
+        typer.echo(f"wrote {path}")
 
 
 @deploy_app.command("filebeat")
