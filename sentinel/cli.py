@@ -295,6 +295,18 @@ deploy_app = typer.Typer(help="Deployment files generated from sentinel's own so
 app.add_typer(deploy_app, name="deploy")
 
 
+@deploy_app.command("settings")
+def deploy_settings(
+    out: Annotated[Path, typer.Option(help="where to write it")] = Path("deploy/sentinel.yaml"),
+) -> None:
+    """Write deploy/sentinel.yaml: every setting with its default and a comment."""
+    from sentinel.generate.settings_example import render
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render())
+    typer.echo(f"wrote {out}")
+
+
 @deploy_app.command("openapi")
 def deploy_openapi(
     out: Annotated[Path, typer.Option(help="folder to write them in")] = Path("deploy/openapi"),

@@ -39,3 +39,15 @@ def test_version_and_completion() -> None:
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"sentinel {version('sentinel')}"
     assert "--install-completion" in CliRunner().invoke(app, ["--help"]).output
+
+
+def test_the_example_settings_file_is_in_step_and_means_the_defaults() -> None:
+    from sentinel.generate.settings_example import render as render_settings
+    from sentinel.settings import Settings, load_settings
+
+    path = ROOT / "deploy" / "sentinel.yaml"
+    assert path.read_text() == render_settings(), "deploy/sentinel.yaml is stale: run `sentinel deploy settings`"
+    assert load_settings(path) == Settings()  # every line is accepted, and each value is the default
+    text = path.read_text()
+    for section in ("api", "prometheus", "replicas", "alerting", "remediation", "logs", "diagnostics"):
+        assert f"\n{section}:\n" in text
