@@ -312,7 +312,7 @@ def deploy_openapi(
     out: Annotated[Path, typer.Option(help="folder to write them in")] = Path("deploy/openapi"),
 ) -> None:
     """Write the OpenAPI documents of sentinel's API and the model API (deploy/openapi/*.json)."""
-    from sentinel.generate.openapi import write
+    from sentinel.openapi_docs import write
 
     for path in write(out):
         typer.echo(f"wrote {path}")

@@ -9,7 +9,7 @@ from typing import Any
 from typer.testing import CliRunner
 
 from sentinel.cli import app
-from sentinel.generate.openapi import inference_spec, render, sentinel_spec
+from sentinel.openapi_docs import inference_spec, render, sentinel_spec
 from tests.conftest import ROOT
 
 
