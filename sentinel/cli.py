@@ -302,8 +302,12 @@ def deploy_settings(
     """Write deploy/sentinel.yaml: every setting with its default and a comment."""
     from sentinel.generate.settings_example import render
 
+    _write(out, render())
+
+
+def _write(out: Path, text: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render())
+    out.write_text(text)
     typer.echo(f"wrote {out}")
 
 
@@ -325,9 +329,7 @@ def deploy_filebeat(
     """Write deploy/filebeat.yml: the seed's Filebeat input with sentinel's redaction as processors."""
     from sentinel.generate.filebeat import render
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render())
-    typer.echo(f"wrote {out}")
+    _write(out, render())
 
 
 @app.command("alerts")
@@ -343,15 +345,7 @@ def alerts_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from sentinel.alerts.store import Store
-    from sentinel.settings import load_settings
-
-    s = load_settings(config)
-    db = s.state_dir / "sentinel.db"
-    if not db.exists():
-        typer.echo(f"error: no state database at {db} (is state_dir right?)", err=True)
-        raise typer.Exit(2)
-    store = Store(db)
+    store = _state_store(config)
     now = time.time()
     alerts: list[dict[str, Any]] = [
         {"rule": rule.split(";")[-1], "labels": a.labels, "state": a.state.value, "value": a.value,
