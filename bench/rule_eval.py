@@ -138,7 +138,7 @@ def main() -> None:
               f"waiting for data and two Prometheus evaluation rounds ...", flush=True)
         time.sleep(2 * args.interval + 5)
         src = PromQLSource(prom.url, timeout_s=30)
-        ev = Evaluator(Store(work / "sentinel.db"), src, None, [], default_interval=args.interval)
+        ev = Evaluator(Store(work / "sentinel.db"), src, None, default_interval=args.interval)
         ev.load(groups)
         assert prom.proc is not None
         walls, sums, cpus, prom_cpus = [], [], [], []

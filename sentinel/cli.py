@@ -287,9 +287,6 @@ def dashboards_generate(
     typer.echo(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    app()
-
 
 deploy_app = typer.Typer(help="Deployment files generated from sentinel's own sources.", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
@@ -610,3 +607,7 @@ def logs_query(
     for d in docs:
         table.add_row(*("" if d.get(c) is None else str(d.get(c)) for c in shown))
     Console().print(table)
+
+
+if __name__ == "__main__":  # after every command is defined
+    app()

@@ -26,12 +26,15 @@ from elasticsearch import Elasticsearch
 from prometheus_client import CollectorRegistry
 
 from inference_core.security import RateLimiter, server_config
+from sentinel.alerts.delivery import Delivery, ReceiverOptions
 from sentinel.alerts.notify import Dispatcher
+from sentinel.alerts.routing import build as build_route
+from sentinel.alerts.routing import default_tree
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
 from sentinel.api import authenticator, create_app
 from sentinel.errors import FileFormatError, ServiceError
-from sentinel.inbound import WebhookPayload, match
+from sentinel.inbound import WebhookPayload, inbound_events, match
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, LogStoreUnavailable
 from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper, Sink
@@ -40,7 +43,7 @@ from sentinel.netutil import free_port, port_in_use
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Remediator
-from sentinel.rules.evaluator import Evaluator, Receiver, RuleRuntime
+from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import load_rules, rule_files
 from sentinel.rules.remote_write import RemoteWriter
 from sentinel.rules.sources import LogCounter, LogRuleSource, PromQLSource
@@ -52,6 +55,7 @@ from sentinel.settings import Settings
 from sentinel.supervisor import ChildRegistry, ReplicaSpec, Supervisor
 
 log = logging.getLogger(__name__)
+AM_RECEIVER = "alertmanager"  # the receiver name of alerting.alertmanager_url
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Daemon:
         self.remediator: Remediator | None = None
         self.runbooks: AlertRunbooks | None = None
         self.dispatcher: Dispatcher | None = None
+        self.delivery: Delivery | None = None
         self._reload_lock = threading.Lock()
         self._loaded_signature: tuple[tuple[str, int, int], ...] = ()
         self.store: Store | None = None
@@ -159,9 +164,8 @@ class Daemon:
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout),
             LogRuleSource(counter, lambda: shipper.visible_until(settle), slack_s=s.logs.ship_interval + 2.0 + settle),
-            self._receivers(), s.alerting.evaluation_interval,
-            s.alerting.resend_delay, self.api_url, self.metrics, meta_for=s.alerting.meta_for,
-            catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url), inhibit_rules=s.alerting.inhibit_rules)
+            s.alerting.evaluation_interval, s.alerting.resend_delay, self.api_url, self.metrics,
+            meta_for=s.alerting.meta_for, catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url))
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
         evaluator.on_firing = self._on_firing
@@ -174,8 +178,17 @@ class Daemon:
         self.http = httpx.Client(timeout=10.0)
         signing = {r.name: (r.signing_key_id, r.signing_key.get_secret_value().encode())
                    for r in s.alerting.receivers if r.signing_key is not None}
+        urls = {r.name: r.url for r in s.alerting.receivers}
+        if s.alerting.alertmanager_url:
+            urls[AM_RECEIVER] = s.alerting.alertmanager_url.rstrip("/") + "/api/v2/alerts"
         dispatcher = Dispatcher(self.store, self.http, signing=signing, give_up_after_s=s.alerting.notification_max_age,
-                                on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc())
+                                on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc(),
+                                urls=urls)
+        route = build_route(s.alerting.route or default_tree([r.name for r in s.alerting.receivers]))
+        self.delivery = Delivery(self.store, route, {r.name: ReceiverOptions(r.send_resolved, r.max_alerts)
+                                                     for r in s.alerting.receivers},
+                                 [AM_RECEIVER] if s.alerting.alertmanager_url else [], self.api_url,
+                                 s.alerting.inhibit_rules, on_groups=self.metrics.alert_groups.set)
         self._schedule(evaluator, shipper, dispatcher, s)
 
         self.app = create_app(evaluator, self.store, self.registry, self.status, lambda: self.guardrails,
@@ -219,7 +232,17 @@ class Daemon:
 
         sched.add_job(ship, "interval", seconds=s.logs.ship_interval, id="ship", next_run_time=_now_dt())
         self._sync_eval_jobs()
-        sched.add_job(dispatcher.run_once, "interval", seconds=1.0, id="notify", kwargs={"wait": False})
+        delivery = self.delivery
+        assert delivery is not None
+
+        def notify() -> None:
+            try:
+                delivery.tick()
+            except Exception:  # logged; the alerts handed over wait in the store for the next round
+                log.exception("delivery round failed")
+            dispatcher.run_once(wait=False)
+
+        sched.add_job(notify, "interval", seconds=1.0, id="notify")
         self.dispatcher = dispatcher
         sched.add_job(self._maybe_reload, "interval", seconds=s.alerting.reload_interval, id="reload")
         store = self.store
@@ -327,16 +350,11 @@ class Daemon:
         matched, skipped = match(self.evaluator, payload)
         for rt, alert in matched:
             self._on_firing(rt, [alert])
+        if self.settings.alerting.relay_inbound and self.store is not None:
+            self.store.log_alerts(inbound_events(payload), time.time())
         self.store_audit("inbound", payload.receiver, group=payload.groupKey, matched=[
             f"{rt.rule.name} {alert.labels}" for rt, alert in matched], skipped=skipped)
         return {"matched": len(matched), "skipped": skipped}
-
-    def _receivers(self) -> list[Receiver]:
-        s = self.settings.alerting
-        out = [Receiver(r.name, r.url) for r in s.receivers]
-        if s.alertmanager_url:
-            out.append(Receiver("alertmanager", s.alertmanager_url.rstrip("/") + "/api/v2/alerts", "alertmanager"))
-        return out
 
     def _targets(self, specs: list[ReplicaSpec]) -> list[ScrapeTarget]:
         targets = [ScrapeTarget("inference", f"127.0.0.1:{sp.port}", {"replica": sp.name}) for sp in specs]

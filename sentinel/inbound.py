@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sentinel.alerts.fingerprint import fingerprint
 from sentinel.alerts.state import Alert, State
+from sentinel.alerts.store import AlertEvent
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 
 
@@ -33,6 +34,21 @@ class WebhookPayload(BaseModel):
     receiver: str
     alerts: list[InboundAlert] = Field(max_length=10_000)
     groupKey: str = ""  # noqa: N815
+
+
+def inbound_events(payload: WebhookPayload) -> list[AlertEvent]:
+    """The alerts of an inbound webhook, to hand to delivery: a resolved alert ends at its ``endsAt``; a
+    firing one has no end (Alertmanager sends the zero time) until its resolution arrives."""
+    out: list[AlertEvent] = []
+    for a in payload.alerts:
+        ends = a.endsAt.timestamp() if a.endsAt is not None and a.endsAt.year > 1 else 0.0
+        if a.status == "resolved" and not ends:
+            ends = a.startsAt.timestamp()
+        out.append({"labels": dict(a.labels), "annotations": dict(a.annotations),
+                    "starts_at": a.startsAt.timestamp(), "ends_at": ends if a.status == "resolved" else 0.0,
+                    "generator_url": str(getattr(a, "generatorURL", "") or ""),
+                    "fingerprint": fingerprint(a.labels)})
+    return out
 
 
 def match(evaluator: Evaluator, payload: WebhookPayload) -> tuple[list[tuple[RuleRuntime, Alert]], list[str]]:

@@ -24,6 +24,8 @@ class SentinelMetrics:
         self.alerts = Gauge("sentinel_alerts", "Active alerts by state.", ["alertname", "state"], registry=registry)
         self.notifications = Counter("sentinel_notifications_total", "Notification delivery attempts by outcome.",
                                      ["receiver", "outcome"], registry=registry)
+        self.alert_groups = Gauge("sentinel_notification_groups",
+                                  "Alert groups held by delivery (aggregation groups).", registry=registry)
         self.remediations = Counter("sentinel_remediations_total", "Remediation decisions and outcomes.",
                                     ["action", "outcome"], registry=registry)
         self.reload_ok = Gauge("sentinel_rules_last_reload_successful",

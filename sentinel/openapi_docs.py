@@ -19,7 +19,7 @@ def sentinel_spec() -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "s.db")
-        app = create_app(Evaluator(store, None, None, []), store, CollectorRegistry(), dict, Guardrails,
+        app = create_app(Evaluator(store, None, None), store, CollectorRegistry(), dict, Guardrails,
                          lambda paused: None, None)
         spec: dict[str, Any] = app.openapi()
         store.close()

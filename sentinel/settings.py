@@ -10,10 +10,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sentinel.alerts.routing import RouteConfig
 from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule
 from sentinel.durations import Duration
 from sentinel.errors import ConfigError, FileFormatError
@@ -98,6 +99,9 @@ class ReceiverSettings(Section):
                                           "the body (X-Sentinel-Signature); never stored in sentinel's state")
     signing_key_id: str = Field("default", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="named in the "
                                 "signature so receivers can rotate keys")
+    send_resolved: bool = Field(True, description="also notify when alerts resolve (Alertmanager's send_resolved)")
+    max_alerts: int = Field(0, ge=0, description="at most this many alerts per notification, the rest counted in "
+                            "truncatedAlerts (0: all)")
     _key = field_validator("signing_key")(_no_placeholder)
 
 
@@ -117,8 +121,28 @@ class AlertingSettings(Section):
                                 "remediations and resolved alerts are kept this long")
     audit_retention: Duration = Field(90 * 86400.0, gt=0, description="audit log rows are kept this long")
     receivers: list[ReceiverSettings] = Field(default_factory=list)
+    route: RouteConfig | None = Field(None, description="Alertmanager's routing tree for the receivers above "
+                                      "(group_by, group_wait, group_interval, repeat_interval, matchers, continue, "
+                                      "routes); unset: every receiver gets every alert, grouped by alertname, "
+                                      "after 30s/5m/4h")
+    relay_inbound: bool = Field(True, description="alerts that arrive on the Alertmanager webhook are also routed "
+                                "to the receivers above, with sentinel's evidence attached")
     alertmanager_url: str | None = Field(None, pattern=r"^https?://",
                                          description="also push alerts to this Alertmanager (POST /api/v2/alerts)")
+
+    @model_validator(mode="after")
+    def _route(self) -> AlertingSettings:
+        names = [r.name for r in self.receivers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"receivers: the name {dup[0]!r} is used twice")
+        if self.route is not None:
+            if not self.route.receiver:
+                raise ValueError("route.receiver: the root route needs a receiver (Alertmanager's rule)")
+            unknown = sorted(self.route.receivers() - set(names))
+            if unknown:
+                raise ValueError(f"route: receiver {unknown[0]!r} is not one of alerting.receivers {names}")
+        return self
 
 
 class RemediationSettings(Section):

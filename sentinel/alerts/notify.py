@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 
 from sentinel.alerts.fingerprint import fingerprint
-from sentinel.alerts.state import Alert, State, ends_at
 from sentinel.alerts.store import OutboxItem, Store
 
 log = logging.getLogger(__name__)
@@ -34,65 +33,6 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def alert_status(a: Alert) -> str:
-    return "resolved" if a.state == State.INACTIVE else "firing"
-
-
-def _common(maps: Sequence[Mapping[str, str]]) -> dict[str, str]:
-    if not maps:
-        return {}
-    out = dict(maps[0])
-    for m in maps[1:]:
-        out = {k: v for k, v in out.items() if m.get(k) == v}
-    return out
-
-
-def webhook_payload(receiver: str, alerts: Sequence[Alert], group_labels: Mapping[str, str], external_url: str,
-                    generator_url: str, extra: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """An Alertmanager webhook (version "4") body for one group of alerts.
-
-    ``extra`` maps a fingerprint to sentinel-specific data (e.g. runbook findings) carried under the
-    ``sentinel`` key of that alert; receivers that only know v4 ignore it.
-    """
-    items = []
-    for a in alerts:
-        item: dict[str, Any] = {
-            "status": alert_status(a), "labels": dict(a.labels), "annotations": dict(a.annotations),
-            "startsAt": rfc3339(a.fired_at or a.active_at), "endsAt": rfc3339(ends_at(a)),
-            "generatorURL": generator_url, "fingerprint": a.fingerprint,
-        }
-        if extra and a.fingerprint in extra:
-            item["sentinel"] = dict(extra[a.fingerprint])
-        items.append(item)
-    group_key = "{}:{" + ", ".join(f'{k}="{v}"' for k, v in sorted(group_labels.items())) + "}"
-    return {
-        "version": "4", "groupKey": group_key, "truncatedAlerts": 0,
-        "status": "firing" if any(i["status"] == "firing" for i in items) else "resolved",
-        "receiver": receiver, "groupLabels": dict(group_labels),
-        "commonLabels": _common([a.labels for a in alerts]),
-        "commonAnnotations": _common([a.annotations for a in alerts]),
-        "externalURL": external_url, "alerts": items,
-    }
-
-
-def alertmanager_payload(alerts: Sequence[Alert], generator_url: str) -> list[dict[str, Any]]:
-    """The body of Alertmanager's ``POST /api/v2/alerts``, as Prometheus's notifier sends it."""
-    return [{"labels": dict(a.labels), "annotations": dict(a.annotations),
-             "startsAt": rfc3339(a.fired_at or a.active_at), "endsAt": rfc3339(ends_at(a)),
-             "generatorURL": generator_url} for a in alerts]
-
-
-def alertmanager_key(receiver: str, alerts: Sequence[Alert], sent_at: float) -> str:
-    body = json.dumps([receiver, sorted((a.fingerprint, alert_status(a)) for a in alerts), sent_at])
-    return hashlib.sha256(body.encode()).hexdigest()[:32]
-
-
-def idempotency_key(receiver: str, payload: Mapping[str, Any], sent_at: float) -> str:
-    body = json.dumps([receiver, payload["groupKey"], [(i["fingerprint"], i["status"]) for i in payload["alerts"]],
-                       sent_at], sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:32]
-
-
 def sign(key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
     """Headers that let a receiver check a request came from sentinel, unaltered and recent:
     ``X-Sentinel-Timestamp`` (Unix seconds) and ``X-Sentinel-Signature: keyid=<id>,sha256=<hex>``, the
@@ -102,26 +42,39 @@ def sign(key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
     return {"X-Sentinel-Timestamp": ts, "X-Sentinel-Signature": f"keyid={key_id},sha256={mac}"}
 
 
-def _alert_fingerprints(payload: Any) -> list[str]:
-    """The alerts of a queued payload: a webhook body (``alerts``) or Alertmanager's list of alerts."""
-    alerts = payload.get("alerts", []) if isinstance(payload, dict) else payload
-    return [a.get("fingerprint") or fingerprint(a.get("labels", {})) for a in alerts]
+def _alert_keys(payload: Any) -> list[tuple[str, str]]:
+    """The alerts of a queued payload, each with its group: a webhook body (``groupKey``, ``alerts``) or
+    Alertmanager's list of alerts (no group)."""
+    if isinstance(payload, dict):
+        group = str(payload.get("groupKey", ""))
+        return [(group, a.get("fingerprint") or fingerprint(a.get("labels", {}))) for a in payload.get("alerts", [])]
+    return [("", fingerprint(a.get("labels", {}))) for a in payload]
 
 
-def _without(payload: Any, drop: set[str]) -> Any | None:
+def common_labels(maps: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    if not maps:
+        return {}
+    out = dict(maps[0])
+    for m in maps[1:]:
+        out = {k: v for k, v in out.items() if m.get(k) == v}
+    return out
+
+
+def _without(payload: Any, drop: set[tuple[str, str]]) -> Any | None:
     """``payload`` without the alerts in ``drop`` (None when nothing is left); a webhook body's status and
     common labels are recomputed from what stays."""
     if isinstance(payload, list):
-        kept = [a for a in payload if fingerprint(a.get("labels", {})) not in drop]
+        kept = [a for a in payload if ("", fingerprint(a.get("labels", {}))) not in drop]
         return kept or None
-    kept = [a for a in payload.get("alerts", []) if (a.get("fingerprint") or fingerprint(a.get("labels", {})))
+    group = str(payload.get("groupKey", ""))
+    kept = [a for a in payload.get("alerts", []) if (group, a.get("fingerprint") or fingerprint(a.get("labels", {})))
             not in drop]
     if not kept:
         return None
     return {**payload, "alerts": kept,
             "status": "firing" if any(a.get("status") == "firing" for a in kept) else "resolved",
-            "commonLabels": _common([a.get("labels", {}) for a in kept]),
-            "commonAnnotations": _common([a.get("annotations", {}) for a in kept])}
+            "commonLabels": common_labels([a.get("labels", {}) for a in kept]),
+            "commonAnnotations": common_labels([a.get("annotations", {}) for a in kept])}
 
 
 class Dispatcher:
@@ -129,16 +82,20 @@ class Dispatcher:
 
     A slow or dead receiver delays only its own queue. Within a queue the head goes first (a firing never
     overtakes into second place behind its own resolution), and before sending, an alert that a later
-    notification of the same receiver carries again is dropped from the earlier one: after an outage only
-    the newest state of each alert is delivered, as Alertmanager does. 2xx is done; 5xx, 429 and network
-    errors are retried with exponential backoff (the queue waits); any other 4xx is final.
+    notification of the same receiver and group carries again is dropped from the earlier one: after an
+    outage only the newest state of each alert is delivered, as Alertmanager does. A queued row names its
+    receiver; the URL is the receiver's at send time (``urls``), so a changed URL applies to what is queued.
+    2xx is done; 5xx, 429 and network errors are retried with exponential backoff (the queue waits); any
+    other 4xx is final.
     """
 
     def __init__(self, store: Store, client: httpx.Client, clock: Callable[[], float] = time.time,
                  max_backoff_s: float = 300.0, give_up_after_s: float = 3600.0,
                  on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16,
-                 signing: Mapping[str, tuple[str, bytes]] | None = None) -> None:
+                 signing: Mapping[str, tuple[str, bytes]] | None = None, urls: Mapping[str, str] | None = None
+                 ) -> None:
         self.store = store
+        self.urls = dict(urls or {})
         self.signing = dict(signing or {})  # receiver name -> (key id, key): from the settings, never stored
         self.client = client
         self.clock = clock
@@ -168,13 +125,13 @@ class Dispatcher:
     def _drain(self, receiver: str) -> int:
         try:
             queue = self.store.queue(receiver)
-            last: dict[str, int] = {}
+            last: dict[tuple[str, str], int] = {}
             for item, _ in queue:
-                for fp in _alert_fingerprints(item.payload):
-                    last[fp] = item.id
+                for k in _alert_keys(item.payload):
+                    last[k] = item.id
             sent = 0
             for item, next_at in queue:
-                drop = {fp for fp in _alert_fingerprints(item.payload) if last[fp] != item.id}
+                drop = {k for k in _alert_keys(item.payload) if last[k] != item.id}
                 if drop:
                     kept = _without(item.payload, drop)
                     self.store.supersede(item.id, kept)
@@ -204,8 +161,14 @@ class Dispatcher:
         if item.receiver in self.signing:
             key_id, key = self.signing[item.receiver]
             headers.update(sign(key_id, key, body, self.clock()))
+        url = self.urls.get(item.receiver) or item.url
+        if not url:
+            log.error("notification to %s dropped: no such receiver is configured any more", item.receiver)
+            self.store.mark_failed(item.id, "receiver not configured", self.clock())
+            self.on_result(item.receiver, "failed")
+            return "failed"
         try:
-            resp = self.client.post(item.url, content=body, headers=headers)
+            resp = self.client.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
             self._retry(item, f"{type(exc).__name__}: {exc}")
             return "retry"

@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS silences (
   id TEXT PRIMARY KEY, matchers TEXT NOT NULL, starts_at REAL NOT NULL, ends_at REAL NOT NULL,
   created_by TEXT NOT NULL, comment TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_log (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, alert TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS agg_groups (
+  id TEXT PRIMARY KEY, route TEXT NOT NULL, labels TEXT NOT NULL, created_at REAL NOT NULL,
+  next_flush REAL NOT NULL, flushed INTEGER NOT NULL, alerts TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nflog (
+  group_id TEXT NOT NULL, receiver TEXT NOT NULL, firing TEXT NOT NULL, resolved TEXT NOT NULL,
+  sent_at REAL NOT NULL, PRIMARY KEY (group_id, receiver));
 CREATE TABLE IF NOT EXISTS findings (
   rule TEXT NOT NULL, fingerprint TEXT NOT NULL, active_at REAL NOT NULL, created_at REAL NOT NULL,
   status TEXT NOT NULL, report TEXT NOT NULL, PRIMARY KEY (rule, fingerprint, active_at));
@@ -55,8 +63,11 @@ _ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at
                "last_sent_at", "valid_until", "keep_firing_since", "hits", "notified_at")
 
 
-# (idempotency key, receiver name, url, JSON payload)
+# (idempotency key, receiver name, url, JSON payload); url "" means the receiver's URL at send time
 OutboxEntry = tuple[str, str, str, Any]
+# An alert handed to delivery: labels, annotations, starts_at, ends_at (0: no end known), generator_url,
+# fingerprint, and sentinel's own data (runbook findings) under "sentinel"
+AlertEvent = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -116,9 +127,9 @@ class Store:
             self._db.close()
 
     # -- alert state -------------------------------------------------------------------------------
-    def save_rule_state(self, rule: str, alerts: Iterable[Alert], outbox: Iterable[OutboxEntry], now: float,
+    def save_rule_state(self, rule: str, alerts: Iterable[Alert], events: Iterable[AlertEvent], now: float,
                         kv: dict[str, Any] | None = None) -> None:
-        """Replace ``rule``'s alerts and enqueue (key, receiver, url, payload) notifications atomically,
+        """Replace ``rule``'s alerts and hand ``events`` (the alerts to notify of) to delivery atomically,
         with ``kv`` entries (e.g. an aggregation buffer) in the same transaction."""
         with self.tx() as db:
             db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)",
@@ -130,17 +141,60 @@ class Store:
                 [(rule, a.fingerprint, json.dumps(a.labels), json.dumps(a.annotations), a.value, a.state.value,
                   a.active_at, a.fired_at, a.resolved_at, a.last_sent_at, a.valid_until, a.keep_firing_since, a.hits,
                   a.notified_at) for a in alerts])
-            db.executemany(
-                "INSERT OR IGNORE INTO outbox (key, receiver, url, payload, created_at, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(key, rcv, url, json.dumps(payload), now, now) for key, rcv, url, payload in outbox])
+            self._log_alerts(db, events, now)
 
-    def forget_rule(self, rule: str, outbox: Iterable[OutboxEntry] = ()) -> None:
-        """A rule removed by a reload: its alerts and its keys go; its last notifications are queued."""
+    def forget_rule(self, rule: str, events: Iterable[AlertEvent] = ()) -> None:
+        """A rule removed by a reload: its alerts and its keys go; its last notifications are handed over."""
         now = time.time()
         with self.tx() as db:
             db.execute("DELETE FROM alerts WHERE rule = ?", (rule,))
             db.executemany("DELETE FROM kv WHERE key = ?", [(f"{p}:{rule}",) for p in ("held", "last_ok")])
+            self._log_alerts(db, events, now)
+
+    # -- delivery: alerts handed over, aggregation groups, the notification log ------------------------
+    @staticmethod
+    def _log_alerts(db: sqlite3.Connection, events: Iterable[AlertEvent], now: float) -> None:
+        db.executemany("INSERT INTO alert_log (alert, created_at) VALUES (?, ?)",
+                       [(json.dumps(e, separators=(",", ":")), now) for e in events])
+
+    def log_alerts(self, events: Iterable[AlertEvent], now: float) -> None:
+        """Hand alerts to delivery (e.g. those that arrived on the inbound webhook)."""
+        with self.tx() as db:
+            self._log_alerts(db, events, now)
+
+    def alert_log_after(self, after: int, limit: int = 5000) -> list[tuple[int, float, AlertEvent]]:
+        """Alerts handed over and not yet consumed by delivery: (id, when, alert)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, created_at, alert FROM alert_log WHERE id > ? ORDER BY id LIMIT ?",
+                                    (after, limit)).fetchall()
+        return [(int(i), float(t), json.loads(a)) for i, t, a in rows]
+
+    def delivery_state(self) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+        """The aggregation groups (with their alerts) and the notification log, as last saved."""
+        with self._lock:
+            groups = [{"id": r[0], "route": r[1], "labels": json.loads(r[2]), "created_at": r[3], "next_flush": r[4],
+                       "flushed": bool(r[5]), "alerts": json.loads(r[6])} for r in self._db.execute(
+                "SELECT id, route, labels, created_at, next_flush, flushed, alerts FROM agg_groups")]
+            nflog = {(r[0], r[1]): {"firing": json.loads(r[2]), "resolved": json.loads(r[3]), "sent_at": r[4]}
+                     for r in self._db.execute("SELECT group_id, receiver, firing, resolved, sent_at FROM nflog")}
+        return groups, nflog
+
+    def save_delivery(self, cursor: int, groups: Iterable[dict[str, Any]], gone: Iterable[str],
+                      nflog: Iterable[tuple[str, str, list[str], list[str], float]], outbox: Iterable[OutboxEntry],
+                      now: float) -> None:
+        """One delivery round in one transaction: the alerts consumed up to ``cursor``, the groups that
+        changed (or are ``gone``), notification-log entries and the notifications queued."""
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO kv VALUES ('delivery:cursor', ?)", (json.dumps(cursor),))
+            db.execute("DELETE FROM alert_log WHERE id <= ?", (cursor,))
+            db.executemany("INSERT OR REPLACE INTO agg_groups VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           [(g["id"], g["route"], json.dumps(g["labels"]), g["created_at"], g["next_flush"],
+                             int(g["flushed"]), json.dumps(g["alerts"], separators=(",", ":"))) for g in groups])
+            gone = list(gone)
+            db.executemany("DELETE FROM agg_groups WHERE id = ?", [(g,) for g in gone])
+            db.executemany("DELETE FROM nflog WHERE group_id = ?", [(g,) for g in gone])
+            db.executemany("INSERT OR REPLACE INTO nflog VALUES (?, ?, ?, ?, ?)",
+                           [(g, r, json.dumps(f), json.dumps(res), t) for g, r, f, res, t in nflog])
             db.executemany(
                 "INSERT OR IGNORE INTO outbox (key, receiver, url, payload, created_at, next_attempt_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -189,6 +243,13 @@ class Store:
         return dict(json.loads(row[1]))
 
     # -- outbox ------------------------------------------------------------------------------------
+    def enqueue(self, outbox: Iterable[OutboxEntry], now: float) -> None:
+        with self.tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox (key, receiver, url, payload, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(key, rcv, url, json.dumps(payload), now, now) for key, rcv, url, payload in outbox])
+
     def due(self, now: float, limit: int = 50) -> list[OutboxItem]:
         with self._lock:
             rows = self._db.execute(

@@ -1,4 +1,6 @@
-"""Evaluates rule groups: query → alert state machine → persisted state + outbox, atomically."""
+"""Evaluates rule groups: query → alert state machine → persisted state + the alerts handed to delivery,
+atomically. The alerts handed over are the stream Prometheus would send an Alertmanager (state changes and
+a resend every ``resend_delay``); delivery (``sentinel.alerts.delivery``) routes, groups and sends them."""
 
 from __future__ import annotations
 
@@ -11,10 +13,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sentinel.alerts.notify import alertmanager_key, alertmanager_payload, idempotency_key, webhook_payload
-from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule, inhibited, matches_all, parse_matcher
-from sentinel.alerts.state import Alert, AlertingRule, Sample, State
-from sentinel.alerts.store import OutboxEntry, Store
+from sentinel.alerts.state import Alert, AlertingRule, Sample, State, ends_at
+from sentinel.alerts.store import AlertEvent, Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import SentinelMetrics
@@ -37,16 +37,6 @@ def _persisted_state(alerts: Iterable[Alert]) -> tuple[object, ...]:
     """What restoring needs (value and annotations are recomputed by the next evaluation)."""
     return tuple(sorted((a.fingerprint, a.state.value, a.active_at, a.fired_at, a.resolved_at, a.last_sent_at,
                          a.valid_until, a.keep_firing_since, a.hits, a.notified_at) for a in alerts))
-
-
-@dataclass(frozen=True)
-class Receiver:
-    """Where notifications go: an Alertmanager-style webhook (payload v4), or an Alertmanager itself
-    (``kind="alertmanager"``, ``url`` ending in /api/v2/alerts), which then groups, routes and dedupes."""
-
-    name: str
-    url: str
-    kind: str = "webhook"
 
 
 @dataclass
@@ -78,7 +68,6 @@ class Evaluator:
     store: Store
     promql: PromQLSource | None
     logs: LogRuleSource | None
-    receivers: Sequence[Receiver]
     default_interval: float = 15.0
     resend_delay: float = 60.0
     external_url: str = ""
@@ -92,7 +81,6 @@ class Evaluator:
     catch_up_max: float = 3600.0  # log rules: replay at most this much of a gap (0: never)
     writer: RemoteWriter | None = None  # where recording rules write their results (Prometheus's remote write)
     learned: LearnedThresholds = field(default_factory=LearnedThresholds)
-    inhibit_rules: Sequence[InhibitRule] = field(default_factory=lambda: list(DEFAULT_INHIBIT_RULES))
 
     def __post_init__(self) -> None:
         rule = Rule.model_validate({
@@ -154,7 +142,7 @@ class Evaluator:
             if a.state == State.FIRING and a.last_sent_at:
                 a.state, a.resolved_at = State.INACTIVE, now
                 ended.append(replace(a, labels=dict(a.labels), annotations=dict(a.annotations)))
-        self.store.forget_rule(rt.key, self._outbox(rt, ended, now))
+        self.store.forget_rule(rt.key, self._events(rt, ended))
         if self.metrics:
             for state in State:
                 try:
@@ -345,8 +333,7 @@ class Evaluator:
         kv: dict[str, Any] = {}
         if agg is not None:
             due, kv = self._aggregate(rt, due, now, agg)
-        due = self._unmuted(due, now)
-        outbox = [e for group in self._by_aggregation_key(rt, due) for e in self._outbox(rt, group, now)]
+        outbox = self._events(rt, due)
         snapshot = _persisted_state(rt.machine.active.values())
         changed = bool(outbox) or snapshot != rt.persisted or bool(kv)
         if rt.rule.log is not None:
@@ -367,23 +354,6 @@ class Evaluator:
             for state in State:
                 n = sum(1 for a in rt.machine.active.values() if a.state == state)
                 self.metrics.alerts.labels(rt.rule.name, state.value).set(n)
-
-    def _unmuted(self, due: list[Alert], now: float) -> list[Alert]:
-        """``due`` without the alerts a silence or an inhibition rule mutes (their state is kept)."""
-        if not due:
-            return due
-        silences = [[parse_matcher(m) for m in s["matchers"]] for s in self.store.silences(now)]
-        firing = [a.labels for rt in self.all_runtimes() for a in rt.machine.active.values()
-                  if a.state == State.FIRING] if self.inhibit_rules else []
-        out = []
-        for a in due:
-            if any(matches_all(ms, a.labels) for ms in silences):
-                log.info("silenced: %s", a.labels)
-            elif firing and inhibited(a.labels, firing, self.inhibit_rules):
-                log.info("inhibited: %s", a.labels)
-            else:
-                out.append(a)
-        return out
 
     def _aggregate(self, rt: RuleRuntime, due: list[Alert], now: float, period: float
                    ) -> tuple[list[Alert], dict[str, Any]]:
@@ -407,16 +377,6 @@ class Evaluator:
                 out.append(replace(a, labels=dict(a.labels), annotations=dict(a.annotations)))
         return out, {f"held:{rt.key}": None}
 
-    @staticmethod
-    def _by_aggregation_key(rt: RuleRuntime, due: list[Alert]) -> list[list[Alert]]:
-        keys = rt.rule.log.aggregation_key if rt.rule.log is not None else []
-        if not due or not keys:
-            return [due] if due else []
-        groups: dict[tuple[str, ...], list[Alert]] = {}
-        for a in due:
-            groups.setdefault(tuple(a.labels.get(k, "") for k in keys), []).append(a)
-        return list(groups.values())
-
     def eval_meta(self, now: float) -> None:
         """The meta-alert: one alert per rule whose datasource query is failing."""
         failing = [Sample({"rule_group": rt.group.group.name, "rule": rt.rule.name,
@@ -434,25 +394,25 @@ class Evaluator:
             self.undeliverable.machine.eval(now, lost)
             self._after_eval(self.undeliverable, now, firing_before)
 
-    def _outbox(self, rt: RuleRuntime, due: list[Alert], now: float,
-                extra: dict[str, dict[str, Any]] | None = None) -> list[OutboxEntry]:
-        if not due:
-            return []
-        extra = dict(extra or {})
-        for a in due:  # runbook findings travel with every later notification of the episode
-            if a.fingerprint not in extra:
+    def _events(self, rt: RuleRuntime, due: list[Alert], extra: dict[str, dict[str, Any]] | None = None
+                ) -> list[AlertEvent]:
+        """The alerts to hand to delivery, with the episode's runbook findings (they travel with every later
+        notification of the episode)."""
+        out: list[AlertEvent] = []
+        for a in due:
+            e: AlertEvent = {"labels": dict(a.labels), "annotations": dict(a.annotations),
+                             "starts_at": a.fired_at or a.active_at, "ends_at": ends_at(a),
+                             "generator_url": self._generator_url(rt), "fingerprint": a.fingerprint}
+            data = (extra or {}).get(a.fingerprint)
+            if data is None:
                 found = self.store.findings(rt.key, a.fingerprint, a.active_at)
                 if found is not None:
-                    extra[a.fingerprint] = {"findings": {k: v for k, v in found.items() if k != "report"}}
-        out: list[OutboxEntry] = []
-        for rcv in self.receivers:
-            if rcv.kind == "alertmanager":
-                out.append((alertmanager_key(rcv.name, due, now), rcv.name, rcv.url,
-                            alertmanager_payload(due, self._generator_url(rt))))
-                continue
-            payload = webhook_payload(rcv.name, due, {"alertname": rt.rule.name}, self.external_url,
-                                      self._generator_url(rt), extra)
-            out.append((idempotency_key(rcv.name, payload, now), rcv.name, rcv.url, payload))
+                    data = {"findings": {k: v for k, v in found.items() if k != "report"}}
+            if data is not None:
+                e["sentinel"] = data
+            if rt.rule.log is not None and rt.rule.log.aggregation_key:
+                e["group_by"] = list(rt.rule.log.aggregation_key)  # ElastAlert's split, as extra group_by labels
+            out.append(e)
         return out
 
     def notify_findings(self, rt: RuleRuntime, alert: Alert, findings: dict[str, Any]) -> None:
@@ -463,7 +423,7 @@ class Evaluator:
                 return
             now = self.clock()
             sent = replace(a, labels=dict(a.labels), annotations=dict(a.annotations))
-            entries = self._outbox(rt, [sent], now, {a.fingerprint: {"findings": findings}})
+            entries = self._events(rt, [sent], {a.fingerprint: {"findings": findings}})
             self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:

@@ -11,13 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sentinel.alerts.delivery import Delivery
 from sentinel.alerts.fingerprint import fingerprint
 from sentinel.alerts.notify import Dispatcher
+from sentinel.alerts.routing import build, default_tree
 from sentinel.alerts.store import Store
 from sentinel.amserver import AlertmanagerServer
 from sentinel.logstore.local import LocalLogStore
 from sentinel.netutil import free_port
-from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.evaluator import Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import LogRuleSource
 from sentinel.supervisor import ChildRegistry
@@ -50,16 +52,16 @@ def test_alerts_flow_through_alertmanager(tmp_path: Path, alertmanager: Alertman
                                 "labels": {"severity": "page"}, "annotations": {"summary": "{{ $labels.replica }}"}})
     group = LoadedGroup(file="r.yaml", group=Group(name="logs", interval=1.0, rules=[rule]))
     store = Store(tmp_path / "s.db")
-    ev = Evaluator(store, None, LogRuleSource(logs),
-                   [Receiver("alertmanager", f"{alertmanager.url}/api/v2/alerts", "alertmanager")],
-                   default_interval=1.0, external_url="http://sentinel")
+    ev = Evaluator(store, None, LogRuleSource(logs), default_interval=1.0, external_url="http://sentinel")
+    delivery = Delivery(store, build(default_tree([])), {}, ["alertmanager"])
     ev.load([group])
     with httpx.Client() as client:
-        dispatch = Dispatcher(store, client)
+        dispatch = Dispatcher(store, client, urls={"alertmanager": f"{alertmanager.url}/api/v2/alerts"})
         logs.add([(time.time(), {"cuda_error": "CUDA error: x", "replica": "replica-0"})])
 
         def cycle() -> None:
             ev.eval_group(group.key)
+            delivery.tick()
             dispatch.run_once()
 
         def got(status: str) -> list[dict[str, object]]:
@@ -92,7 +94,7 @@ def test_alertmanager_webhook_in(tmp_path: Path) -> None:
 
     token = "inbound-token-0123456789"
     store = Store(tmp_path / "s.db")
-    ev = Evaluator(store, None, None, [])
+    ev = Evaluator(store, None, None)
     rule = Rule.model_validate({"alert": "CudaError", "log": {"filter": [{"exists": "cuda_error"}]},
                                 "sentinel": {"remediation": "restart"}})
     ev.load([LoadedGroup(file="r.yaml", group=Group(name="logs", rules=[rule]))])

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from sentinel.alerts.delivery import resolved as is_resolved
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.netutil import free_port
 from sentinel.promserver import PrometheusServer, ScrapeTarget
-from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.evaluator import Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import PromQLSource
 from sentinel.supervisor import ChildRegistry
@@ -61,7 +62,7 @@ def test_one_failing_rule_does_not_stop_its_group(prometheus: PrometheusServer, 
              Rule.model_validate({"alert": "Scalar", "expr": "time()"}),
              Rule.model_validate({"alert": "After", "expr": 'label_replace(vector(1), "replica", "r", "", "")'})]
     group = LoadedGroup(file="f.yaml", group=Group(name="g", rules=rules))
-    ev = Evaluator(Store(tmp_path / "s.db"), PromQLSource(prometheus.url, 5), None, [], meta_for=0)
+    ev = Evaluator(Store(tmp_path / "s.db"), PromQLSource(prometheus.url, 5), None, meta_for=0)
     ev.load([group])
     ev.eval_group(group.key)
     rng, scalar, after = ev.all_runtimes()
@@ -75,7 +76,7 @@ def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path:
     store = Store(tmp_path / "s.db")
     rule = Rule.model_validate({"alert": "Always", "expr": 'label_replace(vector(1), "replica", "r", "", "")'})
     group = LoadedGroup(file="f.yaml", group=Group(name="g", rules=[rule]))
-    ev = Evaluator(store, PromQLSource(prometheus.url, 5), None, [Receiver("r", "http://127.0.0.1:9/")], meta_for=0)
+    ev = Evaluator(store, PromQLSource(prometheus.url, 5), None, meta_for=0)
     ev.load([group])
     [rt] = ev.all_runtimes()
     now = time.time()
@@ -90,11 +91,13 @@ def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path:
     assert meta.labels == {"alertname": "SentinelRuleEvaluationFailing", "rule": "Always", "rule_group": "g",
                            "datasource": "prometheus", "severity": "warning"}
     assert "cannot be evaluated" in meta.annotations["summary"]
-    # state is persisted with the outbox: a new evaluator (a restarted daemon) restores the firing alert
-    ev2 = Evaluator(store, None, None, [])
+    # state is persisted with the alerts handed to delivery: a new evaluator (a restarted daemon) restores the
+    # firing alert
+    ev2 = Evaluator(store, None, None)
     ev2.load([group])
     assert [a.state for a in ev2.all_runtimes()[0].machine.active.values()] == [State.FIRING]
-    assert store.outbox_counts() == {"pending": 2}  # the alert and the meta-alert
+    assert sorted(e["labels"]["alertname"] for _, _, e in store.alert_log_after(0)) == [
+        "Always", "SentinelRuleEvaluationFailing"]
 
 
 def test_up_without_prometheus_says_what_to_install_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -143,8 +146,7 @@ def test_recording_rules_write_back_and_reloads_forget_removed_rules(tmp_path: P
         g = LoadedGroup(file="f.yaml", group=Group(name="g", rules=[rec, alert]))
         store = Store(tmp_path / "s.db")
         metrics = SentinelMetrics(CollectorRegistry())
-        ev = Evaluator(store, PromQLSource(server.url, 5), None, [Receiver("r", "http://127.0.0.1:9/")],
-                       metrics=metrics, writer=RemoteWriter(server.url))
+        ev = Evaluator(store, PromQLSource(server.url, 5), None, metrics=metrics, writer=RemoteWriter(server.url))
         ev.load([g])
         src = PromQLSource(server.url, 5)
         deadline = time.time() + 30
@@ -162,9 +164,8 @@ def test_recording_rules_write_back_and_reloads_forget_removed_rules(tmp_path: P
         # the reload: both rules gone
         ev.load([LoadedGroup(file="f.yaml", group=Group(name="g", rules=[]))])
         assert store.load_rule_state(rt_alert.key) == []
-        resolved = [i for i in store.due(time.time() + 1)
-                    if any(a["status"] == "resolved" for a in i.payload["alerts"])]
-        assert resolved and resolved[-1].payload["alerts"][0]["labels"]["alertname"] == "Recorded"
+        resolved = [e for _, t, e in store.alert_log_after(0) if is_resolved(e, t)]
+        assert resolved and resolved[-1]["labels"]["alertname"] == "Recorded"
         assert "sentinel_alerts{alertname=\"Recorded\"" not in generate_latest(metrics.registry).decode()
         assert src.query("job:up:count", time.time() + 0.001) == []  # stale now, not in 5 minutes
     finally:

@@ -100,7 +100,7 @@ def test_learned_threshold_against_real_prometheus_history(tmp_path: Path) -> No
     group = LoadedGroup(file="f", group=Group(name="g", rules=[rule]))
     with TemporaryTsdb(tmp_path / "tsdb", "prometheus") as (src, writer):
         writer.write(input_series(tg, 60.0))
-        ev = Evaluator(Store(tmp_path / "s.db"), src, None, [], clock=lambda: 119 * 60.0)
+        ev = Evaluator(Store(tmp_path / "s.db"), src, None, clock=lambda: 119 * 60.0)
         ev.load([group])
         [rt] = ev.all_runtimes()
         assert ev.refit(rt) == 2

@@ -43,7 +43,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ssl.SSL
                            api_key_hashes=[hash_key(KEY)], protect_reads=True)
     store = Store(work / "s.db")
     paused: list[bool] = []
-    app = create_app(Evaluator(store, None, None, []), store, CollectorRegistry(), lambda: {}, Guardrails,
+    app = create_app(Evaluator(store, None, None), store, CollectorRegistry(), lambda: {}, Guardrails,
                      paused.append, settings.token, auth=authenticator(settings.token, settings),
                      limiter=RateLimiter(0.001, 30), protect_reads=True)
     port = free_port()

@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sentinel.alerts.delivery import resolved
+from sentinel.alerts.notify import rfc3339
 from sentinel.alerts.store import Store
 from sentinel.errors import DatasourceError
 from sentinel.logstore.local import LocalLogStore
-from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.evaluator import Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import LogRuleSource
 
@@ -51,21 +53,23 @@ def setup(tmp_path: Path, log: dict[str, Any], interval: float = 10.0, db: str =
                                                               "query_key": "replica", **log}})
     group = LoadedGroup(file="r.yaml", group=Group(name="logs", interval=interval, rules=[rule]))
     clock = Clock()
-    ev = Evaluator(Store(tmp_path / db), None, LogRuleSource(flaky), [Receiver("oncall", "http://127.0.0.1:9/")],
+    ev = Evaluator(Store(tmp_path / db), None, LogRuleSource(flaky),
                    default_interval=interval, clock=clock)
     ev.load([group])
     return ev, group, logs, flaky, clock
 
 
 def sent(ev: Evaluator) -> list[tuple[float, list[tuple[str, str, str]]]]:
-    """Every queued CudaError notification: (created_at, [(replica, status, startsAt)])."""
-    out = []
-    for item in ev.store.due(float("inf"), limit=10_000):
-        if item.payload["groupLabels"]["alertname"] != "CudaError":
+    """Every CudaError notification handed to delivery, one entry per evaluation (and aggregation_key
+    value): (when, [(replica, status, startsAt)])."""
+    out: dict[tuple[float, tuple[str, ...]], list[tuple[str, str, str]]] = {}
+    for _, created, e in ev.store.alert_log_after(0, limit=10_000):
+        if e["labels"]["alertname"] != "CudaError":
             continue  # SentinelRuleEvaluationFailing (the store down), asserted where it matters
-        out.append((item.created_at, [(a["labels"]["replica"], a["status"], a["startsAt"])
-                                      for a in item.payload["alerts"]]))
-    return out
+        status = "resolved" if resolved(e, created) else "firing"
+        key = (created, tuple(e["labels"].get(k, "") for k in e.get("group_by", [])))
+        out.setdefault(key, []).append((e["labels"]["replica"], status, rfc3339(e["starts_at"])))
+    return [(t, alerts) for (t, _), alerts in out.items()]
 
 
 def run(ev: Evaluator, group: LoadedGroup, clock: Clock, until: float, step: float = 10.0) -> None:
@@ -157,8 +161,8 @@ def test_an_outage_is_replayed_when_the_store_returns(tmp_path: Path) -> None:
     assert out[1][1][0][2] == fmt.format("1:40")  # startsAt: when it really fired, not when the store came back
     # the firing one was queued for the evaluation at +100 but went out at +210: its endsAt counts from then,
     # or Alertmanager would take it as already over
-    [ends] = [a["endsAt"] for item in ev.store.due(float("inf")) for a in item.payload["alerts"]
-              if a["status"] == "firing" and a["labels"].get("replica") == "r1"]
+    [ends] = [rfc3339(e["ends_at"]) for _, t, e in ev.store.alert_log_after(0)
+              if not resolved(e, t) and e["labels"].get("replica") == "r1"]
     assert ends == fmt.format("7:30")  # +210 + 4 x the 60 s resend delay
     assert rt.health == "ok"
 

@@ -1,4 +1,4 @@
-"""Silences and inhibition: Alertmanager's matcher semantics, muting in the evaluator (state kept,
+"""Silences and inhibition: Alertmanager's matcher semantics, muting at delivery (state kept,
 notifications held), the CLI and the API routes."""
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from sentinel.alerts.delivery import Delivery, ReceiverOptions
+from sentinel.alerts.routing import build, default_tree
 from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule, inhibited, parse_matcher
 from sentinel.alerts.state import Sample, State
 from sentinel.alerts.store import Store
 from sentinel.cli import app
-from sentinel.rules.evaluator import Evaluator, Receiver
+from sentinel.rules.evaluator import Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 
 
@@ -52,7 +54,7 @@ def setup(tmp_path: Path) -> tuple[Evaluator, LoadedGroup, Store]:
     rules = [Rule.model_validate({"alert": "InferenceReplicaDown", "expr": "x"}),
              Rule.model_validate({"alert": "InferenceLatencyP99High", "expr": "y"})]
     g = LoadedGroup(file="f", group=Group(name="g", rules=rules))
-    ev = Evaluator(store, None, None, [Receiver("oncall", "http://127.0.0.1:9/")])
+    ev = Evaluator(store, None, None)
     ev.load([g])
     return ev, g, store
 
@@ -76,11 +78,23 @@ def test_silences_and_inhibition_hold_back_notifications_not_state(tmp_path: Pat
                       "maintenance", now)
     fire(ev, "InferenceReplicaDown", now, ["replica-0"])
     fire(ev, "InferenceLatencyP99High", now, ["replica-0", "replica-1", "replica-2"])
+    delivery = Delivery(store, build(default_tree(["oncall"])), {"oncall": ReceiverOptions()},
+                        inhibit_rules=DEFAULT_INHIBIT_RULES)
+    delivery.tick(now + 31)  # after group_wait
     # replica-0's latency is inhibited by its replica being down; replica-2's is silenced; replica-1's is news
     assert sorted(notified(store)) == [("InferenceLatencyP99High", "replica-1"), ("InferenceReplicaDown", "replica-0")]
     rt = next(r for r in ev.all_runtimes() if r.rule.name == "InferenceLatencyP99High")
     assert sorted(a.labels["replica"] for a in rt.machine.active.values() if a.state == State.FIRING) == [
         "replica-0", "replica-1", "replica-2"]  # the state is all there
+    # the silence expires: the next group flush tells on-call of replica-2 (still firing, never notified)
+    [sid] = [x["id"] for x in store.silences(now)]
+    store.expire_silence(sid, now + 100)
+    fire(ev, "InferenceReplicaDown", now + 300, ["replica-0"])  # the evaluator's resends keep them firing
+    fire(ev, "InferenceLatencyP99High", now + 300, ["replica-0", "replica-1", "replica-2"])
+    delivery.tick(now + 31 + 300)
+    last = store.due(float("inf"), 1000)[-1].payload
+    assert [(a["labels"]["replica"], a["status"]) for a in last["alerts"]] == [
+        ("replica-1", "firing"), ("replica-2", "firing")]  # replica-0 stays inhibited
 
 
 def test_silence_cli(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sentinel.alerts.notify import Dispatcher, idempotency_key, webhook_payload
-from sentinel.alerts.state import AlertingRule, Sample
+from sentinel.alerts.delivery import group_payload
+from sentinel.alerts.notify import Dispatcher
+from sentinel.alerts.state import AlertingRule, Sample, ends_at
 from sentinel.alerts.store import Store
 from tests.conftest import Receiver
 
@@ -23,12 +24,18 @@ class Clock:
         return self.t
 
 
+def webhook(receiver: str, rule: AlertingRule, due: list, now: float) -> dict:  # type: ignore[type-arg]
+    events = [{"labels": a.labels, "annotations": a.annotations, "starts_at": a.fired_at or a.active_at,
+               "ends_at": ends_at(a), "generator_url": "http://gen", "fingerprint": a.fingerprint} for a in due]
+    return group_payload(receiver, '{}:{alertname="CudaError"}', {"alertname": "CudaError"}, events, now,
+                         "http://sentinel")
+
+
 def firing_payload(receiver: str, url: str, now: float) -> tuple[str, str, str, dict]:  # type: ignore[type-arg]
     rule = AlertingRule("CudaError", labels={"severity": "page"}, annotations={"summary": "boom"})
     rule.eval(now, [Sample({"replica": "replica-0"}, 1)])
-    due = rule.to_send(now, 60, 5)
-    payload = webhook_payload(receiver, due, {"alertname": "CudaError"}, "http://sentinel", "http://gen")
-    return idempotency_key(receiver, payload, now), receiver, url, payload
+    payload = webhook(receiver, rule, rule.to_send(now, 60, 5), now)
+    return f"k-{receiver}-{now}", receiver, url, payload
 
 
 def test_state_survives_reopen(tmp_path: Path) -> None:
@@ -64,9 +71,9 @@ def test_retention_prunes_what_is_old_and_nothing_that_is_live(tmp_path: Path) -
     store = Store(tmp_path / "s.db")
     firing = Alert({"alertname": "A"}, {}, 1.0, State.FIRING, 1.0, fired_at=1.0)
     resolved = Alert({"alertname": "B"}, {}, 1.0, State.INACTIVE, 1.0, resolved_at=2.0)
-    store.save_rule_state("r", [firing, resolved], [("k-old-sent", "oncall", "u", {}), ("k-old-pending", "oncall",
-                                                                                       "u", {})], now=10.0)
-    store.save_rule_state("r2", [], [("k-new", "oncall", "u", {})], now=now - day)
+    store.save_rule_state("r", [firing, resolved], [], now=10.0)
+    store.enqueue([("k-old-sent", "oncall", "u", {}), ("k-old-pending", "oncall", "u", {})], now=10.0)
+    store.enqueue([("k-new", "oncall", "u", {})], now=now - day)
     for item in store.due(now):
         if item.key in ("k-old-sent", "k-new"):
             store.mark_sent(item.id, now)
@@ -93,7 +100,8 @@ def test_webhook_payload_is_alertmanager_v4() -> None:
     assert p["groupKey"] == '{}:{alertname="CudaError"}'
     assert p["commonLabels"] == {"alertname": "CudaError", "replica": "replica-0", "severity": "page"}
     [a] = p["alerts"]
-    assert a["startsAt"] == "1970-01-12T13:46:40.000Z" and a["endsAt"] == "1970-01-12T13:50:40.000Z"
+    # a firing alert's endsAt is the zero time, as Alertmanager sends it: no receiver takes it as over
+    assert a["startsAt"] == "1970-01-12T13:46:40.000Z" and a["endsAt"] == "0001-01-01T00:00:00Z"
     assert len(a["fingerprint"]) == 16 and a["generatorURL"] == "http://gen"
 
 
@@ -101,8 +109,8 @@ def test_dispatcher_retries_5xx_and_keeps_the_idempotency_key(tmp_path: Path, re
     clock = Clock()
     store = Store(tmp_path / "s.db")
     entry = firing_payload("oncall", receiver.url, clock.t)
-    store.save_rule_state("r", [], [entry], clock.t)
-    store.save_rule_state("r", [], [entry], clock.t)  # the same key twice is one notification
+    store.enqueue([entry], clock.t)
+    store.enqueue([entry], clock.t)  # the same key twice is one notification
     receiver.status_codes = [503, 500]
     with httpx.Client() as client:
         d = Dispatcher(store, client, clock)
@@ -120,7 +128,7 @@ def test_dispatcher_retries_5xx_and_keeps_the_idempotency_key(tmp_path: Path, re
 def test_dispatcher_does_not_retry_4xx(tmp_path: Path, receiver: Receiver) -> None:
     store = Store(tmp_path / "s.db")
     clock = Clock()
-    store.save_rule_state("r", [], [firing_payload("oncall", receiver.url, clock.t)], clock.t)
+    store.enqueue([firing_payload("oncall", receiver.url, clock.t)], clock.t)
     receiver.status_codes = [400]
     with httpx.Client() as client:
         d = Dispatcher(store, client, clock)
@@ -140,7 +148,7 @@ from sentinel.alerts.store import Store
 from tests.unit.test_store_notify import Clock, firing_payload
 clock = Clock()
 store = Store(Path(sys.argv[1]))
-store.save_rule_state("r", [], [firing_payload("oncall", sys.argv[3], clock.t)], clock.t)
+store.enqueue([firing_payload("oncall", sys.argv[3], clock.t)], clock.t)
 Dispatcher(store, httpx.Client(), clock).run_once()   # 503: retry scheduled
 os.kill(os.getpid(), signal.SIGKILL)                    # no close, no flush: as a crash
 """
@@ -181,8 +189,8 @@ def _payload(receiver: str, url: str, now: float, status: str, replicas: list[st
     if status == "resolved":
         rule.eval(now, [])
     due = [a for a in rule.to_send(now, 60, 5) if (a.state.value == "inactive") == (status == "resolved")]
-    payload = webhook_payload(receiver, due, {"alertname": "CudaError"}, "http://sentinel", "http://gen")
-    return idempotency_key(receiver, payload, now), receiver, url, payload
+    payload = webhook(receiver, rule, due, now)
+    return f"k-{receiver}-{now}-{status}-{replicas}", receiver, url, payload
 
 
 def test_a_slow_receiver_delays_only_itself(tmp_path: Path, receiver: Receiver) -> None:
@@ -212,8 +220,8 @@ def test_a_slow_receiver_delays_only_itself(tmp_path: Path, receiver: Receiver) 
     store = Store(tmp_path / "s.db")
     now = _time.time()
     for i in range(3):
-        store.save_rule_state(f"r{i}", [], [_payload("slow", slow_url, now, "firing", [f"s{i}"]),
-                                            _payload("fast", receiver.url, now, "firing", [f"f{i}"])], now)
+        store.enqueue([_payload("slow", slow_url, now, "firing", [f"s{i}"]),
+                       _payload("fast", receiver.url, now, "firing", [f"f{i}"])], now)
     with httpx.Client(timeout=30) as client:
         d = Dispatcher(store, client)
         t0 = _time.monotonic()
@@ -238,12 +246,12 @@ def test_after_an_outage_only_the_newest_state_is_sent_in_order(tmp_path: Path, 
     clock = Clock()
     store = Store(tmp_path / "s.db")
     receiver.status_codes = [503]
-    store.save_rule_state("r", [], [_payload("oncall", receiver.url, clock.t, "firing", ["a", "b"])], clock.t)
+    store.enqueue([_payload("oncall", receiver.url, clock.t, "firing", ["a", "b"])], clock.t)
     with httpx.Client() as client:
         d = Dispatcher(store, client, clock)
         assert d.run_once() == 0  # 503: backing off
         clock.t += 0.5
-        store.save_rule_state("r", [], [_payload("oncall", receiver.url, clock.t, "resolved", ["a"])], clock.t)
+        store.enqueue([_payload("oncall", receiver.url, clock.t, "resolved", ["a"])], clock.t)
         assert d.run_once() == 0  # the head is still backing off: nothing overtakes it
         assert len(receiver.snapshot()) == 1
         clock.t += 5
@@ -270,7 +278,7 @@ def test_signed_requests_verify_with_the_readme_verifier(tmp_path: Path, receive
     verify = scope["verify"]
     store = Store(tmp_path / "s.db")
     now = _time.time()
-    store.save_rule_state("r", [], [_payload("oncall", receiver.url, now, "firing", ["a"])], now)
+    store.enqueue([_payload("oncall", receiver.url, now, "firing", ["a"])], now)
     with httpx.Client() as client:
         assert Dispatcher(store, client, signing={"oncall": ("k2026", b"receiver-secret-0123456789")}).run_once() == 1
     headers, body = receiver.headers[0], receiver.bodies[0]
@@ -293,7 +301,8 @@ def test_sentinel_alerts_cli(tmp_path: Path) -> None:
     now = 1_000_000.0
     firing = Alert({"alertname": "CudaError", "replica": "replica-0"}, {}, 1.0, State.FIRING, now - 120,
                    fired_at=now - 120, last_sent_at=now - 60)
-    store.save_rule_state("f;g;CudaError", [firing], [firing_payload("oncall", "http://127.0.0.1:9/", now)], now)
+    store.save_rule_state("f;g;CudaError", [firing], [], now)
+    store.enqueue([firing_payload("oncall", "http://127.0.0.1:9/", now)], now)
     store.mark_retry(store.due(now)[0].id, now + 10, "HTTP 503: busy")
     store.close()
     cfg = tmp_path / "s.yaml"
@@ -315,15 +324,18 @@ def test_an_undeliverable_notification_expires_and_the_other_receivers_hear_of_i
                                                                                   receiver: Receiver) -> None:
     """A page to a dead receiver is retried until it is older than the maximum age, then expires (never
     silently dropped): SentinelNotificationUndeliverable{receiver="dead"} fires and goes to the live one."""
+    from sentinel.alerts.delivery import Delivery, ReceiverOptions
+    from sentinel.alerts.routing import RouteConfig, build
     from sentinel.rules.evaluator import Evaluator
-    from sentinel.rules.evaluator import Receiver as Rcv
 
     clock = Clock()
     store = Store(tmp_path / "s.db")
-    store.save_rule_state("r", [], [firing_payload("dead", "http://127.0.0.1:9/hook", clock.t)], clock.t)
-    ev = Evaluator(store, None, None, [Rcv("oncall", receiver.url)], clock=clock)
+    store.enqueue([firing_payload("dead", "http://127.0.0.1:9/hook", clock.t)], clock.t)
+    ev = Evaluator(store, None, None, clock=clock)
+    delivery = Delivery(store, build(RouteConfig(receiver="oncall", group_wait=0)), {"oncall": ReceiverOptions()},
+                        clock=clock)
     with httpx.Client() as client:
-        d = Dispatcher(store, client, clock, give_up_after_s=60)
+        d = Dispatcher(store, client, clock, give_up_after_s=60, urls={"oncall": receiver.url})
         d.run_once()  # refused: retry in 1 s
         clock.t += 61
         d.run_once()  # past its maximum age: expired
@@ -332,6 +344,7 @@ def test_an_undeliverable_notification_expires_and_the_other_receivers_hear_of_i
         [alert] = ev.undeliverable.machine.firing()
         assert alert.labels == {"alertname": "SentinelNotificationUndeliverable", "receiver": "dead",
                                 "severity": "page"}
+        assert delivery.tick() == 1
         assert d.run_once() == 1
     [page] = receiver.snapshot()
     assert page["alerts"][0]["labels"]["receiver"] == "dead" and "could not be delivered" in \

@@ -1,0 +1,308 @@
+"""Delivery owns the notifications: alerts handed over by the evaluator (and the inbound webhook) are
+routed, grouped and deduplicated with Alertmanager's semantics, and each receiver's payload is built
+when its group is flushed.
+
+The evaluator writes the alerts it would send to an Alertmanager (the same stream, at the same times:
+state changes plus a resend every ``resend_delay``) into the store's ``alert_log``, in the transaction
+that saves its state. Each round here consumes that log:
+
+- receivers of kind ``alertmanager`` get the stream as it is (``POST /api/v2/alerts``): Alertmanager
+  groups it itself;
+- the receivers sentinel pages directly go through the routing tree (``sentinel.alerts.routing``) into
+  aggregation groups, as Alertmanager's dispatcher does. A new group is flushed after ``group_wait`` (at
+  once when its first alert started longer ago than that), then every ``group_interval``. A flush mutes
+  silenced and inhibited alerts, and notifies only when Alertmanager's notification log says so: an alert
+  the receiver has not seen firing, a newly resolved alert (with ``send_resolved``), all alerts resolved,
+  or ``repeat_interval`` elapsed. Firing alerts carry the zero ``endsAt``; resolved alerts leave the
+  group after the notification that reported them. ``max_alerts`` truncates a notification and counts
+  the rest in ``truncatedAlerts``.
+
+Sentinel's one addition: an alert whose runbook findings arrived after it was notified makes its group's
+next flush notify again, so on-call sees the evidence without waiting for ``repeat_interval``.
+
+Groups, the notification log and the consumed position are saved with the notifications they produce,
+in one transaction: ``kill -9`` repeats at most one round, never loses one. Unlike Alertmanager, which
+logs a notification once the receiver took it, the log is written when the notification is queued in
+the outbox: the outbox then retries it until it is delivered or expires (``notification_max_age``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sentinel.alerts.fingerprint import fingerprint
+from sentinel.alerts.notify import ZERO_TIME, common_labels, rfc3339
+from sentinel.alerts.routing import Route, labels_string
+from sentinel.alerts.silences import InhibitRule, inhibited, matches_all, parse_matcher
+from sentinel.alerts.store import AlertEvent, OutboxEntry, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceiverOptions:
+    send_resolved: bool = True
+    max_alerts: int = 0
+
+
+@dataclass
+class AggGroup:
+    id: str
+    route: Route
+    labels: dict[str, str]
+    created_at: float
+    next_flush: float
+    flushed: bool = False
+    alerts: dict[str, AlertEvent] = field(default_factory=dict)
+    news: set[str] = field(default_factory=set)  # alerts whose sentinel data changed after they were notified
+
+    @property
+    def key(self) -> str:
+        return f"{self.route.key}:{labels_string(self.labels)}"
+
+    def saved(self) -> dict[str, Any]:
+        return {"id": self.id, "route": self.route.id, "labels": self.labels, "created_at": self.created_at,
+                "next_flush": self.next_flush, "flushed": self.flushed,
+                "alerts": {"alerts": self.alerts, "news": sorted(self.news)}}
+
+
+def event_fingerprint(e: AlertEvent) -> str:
+    fp = e.get("fingerprint")
+    return str(fp) if fp else fingerprint(e["labels"])
+
+
+def resolved(e: AlertEvent, now: float) -> bool:
+    ends = float(e.get("ends_at") or 0.0)
+    return bool(ends) and ends <= now
+
+
+def _before(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    """``model.LabelSet.Before``."""
+    if len(a) != len(b):
+        return len(a) < len(b)
+    for name in sorted([*a, *b]):
+        if name not in a:
+            return True
+        if name not in b:
+            return False
+        if a[name] != b[name]:
+            return a[name] < b[name]
+    return False
+
+
+def _alert_order(x: AlertEvent, y: AlertEvent) -> int:
+    """``types.AlertSlice``: by ``job``, then ``instance`` (alerts with the label first), then all labels."""
+    a, b = x["labels"], y["labels"]
+    for key in ("job", "instance"):
+        if key not in a and key not in b:
+            continue
+        if key not in a:
+            return 1
+        if key not in b:
+            return -1
+        if a[key] != b[key]:
+            return -1 if a[key] < b[key] else 1
+    return -1 if _before(a, b) else (1 if _before(b, a) else 0)
+
+
+def group_payload(receiver: str, group_key: str, group_labels: Mapping[str, str], alerts: Sequence[AlertEvent],
+                  now: float, external_url: str, max_alerts: int = 0) -> dict[str, Any]:
+    """Alertmanager's webhook body (version "4") for one flush of a group."""
+    items = []
+    for e in alerts:
+        done = resolved(e, now)
+        item: dict[str, Any] = {
+            "status": "resolved" if done else "firing", "labels": dict(e["labels"]),
+            "annotations": dict(e.get("annotations") or {}), "startsAt": rfc3339(float(e["starts_at"])),
+            "endsAt": rfc3339(float(e["ends_at"])) if done else ZERO_TIME,
+            "generatorURL": e.get("generator_url", ""), "fingerprint": event_fingerprint(e),
+        }
+        if e.get("sentinel"):
+            item["sentinel"] = e["sentinel"]
+        items.append(item)
+    truncated = max(0, len(items) - max_alerts) if max_alerts else 0
+    return {
+        "version": "4", "groupKey": group_key, "truncatedAlerts": truncated,
+        "status": "firing" if any(i["status"] == "firing" for i in items) else "resolved",
+        "receiver": receiver, "groupLabels": dict(group_labels),
+        "commonLabels": common_labels([i["labels"] for i in items]),
+        "commonAnnotations": common_labels([i["annotations"] for i in items]),
+        "externalURL": external_url, "alerts": items[:max_alerts] if max_alerts else items,
+    }
+
+
+def alertmanager_body(events: Sequence[AlertEvent]) -> list[dict[str, Any]]:
+    """The body of Alertmanager's ``POST /api/v2/alerts``, as Prometheus's notifier sends it."""
+    out = []
+    for e in events:
+        item = {"labels": dict(e["labels"]), "annotations": dict(e.get("annotations") or {}),
+                "startsAt": rfc3339(float(e["starts_at"])), "generatorURL": e.get("generator_url", "")}
+        if e.get("ends_at"):
+            item["endsAt"] = rfc3339(float(e["ends_at"]))
+        out.append(item)
+    return out
+
+
+def needs_update(entry: Mapping[str, Any] | None, firing: set[str], resolved_: set[str], repeat: float,
+                 send_resolved: bool, now: float) -> bool:
+    """Alertmanager's ``DedupStage.needsUpdate``."""
+    if entry is None:
+        return bool(firing)
+    if not firing <= set(entry["firing"]):
+        return True
+    if not firing:
+        return bool(entry["firing"])
+    if send_resolved and not resolved_ <= set(entry["resolved"]):
+        return True
+    return float(entry["sent_at"]) < now - repeat
+
+
+class Delivery:
+    """Consumes the alerts handed over and queues the notifications; ``tick`` runs one round."""
+
+    def __init__(self, store: Store, route: Route, receivers: Mapping[str, ReceiverOptions],
+                 alertmanagers: Sequence[str] = (), external_url: str = "",
+                 inhibit_rules: Sequence[InhibitRule] = (), clock: Callable[[], float] = time.time,
+                 on_groups: Callable[[int], None] | None = None) -> None:
+        self.store = store
+        self.route = route
+        self.receivers = dict(receivers)
+        self.alertmanagers = list(alertmanagers)
+        self.external_url = external_url
+        self.inhibit_rules = list(inhibit_rules)
+        self.clock = clock
+        self.on_groups = on_groups
+        self._lock = threading.Lock()
+        routes = {r.id: r for r in route.walk()}
+        saved, self.nflog = store.delivery_state()
+        self.groups: dict[str, AggGroup] = {}
+        gone = []
+        for g in saved:
+            r = routes.get(g["route"])
+            if r is None:  # its route is no longer configured: dropped, as Alertmanager does on a reload
+                gone.append(g["id"])
+                continue
+            self.groups[g["id"]] = AggGroup(g["id"], r, g["labels"], g["created_at"], g["next_flush"], g["flushed"],
+                                            g["alerts"]["alerts"], set(g["alerts"]["news"]))
+        self.cursor = int(store.get("delivery:cursor") or 0)
+        if gone:
+            log.warning("dropping %d alert group(s) whose route is no longer configured", len(gone))
+            store.save_delivery(self.cursor, [], gone, [], [], self.clock())
+
+    def tick(self, now: float | None = None) -> int:
+        """Consume what was handed over, flush the groups that are due; returns notifications queued."""
+        with self._lock:
+            return self._tick(self.clock() if now is None else now)
+
+    def _tick(self, now: float) -> int:
+        touched: set[str] = set()
+        outbox: list[OutboxEntry] = []
+        cursor = self.cursor
+        while True:
+            batch = self.store.alert_log_after(cursor)
+            if not batch:
+                break
+            cursor = batch[-1][0]
+            events = [e for _, _, e in batch]
+            for name in self.alertmanagers:
+                body = alertmanager_body(events)
+                key = hashlib.sha256(json.dumps([name, batch[0][0], cursor]).encode()).hexdigest()[:32]
+                outbox.append((key, name, "", body))
+            for e in events:
+                self._insert(e, now, touched)
+            if len(batch) < 5000:
+                break
+        nflog: list[tuple[str, str, list[str], list[str], float]] = []
+        gone: list[str] = []
+        firing_labels: list[Mapping[str, str]] | None = None
+        silences = None
+        for g in list(self.groups.values()):
+            if g.next_flush > now:
+                continue
+            if silences is None:
+                silences = [[parse_matcher(m) for m in s["matchers"]] for s in self.store.silences(now)]
+                firing_labels = list({fp: e["labels"] for grp in self.groups.values() for fp, e in grp.alerts.items()
+                                      if not resolved(e, now)}.values()) if self.inhibit_rules else []
+            assert firing_labels is not None
+            touched.add(g.id)
+            self._flush(g, now, silences, firing_labels, outbox, nflog)
+            if not g.alerts:
+                gone.append(g.id)
+                del self.groups[g.id]
+                for k in [k for k in self.nflog if k[0] == g.id]:
+                    del self.nflog[k]
+        if cursor != self.cursor or touched or outbox:
+            self.store.save_delivery(cursor, [self.groups[i].saved() for i in touched if i in self.groups], gone,
+                                     nflog, outbox, now)
+            self.cursor = cursor
+        if self.on_groups is not None:
+            self.on_groups(len(self.groups))
+        return len(outbox)
+
+    def _insert(self, e: AlertEvent, now: float, touched: set[str]) -> None:
+        labels = e["labels"]
+        fp = event_fingerprint(e)
+        for r in self.route.match(labels):
+            if not r.receiver:
+                continue  # the implicit root route: every alert is taken by a receiver's route below it
+            gl = r.group_labels(labels)
+            for k in e.get("group_by") or ():  # a log rule's aggregation_key: more labels to group by
+                if k in labels:
+                    gl[k] = labels[k]
+            gid = f"{r.id}:{labels_string(gl)}"
+            g = self.groups.get(gid)
+            if g is None:
+                g = self.groups[gid] = AggGroup(gid, r, gl, now, now + r.group_wait)
+            prev = g.alerts.get(fp)
+            g.alerts[fp] = e
+            if prev is not None and e.get("sentinel") and prev.get("sentinel") != e.get("sentinel"):
+                g.news.add(fp)
+            if not g.flushed and float(e["starts_at"]) + r.group_wait < now:
+                g.next_flush = min(g.next_flush, now)
+            touched.add(gid)
+
+    def _flush(self, g: AggGroup, now: float, silences: list[list[Any]], firing_labels: list[Mapping[str, str]],
+               outbox: list[OutboxEntry], nflog: list[tuple[str, str, list[str], list[str], float]]) -> None:
+        # the timer restarts from when it was due (this round may run a little after it), as Alertmanager's
+        # timer restarts when it fires; after a long stop, from now
+        g.next_flush += g.route.group_interval
+        if g.next_flush <= now:
+            g.next_flush = now + g.route.group_interval
+        g.flushed = True
+        alerts = sorted(g.alerts.values(), key=functools.cmp_to_key(_alert_order))
+        done = [event_fingerprint(e) for e in alerts if resolved(e, now)]
+        shown = []
+        for e in alerts:
+            labels = e["labels"]
+            if any(matches_all(ms, labels) for ms in silences):
+                continue
+            if not resolved(e, now) and firing_labels and inhibited(labels, firing_labels, self.inhibit_rules):
+                continue
+            shown.append(e)
+        rcv = g.route.receiver
+        opts = self.receivers.get(rcv, ReceiverOptions())
+        if shown:
+            firing = {event_fingerprint(e) for e in shown if not resolved(e, now)}
+            res = {event_fingerprint(e) for e in shown if resolved(e, now)}
+            entry = self.nflog.get((g.id, rcv))
+            news = bool(g.news & firing)
+            if needs_update(entry, firing, res, g.route.repeat_interval, opts.send_resolved, now) or news:
+                send = shown if opts.send_resolved else [e for e in shown if not resolved(e, now)]
+                if send:
+                    payload = group_payload(rcv, g.key, g.labels, send, now, self.external_url, opts.max_alerts)
+                    key = hashlib.sha256(json.dumps([rcv, g.id, sorted(firing), sorted(res), now]).encode()
+                                         ).hexdigest()[:32]
+                    outbox.append((key, rcv, "", payload))
+                self.nflog[(g.id, rcv)] = {"firing": sorted(firing), "resolved": sorted(res), "sent_at": now}
+                nflog.append((g.id, rcv, sorted(firing), sorted(res), now))
+        g.news.clear()
+        for fp in done:  # notified (or muted): a resolved alert leaves its group
+            g.alerts.pop(fp, None)
