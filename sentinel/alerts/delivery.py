@@ -17,8 +17,10 @@ that saves its state. Each round here consumes that log:
   group after the notification that reported them. ``max_alerts`` truncates a notification and counts
   the rest in ``truncatedAlerts``.
 
-Sentinel's one addition: an alert whose runbook findings arrived after it was notified makes its group's
-next flush notify again, so on-call sees the evidence without waiting for ``repeat_interval``.
+Sentinel's two additions: an alert whose runbook findings arrived after it was notified makes its group's
+next flush notify again, so on-call sees the evidence without waiting for ``repeat_interval``; and an
+alert replayed after a log-store outage (``flush``) flushes its group at once, so an episode that fired
+and ended while no one could see it is still told (firing, then resolved), not folded away as a flap.
 
 Groups, the notification log and the consumed position are saved with the notifications they produce,
 in one transaction: ``kill -9`` repeats at most one round, never loses one. Unlike Alertmanager, which
@@ -165,6 +167,19 @@ def needs_update(entry: Mapping[str, Any] | None, firing: set[str], resolved_: s
     return float(entry["sent_at"]) < now - repeat
 
 
+@dataclass
+class _Round:
+    """What one delivery round produces, saved in one transaction at its end."""
+
+    now: float
+    touched: set[str] = field(default_factory=set)
+    gone: list[str] = field(default_factory=list)
+    outbox: list[OutboxEntry] = field(default_factory=list)
+    nflog: list[tuple[str, str, list[str], list[str], float]] = field(default_factory=list)
+    silences: list[list[Any]] | None = None
+    firing: list[Mapping[str, str]] = field(default_factory=list)
+
+
 class Delivery:
     """Consumes the alerts handed over and queues the notifications; ``tick`` runs one round."""
 
@@ -203,8 +218,7 @@ class Delivery:
             return self._tick(self.clock() if now is None else now)
 
     def _tick(self, now: float) -> int:
-        touched: set[str] = set()
-        outbox: list[OutboxEntry] = []
+        rnd = _Round(now)
         cursor = self.cursor
         while True:
             batch = self.store.alert_log_after(cursor)
@@ -215,39 +229,37 @@ class Delivery:
             for name in self.alertmanagers:
                 body = alertmanager_body(events)
                 key = hashlib.sha256(json.dumps([name, batch[0][0], cursor]).encode()).hexdigest()[:32]
-                outbox.append((key, name, "", body))
-            for e in events:
-                self._insert(e, now, touched)
+                rnd.outbox.append((key, name, "", body))
+            for _, at, e in batch:  # a group's timers count from when its alert was handed over
+                self._insert(e, min(at, now), rnd)
             if len(batch) < 5000:
                 break
-        nflog: list[tuple[str, str, list[str], list[str], float]] = []
-        gone: list[str] = []
-        firing_labels: list[Mapping[str, str]] | None = None
-        silences = None
         for g in list(self.groups.values()):
-            if g.next_flush > now:
-                continue
-            if silences is None:
-                silences = [[parse_matcher(m) for m in s["matchers"]] for s in self.store.silences(now)]
-                firing_labels = list({fp: e["labels"] for grp in self.groups.values() for fp, e in grp.alerts.items()
-                                      if not resolved(e, now)}.values()) if self.inhibit_rules else []
-            assert firing_labels is not None
-            touched.add(g.id)
-            self._flush(g, now, silences, firing_labels, outbox, nflog)
-            if not g.alerts:
-                gone.append(g.id)
-                del self.groups[g.id]
-                for k in [k for k in self.nflog if k[0] == g.id]:
-                    del self.nflog[k]
-        if cursor != self.cursor or touched or outbox:
-            self.store.save_delivery(cursor, [self.groups[i].saved() for i in touched if i in self.groups], gone,
-                                     nflog, outbox, now)
+            if g.next_flush <= now:
+                self._flush_round(g, rnd)
+        if cursor != self.cursor or rnd.touched or rnd.outbox:
+            self.store.save_delivery(cursor, [self.groups[i].saved() for i in rnd.touched if i in self.groups],
+                                     rnd.gone, rnd.nflog, rnd.outbox, now)
             self.cursor = cursor
         if self.on_groups is not None:
             self.on_groups(len(self.groups))
-        return len(outbox)
+        return len(rnd.outbox)
 
-    def _insert(self, e: AlertEvent, now: float, touched: set[str]) -> None:
+    def _flush_round(self, g: AggGroup, rnd: _Round) -> None:
+        if rnd.silences is None:
+            now = rnd.now
+            rnd.silences = [[parse_matcher(m) for m in s["matchers"]] for s in self.store.silences(now)]
+            rnd.firing = list({fp: e["labels"] for grp in self.groups.values() for fp, e in grp.alerts.items()
+                               if not resolved(e, now)}.values()) if self.inhibit_rules else []
+        rnd.touched.add(g.id)
+        self._flush(g, rnd.now, rnd.silences, rnd.firing, rnd.outbox, rnd.nflog)
+        if not g.alerts:
+            rnd.gone.append(g.id)
+            del self.groups[g.id]
+            for k in [k for k in self.nflog if k[0] == g.id]:
+                del self.nflog[k]
+
+    def _insert(self, e: AlertEvent, at: float, rnd: _Round) -> None:
         labels = e["labels"]
         fp = event_fingerprint(e)
         for r in self.route.match(labels):
@@ -259,15 +271,19 @@ class Delivery:
                     gl[k] = labels[k]
             gid = f"{r.id}:{labels_string(gl)}"
             g = self.groups.get(gid)
+            if g is not None and g.next_flush <= at:
+                # the group was due before this alert arrived: Alertmanager's timer would have fired first
+                self._flush_round(g, rnd)
+                g = self.groups.get(gid)
             if g is None:
-                g = self.groups[gid] = AggGroup(gid, r, gl, now, now + r.group_wait)
+                g = self.groups[gid] = AggGroup(gid, r, gl, at, at + r.group_wait)
             prev = g.alerts.get(fp)
             g.alerts[fp] = e
             if prev is not None and e.get("sentinel") and prev.get("sentinel") != e.get("sentinel"):
                 g.news.add(fp)
-            if not g.flushed and float(e["starts_at"]) + r.group_wait < now:
-                g.next_flush = min(g.next_flush, now)
-            touched.add(gid)
+            if (not g.flushed and float(e["starts_at"]) + r.group_wait < at) or e.get("flush"):
+                g.next_flush = min(g.next_flush, at)
+            rnd.touched.add(gid)
 
     def _flush(self, g: AggGroup, now: float, silences: list[list[Any]], firing_labels: list[Mapping[str, str]],
                outbox: list[OutboxEntry], nflog: list[tuple[str, str, list[str], list[str], float]]) -> None:

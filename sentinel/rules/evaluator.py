@@ -334,6 +334,9 @@ class Evaluator:
         if agg is not None:
             due, kv = self._aggregate(rt, due, now, agg)
         outbox = self._events(rt, due)
+        if sent_at is not None:  # replayed: delivery tells the episode even if it is already over
+            for e in outbox:
+                e["flush"] = True
         snapshot = _persisted_state(rt.machine.active.values())
         changed = bool(outbox) or snapshot != rt.persisted or bool(kv)
         if rt.rule.log is not None:

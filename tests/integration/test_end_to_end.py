@@ -72,7 +72,10 @@ def run_sentinel(tmp_path: Path, receiver: Receiver, model_dir: Path, **extra: A
         "state_dir": str(tmp_path / "state"), "rules_dir": str(tmp_path / "rules"),
         "prometheus": {"scrape_interval": "1s"},
         "replicas": {"enable_faults": True, "admin_token": ADMIN_TOKEN, "model_dir": str(model_dir)},
-        "alerting": {"receivers": [{"name": "oncall", "url": receiver.url}]},
+        # Alertmanager-style grouping with timers short enough for a test: a page as soon as it fires
+        "alerting": {"receivers": [{"name": "oncall", "url": receiver.url}],
+                     "route": {"receiver": "oncall", "group_by": ["alertname", "replica"], "group_wait": "0s",
+                               "group_interval": "1s", "repeat_interval": "1h"}},
         "remediation": {"verify_timeout": "60s"}, **extra,
     }
     (tmp_path / "sentinel.yaml").write_text(yaml.safe_dump(config))
