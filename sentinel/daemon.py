@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -67,12 +69,15 @@ class Service:
 
 
 def bundled_model_dir(state_dir: Path) -> Path:
-    """The bundled model, generated once with a fixed seed (no download)."""
-    from inference_core.weights import make_tiny_checkpoint
-
+    """The bundled model, generated once with a fixed seed (no download), in a child process: the daemon
+    itself never loads torch (it would hold some 700 MiB more for its whole life)."""
     d = state_dir / "models" / "deepseek-tiny"
     if not (d / "config.json").exists():
-        make_tiny_checkpoint(d, seed=0)
+        code = "import sys; from pathlib import Path; from inference_core.weights import make_tiny_checkpoint; " \
+               "make_tiny_checkpoint(Path(sys.argv[1]), seed=0)"
+        p = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, check=False)
+        if p.returncode != 0 or not (d / "config.json").exists():
+            raise ServiceError(f"generating the bundled model in {d} failed: {p.stderr.strip()[-2000:]}")
     return d
 
 

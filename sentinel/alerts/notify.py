@@ -51,6 +51,11 @@ def _alert_keys(payload: Any) -> list[tuple[str, str]]:
     return [("", fingerprint(a.get("labels", {}))) for a in payload]
 
 
+def _lane(payload: Any) -> str:
+    """Notifications of one group go in order; different groups need not wait for each other."""
+    return str(payload.get("groupKey", "")) if isinstance(payload, dict) else ""
+
+
 def common_labels(maps: Sequence[Mapping[str, str]]) -> dict[str, str]:
     if not maps:
         return {}
@@ -78,9 +83,11 @@ def _without(payload: Any, drop: set[tuple[str, str]]) -> Any | None:
 
 
 class Dispatcher:
-    """Drains the outbox: one queue per receiver, the receivers concurrently, each queue in order.
+    """Drains the outbox: one queue per receiver, the receivers concurrently; within a receiver, each group's
+    notifications in order and up to ``lanes_per_receiver`` groups at once (Alertmanager, too, notifies
+    each group on its own).
 
-    A slow or dead receiver delays only its own queue. Within a queue the head goes first (a firing never
+    A slow or dead receiver delays only its own queue. Within a group the head goes first (a firing never
     overtakes into second place behind its own resolution), and before sending, an alert that a later
     notification of the same receiver and group carries again is dropped from the earlier one: after an
     outage only the newest state of each alert is delivered, as Alertmanager does. A queued row names its
@@ -92,8 +99,8 @@ class Dispatcher:
     def __init__(self, store: Store, client: httpx.Client, clock: Callable[[], float] = time.time,
                  max_backoff_s: float = 300.0, give_up_after_s: float = 3600.0,
                  on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16,
-                 signing: Mapping[str, tuple[str, bytes]] | None = None, urls: Mapping[str, str] | None = None
-                 ) -> None:
+                 signing: Mapping[str, tuple[str, bytes]] | None = None, urls: Mapping[str, str] | None = None,
+                 lanes_per_receiver: int = 8) -> None:
         self.store = store
         self.urls = dict(urls or {})
         self.signing = dict(signing or {})  # receiver name -> (key id, key): from the settings, never stored
@@ -103,6 +110,8 @@ class Dispatcher:
         self.give_up_after_s = give_up_after_s
         self.on_result = on_result or (lambda receiver, outcome: None)
         self._pool = ThreadPoolExecutor(max_workers=max_receivers, thread_name_prefix="notify")
+        self._lanes: dict[str, ThreadPoolExecutor] = {}  # per receiver: its groups delivered concurrently
+        self.lanes_per_receiver = lanes_per_receiver
         self._busy: set[str] = set()
         self._lock = threading.Lock()
 
@@ -121,38 +130,63 @@ class Dispatcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._lanes.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _drain(self, receiver: str) -> int:
+        """Deliver ``receiver``'s queue, a page at a time, until it is empty or a group's head must wait.
+        The groups (lanes) of a page go concurrently, each in order."""
         try:
-            queue = self.store.queue(receiver)
-            last: dict[tuple[str, str], int] = {}
-            for item, _ in queue:
-                for k in _alert_keys(item.payload):
-                    last[k] = item.id
             sent = 0
-            for item, next_at in queue:
-                drop = {k for k in _alert_keys(item.payload) if last[k] != item.id}
-                if drop:
-                    kept = _without(item.payload, drop)
-                    self.store.supersede(item.id, kept)
-                    if kept is None:
-                        self.on_result(receiver, "superseded")
-                        continue
-                    item = OutboxItem(item.id, item.key, item.receiver, item.url, kept, item.attempts,
-                                      item.created_at)
-                if next_at > self.clock():
-                    break  # the head is backing off: the rest of the queue waits, in order
-                outcome = self._deliver(item)
-                if outcome == "retry":
-                    break
-                sent += outcome == "sent"
-            return sent
+            while True:
+                queue = self.store.queue(receiver, limit=500)
+                if not queue:
+                    return sent
+                lanes: dict[str, list[tuple[OutboxItem, float]]] = {}
+                for item, next_at in queue:
+                    lanes.setdefault(_lane(item.payload), []).append((item, next_at))
+                if len(lanes) == 1:
+                    results = [self._drain_lane(receiver, next(iter(lanes.values())))]
+                else:
+                    with self._lock:
+                        pool = self._lanes.get(receiver)
+                        if pool is None:
+                            pool = self._lanes[receiver] = ThreadPoolExecutor(
+                                max_workers=self.lanes_per_receiver, thread_name_prefix=f"notify-{receiver}"[:15])
+                    results = list(pool.map(lambda lane: self._drain_lane(receiver, lane), lanes.values()))
+                sent += sum(n for n, _ in results)
+                if any(blocked for _, blocked in results):
+                    return sent  # what waits is tried again next round
         except Exception:  # a bug here must not stop delivery for good: logged, retried next round
             log.exception("delivery to %s failed", receiver)
             return 0
         finally:
             with self._lock:
                 self._busy.discard(receiver)
+
+    def _drain_lane(self, receiver: str, queue: list[tuple[OutboxItem, float]]) -> tuple[int, bool]:
+        """One group's notifications, in order: (sent, whether the head must wait)."""
+        last: dict[tuple[str, str], int] = {}
+        for item, _ in queue:
+            for k in _alert_keys(item.payload):
+                last[k] = item.id
+        sent = 0
+        for item, next_at in queue:
+            drop = {k for k in _alert_keys(item.payload) if last[k] != item.id}
+            if drop:
+                kept = _without(item.payload, drop)
+                self.store.supersede(item.id, kept)
+                if kept is None:
+                    self.on_result(receiver, "superseded")
+                    continue
+                item = OutboxItem(item.id, item.key, item.receiver, item.url, kept, item.attempts, item.created_at)
+            if next_at > self.clock():
+                return sent, True  # the head is backing off: the rest of its group waits, in order
+            outcome = self._deliver(item)
+            if outcome == "retry":
+                return sent, True
+            sent += outcome == "sent"
+        return sent, False
 
     def _deliver(self, item: OutboxItem) -> str:
         """One POST: "sent", "retry" (5xx, 429, network; the queue waits) or "failed" (any other 4xx)."""
