@@ -254,6 +254,9 @@ class Engine:
         bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"stop_token_ids: {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         if not prompt_ids or len(prompt_ids) >= self.max_model_len:
             raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens: must be 1..{self.max_model_len - 1}")
         rid = request_id or uuid.uuid4().hex

@@ -48,10 +48,10 @@ def sample_batch(logits: Tensor, params: list[SamplingParams], generators: list[
             if ban:
                 logits[i, list(ban)] = float("-inf")
     chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    greedy = [i for i, p in enumerate(params) if p.temperature <= 0]
+    greedy = [i for i, p in enumerate(params) if p.temperature < SAMPLING_EPS]
     if greedy:
         chosen[greedy] = logits[greedy].argmax(dim=-1)
-    rand = [i for i, p in enumerate(params) if p.temperature > 0]
+    rand = [i for i, p in enumerate(params) if p.temperature >= SAMPLING_EPS]
     if rand:
         probs = _filtered_probs(logits[rand], [params[i] for i in rand])
         free = [j for j, i in enumerate(rand) if generators[i] is None]
@@ -84,10 +84,15 @@ def token_logprobs(logits: Tensor, token_ids: list[int], top_n: int) -> list[Tok
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops, strict=True)]
 
 
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing by a tinier one overflows the
+# logits to inf and the probabilities to NaN.
+SAMPLING_EPS = 1e-5
+
+
 def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """Temperature, then top-k and top-p, per row, vectorized: [R, V] → probabilities."""
     temp = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    logits = logits / temp
+    logits = logits.float() / temp  # in float32: a small temperature must not overflow half precision
     vocab = logits.shape[-1]
     if any(0 < p.top_k < vocab for p in params) or any(p.top_p < 1.0 for p in params):
         sorted_l, idx = logits.sort(dim=-1, descending=True)
@@ -97,6 +102,7 @@ def _filtered_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
         top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
         sp = torch.softmax(sorted_l.masked_fill(drop, float("-inf")), dim=-1)
         drop |= (sp.cumsum(dim=-1) - sp) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[:, 0] = False  # and always the most likely token (a top_p that rounds to 0 in float32 keeps one)
         sorted_l = sorted_l.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_l)
     return torch.softmax(logits, dim=-1)

@@ -29,8 +29,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
+from inference_core.apidoc import AllowHeader, document
 from inference_core.engine import (
     Delta,
     Engine,
@@ -63,7 +64,7 @@ class _Common(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1 - 16)
+    seed: int | None = Field(None, ge=0, le=2**53 - 1)  # the largest integer every JSON client sends exactly
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -72,7 +73,7 @@ class _Common(BaseModel):
     # vLLM's extensions
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM: each choice carries prompt_token_ids and token_ids
 
@@ -86,7 +87,8 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[Annotated[int, Field(ge=0)]],
+                                                                        Field(min_length=1)]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -334,6 +336,14 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         want = max_tokens or 16
         if not ids:
             return openai_error(400, "prompt is empty", "invalid_request_error", "prompt")
+        bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            return openai_error(400, f"token id {bad} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                                "invalid_request_error", "prompt")
+        bad = next((t for t in body.stop_token_ids or () if not 0 <= t < engine.vocab_size), None)
+        if bad is not None:
+            return openai_error(400, f"stop_token_ids: {bad} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                                "invalid_request_error", "stop_token_ids")
         if len(ids) + want > engine.max_model_len:
             return openai_error(400, f"prompt ({len(ids)} tokens) plus max_tokens ({want}) exceeds the context "
                                 f"length {engine.max_model_len}", "invalid_request_error", "prompt")
@@ -488,9 +498,11 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             ids, text = engine.tokenizer.encode(body.prompt), body.prompt
         else:
             ids = list(body.prompt)
-            text = engine.tokenizer.decode(ids, skip_special_tokens=False) if body.echo else ""
+            text = ""
         if bad := check(body, ids, body.max_tokens):
             return bad
+        if body.echo and not isinstance(body.prompt, str):
+            text = engine.tokenizer.decode(ids, skip_special_tokens=False)
         shape = _Shape(False, body.logprobs, body.echo, text, body.return_token_ids)
         return await run(body, ids, body.max_tokens or 16, shape, raw)
 
@@ -525,6 +537,20 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             authorize(authorization)
             return vars(faults.arm(**body.model_dump()))
 
+    def scope_of(method: str, path: str) -> list[dict[str, list[str]]] | None:
+        if path.startswith("/admin/"):
+            return [{"bearer": ["admin"]}]
+        if path.startswith("/v1/"):
+            return [{"bearer": ["infer"]}] if gate.auth.enabled else [{}, {"bearer": ["infer"]}]
+        return None
+
+    document(app, scope_of, media={("GET", "/metrics"): ["text/plain"],
+                                   ("POST", "/v1/completions"): ["application/json", "text/event-stream"],
+                                   ("POST", "/v1/chat/completions"): ["application/json", "text/event-stream"]},
+             extra={"404": "the model named is not served", "413": "request body larger than --max-body-bytes",
+                    "503": "draining, loading, or the engine failed (Retry-After when it will pass)"},
+             description="OpenAI-compatible model API (completions, chat completions, models)")
+    app.add_middleware(AllowHeader, routes_of=lambda: app.routes)
     return app
 
 

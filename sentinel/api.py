@@ -9,21 +9,21 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator
 
+from inference_core.apidoc import AllowHeader, document
 from inference_core.security import Authenticator, AuthError, RateLimiter, hash_key
 from sentinel.alerts.notify import rfc3339
-from sentinel.alerts.silences import parse_matcher
+from sentinel.alerts.silences import MATCHER_PATTERN, parse_matcher
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
-from sentinel.inbound import WebhookPayload
+from sentinel.inbound import Timestamp, WebhookPayload
 from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import Rule
@@ -33,9 +33,10 @@ class SilenceIn(BaseModel):
     """A silence as Alertmanager's API takes it (matchers in its text form)."""
 
     model_config = ConfigDict(extra="forbid")
-    matchers: list[str] = Field(min_length=1, max_length=64)
-    startsAt: datetime | None = None  # noqa: N815 - Alertmanager's field names
-    endsAt: datetime  # noqa: N815
+    matchers: list[Annotated[str, StringConstraints(pattern=MATCHER_PATTERN, max_length=1000)]] = Field(
+        min_length=1, max_length=64)
+    startsAt: Timestamp | None = None  # noqa: N815 - Alertmanager's field names
+    endsAt: Timestamp  # noqa: N815
     createdBy: str = Field(min_length=1, max_length=200)  # noqa: N815
     comment: str = Field(min_length=1, max_length=2000)
 
@@ -185,6 +186,16 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
         set_paused(False)
         return {"status": "success", "data": {"paused": False}}
 
+    def scope_of(method: str, path: str) -> list[dict[str, list[str]]] | None:
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            return [{"bearer": ["operate"]}]
+        if path.startswith("/api/"):
+            return [{"bearer": ["read"]}] if protect_reads else [{}, {"bearer": ["read"]}]
+        return None
+
+    document(app, scope_of, media={("GET", "/metrics"): ["text/plain"]},
+             description="sentinel's API: alerts, rules, silences, remediation, the Alertmanager webhook")
+    app.add_middleware(AllowHeader, routes_of=lambda: app.routes)
     return app
 
 

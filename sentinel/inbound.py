@@ -5,9 +5,9 @@ recorded but never acted on."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sentinel.alerts.fingerprint import fingerprint
 from sentinel.alerts.state import Alert, State
@@ -15,13 +15,22 @@ from sentinel.alerts.store import AlertEvent
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 
 
+def _text(v: object) -> object:
+    if not isinstance(v, str | datetime):
+        raise ValueError("an RFC 3339 date-time string is expected")  # not a number taken as Unix seconds
+    return v
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_text)]
+
+
 class InboundAlert(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: Literal["firing", "resolved"]
     labels: dict[str, str] = Field(min_length=1)
     annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: datetime  # noqa: N815 - Alertmanager's field name
-    endsAt: datetime | None = None  # noqa: N815
+    startsAt: Timestamp  # noqa: N815 - Alertmanager's field name
+    endsAt: Timestamp | None = None  # noqa: N815
     fingerprint: str | None = None
 
 

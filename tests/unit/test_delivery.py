@@ -172,3 +172,24 @@ def test_a_replayed_episode_that_already_ended_is_still_told(tmp_path: Path) -> 
     assert [(t, a) for t, _, _, a in sent(store)] == [(200, [("", "firing")]), (200, [("", "resolved")])]
     d.tick(T0 + 500)
     assert len(sent(store)) == 2
+
+
+def test_inbound_alerts_are_relayed_with_their_times(tmp_path: Path) -> None:
+    """An Alertmanager webhook's alerts (firing with the zero endsAt, then resolved) go through the routing
+    tree like sentinel's own: a firing one stays firing until its resolution arrives."""
+    from sentinel.inbound import WebhookPayload, inbound_events
+
+    def hook(status: str, ends: str) -> WebhookPayload:
+        return WebhookPayload.model_validate({"version": "4", "status": status, "receiver": "sentinel", "alerts": [
+            {"status": status, "labels": {"alertname": "NodeDown", "instance": "n1"},
+             "startsAt": "2027-01-15T08:00:00Z", "endsAt": ends}]})
+
+    store, d = make(tmp_path, {**ROUTE, "group_wait": "0s"})
+    [e] = inbound_events(hook("firing", "0001-01-01T00:00:00Z"))
+    assert e["ends_at"] == 0.0 and e["starts_at"] == T0
+    store.log_alerts([e], T0 + 10)
+    d.tick(T0 + 10)
+    d.tick(T0 + 5000)  # no end known: still firing, not resolved by time
+    store.log_alerts(inbound_events(hook("resolved", "2027-01-15T08:30:00Z")), T0 + 5000)
+    d.tick(T0 + 5000 + 300)
+    assert [a for _, _, _, a in sent(store)] == [[("", "firing")], [("", "resolved")]]
