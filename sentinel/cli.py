@@ -329,6 +329,28 @@ def deploy_filebeat(
     _write(out, render())
 
 
+@deploy_app.command("monitoring")
+def deploy_monitoring(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file (default: the "
+                                                "defaults plus an example on-call receiver)")] = None,
+    out: Annotated[Path, typer.Option(help="the deploy folder")] = Path("deploy"),
+) -> None:
+    """Write prometheus/prometheus.yml and alertmanager/alertmanager.yml (scrape jobs, rule files, routing,
+    receivers and inhibition from sentinel's settings and rules), for a Prometheus and Alertmanager of your
+    own."""
+    from sentinel.errors import SentinelError
+    from sentinel.generate.monitoring import example_settings, render_alertmanager, render_prometheus
+    from sentinel.settings import load_settings
+
+    try:
+        s = load_settings(config) if config is not None else example_settings()
+    except SentinelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _write(out / "prometheus" / "prometheus.yml", render_prometheus(s))
+    _write(out / "alertmanager" / "alertmanager.yml", render_alertmanager(s))
+
+
 @app.command("alerts")
 def alerts_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
