@@ -351,6 +351,73 @@ def deploy_monitoring(
     _write(out / "alertmanager" / "alertmanager.yml", render_alertmanager(s))
 
 
+@app.command("plan")
+def plan_cmd(
+    config: Annotated[Path | None, typer.Option("--model", "-m", help="a model directory or its config.json")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="a parameter count instead: 7B, 67B, 175B")] = None,
+    dtype: Annotated[str, typer.Option(help="weights: bf16, fp16, fp32, or int8/int4 (weight-only)")] = "bf16",
+    kv_dtype: Annotated[str, typer.Option(help="KV cache precision")] = "bf16",
+    context: Annotated[int, typer.Option(min=1, help="tokens per sequence (prompt + output)")] = 4096,
+    sequences: Annotated[int, typer.Option(min=1, help="sequences served at once")] = 16,
+    prompt_tokens: Annotated[int, typer.Option(min=1, help="prompt prefilled within the TTFT target")] = 2048,
+    ttft_ms: Annotated[float, typer.Option(min=1, help="prefill target (the seed: P99 < 500 ms)")] = 500.0,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """How many GPUs of each common type a model needs (memory and the latency target), the tensor-parallel
+    degree and the interconnect (the seed's section 2)."""
+    import json as _json
+
+    from pydantic import ValidationError
+
+    from sentinel.plan import BYTES, geometry_for, load_config, make_plan, parse_params
+
+    if (config is None) == (params is None):
+        raise typer.BadParameter("give --model (a config.json) or --params (a parameter count)", param_hint="--model")
+    for name, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype)):
+        if value not in BYTES:
+            raise typer.BadParameter(f"{value!r}: one of {', '.join(BYTES)}", param_hint=name)
+    count: int | None = None
+    try:
+        if config is not None:
+            cfg = load_config(config)
+            label = str(config)
+        else:
+            assert params is not None
+            count = int(parse_params(params))
+            cfg, label = geometry_for(count), f"{params} parameters"
+    except (OSError, ValueError, ValidationError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    p = make_plan(cfg, label, dtype=dtype, kv_dtype=kv_dtype, context=context, sequences=sequences,
+                  prompt_tokens=prompt_tokens, ttft_target_s=ttft_ms / 1000, params=count)
+    if json_out:
+        typer.echo(_json.dumps(p.as_dict()))
+        return
+    gb = 1e9
+    console.print(f"[bold]{p.model}[/]: {p.parameters / 1e9:.2f}B parameters in {p.dtype} = "
+                  f"{p.weights_bytes / gb:.1f} GB; KV cache {p.kv_bytes_per_token / 1024:.0f} KiB/token x "
+                  f"{p.context_tokens} tokens x {p.concurrent_sequences} sequences = {p.kv_cache_bytes / gb:.1f} GB; "
+                  f"activations {p.activation_bytes / gb:.1f} GB; runtime {p.runtime_bytes / gb:.1f} GB per GPU")
+    table = Table()
+    for col in ("GPU", "GPUs", "TP", "per GPU", "prefill", "tok/s/seq", "link", "fits"):
+        table.add_column(col)
+    for o in p.options:
+        star = " *" if p.recommended is o else ""
+        link = "-" if o.gpus == 1 else ("NVLink" if "NVLink/NVSwitch" in o.interconnect else "PCIe") + (
+            " + IB" if "InfiniBand" in o.interconnect else "")
+        table.add_row(o.gpu + star, str(o.gpus), str(o.tensor_parallel),
+                      f"{o.per_gpu_bytes / gb:.1f}/{o.gpu_memory_bytes / gb:.0f} GB", f"{o.prefill_ms:.0f} ms",
+                      f"{o.decode_tokens_per_s:.0f}", link, "[green]yes[/]" if o.fits else f"[red]no[/]: {o.why_not}")
+    console.print(table)
+    if p.recommended is not None:
+        r = p.recommended
+        console.print(f"recommended (*): {r.gpus} x {r.gpu}, tensor parallel {r.tensor_parallel}; {r.interconnect}")
+    else:
+        console.print(f"[red]{p.interconnect}[/]")
+    for n in p.notes:
+        console.print(f"note: {n}")
+
+
 @app.command("alerts")
 def alerts_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
