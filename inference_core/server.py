@@ -284,9 +284,13 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body")
-        return openai_error(400, f"{param}: {first['msg']}", "invalid_request_error", param)
+        # the deepest error: of a union's branches, the one that got furthest into the value (for prompt=[-1],
+        # the token id, not "not a string"); pydantic's branch tags are left out of the parameter's name
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
+        param = ".".join(str(p) for p in first["loc"] if p != "body" and (isinstance(p, int) or str(p).isidentifier()))
+        got = first.get("input")
+        shown = f" (got {got!r})" if isinstance(got, int | float | str) and len(repr(got)) <= 80 else ""
+        return openai_error(400, f"{param}: {first['msg']}{shown}", "invalid_request_error", param)
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:  # OpenAI's error shape for every error

@@ -128,7 +128,8 @@ def test_out_of_vocabulary_ids_are_a_400_and_the_replica_keeps_serving(server: S
     for bad in ([1, 2, 10**6], [-1], [2**40]):
         with pytest.raises(openai.BadRequestError) as info:
             server.client.completions.create(model=MODEL, prompt=bad, max_tokens=2)
-        assert str(bad[-1]) in str(info.value) and "outside the vocabulary" in str(info.value)
+        msg = str(info.value)  # a negative id is refused by the schema, a too large one by the vocabulary
+        assert str(bad[-1]) in msg and ("outside the vocabulary" in msg or "greater than or equal to 0" in msg), msg
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert server.client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3).usage.completion_tokens >= 1
 
