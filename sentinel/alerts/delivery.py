@@ -210,6 +210,7 @@ class Delivery:
         self.cursor = int(store.get("delivery:cursor") or 0)
         if gone:
             log.warning("dropping %d alert group(s) whose route is no longer configured", len(gone))
+            self.nflog = {k: v for k, v in self.nflog.items() if k[0] not in set(gone)}
             store.save_delivery(self.cursor, [], gone, [], [], self.clock())
 
     def tick(self, now: float | None = None) -> int:

@@ -82,12 +82,16 @@ class InhibitRule(BaseModel):
         return [parse_matcher(t) for t in self.target_matchers]
 
 
-# The default: a replica that is down inhibits that replica's latency and GPU utilization alerts (they are
+# The defaults: a replica that is down inhibits that replica's latency and GPU utilization alerts (they are
 # its consequences, not news).
-DEFAULT_INHIBIT_RULES = [InhibitRule(
-    source_matchers=['alertname="InferenceReplicaDown"'],
-    target_matchers=['alertname=~"InferenceLatency.*|GpuUtilization.*|GpuSaturatedScaleOut"'],
-    equal=["replica"])]
+DEFAULT_INHIBIT_RULES = [
+    InhibitRule(source_matchers=['alertname="InferenceReplicaDown"'],
+                target_matchers=['alertname=~"InferenceLatency.*|GpuUtilization.*|GpuSaturatedScaleOut"'],
+                equal=["replica"]),
+    # a datasource that is down explains each of its rules failing: one page, not one per rule
+    InhibitRule(source_matchers=['alertname="SentinelDatasourceDown"'],
+                target_matchers=['alertname="SentinelRuleEvaluationFailing"'], equal=["datasource"]),
+]
 
 
 def inhibited(labels: Mapping[str, str], firing: Sequence[Mapping[str, str]], rules: Sequence[InhibitRule]) -> bool:

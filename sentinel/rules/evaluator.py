@@ -26,6 +26,7 @@ from sentinel.rules.sources import LogRuleSource, PromQLSource
 log = logging.getLogger(__name__)
 META_ALERT = "SentinelRuleEvaluationFailing"
 UNDELIVERABLE_ALERT = "SentinelNotificationUndeliverable"
+DATASOURCE_DOWN_ALERT = "SentinelDatasourceDown"
 UNDELIVERABLE_WINDOW_S = 3600.0
 
 
@@ -101,6 +102,18 @@ class Evaluator:
         self.undeliverable = RuleRuntime(group, rule, self._machine(group, rule))
         for a in self.store.load_rule_state(self.undeliverable.key):
             self.undeliverable.machine.active[a.fingerprint] = a
+        # one cause, one page: when every rule of a datasource fails, this alert says so, and the default
+        # inhibition mutes the per-rule SentinelRuleEvaluationFailing alerts it explains
+        rule = Rule.model_validate({
+            "alert": DATASOURCE_DOWN_ALERT, "expr": "(sentinel internal)", "for": self.meta_for,
+            "labels": {"severity": "page"},
+            "annotations": {"summary": "every {{ $labels.datasource }} rule fails ({{ $value }} rules): the "
+                            "{{ $labels.datasource }} datasource is down or unreachable; alerts keep their last state",
+                            "description": "`sentinel alerts` and /api/v1/rules show each rule's last error"}})
+        group = LoadedGroup(file="(sentinel)", group=Group(name="sentinel-datasource-internal", rules=[rule]))
+        self.datasource_down = RuleRuntime(group, rule, self._machine(group, rule))
+        for a in self.store.load_rule_state(self.datasource_down.key):
+            self.datasource_down.machine.active[a.fingerprint] = a
 
     def load(self, groups: Sequence[LoadedGroup]) -> None:
         """Install a rule set; rules whose definition is unchanged keep their in-memory state."""
@@ -389,6 +402,14 @@ class Evaluator:
             firing_before = {a.fingerprint for a in self.meta.machine.firing()}
             self.meta.machine.eval(now, failing)
             self._after_eval(self.meta, now, firing_before)
+        by_source: dict[str, list[bool]] = {}
+        for rt in self.all_runtimes():
+            by_source.setdefault("logs" if rt.rule.log is not None else "prometheus", []).append(rt.health == "err")
+        down = [Sample({"datasource": ds}, float(len(errs))) for ds, errs in by_source.items() if errs and all(errs)]
+        with self._lock:
+            firing_before = {a.fingerprint for a in self.datasource_down.machine.firing()}
+            self.datasource_down.machine.eval(now, down)
+            self._after_eval(self.datasource_down, now, firing_before)
         # notifications that could not be delivered are said to the receivers that can still hear it
         lost = [Sample({"receiver": rcv}, float(n))
                 for rcv, (n, _) in self.store.undelivered(now - UNDELIVERABLE_WINDOW_S).items()]
@@ -430,7 +451,7 @@ class Evaluator:
             self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:
-        internal = rt is self.meta or rt is self.undeliverable
+        internal = rt is self.meta or rt is self.undeliverable or rt is self.datasource_down
         if rt.rule.expr is not None and self.promql is not None and not internal:
             q = urllib.parse.urlencode({"g0.expr": rt.rule.expr, "g0.tab": "1"})
             return f"{self.promql.url}/graph?{q}"
@@ -438,4 +459,4 @@ class Evaluator:
 
     def all_runtimes(self, include_meta: bool = False) -> list[RuleRuntime]:
         return [rt for rts in self.runtimes.values() for rt in rts] + (
-            [self.meta, self.undeliverable] if include_meta else [])
+            [self.meta, self.undeliverable, self.datasource_down] if include_meta else [])

@@ -112,3 +112,26 @@ def test_silence_cli(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "a matcher is" in bad.output
     assert CliRunner().invoke(app, ["silence", "expire", sid[:12], "-c", str(cfg)]).exit_code == 0
     assert CliRunner().invoke(app, ["silence", "list", "--json", "-c", str(cfg)]).output.strip() == "[]"
+
+
+def test_a_datasource_down_is_one_page_not_one_per_rule(tmp_path: Path) -> None:
+    """Prometheus unreachable: every PromQL rule fails. SentinelDatasourceDown fires, and the default
+    inhibition mutes the per-rule SentinelRuleEvaluationFailing alerts it explains."""
+    from sentinel.netutil import free_port
+    from sentinel.rules.sources import PromQLSource
+
+    store = Store(tmp_path / "s.db")
+    rules = [Rule.model_validate({"alert": f"R{i}", "expr": "up == 0"}) for i in range(3)]
+    g = LoadedGroup(file="f", group=Group(name="g", rules=rules))
+    now = 1_000.0
+    ev = Evaluator(store, PromQLSource(f"http://127.0.0.1:{free_port()}", 1), None, meta_for=0, clock=lambda: now)
+    ev.load([g])
+    ev.eval_group(g.key)  # evaluates the meta-alerts too
+    assert len(ev.meta.machine.firing()) == 3
+    [down] = ev.datasource_down.machine.firing()
+    assert down.labels == {"alertname": "SentinelDatasourceDown", "datasource": "prometheus", "severity": "page"}
+    delivery = Delivery(store, build(default_tree(["oncall"])), {"oncall": ReceiverOptions()},
+                        inhibit_rules=DEFAULT_INHIBIT_RULES)
+    delivery.tick(now + 31)
+    sent = [a["labels"]["alertname"] for i in store.due(float("inf"), 1000) for a in i.payload["alerts"]]
+    assert sent == ["SentinelDatasourceDown"]
