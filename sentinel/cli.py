@@ -351,6 +351,26 @@ def deploy_monitoring(
     _write(out / "alertmanager" / "alertmanager.yml", render_alertmanager(s))
 
 
+@deploy_app.command("kubernetes")
+def deploy_kubernetes(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    out: Annotated[Path, typer.Option(help="where to write it")] = Path("deploy/kubernetes/inference.yaml"),
+) -> None:
+    """Write deploy/kubernetes/inference.yaml: the replicas' Deployment (the seed's resources, probes), Service,
+    PodDisruptionBudget, autoscaler, ServiceMonitor and PrometheusRule (the exported rules)."""
+    from sentinel.errors import SentinelError
+    from sentinel.generate.kubernetes import render
+    from sentinel.settings import load_settings
+
+    try:
+        s = load_settings(config)
+        text = render(s, s.rules_dir)
+    except SentinelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    _write(out, text)
+
+
 @app.command("plan")
 def plan_cmd(
     config: Annotated[Path | None, typer.Option("--model", "-m", help="a model directory or its config.json")] = None,
