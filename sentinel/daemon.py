@@ -170,7 +170,8 @@ class Daemon:
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout),
             LogRuleSource(counter, lambda: shipper.visible_until(settle), slack_s=s.logs.ship_interval + 2.0 + settle),
             s.alerting.evaluation_interval, s.alerting.resend_delay, self.api_url, self.metrics,
-            meta_for=s.alerting.meta_for, catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url))
+            meta_for=s.alerting.meta_for, catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url),
+            relay_inbound=s.alerting.relay_inbound)
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
         evaluator.on_firing = self._on_firing

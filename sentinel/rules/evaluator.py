@@ -82,6 +82,7 @@ class Evaluator:
     catch_up_max: float = 3600.0  # log rules: replay at most this much of a gap (0: never)
     writer: RemoteWriter | None = None  # where recording rules write their results (Prometheus's remote write)
     learned: LearnedThresholds = field(default_factory=LearnedThresholds)
+    relay_inbound: bool = False  # findings of inbound alerts are handed to delivery with them
 
     def __post_init__(self) -> None:
         rule = Rule.model_validate({
@@ -443,6 +444,13 @@ class Evaluator:
         """Send the episode's runbook findings at once, if the alert is still firing."""
         with self._lock:
             a = rt.machine.active.get(alert.fingerprint)
+            if a is None and self.relay_inbound and alert.state == State.FIRING:
+                # an alert that arrived on the inbound webhook (this rule's name, another system's evaluation):
+                # its findings go with it as relayed, with no end known, as the relay handed it over
+                e = self._events(rt, [alert], {alert.fingerprint: {"findings": findings}})[0]
+                e["ends_at"] = 0.0
+                self.store.log_alerts([e], self.clock())
+                return
             if a is None or a.state != State.FIRING or a.active_at != alert.active_at:
                 return
             now = self.clock()

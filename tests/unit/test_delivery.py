@@ -193,3 +193,31 @@ def test_inbound_alerts_are_relayed_with_their_times(tmp_path: Path) -> None:
     store.log_alerts(inbound_events(hook("resolved", "2027-01-15T08:30:00Z")), T0 + 5000)
     d.tick(T0 + 5000 + 300)
     assert [a for _, _, _, a in sent(store)] == [[("", "firing")], [("", "resolved")]]
+
+
+def test_findings_of_an_inbound_alert_go_with_it(tmp_path: Path) -> None:
+    """An alert relayed from Alertmanager runs its rule's runbook; the findings reach the receivers with it
+    (the alert is not in the rule's own state: another system evaluated it)."""
+    from sentinel.alerts.state import Alert, State
+    from sentinel.rules.evaluator import Evaluator
+    from sentinel.rules.model import Group, LoadedGroup, Rule
+
+    store, d = make(tmp_path, {**ROUTE, "group_wait": "0s"})
+    ev = Evaluator(store, None, None, relay_inbound=True, clock=lambda: T0 + 20)
+    ev.load([LoadedGroup(file="r.yaml", group=Group(name="g", rules=[Rule.model_validate(
+        {"alert": "CudaError", "log": {"filter": [{"exists": "cuda_error"}]}})]))])
+    [rt] = ev.all_runtimes()
+    labels = {"alertname": "CudaError", "replica": "r0"}
+    relayed = ev_alert(labels)
+    store.log_alerts([relayed], T0)  # relayed at T0, as inbound_events hands it over
+    d.tick(T0)
+    alert = Alert(labels, {}, 0.0, State.FIRING, T0, fired_at=T0)
+    ev.notify_findings(rt, alert, {"status": "ok", "summary": "Xid 79 on GPU 0"})
+    d.tick(T0 + 300)
+    last = store.due(float("inf"))[-1].payload["alerts"][0]
+    assert last["sentinel"]["findings"]["summary"] == "Xid 79 on GPU 0" and last["status"] == "firing"
+    assert relayed["ends_at"] == 0.0 and len(store.due(float("inf"))) == 2  # the page, then the evidence
+
+
+def ev_alert(labels: dict[str, str]) -> AlertEvent:
+    return {"labels": labels, "annotations": {}, "starts_at": T0, "ends_at": 0.0, "generator_url": ""}
