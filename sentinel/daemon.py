@@ -174,6 +174,14 @@ class Daemon:
             relay_inbound=s.alerting.relay_inbound)
         self.runbooks = AlertRunbooks(self.store, books, self._runbook_context, evaluator.notify_findings,
                                       s.diagnostics.max_parallel_runbooks)
+        # what a previous run (killed with -9) left unfinished: runbooks run again, actions get an outcome
+        for rule, fp, active_at in self.store.interrupted_findings():
+            self.store_audit("recovery", f"{rule}/{fp}/{active_at:.3f}", outcome="runbook-rerun",
+                             detail="sentinel stopped while this runbook ran; it runs again if the alert fires")
+        interrupted = self.remediator.recover()
+        if interrupted:
+            log.warning("%d remediation(s) were interrupted by the last stop; verifying their targets",
+                        len(interrupted))
         evaluator.on_firing = self._on_firing
         self.registry.register(evaluator.learned)
         evaluator.load(groups)

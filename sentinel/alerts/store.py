@@ -342,6 +342,28 @@ class Store:
             db.execute("UPDATE remediations SET finished_at = ?, outcome = ? WHERE incident = ?",
                        (now, outcome, incident))
 
+    def unfinished_remediations(self) -> list[Remediation]:
+        """Actions started and never finished: sentinel stopped (``kill -9``) while they ran."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM remediations WHERE finished_at IS NULL ORDER BY started_at"
+                                    ).fetchall()
+        return [Remediation(*r) for r in rows]
+
+    def abort_remediation(self, incident: str, now: float) -> None:
+        """An interrupted action that did not leave its target healthy: kept (it counts towards the hourly
+        limit) under another key, so the incident can be remediated again once its rule still says so."""
+        with self.tx() as db:
+            db.execute("UPDATE remediations SET incident = ?, finished_at = ?, outcome = 'aborted' WHERE incident = ?",
+                       (f"{incident}#aborted@{now:.3f}", now, incident))
+
+    def interrupted_findings(self) -> list[tuple[str, str, float]]:
+        """Runbook runs that never finished (sentinel stopped while they ran): forgotten, so the episode's next
+        evaluation runs its runbook again. Returns (rule, fingerprint, active_at) of each."""
+        with self.tx() as db:
+            rows = db.execute("SELECT rule, fingerprint, active_at FROM findings WHERE status = 'running'").fetchall()
+            db.execute("DELETE FROM findings WHERE status = 'running'")
+        return [(r[0], r[1], float(r[2])) for r in rows]
+
     def remediations(self, since: float = 0.0) -> list[Remediation]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM remediations WHERE started_at >= ? ORDER BY started_at",

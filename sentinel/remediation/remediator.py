@@ -60,8 +60,8 @@ class Remediator:
         req = ActionRequest(rule, action, target, a.fingerprint, incident, firing=a.fired_at > 0 and not a.resolved_at)
         past = self.store.remediations(since=now - 3600)
         # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked
-        on_target = [r.started_at for r in past
-                     if (r.target == target and action not in SCALE) or (action in SCALE and r.action in SCALE)]
+        on_target = [r.started_at for r in past if r.outcome != "aborted" and (
+            (r.target == target and action not in SCALE) or (action in SCALE and r.action in SCALE))]
         with self._lock:
             hist = History(frozenset(self.actuator.targets()), any(r.incident == incident for r in past),
                            max(on_target) if on_target else None, len(past), self._in_flight)
@@ -107,6 +107,38 @@ class Remediator:
             log.error("remediation %s on %s %s: %s; a human is needed", action, target, outcome, evidence)
         else:
             log.warning("remediation %s on %s succeeded in %.1fs", action, target, now - t0)
+
+    def recover(self) -> list[str]:
+        """At start: actions a previous run began and never finished (it was killed) get an outcome. Each
+        target is verified in the background: healthy within the verify timeout is 'interrupted-verified';
+        otherwise the action is marked aborted and its incident may be remediated again when its rule, evaluated
+        afresh, still fires (the aborted attempt counts towards the hourly limit, not the cooldown). The audit
+        says which. Returns the incidents found."""
+        found = self.store.unfinished_remediations()
+        for r in found:
+            self._pool.submit(self._recover, r)
+        return [r.incident for r in found]
+
+    def _recover(self, r: Remediation) -> None:
+        try:
+            healthy = bool(r.target) and r.target in self.actuator.targets() and \
+                self.actuator.verify(r.target, self.verify_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - audited as not verified
+            log.warning("verifying interrupted %s on %s failed: %s", r.action, r.target, exc)
+            healthy = False
+        now = self.clock()
+        if healthy:
+            self.store.finish_remediation(r.incident, now, "interrupted-verified")
+        else:
+            self.store.abort_remediation(r.incident, now)
+        outcome = "interrupted-verified" if healthy else "aborted"
+        self.store.audit(now, "recovery", r.incident, action=r.action, target=r.target, outcome=outcome,
+                         started_at=r.started_at, detail="sentinel stopped while this action ran; " + (
+                             "its target is healthy" if healthy else
+                             "its target is not healthy: the incident is re-evaluated by its rule"))
+        log.warning("interrupted remediation %s on %s: %s", r.action, r.target, outcome)
+        if self.metrics:
+            self.metrics.remediations.labels(r.action, outcome).inc()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)

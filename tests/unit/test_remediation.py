@@ -161,3 +161,63 @@ def test_hostile_labels_never_reach_a_runbook_command(tmp_path: Path) -> None:
     assert recorded, "the stand-in nvidia-smi was never run: the test would prove nothing"
     assert not any(v in recorded or v.strip("`$()") in recorded for v in HOSTILE[:4]), recorded
     assert not os.path.exists("/tmp/sentinel-pwned")
+
+
+KILLED_MID_ACTION = """
+import os, signal, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from sentinel.alerts.store import Store
+from sentinel.remediation.policy import Guardrails
+from sentinel.remediation.remediator import Remediator
+from tests.unit.test_remediation import firing
+
+class Stuck:
+    def targets(self): return {"replica-0"}
+    def act(self, action, target):
+        os.kill(os.getpid(), signal.SIGKILL)  # sentinel dies in the middle of the restart
+    def verify(self, target, timeout_s): return True
+
+store = Store(Path(sys.argv[1]))
+assert store.claim_findings("f;g;CudaError", "fp", 1.0, 100.0)  # a runbook was running too
+Remediator(store, Stuck(), Guardrails(cooldown_s=300), clock=lambda: 100.0).consider("CudaError", "restart", firing())
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_kill_9_mid_remediation_is_resolved_on_restart(tmp_path: Path, healthy: bool) -> None:
+    """sentinel is killed with -9 while a restart runs. The next run verifies the target: healthy, the action
+    ends 'interrupted-verified'; not healthy, it is marked aborted, and the incident, still firing, is acted on
+    again at once (the aborted try counts towards the hourly limit, not the cooldown). The runbook that was
+    running is forgotten, so it runs again. The audit says which."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    db = tmp_path / "s.db"
+    p = subprocess.run([sys.executable, "-c", KILLED_MID_ACTION, str(db), str(ROOT)], capture_output=True, text=True,
+                       timeout=60, check=False, cwd=ROOT)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    store = Store(db)
+    [left] = store.unfinished_remediations()
+    assert left.outcome is None
+    assert store.interrupted_findings() == [("f;g;CudaError", "fp", 1.0)]
+    assert store.claim_findings("f;g;CudaError", "fp", 1.0, 200.0)  # the runbook may run again
+    a = Actuator(healthy=healthy)
+    r = Remediator(store, a, Guardrails(cooldown_s=300), clock=lambda: 200.0)
+    assert r.recover() == [left.incident]
+    r.shutdown()
+    [rec] = [e for e in store.audit_log() if e["kind"] == "recovery"]
+    assert rec["outcome"] == ("interrupted-verified" if healthy else "aborted")
+    assert store.unfinished_remediations() == []
+    r = Remediator(store, a, Guardrails(cooldown_s=300), clock=lambda: 200.0)
+    again = r.consider("CudaError", "restart", firing())
+    r.shutdown()
+    if healthy:
+        assert not again.act  # verified: the incident was handled
+    else:
+        assert again.act, again.reason  # aborted: acted on again, not held by the cooldown
+        assert [x.outcome for x in store.remediations()] == ["aborted", "failed-verification"]
