@@ -183,6 +183,14 @@ class Daemon:
             log.warning("%d remediation(s) were interrupted by the last stop; verifying their targets",
                         len(interrupted))
         evaluator.on_firing = self._on_firing
+        log_source = evaluator.logs
+        assert log_source is not None
+
+        def evidence(rt: RuleRuntime, a: Alert, since: float) -> bool | None:
+            assert rt.rule.log is not None
+            return log_source.evidence_since(rt.rule.log, a.labels, since, time.time())
+
+        self.remediator.evidence = evidence
         self.registry.register(evaluator.learned)
         evaluator.load(groups)
         self.evaluator = evaluator

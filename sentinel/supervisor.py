@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,7 @@ class Replica:
         self.children = children
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.started_at = 0.0  # when the current incarnation started (evidence before it is about another)
         self._lock = threading.Lock()
 
     @property
@@ -133,6 +135,7 @@ class Replica:
         if self.spec.admin_token:
             env[ADMIN_TOKEN_ENV] = self.spec.admin_token
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
         out = (self.run_dir / f"{self.spec.name}.out").open("ab")
         self.proc = subprocess.Popen(self.spec.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
@@ -228,3 +231,8 @@ class Supervisor:
 
     def verify(self, target: str, timeout_s: float) -> bool:
         return self.replicas[target].wait_healthy(timeout_s)
+
+    def incarnation(self, target: str) -> float | None:
+        """When the target's current process started (None: unknown target)."""
+        r = self.replicas.get(target)
+        return r.started_at if r is not None and r.started_at else None

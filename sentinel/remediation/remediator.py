@@ -45,13 +45,51 @@ class Remediator:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._last_reason: dict[str, str] = {}
+        # for log rules: whether the alert's events are still there counting only those after a time (the
+        # target's current incarnation); set by the daemon from the log rule source
+        self.evidence: Callable[[RuleRuntime, Alert, float], bool | None] | None = None
 
     def on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
         action = rt.rule.sentinel.remediation
         if action is None:
             return
         for a in alerts:
+            stale = self._stale(rt, action, a)
+            if stale:
+                self._skip(rt.rule.name, action, a, stale)
+                continue
             self.consider(rt.rule.name, action, a)
+
+    def _stale(self, rt: RuleRuntime, action: str, a: Alert) -> str | None:
+        """Why the alert's evidence says nothing about the target as it runs now, if it does not: every event
+        behind a log rule's alert predates the target's current incarnation (say, a rule reload widened the
+        window over a line from before the last restart). Never acts on a process that is already gone."""
+        target = a.labels.get(TARGET_LABEL)
+        incarnation = getattr(self.actuator, "incarnation", None)
+        if rt.rule.log is None or action in SCALE or target is None or self.evidence is None or incarnation is None:
+            return None
+        since = incarnation(target)
+        if since is None:
+            return None
+        try:
+            fresh = self.evidence(rt, a, since)
+        except Exception as exc:  # noqa: BLE001 - unverifiable evidence never triggers an action
+            return f"cannot check the evidence against {target}'s current incarnation: {exc}"
+        if fresh is not False:
+            return None
+        return (f"the evidence predates {target}'s current incarnation (started "
+                f"{time.strftime('%H:%M:%S', time.gmtime(since))}Z): it was about the process before it")
+
+    def _skip(self, rule: str, action: str, a: Alert, reason: str) -> None:
+        incident = f"{rule}/{a.fingerprint}/{a.active_at:.3f}"
+        if self._last_reason.get(incident) == reason:
+            return
+        self._last_reason[incident] = reason
+        self.store.audit(self.clock(), "decision", incident, rule=rule, action=action,
+                         target=a.labels.get(TARGET_LABEL), act=False, reason=reason, labels=a.labels, value=a.value)
+        if self.metrics:
+            self.metrics.remediations.labels(action, "skipped").inc()
+        log.warning("not acting on %s: %s", incident, reason)
 
     def consider(self, rule: str, action: str, a: Alert) -> Decision:
         now = self.clock()

@@ -113,6 +113,23 @@ class LogRuleSource:
         """How far behind the present the store may be in normal operation."""
         return self.slack_s if self.shipped_until is not None else 0.0
 
+    def evidence_since(self, q: LogQuery, labels: dict[str, str], since: float, at: float) -> bool | None:
+        """Whether the events that make an ``any``/``frequency`` rule fire for the group ``labels`` are still
+        there counting only those after ``since`` (within the rule's window ending at ``at``). None where the
+        rule type does not rest on counted events (flatline, spike, percentages, aggregations)."""
+        if q.type not in ("any", "frequency"):
+            return None
+        at -= q.query_delay
+        start = max(at - q.timeframe, since)
+        if start >= at:
+            return False
+        want = tuple(sorted((k, labels.get(k, "")) for k in q.query_key))
+        need = q.num_events if q.type == "frequency" else 1
+        for key, n in self._counts(q.filter, start, at, q.query_key).items():
+            if tuple(sorted(key)) == want and n >= need:
+                return True
+        return False
+
     def query(self, q: LogQuery, at: float, replay: bool = False) -> list[Sample]:
         at -= q.query_delay
         if self.shipped_until is not None:  # a window whose lines are still on their way is not judged yet

@@ -221,3 +221,44 @@ def test_kill_9_mid_remediation_is_resolved_on_restart(tmp_path: Path, healthy: 
     else:
         assert again.act, again.reason  # aborted: acted on again, not held by the cooldown
         assert [x.outcome for x in store.remediations()] == ["aborted", "failed-verification"]
+
+
+def test_evidence_from_before_the_targets_restart_never_triggers_an_action(tmp_path: Path) -> None:
+    """A cuda_error line logged before replica-0 was restarted still lies in the CudaError window (a reload
+    widened it): the alert fires, but the line is about the process that is gone, so nothing is restarted.
+    A line from the current incarnation does trigger the restart."""
+    from sentinel.logstore.local import LocalLogStore
+    from sentinel.rules.evaluator import Evaluator
+    from sentinel.rules.model import Group, LoadedGroup, Rule
+    from sentinel.rules.sources import LogRuleSource
+
+    logs = LocalLogStore(tmp_path / "logs.db")
+    src = LogRuleSource(logs)
+    rule = Rule.model_validate({"alert": "CudaError", "log": {"filter": [{"exists": "cuda_error"}],
+                                                              "timeframe": "10m", "query_key": "replica"},
+                                "sentinel": {"remediation": "restart"}})
+    store = Store(tmp_path / "s.db")
+    now = [1_000.0]
+    ev = Evaluator(store, None, src, clock=lambda: now[0])
+    ev.load([LoadedGroup(file="r.yaml", group=Group(name="logs", rules=[rule]))])
+    [rt] = ev.all_runtimes()
+
+    class Restarted(Actuator):
+        def incarnation(self, target: str) -> float | None:
+            return 900.0  # replica-0 was restarted at 900
+
+    a = Restarted()
+    r = Remediator(store, a, Guardrails(cooldown_s=0), clock=lambda: now[0])
+    r.evidence = lambda rt_, alert, since: src.evidence_since(rt_.rule.log, alert.labels, since, now[0])
+    logs.add([(850.0, {"cuda_error": "Xid 79", "replica": "replica-0"})])  # before the restart
+    rt.machine.eval(now[0], src.query(rule.log, now[0]))  # type: ignore[arg-type]
+    [alert] = rt.machine.firing()
+    r.on_firing(rt, [alert])
+    assert a.calls == []
+    [d] = [e for e in store.audit_log() if e["kind"] == "decision"]
+    assert not d["act"] and "predates replica-0's current incarnation" in d["reason"]
+    logs.add([(950.0, {"cuda_error": "Xid 79 again", "replica": "replica-0"})])  # this incarnation
+    r.on_firing(rt, [alert])
+    assert a.done.wait(5)
+    r.shutdown()
+    assert a.calls == [("restart", "replica-0")]
