@@ -84,8 +84,9 @@ def open_nvml(nvml: Any = None) -> Any:
 
 
 class DeviceCollector(Collector):
-    """``gpu_utilization`` and ``memory_usage_bytes`` per device: from NVML when an NVIDIA GPU is present,
-    else for the CPU, where utilization is the engine's busy ratio."""
+    """``gpu_utilization`` (only where NVML reads a GPU) and ``memory_usage_bytes`` / ``memory_limit_bytes`` per
+    device (NVML, else the process on the CPU), and ``inference_engine_busy_percent``, the engine's busy ratio,
+    on every machine: a CPU's busy ratio is never published as GPU utilization."""
 
     def __init__(self, busy: BusyTracker, proc_root: Path = Path("/proc"), nvml: Any = None) -> None:
         self.busy = busy
@@ -94,6 +95,10 @@ class DeviceCollector(Collector):
         self.nvml = open_nvml(nvml)
 
     def collect(self) -> Iterable[Metric]:
+        busy = GaugeMetricFamily("inference_engine_busy_percent",
+                                 "Share of the last 15 s the inference engine spent running steps, in percent.")
+        busy.add_metric([], 100.0 * self.busy.ratio())
+        yield busy
         if self.nvml is not None:
             yield from self._collect_nvml()
             return
@@ -115,14 +120,6 @@ class DeviceCollector(Collector):
         yield from (util, mem, lim)
 
     def _collect_cpu(self) -> Iterable[Metric]:
-        util = GaugeMetricFamily(
-            "gpu_utilization",
-            "Accelerator utilization in percent per device. On a machine without an NVIDIA GPU, "
-            "device=\"cpu\" reports the inference engine's busy ratio over the last 15 s.",
-            labels=["device"],
-        )
-        util.add_metric(["cpu"], 100.0 * self.busy.ratio())
-        yield util
         mem = GaugeMetricFamily("memory_usage_bytes", "Memory used per device (CPU: process RSS).",
                                 labels=["device"])
         mem.add_metric(["cpu"], float(rss_bytes(self.proc_root)))

@@ -86,7 +86,7 @@ class InhibitRule(BaseModel):
 # its consequences, not news).
 DEFAULT_INHIBIT_RULES = [
     InhibitRule(source_matchers=['alertname="InferenceReplicaDown"'],
-                target_matchers=['alertname=~"InferenceLatency.*|GpuUtilization.*|GpuSaturatedScaleOut"'],
+                target_matchers=['alertname=~"InferenceLatency.*|GpuUtilization.*|GpuSaturatedScaleOut|EngineBusyScaleOut"'],
                 equal=["replica"]),
     # a datasource that is down explains each of its rules failing: one page, not one per rule
     InhibitRule(source_matchers=['alertname="SentinelDatasourceDown"'],

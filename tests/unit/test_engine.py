@@ -166,4 +166,6 @@ def test_gpu_figures_come_from_nvml_when_present() -> None:
     assert 'gpu_utilization{device="1"} 97.0' in text and 'memory_limit_bytes{device="0"} 8.589934592e+10' in text
     cpu = CollectorRegistry()
     cpu.register(DeviceCollector(BusyTracker(), nvml=FakeNvml(None, library_missing=True)))
-    assert 'gpu_utilization{device="cpu"}' in generate_latest(cpu).decode()
+    cpu_text = generate_latest(cpu).decode()
+    assert "gpu_utilization" not in cpu_text  # a CPU's busy ratio is not GPU utilization (#13)
+    assert "inference_engine_busy_percent 0.0" in cpu_text and "inference_engine_busy_percent" in text
