@@ -54,7 +54,7 @@ from sentinel.runbooks.context import build_context
 from sentinel.runbooks.model import check_runbook_references, load_runbooks
 from sentinel.runbooks.onalert import AlertRunbooks
 from sentinel.settings import Settings
-from sentinel.supervisor import ChildRegistry, ReplicaSpec, Supervisor
+from sentinel.supervisor import ChildRegistry, ChildWatchdog, ReplicaSpec, Supervisor
 
 log = logging.getLogger(__name__)
 AM_RECEIVER = "alertmanager"  # the receiver name of alerting.alertmanager_url
@@ -267,6 +267,19 @@ class Daemon:
         sched.add_job(notify, "interval", seconds=1.0, id="notify")
         self.dispatcher = dispatcher
         sched.add_job(self._maybe_reload, "interval", seconds=s.alerting.reload_interval, id="reload")
+        if self.prometheus is not None:  # a child sentinel started is kept running, as a supervisor would
+            prometheus = self.prometheus
+
+            def child_event(outcome: str, detail: dict[str, Any]) -> None:
+                self.metrics.child_restarts.labels("prometheus", outcome).inc()
+                self.store_audit("supervise", "prometheus", outcome=outcome, **detail)
+                if outcome == "restarted":
+                    self.services = [dataclasses.replace(x, pid=prometheus.proc.pid if prometheus.proc else None)
+                                     if x.name == "prometheus" else x for x in self.services]
+                    self._write_up_file()
+
+            watchdog = ChildWatchdog("prometheus", lambda: prometheus.proc, prometheus.start, child_event)
+            sched.add_job(watchdog.check, "interval", seconds=2.0, id="watch-prometheus")
         store = self.store
         assert store is not None
 

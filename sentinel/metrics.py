@@ -26,6 +26,9 @@ class SentinelMetrics:
                                      ["receiver", "outcome"], registry=registry)
         self.alert_groups = Gauge("sentinel_notification_groups",
                                   "Alert groups held by delivery (aggregation groups).", registry=registry)
+        self.child_restarts = Counter("sentinel_child_restarts_total",
+                                      "Restarts of child services sentinel started (Prometheus) after they exited.",
+                                      ["child", "outcome"], registry=registry)
         self.remediations = Counter("sentinel_remediations_total", "Remediation decisions and outcomes.",
                                     ["action", "outcome"], registry=registry)
         self.reload_ok = Gauge("sentinel_rules_last_reload_successful",

@@ -236,3 +236,59 @@ class Supervisor:
         """When the target's current process started (None: unknown target)."""
         r = self.replicas.get(target)
         return r.started_at if r is not None and r.started_at else None
+
+
+class ChildWatchdog:
+    """Keeps a child service that sentinel started (Prometheus) running: when its process has exited (a
+    crash, ``kill -9``), says so in the log and restarts it, with backoff (1 s, 2 s, 4 s ... 60 s); after
+    ``max_restarts`` restarts within ``window_s`` it stops trying and says that a human is needed (a crash
+    loop is not fixed by more restarts). ``on_event(outcome, detail)`` is told each step (for the audit and
+    metrics)."""
+
+    def __init__(self, name: str, proc: Callable[[], subprocess.Popen[bytes] | None], restart: Callable[[], None],
+                 on_event: Callable[[str, dict[str, object]], None] = lambda outcome, detail: None,
+                 clock: Callable[[], float] = time.monotonic, max_restarts: int = 5, window_s: float = 600.0) -> None:
+        self.name = name
+        self.proc = proc
+        self.restart = restart
+        self.on_event = on_event
+        self.clock = clock
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.restarts: list[float] = []
+        self.next_try = 0.0
+        self.gave_up = False
+        self._lock = threading.Lock()
+
+    def check(self) -> str | None:
+        """One look: None while the child runs; else what was done ('restarted', 'waiting', 'gave-up',
+        'restart-failed')."""
+        with self._lock:
+            p = self.proc()
+            if p is None or p.poll() is None:
+                return None
+            now = self.clock()
+            if now < self.next_try:
+                return "waiting"
+            recent = [t for t in self.restarts if now - t < self.window_s]
+            if len(recent) >= self.max_restarts:
+                if not self.gave_up:
+                    self.gave_up = True
+                    log.error("%s keeps exiting (%d restarts in %.0fs, last exit code %s): not restarting it again; "
+                              "a human is needed", self.name, len(recent), self.window_s, p.returncode)
+                    self.on_event("gave-up", {"exit_code": p.returncode, "restarts": len(recent)})
+                return "gave-up"
+            log.error("%s (pid %d) exited with code %s; restarting it (attempt %d)", self.name, p.pid, p.returncode,
+                      len(recent) + 1)
+            self.restarts = [*recent, now]
+            self.next_try = now + min(60.0, 2.0 ** len(recent))
+            try:
+                self.restart()
+            except Exception as exc:  # noqa: BLE001 - reported, tried again after the backoff
+                log.error("restarting %s failed: %s", self.name, exc)
+                self.on_event("restart-failed", {"exit_code": p.returncode, "error": str(exc)})
+                return "restart-failed"
+            new = self.proc()
+            log.warning("%s restarted (pid %s)", self.name, new.pid if new is not None else "?")
+            self.on_event("restarted", {"exit_code": p.returncode, "pid": new.pid if new is not None else None})
+            return "restarted"

@@ -170,3 +170,46 @@ def test_recording_rules_write_back_and_reloads_forget_removed_rules(tmp_path: P
         assert src.query("job:up:count", time.time() + 0.001) == []  # stale now, not in 5 minutes
     finally:
         server.stop()
+
+
+def test_a_killed_prometheus_is_said_and_restarted_then_a_crash_loop_is_given_up(tmp_path: Path) -> None:
+    """Prometheus that sentinel started, killed with -9: the watchdog logs it, restarts it (a new process,
+    ready, its data kept), and backs off; a child that keeps dying is given up on with a reason."""
+    import signal
+
+    import httpx
+
+    from sentinel.supervisor import ChildWatchdog
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    port = free_port()
+    server = PrometheusServer(tmp_path, port, [ScrapeTarget("self", f"127.0.0.1:{port}", {})], 1.0,
+                              ChildRegistry(tmp_path / "children.json"))
+    server.start()
+    events: list[tuple[str, dict[str, object]]] = []
+    now = [0.0]
+    dog = ChildWatchdog("prometheus", lambda: server.proc, server.start, lambda o, d: events.append((o, d)),
+                        clock=lambda: now[0], max_restarts=2, window_s=600)
+    try:
+        assert dog.check() is None  # running
+        assert server.proc is not None
+        first = server.proc.pid
+        os.kill(first, signal.SIGKILL)
+        server.proc.wait(10)
+        assert dog.check() == "restarted"
+        assert server.proc.pid != first and server.proc.poll() is None
+        assert httpx.get(f"{server.url}/-/ready", timeout=5).status_code == 200
+        assert events[0][0] == "restarted" and events[0][1]["exit_code"] == -signal.SIGKILL
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        assert dog.check() == "waiting"  # backoff: 2 s after the first restart
+        now[0] += 2.0
+        assert dog.check() == "restarted"
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        now[0] += 10.0
+        assert dog.check() == "gave-up" and dog.check() == "gave-up"
+        assert [o for o, _ in events] == ["restarted", "restarted", "gave-up"]  # said once
+    finally:
+        server.stop()
