@@ -245,6 +245,11 @@ class Engine:
         """Work is waiting but the step loop has not finished a step for ``stall_timeout_s`` (a hang)."""
         return self.scheduler.has_work and time.monotonic() - self.last_step_at > self.config.stall_timeout_s
 
+    @property
+    def in_flight(self) -> int:
+        """Requests accepted and not finished (what a drain waits for)."""
+        return len(self.live)
+
     # -- the event-loop side ------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         if self.cuda_error is not None:

@@ -531,8 +531,8 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
     @app.post("/admin/drain")
     async def drain(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
         authorize(authorization)
-        engine.draining = True
-        return {"draining": True}
+        engine.draining = True  # new requests get 503 (and /ready 503, so balancers stop sending)
+        return {"draining": True, "in_flight": engine.in_flight}
 
     if faults is not None:
         @app.post("/admin/faults")

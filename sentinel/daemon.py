@@ -127,9 +127,9 @@ class Daemon:
         for p in ports:
             if port_in_use(p):
                 raise ServiceError(f"port {p} is already in use (a stale process?)")
-        admin = s.replicas.admin_token.get_secret_value() if s.replicas.admin_token else None
-        if s.replicas.enable_faults and admin is None:
-            admin = secrets.token_urlsafe(24)
+        # without a configured admin token, one for this run (in the replicas' environment only), so sentinel can
+        # always drain a replica before restarting it
+        admin = s.replicas.admin_token.get_secret_value() if s.replicas.admin_token else secrets.token_urlsafe(24)
         limits = ("--rate-limit", f"{s.replicas.rate_limit:g}", "--rate-burst", str(s.replicas.rate_burst))
         specs = [ReplicaSpec(f"replica-{i}", port, model_dir, run_dir / f"replica-{i}" / "logs",
                              enable_faults=s.replicas.enable_faults, admin_token=admin,

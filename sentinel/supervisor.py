@@ -157,16 +157,39 @@ class Replica:
             stop_process(self.proc, self.spec.name)
             self.children.set(self.spec.name, None)
 
-    def restart(self, timeout_s: float) -> str:
+    def drain(self, timeout_s: float) -> str:
+        """Stop admitting (``/admin/drain``) and wait until the requests in flight have finished, at most
+        ``timeout_s``. Only a healthy replica is drained: a failed engine (a CUDA error, a stall) finishes
+        nothing, so waiting would only delay the restart."""
+        if not self.spec.admin_token or not self.alive():
+            return "not drained (no admin token)" if self.alive() else "not drained (not running)"
+        headers = {"Authorization": f"Bearer {self.spec.admin_token}"}
+        try:
+            if httpx.get(f"{self.spec.url}/health", timeout=2).status_code != 200:
+                return "not drained (unhealthy: nothing in flight can finish)"
+            t0 = time.monotonic()
+            while True:
+                left = int(httpx.post(f"{self.spec.url}/admin/drain", headers=headers, timeout=5).json()["in_flight"])
+                if left == 0:
+                    return f"drained in {time.monotonic() - t0:.1f}s"
+                if time.monotonic() - t0 > timeout_s:
+                    return f"drain timed out after {timeout_s:.0f}s with {left} request(s) in flight"
+                time.sleep(0.2)
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            return f"not drained ({type(exc).__name__}: {exc})"
+
+    def restart(self, timeout_s: float, drain_timeout_s: float = 30.0) -> str:
+        """Drain (when healthy) → stop → start → ready."""
         with self._lock:
             old = self.pid
+            drained = self.drain(drain_timeout_s)
             self.stop()
             self.start()
             self.restarts += 1
             if not self.wait_healthy(timeout_s):
                 raise RemediationError(f"replica {self.spec.name} did not become healthy within {timeout_s:.0f}s "
                                        f"after restart (see {self.run_dir / (self.spec.name + '.out')})")
-            return f"restarted {self.spec.name}: pid {old} -> {self.pid}"
+            return f"restarted {self.spec.name}: {drained}; pid {old} -> {self.pid}"
 
 
 class Supervisor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -35,3 +36,34 @@ def test_scale_out_up_to_the_limit_then_refuse(tmp_path: Path, tiny_model_dir: P
         sup.stop_all()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_a_restart_drains_first_so_requests_in_flight_finish(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Restart = drain → stop → start → ready: a long request running when the restart begins completes
+    (it is not cut), requests arriving meanwhile get 503 (retryable), and the evidence says it drained."""
+    import threading
+
+    token = "drain-admin-token-0123456789"
+    spec = ReplicaSpec("replica-0", free_port(), tiny_model_dir, tmp_path / "run" / "replica-0" / "logs",
+                       admin_token=token)
+    sup = Supervisor([spec], tmp_path / "run", ChildRegistry(tmp_path / "children.json"), 60)
+    sup.start_all()
+    try:
+        url = sup.replicas["replica-0"].spec.url
+        got: list[httpx.Response] = []
+        body = {"model": "deepseek-tiny", "prompt": "The cluster", "max_tokens": 300, "min_tokens": 300,
+                "temperature": 0}
+        long = threading.Thread(target=lambda: got.append(httpx.post(f"{url}/v1/completions", json=body, timeout=120)))
+        long.start()
+        deadline = time.time() + 10
+        while "inference_requests_running 1.0" not in httpx.get(f"{url}/metrics").text and time.time() < deadline:
+            time.sleep(0.05)
+        evidence = sup.act("restart", "replica-0")
+        long.join(60)
+        [resp] = got
+        assert resp.status_code == 200, resp.text  # finished before the process was stopped
+        assert resp.json()["usage"]["completion_tokens"] == 300
+        assert "drained in" in evidence, evidence
+        assert httpx.get(f"{url}/ready").status_code == 200  # the new process serves
+    finally:
+        sup.stop_all()
