@@ -85,36 +85,37 @@ class Evaluator:
     relay_inbound: bool = False  # findings of inbound alerts are handed to delivery with them
 
     def __post_init__(self) -> None:
-        rule = Rule.model_validate({
-            "alert": META_ALERT, "expr": "(sentinel internal)", "for": self.meta_for,
-            "labels": {"severity": "warning"},
+        self.meta = self._internal("sentinel-meta-internal", {
+            "alert": META_ALERT, "for": self.meta_for, "labels": {"severity": "warning"},
             "annotations": {"summary": "rule {{ $labels.rule }} (group {{ $labels.rule_group }}) cannot be evaluated: "
                             "its {{ $labels.datasource }} query fails; its alerts keep their last state"}})
-        group = LoadedGroup(file="(sentinel)", group=Group(name="sentinel-meta-internal", rules=[rule]))
-        self.meta = RuleRuntime(group, rule, self._machine(group, rule))
-        for a in self.store.load_rule_state(self.meta.key):
-            self.meta.machine.active[a.fingerprint] = a
-        rule = Rule.model_validate({
-            "alert": UNDELIVERABLE_ALERT, "expr": "(sentinel internal)", "labels": {"severity": "page"},
+        self.undeliverable = self._internal("sentinel-delivery-internal", {
+            "alert": UNDELIVERABLE_ALERT, "labels": {"severity": "page"},
             "annotations": {"summary": "{{ $value }} notification(s) to receiver {{ $labels.receiver }} could not be "
                             "delivered in the last hour (refused, or expired undelivered)",
                             "description": "`sentinel alerts` shows each receiver's queue and its last error"}})
-        group = LoadedGroup(file="(sentinel)", group=Group(name="sentinel-delivery-internal", rules=[rule]))
-        self.undeliverable = RuleRuntime(group, rule, self._machine(group, rule))
-        for a in self.store.load_rule_state(self.undeliverable.key):
-            self.undeliverable.machine.active[a.fingerprint] = a
         # one cause, one page: when every rule of a datasource fails, this alert says so, and the default
         # inhibition mutes the per-rule SentinelRuleEvaluationFailing alerts it explains
-        rule = Rule.model_validate({
-            "alert": DATASOURCE_DOWN_ALERT, "expr": "(sentinel internal)", "for": self.meta_for,
-            "labels": {"severity": "page"},
+        self.datasource_down = self._internal("sentinel-datasource-internal", {
+            "alert": DATASOURCE_DOWN_ALERT, "for": self.meta_for, "labels": {"severity": "page"},
             "annotations": {"summary": "every {{ $labels.datasource }} rule fails ({{ $value }} rules): the "
                             "{{ $labels.datasource }} datasource is down or unreachable; alerts keep their last state",
                             "description": "`sentinel alerts` and /api/v1/rules show each rule's last error"}})
-        group = LoadedGroup(file="(sentinel)", group=Group(name="sentinel-datasource-internal", rules=[rule]))
-        self.datasource_down = RuleRuntime(group, rule, self._machine(group, rule))
-        for a in self.store.load_rule_state(self.datasource_down.key):
-            self.datasource_down.machine.active[a.fingerprint] = a
+
+    def _internal(self, group_name: str, spec: dict[str, Any]) -> RuleRuntime:
+        """One of sentinel's own alerting rules, evaluated from its own samples, its state restored."""
+        rule = Rule.model_validate({**spec, "expr": "(sentinel internal)"})
+        group = LoadedGroup(file="(sentinel)", group=Group(name=group_name, rules=[rule]))
+        rt = RuleRuntime(group, rule, self._machine(group, rule))
+        for a in self.store.load_rule_state(rt.key):
+            rt.machine.active[a.fingerprint] = a
+        return rt
+
+    def _eval_internal(self, rt: RuleRuntime, now: float, samples: list[Sample]) -> None:
+        with self._lock:
+            firing_before = {a.fingerprint for a in rt.machine.firing()}
+            rt.machine.eval(now, samples)
+            self._after_eval(rt, now, firing_before)
 
     def load(self, groups: Sequence[LoadedGroup]) -> None:
         """Install a rule set; rules whose definition is unchanged keep their in-memory state."""
@@ -399,25 +400,16 @@ class Evaluator:
         failing = [Sample({"rule_group": rt.group.group.name, "rule": rt.rule.name,
                            "datasource": "logs" if rt.rule.log is not None else "prometheus"}, 1.0)
                    for rt in self.all_runtimes() if rt.health == "err"]
-        with self._lock:
-            firing_before = {a.fingerprint for a in self.meta.machine.firing()}
-            self.meta.machine.eval(now, failing)
-            self._after_eval(self.meta, now, firing_before)
+        self._eval_internal(self.meta, now, failing)
         by_source: dict[str, list[bool]] = {}
         for rt in self.all_runtimes():
             by_source.setdefault("logs" if rt.rule.log is not None else "prometheus", []).append(rt.health == "err")
         down = [Sample({"datasource": ds}, float(len(errs))) for ds, errs in by_source.items() if errs and all(errs)]
-        with self._lock:
-            firing_before = {a.fingerprint for a in self.datasource_down.machine.firing()}
-            self.datasource_down.machine.eval(now, down)
-            self._after_eval(self.datasource_down, now, firing_before)
+        self._eval_internal(self.datasource_down, now, down)
         # notifications that could not be delivered are said to the receivers that can still hear it
         lost = [Sample({"receiver": rcv}, float(n))
                 for rcv, (n, _) in self.store.undelivered(now - UNDELIVERABLE_WINDOW_S).items()]
-        with self._lock:
-            firing_before = {a.fingerprint for a in self.undeliverable.machine.firing()}
-            self.undeliverable.machine.eval(now, lost)
-            self._after_eval(self.undeliverable, now, firing_before)
+        self._eval_internal(self.undeliverable, now, lost)
 
     def _events(self, rt: RuleRuntime, due: list[Alert], extra: dict[str, dict[str, Any]] | None = None
                 ) -> list[AlertEvent]:
