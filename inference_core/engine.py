@@ -114,6 +114,7 @@ class _Live:
     sent_chars: int = 0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    scheduled_at: float = 0.0      # first scheduled (the end of its queue time)
     batch_sizes: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent (text held back)
@@ -370,6 +371,9 @@ class Engine:
             rows: list[Row] = []
             for ch in out.chunks:
                 live = self.live[ch.request_id]
+                if not live.scheduled_at:
+                    live.scheduled_at = t0
+                    self.metrics.queue_time.observe(t0 - live.arrival)
                 rows.append((ch, live, live.req.tokens(ch.start, ch.start + ch.num_tokens),
                              list(self.scheduler.blocks.tables[ch.request_id])))
             self._prefix_metrics()
@@ -553,6 +557,7 @@ class Engine:
                   "completion_tokens": len(live.req.output_ids), "finish_reason": reason,
                   "cached_tokens": live.req.num_cached_tokens,
                   "ttft_ms": round((live.first_token_at - live.arrival) * 1000, 3) if live.first_token_at else None,
+                  "queue_ms": round((live.scheduled_at - live.arrival) * 1000, 3) if live.scheduled_at else None,
                   "preemptions": live.req.num_preemptions}
         if error and not cuda_error:
             fields["error"] = error

@@ -621,6 +621,10 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
         if engine.plan is not None:
             print(engine.plan.describe(), file=sys.stderr, flush=True)
         metrics.model_load.set(time.monotonic() - t0)
+        metrics.model_info.info({"model": served_name or model_dir.name, "model_type": model.config.model_type,
+                                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                                 "quantization": quantization or "none",
+                                 "tensor_parallel_size": str(tensor_parallel_size)})
         slot.engine = engine
 
     @asynccontextmanager

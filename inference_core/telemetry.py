@@ -17,7 +17,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -143,6 +143,9 @@ class Metrics:
         self.tpot = Histogram("inference_time_per_output_token_seconds", "Time per output token after the first.",
                               buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
                               registry=registry)
+        self.queue_time = Histogram("inference_request_queue_time_seconds",
+                                    "Time a request waited before it was first scheduled (vLLM's "
+                                    "request_queue_time_seconds).", buckets=LATENCY_BUCKETS, registry=registry)
         self.preemptions = Counter("inference_num_preemptions_total", "Sequences preempted (recomputed later) "
                                    "because the KV cache was full.", registry=registry)
         self.kv_cache_usage = Gauge("inference_kv_cache_usage_perc", "KV cache usage, 0-1 (tokens held / capacity).",
@@ -161,6 +164,8 @@ class Metrics:
                                       registry=registry)
         self.requests_waiting = Gauge("inference_num_requests_waiting", "Requests queued.",
                                       registry=registry)
+        self.model_info = Info("inference_model", "The model this replica serves (1; the labels say which).",
+                               registry=registry)
         self.model_load = Gauge("model_load_seconds", "Seconds the model took to load (seed budget: 90 s).",
                                 registry=registry)
         self.healthy = Gauge("inference_healthy", "1 when the replica is healthy, 0 after a CUDA error.",

@@ -269,22 +269,37 @@ app.add_typer(dashboards_app, name="dashboards")
 
 @dashboards_app.command("generate")
 def dashboards_generate(
-    rules_dir: Annotated[Path, typer.Option(help="the rules directory")] = Path("rules"),
-    out: Annotated[Path, typer.Option(help="output file")] = Path("dashboards/sentinel-inference.json"),
+    rules_dir: Annotated[Path | None, typer.Option(help="the rules directory (default: the settings' rules_dir)")]
+    = None,
+    out: Annotated[Path, typer.Option(help="where the dashboards go")] = Path("dashboards"),
+    provisioning: Annotated[Path, typer.Option(help="where Grafana's provisioning files go")] = Path("deploy/grafana"),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file (datasource URLs)")]
+    = None,
+    logs: Annotated[bool, typer.Option("--logs/--no-logs", help="log panels over an Elasticsearch datasource")]
+    = True,
 ) -> None:
-    """Write the Grafana dashboard (one panel per alerting rule, thresholds drawn) from the rules."""
-    from sentinel.generate.dashboards import render
+    """Write the Grafana dashboards (overview; one panel per alerting rule) and Grafana's provisioning files
+    (datasources, dashboard provider) from the rules and the settings."""
+    from sentinel.errors import SentinelError
+    from sentinel.generate.dashboards import render_all
+    from sentinel.generate.grafana import render_provisioning
     from sentinel.rules.model import load_rules
+    from sentinel.settings import load_settings
 
     try:
-        groups = load_rules(rules_dir)
+        settings = load_settings(config)
+        groups = load_rules(rules_dir or settings.rules_dir)
     except FileFormatError as exc:
         for line in exc.problems:
             typer.echo(line, err=True)
         raise typer.Exit(1) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(groups))
-    typer.echo(f"wrote {out}")
+    except SentinelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for name, text in render_all(groups, logs).items():
+        _write(out / name, text)
+    for name, text in render_provisioning(settings, logs).items():
+        _write(provisioning / name, text)
 
 
 

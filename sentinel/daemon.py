@@ -40,7 +40,7 @@ from sentinel.inbound import WebhookPayload, inbound_events, match
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, LogStoreUnavailable
 from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper, Sink
-from sentinel.metrics import SentinelMetrics
+from sentinel.metrics import BacklogCollector, SentinelMetrics
 from sentinel.netutil import free_port, port_in_use
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.remediation.policy import Guardrails
@@ -192,6 +192,8 @@ class Daemon:
 
         self.remediator.evidence = evidence
         self.registry.register(evaluator.learned)
+        self.registry.register(evaluator.active)
+        self.registry.register(BacklogCollector(self.store, lambda: self.shipper))
         evaluator.load(groups)
         self.evaluator = evaluator
         self._loaded_signature = self._signature()

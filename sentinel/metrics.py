@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sentinel.alerts.state import Alert, State
+
+if TYPE_CHECKING:
+    from sentinel.alerts.store import Store
+    from sentinel.logstore.shipper import Shipper
 
 
 class SentinelMetrics:
@@ -43,3 +55,75 @@ class SentinelMetrics:
                                 registry=registry)
         self.log_events = Counter("sentinel_log_events_shipped_total", "Log events shipped into the log store.",
                                   registry=registry)
+
+
+class BacklogCollector(Collector):
+    """Work sentinel has not finished, read at scrape time: notifications queued per receiver (and the age
+    of the oldest), and log shipping's lag (seconds since every line was last handed to the store) and
+    backlog (bytes written to a replica's log but not shipped yet)."""
+
+    def __init__(self, store: Store, shipper: Callable[[], Shipper | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.shipper = shipper
+        self.clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        now = self.clock()
+        queue = GaugeMetricFamily("sentinel_notification_queue_length",
+                                  "Notifications waiting to be delivered, per receiver.", labels=["receiver"])
+        oldest = GaugeMetricFamily("sentinel_notification_queue_oldest_seconds",
+                                   "Age of the oldest notification waiting, per receiver.", labels=["receiver"])
+        for receiver, (n, created) in sorted(self.store.pending_by_receiver().items()):
+            queue.add_metric([receiver], n)
+            oldest.add_metric([receiver], max(0.0, now - created))
+        yield queue
+        yield oldest
+        shipper = self.shipper()
+        if shipper is None:
+            return
+        lag = GaugeMetricFamily("sentinel_log_shipping_lag_seconds",
+                                "Seconds since the last run that handed every log line to the log store "
+                                "(grows while the store is down).")
+        if shipper.synced_at:
+            lag.add_metric([], max(0.0, now - shipper.synced_at))
+        yield lag
+        backlog = GaugeMetricFamily("sentinel_log_shipping_backlog_bytes",
+                                    "Bytes of a replica's log not yet shipped.", labels=["source"])
+        for source, n in sorted(dict(shipper.backlog).items()):
+            backlog.add_metric([source], n)
+        yield backlog
+
+
+class ActiveAlerts(Collector):
+    """``sentinel_active_alerts``: Prometheus's ``ALERTS`` series from sentinel's own alert state.
+
+    One series per pending or firing alert, value 1, labelled like ``ALERTS``: the alert's labels plus
+    ``alertname`` and ``alertstate`` (``pending`` | ``firing``). A series ends when its alert resolves, so
+    Grafana draws firing and resolved alerts from it without Prometheus evaluating any rule. Scrape sentinel
+    with ``honor_labels: true`` so alert labels such as ``job`` or ``instance`` are kept as they are.
+
+    The evaluator replaces a rule's snapshot after each evaluation (one dict assignment); a scrape reads the
+    snapshots without taking the evaluator's lock."""
+
+    def __init__(self) -> None:
+        self._by_rule: dict[str, list[dict[str, str]]] = {}
+
+    def update(self, key: str, rule_name: str, alerts: Iterable[Alert]) -> None:
+        series = [{**a.labels, "alertname": rule_name, "alertstate": a.state.value} for a in alerts
+                  if a.state in (State.PENDING, State.FIRING)]
+        if series:
+            self._by_rule[key] = series
+        else:
+            self._by_rule.pop(key, None)
+
+    def drop(self, key: str) -> None:
+        self._by_rule.pop(key, None)
+
+    def collect(self) -> Iterable[Metric]:
+        m = Metric("sentinel_active_alerts", "Pending and firing alerts (Prometheus's ALERTS, from sentinel's state).",
+                   "gauge")
+        for series in list(self._by_rule.values()):
+            for labels in series:
+                m.add_sample(m.name, labels, 1.0)
+        yield m

@@ -61,6 +61,8 @@ def prometheus_config(targets: list[ScrapeTarget], scrape_interval_s: float,
         "rule_files": rule_files or [],
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": [t.address], "labels": t.labels} for t in ts],
+             # sentinel_active_alerts carries each alert's own labels (job, instance included), as ALERTS does
+             **({"honor_labels": True} if job == "sentinel" else {}),
              **({"scheme": "https", "tls_config": {"insecure_skip_verify": True}}
                 if ts[0].scheme == "https" else {})}
             for job, ts in jobs.items()],

@@ -173,3 +173,4 @@ class AlertingRule:
 def ends_at(a: Alert) -> float:
     """Prometheus's notifier: resolved alerts end when they resolved, others at ``valid_until``."""
     return a.resolved_at if a.resolved_at else a.valid_until
+

@@ -324,6 +324,13 @@ class Store:
                 out.setdefault(rcv, {"counts": {}, "oldest_pending": None, "last_error": None})["last_error"] = err
         return out
 
+    def pending_by_receiver(self) -> dict[str, tuple[int, float]]:
+        """Per receiver: notifications waiting to be delivered, and when the oldest was queued."""
+        with self._lock:
+            rows = self._db.execute("SELECT receiver, COUNT(*), MIN(created_at) FROM outbox WHERE status = 'pending' "
+                                    "GROUP BY receiver").fetchall()
+        return {r[0]: (int(r[1]), float(r[2])) for r in rows}
+
     def outbox_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._db.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())

@@ -22,6 +22,7 @@ from sentinel.promserver import ScrapeTarget, prometheus_config
 from sentinel.settings import Settings
 
 ALERTMANAGER_ADDRESS = "127.0.0.1:9093"
+PROMETHEUS_ADDRESS = "127.0.0.1:9090"  # where Grafana finds the Prometheus these files describe
 SENTINEL_PORT = 9400  # where the generated files expect sentinel's API when api.port is 0 (a free port)
 REPLICA_PORT = 8000   # ... and the first replica when replicas.ports is empty
 TOKEN_FILE = "/etc/alertmanager/sentinel-token"  # holds a token with the 'operate' scope (sentinel token issue)

@@ -68,6 +68,7 @@ class Shipper:
         self.bad_lines = 0
         self.shipped = 0
         self.synced_at = 0.0  # every line written before this time has been handed to the store
+        self.backlog: dict[str, int] = {}  # per source: bytes written but not yet handed to the store
         self._runs: deque[tuple[float, float]] = deque(maxlen=16)  # (start, end) of complete runs
 
     def run_once(self) -> int:
@@ -105,6 +106,7 @@ class Shipper:
         offset = int(cp.get("offset", 0))
         if offset > st.st_size:  # truncated in place
             offset = 0
+        self.backlog[src.name] = st.st_size - offset  # stays if the store fails during this run
         return n + self._read(src, src.path, offset)
 
     @staticmethod
@@ -141,6 +143,8 @@ class Shipper:
                 self.sink.add(events, (src.name, {"inode": inode, "offset": offset}))
                 total += len(events)
                 fh.seek(offset)
+            if path == src.path:
+                self.backlog[src.name] = max(0, os.fstat(fh.fileno()).st_size - offset)
         self.shipped += total
         return total
 

@@ -17,7 +17,7 @@ from sentinel.alerts.state import Alert, AlertingRule, Sample, State, ends_at
 from sentinel.alerts.store import AlertEvent, Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
-from sentinel.metrics import SentinelMetrics
+from sentinel.metrics import ActiveAlerts, SentinelMetrics
 from sentinel.rules.learned import LearnedThresholds
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
@@ -82,6 +82,7 @@ class Evaluator:
     catch_up_max: float = 3600.0  # log rules: replay at most this much of a gap (0: never)
     writer: RemoteWriter | None = None  # where recording rules write their results (Prometheus's remote write)
     learned: LearnedThresholds = field(default_factory=LearnedThresholds)
+    active: ActiveAlerts = field(default_factory=ActiveAlerts)  # sentinel_active_alerts (ALERTS-shaped)
     relay_inbound: bool = False  # findings of inbound alerts are handed to delivery with them
 
     def __post_init__(self) -> None:
@@ -109,6 +110,7 @@ class Evaluator:
         rt = RuleRuntime(group, rule, self._machine(group, rule))
         for a in self.store.load_rule_state(rt.key):
             rt.machine.active[a.fingerprint] = a
+        self.active.update(rt.key, rule.name, rt.machine.active.values())
         return rt
 
     def _eval_internal(self, rt: RuleRuntime, now: float, samples: list[Sample]) -> None:
@@ -140,6 +142,7 @@ class Evaluator:
                         rt.held = self.store.get(f"held:{rt.key}")
                         rt.last_ok = float(self.store.get(f"last_ok:{rt.key}") or 0.0)
                 rts.append(rt)
+                self.active.update(rt.key, rt.rule.name, rt.machine.active.values())
             new[g.key] = rts
         self.runtimes = new
         self.learned.forget({rt.key for rts in new.values() for rt in rts if rt.rule.sentinel.learned})
@@ -158,6 +161,7 @@ class Evaluator:
                 a.state, a.resolved_at = State.INACTIVE, now
                 ended.append(replace(a, labels=dict(a.labels), annotations=dict(a.annotations)))
         self.store.forget_rule(rt.key, self._events(rt, ended))
+        self.active.drop(rt.key)
         if self.metrics:
             for state in State:
                 try:
@@ -368,6 +372,7 @@ class Evaluator:
                 log.warning("alert firing: %s %s", rt.rule.name, a.labels)
             elif a.state == State.INACTIVE and a.fingerprint in firing_before:
                 log.warning("alert resolved: %s %s", rt.rule.name, a.labels)
+        self.active.update(rt.key, rt.rule.name, rt.machine.active.values())
         if self.metrics:
             for state in State:
                 n = sum(1 for a in rt.machine.active.values() if a.state == state)

@@ -45,17 +45,47 @@ class Learned(Strict):
     min_points: int = Field(30, ge=4)
 
 
+class Signal(Strict):
+    """What a dashboard plots for an alerting rule: the quantity the alert judges (``expr``, a PromQL
+    expression that returns it whether or not the alert fires; a learned rule's own expr when omitted),
+    its Grafana ``unit``, the ``threshold`` the alert compares it with (drawn as a line; ``direction``
+    says which side is bad), a ``legend`` (Grafana's ``{{label}}`` format; only labels the expression
+    keeps) and the panel type."""
+
+    expr: str | None = None
+    unit: Literal["s", "ms", "percent", "percentunit", "short", "bytes", "reqps", "ops", "none"] = "short"
+    threshold: float | None = None
+    direction: Literal["above", "below"] = "above"
+    legend: str | None = None
+    panel: Literal["timeseries", "gauge", "stat"] = "timeseries"
+
+    @field_validator("expr")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("expr is empty")
+        return v
+
+
 class Extension(Strict):
     """sentinel-only settings of a rule (stripped on export)."""
 
     runbook: str | None = None
     remediation: Literal["restart", "scale_out", "scale_in"] | None = None
-    threshold: float | None = None
-    unit: str | None = None
-    panel: Literal["timeseries", "gauge", "stat"] | None = None
+    signal: Signal | None = None
     consecutive_samples: int | None = Field(None, ge=1, le=1000,
                                             description="fire only after N consecutive evaluations return the alert")
     learned: Learned | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [k for k in ("threshold", "unit", "panel") if k in data]
+            if moved:
+                raise ValueError(f"{', '.join(moved)}: moved into `signal:` ({{expr: <what to plot>, "
+                                 f"threshold, unit, panel}}); the expression to plot is no longer guessed from expr")
+        return data
 
 
 Scalar = str | int | float | bool
@@ -295,6 +325,13 @@ class Rule(Strict):
                     raise ValueError(f"invalid field '{name}' in recording rule")
         if self.sentinel.learned is not None and self.expr is None:
             raise ValueError("a learned threshold needs a PromQL signal in expr")
+        sig = self.sentinel.signal
+        if sig is not None:
+            if self.alert is None or self.expr is None:
+                raise ValueError("sentinel.signal: only on PromQL alerting rules (a log rule plots its matches)")
+            if sig.expr is None and self.sentinel.learned is None:
+                raise ValueError("sentinel.signal.expr: the expression to plot is required (only a learned "
+                                 "rule's expr is its own signal)")
         name = self.alert or self.record or ""
         if self.record is not None and not re.match(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$", name):
             raise ValueError(f"invalid recording rule name {name!r}")
@@ -380,3 +417,51 @@ def load_rules(rules_dir: Path) -> list[LoadedGroup]:
     if problems:
         raise RuleFileError(str(rules_dir), problems)
     return groups
+
+
+_LUCENE_SPECIAL = re.compile(r'([+\-=&|><!(){}\[\]^"~*?:\\/ ])')
+
+
+def _lucene_value(v: Scalar) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _lucene_field(name: str) -> str:
+    return _LUCENE_SPECIAL.sub(r"\\\1", name)
+
+
+def lucene(filters: list[LogFilter]) -> str:
+    """The filters as one Lucene query string (Elasticsearch's ``query_string``, what Grafana's
+    Elasticsearch datasource takes): the same events as the query DSL sentinel sends (tested on a real
+    Elasticsearch). All filters must match; an empty list matches everything (``*``)."""
+    parts: list[str] = []
+    for f in filters:
+        if f.query_string is not None:
+            parts.append(f"({f.query_string})")
+        elif f.exists is not None:
+            parts.append(f"_exists_:{_lucene_field(f.exists)}")
+        elif f.term is not None:
+            parts.extend(f"{_lucene_field(k)}:{_lucene_value(v)}" for k, v in f.term.items())
+        elif f.terms is not None:
+            parts.extend(f"{_lucene_field(k)}:({' OR '.join(_lucene_value(x) for x in vs)})"
+                         for k, vs in f.terms.items())
+        elif f.range is not None:
+            for k, r in f.range.items():
+                lo = r.gte if r.gte is not None else r.gt
+                hi = r.lte if r.lte is not None else r.lt
+                left = "[" if r.gte is not None or lo is None else "{"
+                right = "]" if r.lte is not None or hi is None else "}"
+                lo_s = "*" if lo is None else _lucene_value(lo)
+                hi_s = "*" if hi is None else _lucene_value(hi)
+                parts.append(f"{_lucene_field(k)}:{left}{lo_s} TO {hi_s}{right}")
+        elif f.wildcard is not None:
+            for k, pattern in f.wildcard.items():
+                escaped = "".join(c if c in "*?" else _LUCENE_SPECIAL.sub(r"\\\1", c) for c in pattern)
+                parts.append(f"{_lucene_field(k)}:{escaped}")
+    if not parts:
+        return "*"
+    return " AND ".join(parts) if len(parts) > 1 else parts[0]

@@ -241,3 +241,20 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
                 assert got[k] == pytest.approx(v, rel=2e-3), (q, at, k)  # HDR percentiles: 3 digits
             fired += len(want)
     assert fired > 40
+
+    # The Lucene query a dashboard's logs panel sends (sentinel.rules.model.lucene) finds exactly the lines the
+    # rule's query DSL finds, in the real Elasticsearch, for every filter above and the escaping cases.
+    from sentinel.rules.model import LogFilter, lucene
+    extra = [[{"wildcard": {"message": "inference request*"}}], [{"term": {"message": "inference request completed"}}],
+             [{"terms": {"replica": ["replica-0", "replica-2"]}}, {"range": {"inference_time": {"lte": 77}}}],
+             [{"range": {"batch_size": {"gt": 1}}}], [{"query_string": "-level:info"}, {"exists": "cuda_error"}],
+             [{"term": {"host.name": "h"}}]]
+    lucene_hits = 0
+    for filters in [q.filter for q in rules if q.filter] + [[LogFilter.model_validate(f) for f in fs] for fs in extra]:
+        dsl = es.count(index="deepseek-inference-*", query=ElasticsearchLogStore._query(filters, 0, t0 + 10_000))
+        text = es.count(index="deepseek-inference-*", query={"bool": {"filter": [
+            {"range": {"@timestamp": {"gt": 0, "lte": int((t0 + 10_000) * 1000), "format": "epoch_millis"}}},
+            {"query_string": {"query": lucene(filters)}}]}})
+        assert text["count"] == dsl["count"], (lucene(filters), text["count"], dsl["count"])
+        lucene_hits += dsl["count"] > 0
+    assert lucene_hits >= 15

@@ -144,6 +144,10 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
     slow = wait_for("a firing InferenceLatencyP99High notification",
                     lambda: alerts_named(receiver, "InferenceLatencyP99High", "firing"), 60, proc, log)
     assert slow[0]["labels"]["replica"] == "replica-0"
+    # sentinel's ALERTS-shaped series reaches Prometheus with the alert's own labels (honor_labels)
+    wait_for("sentinel_active_alerts for the firing alert in Prometheus", lambda: prom_value(
+        up["prometheus"], 'sentinel_active_alerts{alertname="InferenceLatencyP99High", alertstate="firing", '
+        'replica="replica-0", severity="page", job="sentinel"}') == 1, 30, proc, log)
     assert float(slow[0]["annotations"]["summary"].split(" is ")[1].split("ms")[0].split("s")[0]) > 0
 
     # 3. CUDA error inside the forward pass → log rule → page → restart → healthy → resolved.
@@ -205,6 +209,19 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
     report_figure("e2e time-to-detect (CUDA fault -> firing webhook)", f"{t_detect:.2f}s")
     report_figure("e2e time-to-recover (CUDA fault -> restarted replica healthy)", f"{t_recover:.2f}s")
     report_figure("e2e time-to-resolve (CUDA fault -> resolved webhook; 6s rule window)", f"{t_resolved:.2f}s")
+
+    # Every metric the overview dashboard plots exists in this Prometheus, but for those that need what this
+    # run lacks: a GPU (NVML), a refused request, an overrun evaluation, a child's restart, a queued notification.
+    from tests.unit.test_dashboards import _metric_names, _promql
+    names = set(httpx.get(f"{up['prometheus']}/api/v1/label/__name__/values").json()["data"])
+    overview = json.loads((ROOT / "dashboards" / "sentinel-overview.json").read_text())
+    plotted = set().union(*(_metric_names(e) for e in _promql(overview)))
+    absent_here = {"gpu_utilization", "inference_requests_refused_total", "sentinel_rule_group_iterations_missed_total",
+                   "sentinel_child_restarts_total", "sentinel_notification_queue_length",
+                   "sentinel_notification_queue_oldest_seconds", "sentinel_rule_evaluation_failures_total"}
+    assert plotted - names <= absent_here, sorted(plotted - names - absent_here)
+    assert {"inference_request_queue_time_seconds_bucket", "inference_model_info", "sentinel_log_shipping_lag_seconds",
+            "sentinel_log_shipping_backlog_bytes"} <= names
 
     # 4. SIGINT stops every child: no orphans, no stale ports.
     prom_pid = next(s["pid"] for s in up["services"] if s["name"] == "prometheus")

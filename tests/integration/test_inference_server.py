@@ -80,9 +80,18 @@ def test_metrics_and_json_logs(client: openai.OpenAI, server: tuple[str, Path]) 
     for name in ("model_inference_latency_seconds_bucket", "inference_engine_busy_percent", "memory_usage_bytes",
                  "memory_limit_bytes", "cuda_errors_total", "inference_batch_size_bucket", "model_load_seconds"):
         assert name in text, name
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    [info] = families["inference_model_info"].samples  # which model: the dashboards' $model variable
+    assert info.name == "inference_model_info" and info.value == 1
+    assert info.labels["model"] == "deepseek-tiny" and info.labels["quantization"] == "none"
+    queued = {s.name: s.value for s in families["inference_request_queue_time_seconds"].samples
+              if not s.labels.get("le")}
+    assert queued["inference_request_queue_time_seconds_count"] >= 1  # every request is scheduled once
     lines = [json.loads(x) for x in (server[1] / "inference.log").read_text().splitlines()]
     last = lines[-1]
     assert last["service.name"] == "deepseek-inference" and last["cuda_error"] is None
+    assert last["queue_ms"] is not None and 0 <= last["queue_ms"] <= last["inference_time"]
     assert last["batch_size"] == 1 and last["inference_time"] > 0 and last["@timestamp"].endswith("Z")
     assert "metrics" not in json.dumps(last)  # prompt text is never logged
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 
 from sentinel.cli import app
 from sentinel.rules.export import export_files, render
-from sentinel.rules.model import Rule, load_rule_file, load_rules, rule_files
+from sentinel.rules.model import load_rule_file, rule_files
 from tests.conftest import ROOT
 
 needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
@@ -46,7 +45,7 @@ def test_export_strips_extensions_and_maps_semantics(tmp_path: Path) -> None:
       - alert: Hot
         expr: gpu_utilization > 90
         labels: {severity: warning}
-        sentinel: {consecutive_samples: 3, remediation: scale_out, threshold: 90}
+        sentinel: {consecutive_samples: 3, remediation: scale_out, signal: {expr: gpu_utilization, threshold: 90}}
       - alert: Cuda
         log: {filter: [{exists: cuda_error}]}
       - record: job:up:sum
@@ -86,42 +85,3 @@ def test_rules_export_cli(tmp_path: Path) -> None:
     assert res.exit_code == 0 and (tmp_path / "inference.yaml").exists()
     bad = CliRunner().invoke(app, ["rules", "export", "--format", "grafana", "--out", str(tmp_path)])
     assert bad.exit_code == 2
-
-
-def test_checked_in_dashboard_is_in_step_with_rules() -> None:
-    from sentinel.generate.dashboards import render as render_dashboard
-    from sentinel.rules.model import load_rules
-
-    path = ROOT / "dashboards" / "sentinel-inference.json"
-    assert path.read_text() == render_dashboard(load_rules(ROOT / "rules")), (
-        f"{path} is stale: run `sentinel dashboards generate`")
-
-
-def test_dashboard_panels_draw_signals_and_thresholds() -> None:
-    import json
-
-    from sentinel.generate.dashboards import signal_of
-
-    doc = json.loads((ROOT / "dashboards" / "sentinel-inference.json").read_text())
-    panels = {p["title"]: p for p in doc["panels"] if p["type"] != "row"}
-    ids = [p["id"] for p in doc["panels"]]
-    assert len(ids) == len(set(ids))
-    p99 = panels["InferenceLatencyP99High"]
-    assert p99["fieldConfig"]["defaults"]["unit"] == "s"
-    assert p99["fieldConfig"]["defaults"]["thresholds"]["steps"][-1] == {"color": "red", "value": 0.5}
-    assert not p99["targets"][0]["expr"].rstrip().endswith("0.5")  # the signal, not the boolean filter
-    assert any("sentinel_learned_threshold_upper" in t["expr"] for t in panels["InferenceLatencyAnomaly"]["targets"])
-    assert panels["GpuSaturatedScaleOut"]["type"] == "gauge"
-    rule = Rule.model_validate({"alert": "A", "expr": "x > 5", "sentinel": {"threshold": 6}})
-    assert signal_of(rule) == "x > 5"  # a comparison against another number is kept
-
-
-def test_dashboards_cli(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["dashboards", "generate", "--rules-dir", str(ROOT / "rules"), "--out",
-                                   str(tmp_path / "d.json")])
-    assert res.exit_code == 0, res.output
-    doc = json.loads((tmp_path / "d.json").read_text())
-    titles = " ".join(p.get("title", "") for p in doc["panels"])
-    alerts = [r.alert for g in load_rules(ROOT / "rules") for r in g.group.rules if r.alert]
-    assert doc["title"] and alerts and all(a in titles for a in alerts), (alerts, titles)  # one panel per rule
-    assert doc == json.loads((ROOT / "dashboards" / "sentinel-inference.json").read_text())  # the checked-in file

@@ -194,3 +194,37 @@ def test_a_replay_waits_for_the_shipper(tmp_path: Path) -> None:
             assert "log shipping is behind" in str(exc)
         else:
             raise AssertionError(f"a window ending at {at - T0} was judged before its lines were shipped")
+
+
+def _active_series(ev: Evaluator) -> list[dict[str, str]]:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reg = CollectorRegistry()
+    reg.register(ev.active)
+    [family] = [f for f in text_string_to_metric_families(generate_latest(reg).decode())
+                if f.name == "sentinel_active_alerts"]
+    assert all(s.value == 1.0 for s in family.samples)
+    return sorted((s.labels for s in family.samples), key=lambda labels: labels["replica"])
+
+
+def test_active_alerts_series_follows_the_alert_state_across_a_restart(tmp_path: Path) -> None:
+    """sentinel_active_alerts is Prometheus's ALERTS from sentinel's state: a series per firing alert while it
+    fires (the alert's labels, alertname, alertstate), gone when it resolves, restored from the store."""
+    ev, group, logs, _, clock = setup(tmp_path, {"timeframe": "30s"})
+    assert _active_series(ev) == []
+    logs.add([(T0 + 5, {"cuda_error": "x", "replica": "r0"}), (T0 + 6, {"cuda_error": "x", "replica": "r1"})])
+    run(ev, group, clock, T0 + 10)
+    assert _active_series(ev) == [
+        {"alertname": "CudaError", "alertstate": "firing", "replica": "r0"},
+        {"alertname": "CudaError", "alertstate": "firing", "replica": "r1"}]
+    again = Evaluator(Store(tmp_path / "s.db"), None, LogRuleSource(logs), default_interval=10.0, clock=clock)
+    again.load([group])  # a restarted sentinel exports the restored state before its first evaluation
+    assert [s["replica"] for s in _active_series(again)] == ["r0", "r1"]
+    run(again, group, clock, T0 + 50)  # both windows have passed: resolved, the series end
+    assert _active_series(again) == []
+    logs.add([(T0 + 55, {"cuda_error": "x", "replica": "r2"})])
+    run(again, group, clock, T0 + 60)
+    assert [s["replica"] for s in _active_series(again)] == ["r2"]
+    again.load([])  # a rule removed by a reload takes its series with it
+    assert _active_series(again) == []

@@ -352,3 +352,52 @@ def test_an_undeliverable_notification_expires_and_the_other_receivers_hear_of_i
     clock.t += 3700
     ev.eval_meta(clock.t)  # an hour without losses: resolved
     assert ev.undeliverable.machine.firing() == []
+
+
+def test_backlog_metrics_read_the_queue_and_the_shipper(tmp_path: Path) -> None:
+    """sentinel_notification_queue_* from the outbox; sentinel_log_shipping_{lag_seconds,backlog_bytes} from a
+    real shipper over the local store, including while the store refuses."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sentinel.logstore.local import LocalLogStore
+    from sentinel.logstore.shipper import LogSource, Shipper
+    from sentinel.metrics import BacklogCollector
+
+    store = Store(tmp_path / "s.db")
+    store.enqueue([("k1", "oncall", "u", {}), ("k2", "oncall", "u", {}), ("k3", "chat", "u", {})], now=100.0)
+    store.mark_sent(3, 101.0)
+    log = tmp_path / "r0.log"
+    log.write_text('{"message": "a"}\n{"message": "b"}\n')
+    local = LocalLogStore(tmp_path / "logs.db")
+    shipper = Shipper(local, [LogSource("replica-0", log)], clock=lambda: 200.0)
+    now = [250.0]
+    reg = CollectorRegistry()
+    reg.register(BacklogCollector(store, lambda: shipper, clock=lambda: now[0]))
+
+    def values() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(generate_latest(reg).decode()) for s in f.samples}
+
+    v = values()
+    assert v[("sentinel_notification_queue_length", (("receiver", "oncall"),))] == 2
+    assert ("sentinel_notification_queue_length", (("receiver", "chat"),)) not in v  # delivered
+    assert v[("sentinel_notification_queue_oldest_seconds", (("receiver", "oncall"),))] == 150.0
+    assert not any(name == "sentinel_log_shipping_lag_seconds" for name, _ in v)  # never shipped yet
+    shipper.run_once()
+    v = values()
+    assert v[("sentinel_log_shipping_lag_seconds", ())] == 50.0
+    assert v[("sentinel_log_shipping_backlog_bytes", (("source", "replica-0"),))] == 0
+    with log.open("a") as fh:
+        fh.write('{"message": "c"}\n')
+
+    def refuse(*a: object, **k: object) -> None:
+        raise ConnectionError("store down")
+
+    local.add = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        shipper.run_once()
+    now[0] = 400.0
+    v = values()
+    assert v[("sentinel_log_shipping_backlog_bytes", (("source", "replica-0"),))] == len('{"message": "c"}\n')
+    assert v[("sentinel_log_shipping_lag_seconds", ())] == 200.0  # grows while the store is down
