@@ -94,7 +94,8 @@ class Daemon:
         self.children = ChildRegistry(self.state_dir / "children.json")
         self.metrics = SentinelMetrics(self.registry)
         self.guardrails = Guardrails(s.remediation.dry_run, s.remediation.paused, s.remediation.cooldown,
-                                     s.remediation.max_actions_per_hour, s.remediation.max_concurrent)
+                                     s.remediation.max_actions_per_hour, s.remediation.max_concurrent,
+                                     s.replicas.min_count, s.remediation.scale_in_stabilization)
         self.supervisor: Supervisor | None = None
         self.prometheus: PrometheusServer | None = None
         self.scheduler: BackgroundScheduler | None = None

@@ -77,6 +77,7 @@ class PrometheusSettings(Section):
 class ReplicaSettings(Section):
     count: int = Field(1, ge=1, le=64)
     max_count: int = Field(4, ge=1, le=64, description="scale-out never goes beyond this many replicas")
+    min_count: int = Field(1, ge=1, le=64, description="scale-in never goes below this many replicas")
     model_dir: Path | None = Field(None, description="default: the bundled model, generated on first start")
     served_model_name: str = "deepseek-tiny"
     ports: list[int] = Field(default_factory=list, description="one per replica; empty: free ports")
@@ -153,6 +154,8 @@ class RemediationSettings(Section):
     max_actions_per_hour: int = Field(6, ge=0)
     max_concurrent: int = Field(1, ge=1)
     verify_timeout: Duration = 120.0
+    scale_in_stabilization: Duration = Field(300.0, description="scale in only after the alert has fired this long "
+                                             "and no scale action ran within it (Kubernetes HPA's default)")
 
 
 class DiagnosticsSettings(Section):

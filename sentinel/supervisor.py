@@ -230,7 +230,50 @@ class Supervisor:
             return replica.restart(self.start_timeout_s)
         if action == "scale_out":
             return self.scale_out(replica.spec)
+        if action == "scale_in":
+            return self.scale_in()
         raise RemediationError(f"action {action!r} is not supported by the local supervisor")
+
+    def _victim(self) -> Replica:
+        """The replica a scale-in removes, as a ReplicaSet picks: an unhealthy one first, then the newest."""
+        return max(self.replicas.values(), key=lambda r: (not r.healthy(), r.started_at))
+
+    def capacity(self) -> tuple[int, int]:
+        """(replicas, healthy replicas left if a scale-in ran now)."""
+        if not self.replicas:
+            return 0, 0
+        healthy = sum(r.healthy() for r in self.replicas.values())
+        return len(self.replicas), healthy - int(self._victim().healthy())
+
+    def scale_in(self, drain_timeout_s: float = 30.0) -> str:
+        """Remove one replica, all or nothing: take it out of the scrape targets first (so its absence pages
+        no one), then drain it and stop it. A failed step puts back what was changed and says so."""
+        with self._scale_lock:
+            if len(self.replicas) <= 1:
+                raise RemediationError("one replica left: not scaling in")
+            victim = self._victim()
+            name = victim.spec.name
+            rest = [r.spec for r in self.replicas.values() if r.spec.name != name]
+            try:
+                self.on_change(rest)
+            except Exception as exc:
+                self._restore_targets()
+                raise RemediationError(f"scale-in of {name} rolled back: the targets could not be updated ({exc}); "
+                                       f"{len(self.replicas)} replicas still serve") from exc
+            drained = victim.drain(drain_timeout_s)
+            try:
+                victim.stop()
+            except Exception as exc:
+                self._restore_targets()
+                raise RemediationError(f"scale-in of {name} rolled back: it could not be stopped ({exc})") from exc
+            del self.replicas[name]
+            return f"scaled in: stopped {name} ({drained}); {len(self.replicas)} replicas"
+
+    def _restore_targets(self) -> None:
+        try:
+            self.on_change([r.spec for r in self.replicas.values()])
+        except Exception as exc:  # noqa: BLE001 - reported with the rollback; the next change rewrites them
+            log.error("could not restore the scrape targets after a failed scale action: %s", exc)
 
     def scale_out(self, like: ReplicaSpec) -> str:
         """Start one more replica like ``like`` on a free port, up to ``max_replicas``."""
@@ -249,11 +292,21 @@ class Supervisor:
                 replica.stop()
                 raise RemediationError(f"new replica {name} did not become healthy within {self.start_timeout_s:.0f}s")
             self.replicas[name] = replica
-            self.on_change([r.spec for r in self.replicas.values()])
+            try:
+                self.on_change([r.spec for r in self.replicas.values()])
+            except Exception as exc:  # a replica nobody scrapes or ships logs from is worse than none
+                del self.replicas[name]
+                replica.stop()
+                self._restore_targets()
+                raise RemediationError(f"scale-out rolled back: {name} was started but could not be added to the "
+                                       f"scrape targets ({exc}); it was stopped") from exc
             return f"scaled out: started {name} (pid {replica.pid}) on {spec.url}; {len(self.replicas)} replicas"
 
     def verify(self, target: str, timeout_s: float) -> bool:
-        return self.replicas[target].wait_healthy(timeout_s)
+        """The target serves again; after a scale-in that removed it, every remaining replica serves."""
+        if target in self.replicas:
+            return self.replicas[target].wait_healthy(timeout_s)
+        return all(r.wait_healthy(timeout_s) for r in self.replicas.values())
 
     def incarnation(self, target: str) -> float | None:
         """When the target's current process started (None: unknown target)."""

@@ -15,6 +15,8 @@ class Guardrails:
     cooldown_s: float = 300.0          # per target, between two actions
     max_actions_per_hour: int = 6      # global
     max_concurrent: int = 1            # global actions in flight
+    min_replicas: int = 1              # scale-in never goes below this many replicas
+    scale_in_stabilization_s: float = 300.0  # scale in only after the alert has fired this long (HPA's default)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class History:
     last_action_on_target: float | None
     actions_last_hour: int
     in_flight: int
+    replicas: int = 0                  # the deployment's replicas now (scale actions)
+    healthy_after_scale_in: int = 0    # healthy replicas left if one were removed now
+    firing_since: float = 0.0          # when the alert started firing
+    last_scale_action: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,26 @@ def decide(req: ActionRequest, hist: History, g: Guardrails, now: float) -> Deci
     if hist.actions_last_hour >= g.max_actions_per_hour:
         return Decision(False, f"rate limit: {hist.actions_last_hour} actions in the last hour "
                                f"(max_actions_per_hour={g.max_actions_per_hour})")
+    if req.action == "scale_in":
+        why = _scale_in_refused(hist, g, now)
+        if why:
+            return Decision(False, why)
     if g.dry_run:
         return Decision(False, f"dry-run: would {req.action} {req.target}")
     return Decision(True, f"{req.action} {req.target}")
+
+
+def _scale_in_refused(hist: History, g: Guardrails, now: float) -> str | None:
+    """Kubernetes' HPA habits: scale in only once the wish has held for the stabilization window and no
+    scale action happened within it; never below the floor; never the last healthy replica."""
+    if hist.replicas <= g.min_replicas:
+        return f"at replicas.min_count={g.min_replicas} ({hist.replicas} running): not scaling in"
+    if hist.healthy_after_scale_in < 1:
+        return "scaling in would remove the last healthy replica"
+    if now - hist.firing_since < g.scale_in_stabilization_s:
+        return (f"scale-in waits until the alert has fired for the {g.scale_in_stabilization_s:.0f}s stabilization "
+                f"window (firing since {hist.firing_since:.0f})")
+    if hist.last_scale_action is not None and now - hist.last_scale_action < g.scale_in_stabilization_s:
+        return (f"a scale action ran within the {g.scale_in_stabilization_s:.0f}s stabilization window "
+                f"(at {hist.last_scale_action:.0f})")
+    return None

@@ -100,9 +100,15 @@ class Remediator:
         # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked
         on_target = [r.started_at for r in past if r.outcome != "aborted" and (
             (r.target == target and action not in SCALE) or (action in SCALE and r.action in SCALE))]
+        window = max(3600.0, self.guardrails.scale_in_stabilization_s)
+        scaled = [r.started_at for r in self.store.remediations(since=now - window)
+                  if r.action in SCALE and r.outcome != "aborted"]
+        capacity = getattr(self.actuator, "capacity", None)
+        replicas, healthy_after = capacity() if capacity is not None and action in SCALE else (0, 0)
         with self._lock:
             hist = History(frozenset(self.actuator.targets()), any(r.incident == incident for r in past),
-                           max(on_target) if on_target else None, len(past), self._in_flight)
+                           max(on_target) if on_target else None, len(past), self._in_flight,
+                           replicas, healthy_after, a.fired_at, max(scaled) if scaled else None)
             decision = decide(req, hist, self.guardrails, now)
             if decision.act:
                 if not self.store.start_remediation(Remediation(incident, a.fingerprint, rule, action,

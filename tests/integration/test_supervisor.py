@@ -38,6 +38,49 @@ def test_scale_out_up_to_the_limit_then_refuse(tmp_path: Path, tiny_model_dir: P
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
 
+def test_scale_in_removes_the_newest_and_rolls_back_when_the_targets_cannot_change(tmp_path: Path,
+                                                                                   tiny_model_dir: Path) -> None:
+    """Scale-in takes the replica out of the scrape targets before stopping it (its absence pages no one),
+    picks the newest healthy one, keeps the last; a failing target update rolls back with nothing stopped. A
+    scale-out whose target update fails stops the replica it started (all or nothing)."""
+    seen: list[list[str]] = []
+    fail = [False]
+
+    def on_change(specs: list[ReplicaSpec]) -> None:
+        if fail[0]:
+            fail[0] = False  # the rollback's own update succeeds
+            raise RuntimeError("Prometheus did not reload")
+        seen.append([s.name for s in specs])
+
+    spec = ReplicaSpec("replica-0", free_port(), tiny_model_dir, tmp_path / "run" / "replica-0" / "logs")
+    sup = Supervisor([spec], tmp_path / "run", ChildRegistry(tmp_path / "children.json"), 60, max_replicas=3,
+                     on_change=on_change)
+    sup.start_all()
+    try:
+        sup.act("scale_out", "replica-0")
+        assert sup.capacity() == (2, 1)  # removing one leaves one healthy
+        new_pid = sup.replicas["replica-1"].pid
+        fail[0] = True
+        with pytest.raises(RemediationError, match="scale-in of replica-1 rolled back"):
+            sup.act("scale_in", "replica-0")
+        assert set(sup.replicas) == {"replica-0", "replica-1"} and sup.replicas["replica-1"].healthy()
+        assert seen[-1] == ["replica-0", "replica-1"]  # the targets were put back
+        evidence = sup.act("scale_in", "replica-0")
+        assert "stopped replica-1" in evidence and "drained" in evidence and "1 replicas" in evidence
+        assert seen[-1] == ["replica-0"] and set(sup.replicas) == {"replica-0"}
+        assert new_pid is not None and (not Path(f"/proc/{new_pid}").exists()
+                                        or "zombie" in Path(f"/proc/{new_pid}/status").read_text().lower())
+        assert sup.verify("replica-1", 5)  # the removed target: every remaining replica serves
+        with pytest.raises(RemediationError, match="one replica left"):
+            sup.act("scale_in", "replica-0")
+        fail[0] = True
+        with pytest.raises(RemediationError, match="scale-out rolled back"):
+            sup.act("scale_out", "replica-0")
+        assert set(sup.replicas) == {"replica-0"} and seen[-1] == ["replica-0"]
+    finally:
+        sup.stop_all()
+
+
 def test_a_restart_drains_first_so_requests_in_flight_finish(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Restart = drain → stop → start → ready: a long request running when the restart begins completes
     (it is not cut), requests arriving meanwhile get 503 (retryable), and the evidence says it drained."""

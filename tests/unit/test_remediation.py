@@ -39,6 +39,30 @@ def test_policy(req: ActionRequest, hist: History, g: Guardrails, act: bool, rea
     assert d.act is act and reason in d.reason
 
 
+IN = ActionRequest("Idle", "scale_in", "replica-0", "fp", "Idle/fp/1.000", firing=True)
+
+
+def _cap(replicas: int = 3, healthy_after: int = 2, firing_since: float = 0.0, last_scale: float | None = None
+         ) -> History:
+    return History(frozenset({"replica-0"}), False, None, 0, 0, replicas, healthy_after, firing_since, last_scale)
+
+
+@pytest.mark.parametrize(("hist", "g", "act", "reason"), [
+    (_cap(), Guardrails(), True, "scale_in replica-0"),
+    (_cap(replicas=2), Guardrails(min_replicas=2), False, "at replicas.min_count=2 (2 running)"),
+    (_cap(replicas=1), Guardrails(), False, "at replicas.min_count=1"),
+    (_cap(healthy_after=0), Guardrails(), False, "the last healthy replica"),
+    (_cap(firing_since=800.0), Guardrails(scale_in_stabilization_s=300), False, "stabilization window (firing since"),
+    (_cap(firing_since=700.0), Guardrails(scale_in_stabilization_s=300), True, "scale_in"),
+    (_cap(last_scale=750.0), Guardrails(scale_in_stabilization_s=300), False, "a scale action ran within"),
+    (_cap(), Guardrails(dry_run=True), False, "dry-run: would scale_in"),
+])
+def test_scale_in_policy(hist: History, g: Guardrails, act: bool, reason: str) -> None:
+    """Kubernetes HPA habits: the 300 s stabilization window, a floor, never the last healthy replica."""
+    d = decide(IN, hist, g, now=1000.0)
+    assert d.act is act and reason in d.reason, d
+
+
 class Actuator:
     def __init__(self, healthy: bool = True, fail: bool = False) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -262,3 +286,33 @@ def test_evidence_from_before_the_targets_restart_never_triggers_an_action(tmp_p
     assert a.done.wait(5)
     r.shutdown()
     assert a.calls == [("restart", "replica-0")]
+
+
+def test_scale_in_waits_for_the_stabilization_window_and_a_scale_out_restarts_it(tmp_path: Path) -> None:
+    """The shell feeds the policy the alert's firing time, the actuator's capacity and the last scale action
+    from the store (so the window survives a restart of sentinel)."""
+    store = Store(tmp_path / "s.db")
+    now = [1000.0]
+
+    class Three(Actuator):
+        def targets(self) -> set[str]:
+            return {"replica-0", "replica-1", "replica-2"}
+
+        def capacity(self) -> tuple[int, int]:
+            return 3, 2
+
+    a = Three()
+    r = Remediator(store, a, Guardrails(cooldown_s=0, scale_in_stabilization_s=300), clock=lambda: now[0])
+    idle = Alert({"alertname": "Idle", "replica": "replica-0"}, {}, 5.0, State.FIRING, 800.0, fired_at=900.0)
+    d = r.consider("Idle", "scale_in", idle)
+    assert not d.act and "stabilization window" in d.reason
+    now[0] = 1250.0  # fired 350 s ago
+    assert r.consider("Idle", "scale_in", idle).act
+    assert a.done.wait(5)
+    r.shutdown()
+    assert a.calls == [("scale_in", "replica-0")]
+    r2 = Remediator(Store(tmp_path / "s.db"), Three(), Guardrails(cooldown_s=0, scale_in_stabilization_s=300),
+                    clock=lambda: 1400.0)  # a restarted sentinel: the last scale action is on disk
+    again = Alert({"alertname": "Idle", "replica": "replica-1"}, {}, 5.0, State.FIRING, 800.0, fired_at=900.0)
+    d = r2.consider("Idle", "scale_in", again)
+    assert not d.act and "a scale action ran within" in d.reason
