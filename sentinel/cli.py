@@ -369,21 +369,24 @@ def deploy_monitoring(
 @deploy_app.command("kubernetes")
 def deploy_kubernetes(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
-    out: Annotated[Path, typer.Option(help="where to write it")] = Path("deploy/kubernetes/inference.yaml"),
+    out: Annotated[Path, typer.Option(help="the folder to write them in")] = Path("deploy/kubernetes"),
 ) -> None:
-    """Write deploy/kubernetes/inference.yaml: the replicas' Deployment (the seed's resources, probes), Service,
-    PodDisruptionBudget, autoscaler, ServiceMonitor and PrometheusRule (the exported rules)."""
+    """Write deploy/kubernetes/inference.yaml (the replicas' Deployment with the seed's resources and probes,
+    Service, PodDisruptionBudget, autoscaler, ServiceMonitor, PrometheusRule) and sentinel.yaml (two sentinels
+    with Lease leader election, their RBAC, settings, rules and runbooks)."""
     from sentinel.errors import SentinelError
-    from sentinel.generate.kubernetes import render
+    from sentinel.generate.kubernetes import render, render_sentinel
     from sentinel.settings import load_settings
 
     try:
         s = load_settings(config)
-        text = render(s, s.rules_dir)
+        inference = render(s, s.rules_dir)
+        own = render_sentinel(s, s.rules_dir, s.runbooks_dir)
     except SentinelError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    _write(out, text)
+    _write(out / "inference.yaml", inference)
+    _write(out / "sentinel.yaml", own)
 
 
 @app.command("plan")

@@ -37,6 +37,10 @@ from sentinel.alerts.store import Store
 from sentinel.api import authenticator, create_app
 from sentinel.errors import FileFormatError, ServiceError
 from sentinel.inbound import WebhookPayload, inbound_events, match
+from sentinel.kube import api_client
+from sentinel.kube import identity as kube_identity
+from sentinel.kube.actuator import KubernetesActuator
+from sentinel.kube.lease import LeaderElector
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, LogStoreUnavailable
 from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper, Sink
@@ -44,14 +48,14 @@ from sentinel.metrics import BacklogCollector, SentinelMetrics
 from sentinel.netutil import free_port, port_in_use
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.remediation.policy import Guardrails
-from sentinel.remediation.remediator import Remediator
+from sentinel.remediation.remediator import Actuator, Remediator
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
-from sentinel.rules.model import load_rules, rule_files
+from sentinel.rules.model import LoadedGroup, load_rules, rule_files
 from sentinel.rules.remote_write import RemoteWriter
 from sentinel.rules.sources import LogCounter, LogRuleSource, PromQLSource
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.context import build_context
-from sentinel.runbooks.model import check_runbook_references, load_runbooks
+from sentinel.runbooks.model import Runbook, check_runbook_references, load_runbooks
 from sentinel.runbooks.onalert import AlertRunbooks
 from sentinel.settings import Settings
 from sentinel.supervisor import ChildRegistry, ChildWatchdog, ReplicaSpec, Supervisor
@@ -97,6 +101,9 @@ class Daemon:
                                      s.remediation.max_actions_per_hour, s.remediation.max_concurrent,
                                      s.replicas.min_count, s.remediation.scale_in_stabilization)
         self.supervisor: Supervisor | None = None
+        self.kube: KubernetesActuator | None = None
+        self.elector: LeaderElector | None = None
+        self.shipper: Shipper | None = None
         self.prometheus: PrometheusServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.remediator: Remediator | None = None
@@ -120,6 +127,8 @@ class Daemon:
         (self.state_dir / "up.json").unlink(missing_ok=True)  # left by a sentinel killed with -9
         for leftover in self.children.reap_leftovers():
             log.warning("killed a leftover child of a previous sentinel: %s", leftover)
+        if s.kubernetes.enabled:
+            return self._start(groups, books, [])
         run_dir = self.state_dir / "run"
         model_dir = (s.replicas.model_dir or bundled_model_dir(self.state_dir)).resolve()
         ports = s.replicas.ports or [free_port() for _ in range(s.replicas.count)]
@@ -139,6 +148,22 @@ class Daemon:
         self.supervisor = Supervisor(specs, run_dir, self.children, s.replicas.start_timeout,
                                      max(s.replicas.max_count, s.replicas.count), self._replicas_changed)
         self.supervisor.start_all()
+        return self._start(groups, books, specs)
+
+    def _start(self, groups: list[LoadedGroup], books: dict[str, Runbook], specs: list[ReplicaSpec]) -> list[Service]:
+        """Everything after the replicas: local ones (``specs``, supervised), or a Deployment's pods."""
+        s = self.settings
+        actuator: Actuator
+        if s.kubernetes.enabled:
+            k = s.kubernetes
+            api = api_client(k)
+            actuator = self.kube = KubernetesActuator(api, k.namespace, k.deployment, s.replicas.min_count,
+                                                      s.replicas.max_count)
+            self.elector = LeaderElector(api, k.namespace, k.lease_name, kube_identity(k), k.lease_duration,
+                                         k.renew_deadline, k.retry_period, on_change=self._leadership_changed)
+        else:
+            assert self.supervisor is not None
+            actuator = self.supervisor
 
         prom_url = s.prometheus.url
         if prom_url is None:
@@ -162,14 +187,19 @@ class Daemon:
             self.logstore = LocalLogStore(self.state_dir / "logs.db")
             sink = counter = self.logstore
             self.log_reader = self.logstore
-        shipper = Shipper(sink, [_log_source(sp) for sp in specs])
-        self.shipper = shipper
-        self.remediator = Remediator(self.store, self.supervisor, self.guardrails, self.metrics,
-                                     verify_timeout_s=s.remediation.verify_timeout)
         settle = 1.0 if s.logs.elasticsearch_url else 0.0  # Elasticsearch shows new documents within 1 s
+        visible: Callable[[], float]
+        if s.kubernetes.enabled:  # Filebeat ships, sentinel does not: allow it one shipping interval
+            self.shipper = None
+            visible = lambda: time.time() - s.logs.ship_interval - settle  # noqa: E731
+        else:
+            shipper = self.shipper = Shipper(sink, [_log_source(sp) for sp in specs])
+            visible = lambda: shipper.visible_until(settle)  # noqa: E731
+        self.remediator = Remediator(self.store, actuator, self.guardrails, self.metrics,
+                                     verify_timeout_s=s.remediation.verify_timeout)
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout),
-            LogRuleSource(counter, lambda: shipper.visible_until(settle), slack_s=s.logs.ship_interval + 2.0 + settle),
+            LogRuleSource(counter, visible, slack_s=s.logs.ship_interval + 2.0 + settle),
             s.alerting.evaluation_interval, s.alerting.resend_delay, self.api_url, self.metrics,
             meta_for=s.alerting.meta_for, catch_up_max=s.logs.catch_up_max, writer=RemoteWriter(prom_url),
             relay_inbound=s.alerting.relay_inbound)
@@ -214,15 +244,22 @@ class Daemon:
                                                      for r in s.alerting.receivers},
                                  [AM_RECEIVER] if s.alerting.alertmanager_url else [], self.api_url,
                                  s.alerting.inhibit_rules, on_groups=self.metrics.alert_groups.set)
-        self._schedule(evaluator, shipper, dispatcher, s)
+        self._schedule(evaluator, self.shipper, dispatcher, s)
+        if self.elector is not None:
+            self.elector.start()
 
         self.app = create_app(evaluator, self.store, self.registry, self.status, lambda: self.guardrails,
                               self._set_paused, s.api.token, self._ready, self.reload_rules, self._inbound,
                               auth=authenticator(s.api.token, s.api),
                               limiter=RateLimiter(s.api.rate_limit, s.api.rate_burst) if s.api.rate_limit else None,
                               protect_reads=s.api.protect_reads)
-        self.services = [Service(sp.name, sp.url, pid) for sp, pid in
-                         ((r.spec, r.pid) for r in self.supervisor.replicas.values())]
+        if self.supervisor is not None:
+            self.services = [Service(sp.name, sp.url, pid) for sp, pid in
+                             ((r.spec, r.pid) for r in self.supervisor.replicas.values())]
+        else:
+            k = s.kubernetes
+            self.services = [Service(f"deployment:{k.deployment}", f"{k.api_url or 'in-cluster'}", None,
+                                     f"namespace {k.namespace}; leader election on lease {k.lease_name}")]
         self.services[0:0] = [Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics")]
         self.services.append(Service("prometheus", prom_url, self.prometheus.proc.pid if self.prometheus and
                                      self.prometheus.proc else None, "started" if self.prometheus else "external"))
@@ -232,7 +269,7 @@ class Daemon:
             self.services.append(Service("alertmanager", s.alerting.alertmanager_url, None, "alerts pushed (external)"))
         return self.services
 
-    def _schedule(self, evaluator: Evaluator, shipper: Shipper, dispatcher: Dispatcher, s: Settings) -> None:
+    def _schedule(self, evaluator: Evaluator, shipper: Shipper | None, dispatcher: Dispatcher, s: Settings) -> None:
         sched = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 5},
             executors={"default": APThreadPool(4),
@@ -242,6 +279,7 @@ class Daemon:
         store_up = [True]
 
         def ship() -> None:
+            assert shipper is not None
             try:
                 self.metrics.log_events.inc(shipper.run_once())
             except LogStoreUnavailable as exc:  # the offsets stay; the next run catches up
@@ -255,12 +293,15 @@ class Daemon:
             store_up[0] = True
             self.metrics.log_store_up.set(1)
 
-        sched.add_job(ship, "interval", seconds=s.logs.ship_interval, id="ship", next_run_time=_now_dt())
+        if shipper is not None:
+            sched.add_job(ship, "interval", seconds=s.logs.ship_interval, id="ship", next_run_time=_now_dt())
         self._sync_eval_jobs()
         delivery = self.delivery
         assert delivery is not None
 
         def notify() -> None:
+            if not self.leading:  # a follower notifies no one: the leader does
+                return
             try:
                 delivery.tick()
             except Exception:  # logged; the alerts handed over wait in the store for the next round
@@ -403,6 +444,7 @@ class Daemon:
         """After a scale-out: scrape, ship logs from, and list the new replica."""
         if self.prometheus is not None:
             self.prometheus.update_targets(self._targets(specs))
+        assert self.shipper is not None  # local replicas are shipped by sentinel
         known = {src.name for src in self.shipper.sources}
         self.shipper.sources.extend(_log_source(sp) for sp in specs if sp.name not in known)
         sup = self.supervisor
@@ -411,8 +453,19 @@ class Daemon:
         self.services[1:1] = [Service(r.spec.name, r.spec.url, r.pid) for r in sup.replicas.values()]
         self._write_up_file()
 
+    @property
+    def leading(self) -> bool:
+        """Whether this sentinel notifies and acts: always, unless a Lease elects another one."""
+        return self.elector is None or self.elector.leading
+
+    def _leadership_changed(self, leading: bool) -> None:
+        self.store_audit("leadership", self.settings.kubernetes.lease_name, leading=leading,
+                         identity=self.elector.identity if self.elector else None)
+
     def _on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
-        """Evidence first (the runbook), then the remedy; both run off the evaluation thread."""
+        """Evidence first (the runbook), then the remedy; both run off the evaluation thread, on the leader."""
+        if not self.leading:
+            return
         if self.runbooks is not None:
             self.runbooks.on_firing(rt, alerts)
         if self.settings.remediation.enabled and self.remediator is not None:
@@ -438,13 +491,20 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         reps = self.supervisor.replicas.values() if self.supervisor else []
-        return {
+        out: dict[str, Any] = {
             "startedAt": self.started_at, "api": self.api_url,
             "prometheus": next((x.url for x in self.services if x.name == "prometheus"), None),
             "replicas": [{"name": r.spec.name, "url": r.spec.url, "pid": r.pid, "restarts": r.restarts,
                           "healthy": r.healthy(), "logFile": str(r.spec.log_dir / "inference.log")} for r in reps],
             "guardrails": vars(self.guardrails),
         }
+        if self.kube is not None:
+            out["replicas"] = [{"name": name} for name in sorted(self.kube.targets())]
+        if self.elector is not None:
+            out["leader"] = {"identity": self.elector.identity, "leading": self.elector.leading,
+                             "holder": self.elector.holder, "lease": self.settings.kubernetes.lease_name,
+                             "lastError": self.elector.last_error}
+        return out
 
     # -- run and stop ---------------------------------------------------------------------------------
     def serve(self) -> None:
@@ -469,6 +529,8 @@ class Daemon:
         (self.state_dir / "up.json").unlink(missing_ok=True)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.elector is not None:
+            self.elector.stop()  # releases the lease: a follower takes over at once
         if self.runbooks is not None:
             self.runbooks.shutdown()
         if self.remediator is not None:

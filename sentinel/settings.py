@@ -181,6 +181,33 @@ class LogSettings(Section):
                                    "down, sentinel down) up to this far back; 0 turns replays off")
 
 
+class KubernetesSettings(Section):
+    """Kubernetes mode: the replicas are the pods of a Deployment (``deploy/kubernetes/inference.yaml``);
+    sentinel acts through the API (delete a pod, the scale subresource, rollout restart, cordon) and two or
+    more sentinels elect one leader with a coordination Lease: only the leader notifies and acts."""
+
+    enabled: bool = False
+    api_url: str | None = Field(None, pattern=r"^https?://", description="the API server; default: kubeconfig "
+                                "when set, else in-cluster (the pod's service account)")
+    kubeconfig: Path | None = Field(None, description="a kubeconfig file to use instead of the in-cluster account")
+    namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    deployment: str = Field("deepseek-inference", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                            description="the inference Deployment whose pods are the replicas")
+    lease_name: str = Field("sentinel-leader", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    identity: str | None = Field(None, description="this sentinel's name in the Lease; default: $POD_NAME, else "
+                                 "the host name plus the process id")
+    lease_duration: Duration = Field(15.0, description="a leader that has not renewed for this long is replaced "
+                                     "(client-go's LeaseDuration)")
+    renew_deadline: Duration = Field(10.0, description="a leader that cannot renew within this long steps down")
+    retry_period: Duration = Field(2.0, description="how often to try to acquire or renew")
+
+    @model_validator(mode="after")
+    def _timings(self) -> KubernetesSettings:
+        if not self.retry_period < self.renew_deadline < self.lease_duration:
+            raise ValueError("need retry_period < renew_deadline < lease_duration (client-go's rule)")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SENTINEL_", env_nested_delimiter="__", extra="forbid")
 
@@ -194,6 +221,17 @@ class Settings(BaseSettings):
     remediation: RemediationSettings = Field(default_factory=RemediationSettings)
     logs: LogSettings = Field(default_factory=LogSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+
+    @model_validator(mode="after")
+    def _kubernetes_needs(self) -> Settings:
+        if self.kubernetes.enabled:
+            missing = [name for name, v in (("prometheus.url", self.prometheus.url),
+                                            ("logs.elasticsearch_url", self.logs.elasticsearch_url)) if not v]
+            if missing:
+                raise ValueError(f"kubernetes.enabled needs {' and '.join(missing)}: in a cluster sentinel starts "
+                                 "no Prometheus and ships no logs (the Prometheus Operator and Filebeat do)")
+        return self
 
     @classmethod
     def settings_customise_sources(

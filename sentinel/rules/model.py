@@ -20,7 +20,7 @@ from sentinel.yamlfile import line_of, load_model_file_lines
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 FIELD_NAME = re.compile(r"^[A-Za-z_@][A-Za-z0-9_.@-]*$")
-REMEDIATIONS = ("restart", "scale_out", "scale_in")
+REMEDIATIONS = ("restart", "scale_out", "scale_in", "rollout_restart", "cordon")  # the last two: Kubernetes mode
 
 
 class Strict(BaseModel):
@@ -71,7 +71,7 @@ class Extension(Strict):
     """sentinel-only settings of a rule (stripped on export)."""
 
     runbook: str | None = None
-    remediation: Literal["restart", "scale_out", "scale_in"] | None = None
+    remediation: Literal["restart", "scale_out", "scale_in", "rollout_restart", "cordon"] | None = None
     signal: Signal | None = None
     consecutive_samples: int | None = Field(None, ge=1, le=1000,
                                             description="fire only after N consecutive evaluations return the alert")

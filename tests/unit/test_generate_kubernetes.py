@@ -83,3 +83,101 @@ def test_monitoring_labels_match_the_rules(tmp_path: Path) -> None:
     rules.write_text(yaml.safe_dump(d["PrometheusRule"]["spec"]))
     p = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, check=False)
     assert p.returncode == 0 and "SUCCESS" in p.stdout, p.stdout + p.stderr
+
+
+SENTINEL_FILE = ROOT / "deploy" / "kubernetes" / "sentinel.yaml"
+
+
+def sentinel_docs() -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all(SENTINEL_FILE.read_text()))
+
+
+def test_sentinel_manifests_in_step() -> None:
+    from sentinel.generate.kubernetes import render_sentinel
+
+    assert SENTINEL_FILE.read_text() == render_sentinel(Settings(), ROOT / "rules", ROOT / "runbooks"), \
+        "deploy/kubernetes/sentinel.yaml is stale: run `sentinel deploy kubernetes`"
+
+
+@pytest.mark.parametrize("index", range(11))
+def test_sentinel_manifests_valid_and_loadable(index: int) -> None:
+    built_in = [d for d in sentinel_docs() if not d["apiVersion"].startswith("monitoring.coreos.com")]
+    assert len(built_in) == 11
+    doc = built_in[index]
+    kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    model = {"ServiceAccount": "V1ServiceAccount", "Role": "V1Role", "RoleBinding": "V1RoleBinding",
+             "ClusterRole": "V1ClusterRole", "ClusterRoleBinding": "V1ClusterRoleBinding",
+             "ConfigMap": "V1ConfigMap", "Deployment": "V1Deployment", "Service": "V1Service",
+             "PodDisruptionBudget": "V1PodDisruptionBudget"}[doc["kind"]]
+    assert _model(doc, model).metadata.name.startswith("sentinel")
+
+
+def test_sentinel_pods_run_sentinel_with_what_the_configmaps_hold(tmp_path: Path) -> None:
+    from sentinel.rules.model import load_rules
+    from sentinel.runbooks.model import check_runbook_references, load_runbooks
+    from sentinel.settings import load_settings
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in sentinel_docs()}
+    dep = _model(docs[("Deployment", "sentinel")], "V1Deployment")
+    assert dep.spec.replicas == 2 and dep.spec.template.spec.service_account_name == "sentinel"
+    [c] = dep.spec.template.spec.containers
+    assert c.command == ["sentinel", "up", "-c", "/etc/sentinel/sentinel.yaml"]
+    assert {e.name for e in c.env} == {"POD_NAME", "SENTINEL_API__TOKEN"}  # identity in the Lease; the token
+    assert c.liveness_probe.http_get.path == "/healthz"
+    settings_file = tmp_path / "sentinel.yaml"
+    settings_file.write_text(docs[("ConfigMap", "sentinel-config")]["data"]["sentinel.yaml"])
+    s = load_settings(settings_file)
+    assert s.kubernetes.enabled and s.kubernetes.deployment == "deepseek-inference" and s.api.port == 9400
+    assert str(s.rules_dir) == "/etc/sentinel/rules" and s.prometheus.url and s.logs.elasticsearch_url
+    mounts = {m.mount_path for m in c.volume_mounts}
+    assert {"/etc/sentinel/sentinel.yaml", str(s.rules_dir), str(s.runbooks_dir), str(s.state_dir)} <= mounts
+    for kind, folder in (("rules", tmp_path / "rules"), ("runbooks", tmp_path / "runbooks")):
+        folder.mkdir()
+        for name, text in docs[("ConfigMap", f"sentinel-{kind}")]["data"].items():
+            (folder / name).write_text(text)
+    check_runbook_references(load_rules(tmp_path / "rules"), load_runbooks(tmp_path / "runbooks"))
+    # sentinel's own series as the rules expect them: job="sentinel" (the Service's name), alert labels honoured
+    [ep] = docs[("ServiceMonitor", "sentinel")]["spec"]["endpoints"]
+    assert ep["honorLabels"] is True and docs[("Service", "sentinel")]["metadata"]["name"] == "sentinel"
+
+
+def _rbac_request(verb: str, path: str) -> tuple[str, str, str]:
+    """(apiGroup, resource[/subresource], RBAC verb) of an API request, as the authorizer sees it."""
+    parts = path.strip("/").split("/")
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+    if rest[:1] == ["namespaces"]:
+        rest = rest[2:]
+    resource, name, sub = rest[0], rest[1] if len(rest) > 1 else None, rest[2] if len(rest) > 2 else None
+    rbac = {"GET": "get" if name else "list", "POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete"}[verb]
+    return group, f"{resource}/{sub}" if sub else resource, rbac
+
+
+def test_rbac_allows_exactly_what_the_actuator_and_the_election_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request the actuator and the leader election make (run against the stub API) is allowed by the
+    generated Role or ClusterRole, and every permission granted is used: least privilege."""
+    from sentinel.kube import api_client
+    from sentinel.kube.actuator import KubernetesActuator
+    from sentinel.kube.lease import LeaderElector
+    from sentinel.settings import KubernetesSettings
+    from tests.k8s_stub import KubeStub
+
+    docs = {d["kind"]: d for d in sentinel_docs()}
+    granted = {(g, r, v) for kind in ("Role", "ClusterRole") for rule in docs[kind]["rules"]
+               for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    with KubeStub(namespace="default") as stub:
+        api = api_client(KubernetesSettings(api_url=stub.url))
+        a = LeaderElector(api, "default", "sentinel-leader", "a")
+        b = LeaderElector(api, "default", "sentinel-leader", "b")
+        assert a.try_acquire_or_renew() and not b.try_acquire_or_renew() and a.try_acquire_or_renew()
+        act = KubernetesActuator(api, "default", "deepseek-inference", 1, 4, poll_s=0.01)
+        pod = sorted(act.targets())[0]
+        act.incarnation(pod)
+        for action in ("restart", "rollout_restart", "scale_out", "scale_in"):
+            act.act(action, sorted(act.targets())[0])
+            assert act.verify(pod, 5)
+        act.act("cordon", sorted(act.targets())[0])
+        used = {_rbac_request(v, p) for v, p, _ in stub.requests}
+        assert not stub.unexpected
+    assert used <= granted, used - granted
+    assert granted <= used, f"granted but never used: {granted - used}"
