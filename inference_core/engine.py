@@ -251,6 +251,17 @@ class Engine:
         """Requests accepted and not finished (what a drain waits for)."""
         return len(self.live)
 
+    def load(self) -> dict[str, int]:
+        """The work outstanding, for a load balancer: requests, and tokens still to compute (prompt tokens
+        not yet prefilled plus completion tokens not yet generated, at most ``max_tokens``)."""
+        lives = list(self.live.values())  # one C-level copy: safe against the step thread's changes
+        tokens = 0
+        for lv in lives:
+            r = lv.req
+            tokens += max(0, len(r.prompt_ids) - r.num_computed) + max(0, r.max_tokens - len(r.output_ids))
+        return {"in_flight": len(lives), "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting), "tokens": tokens}
+
     # -- the event-loop side ------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         if self.cuda_error is not None:

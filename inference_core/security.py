@@ -45,6 +45,9 @@ def server_config(app: Any, host: str, port: int, cert: Path | None = None, key:
                   client_ca: Path | None = None, **kwargs: Any) -> uvicorn.Config:
     """A uvicorn config: plain HTTP without a certificate; with one, TLS 1.3 only, and with ``client_ca``
     mutual TLS (clients must present a certificate signed by it)."""
+    # uvicorn would otherwise believe X-Forwarded-For from any local peer: rate limits per client rest on the
+    # peer address, and a forwarded one is trusted only with a load balancer's token (Guard.proxy_token)
+    kwargs.setdefault("proxy_headers", False)
     if (cert is None) != (key is None):
         raise ValueError("a TLS certificate needs its key, and a key its certificate")
     if client_ca is not None and cert is None:

@@ -56,6 +56,7 @@ from inference_core.tp_worker import Peers, load_shard
 from inference_core.weights import load_model
 
 ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
+PROXY_TOKEN_ENV = "INFERENCE_PROXY_TOKEN"  # a trusted load balancer's token (X-Sentinel-Proxy)
 
 
 class _Common(BaseModel):
@@ -184,6 +185,9 @@ class Guard:
     limiter: RateLimiter | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_concurrent: int = 0  # requests (streams included) in flight per client; 0: no limit
+    # a load balancer (sentinel's router) proves itself with this token in X-Sentinel-Proxy; only then is its
+    # X-Forwarded-For the client's address (for the rate limits). Without it, the header is ignored.
+    proxy_token: str | None = None
 
 
 class GuardMiddleware:
@@ -254,7 +258,13 @@ class GuardMiddleware:
             return "", resp
         if who == "anonymous":
             client = scope.get("client")
-            who = f"addr:{client[0] if client else '?'}"
+            addr = client[0] if client else "?"
+            forwarded = headers.get("x-forwarded-for")
+            proof = headers.get("x-sentinel-proxy")
+            if forwarded and proof and gate.proxy_token and hmac.compare_digest(proof.encode(),
+                                                                                gate.proxy_token.encode()):
+                addr = forwarded.split(",")[0].strip() or addr  # the router sets it to its own peer
+            who = f"addr:{addr}"
         if gate.limiter is not None:
             wait = gate.limiter.take(who)
             if wait > 0:
@@ -321,6 +331,17 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             return JSONResponse({"ready": False, "draining": engine.draining, "healthy": engine.healthy},
                                 status_code=503)
         return JSONResponse({"ready": True})
+
+    @app.get("/load")
+    async def load() -> JSONResponse:
+        """What a load balancer needs, cheaply: whether to send anything, and the work outstanding here
+        (tokens still to compute: prompts not yet prefilled plus completions not yet generated)."""
+        if holder.engine is None:
+            return JSONResponse({"ready": False, "loading": holder.loading, "load_error": holder.load_error},
+                                status_code=503)
+        body = {"ready": engine.healthy and not engine.draining, "healthy": engine.healthy,
+                "draining": engine.draining, **engine.load()}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -718,7 +739,8 @@ def main(argv: list[str] | None = None) -> None:
         limiter = RateLimiter(args.rate_limit, args.rate_burst) if args.rate_limit > 0 else None
     except (OSError, ValueError) as exc:
         p.error(f"security settings: {exc}")
-    guard = Guard(auth, limiter, args.max_body_bytes, max(0, args.max_concurrent_per_client))
+    guard = Guard(auth, limiter, args.max_body_bytes, max(0, args.max_concurrent_per_client),
+                  os.environ.get(PROXY_TOKEN_ENV) or None)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
                 args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization,
                 args.tensor_parallel_size, guard)

@@ -49,6 +49,7 @@ from sentinel.netutil import free_port, port_in_use
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Actuator, Remediator
+from sentinel.router import Router
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import LoadedGroup, load_rules, rule_files
 from sentinel.rules.remote_write import RemoteWriter
@@ -104,6 +105,11 @@ class Daemon:
         self.kube: KubernetesActuator | None = None
         self.elector: LeaderElector | None = None
         self.shipper: Shipper | None = None
+        self.router: Router | None = None
+        self.router_server: uvicorn.Server | None = None
+        self.router_thread: threading.Thread | None = None
+        self.router_url: str | None = None
+        self.proxy_token: str | None = None
         self.prometheus: PrometheusServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.remediator: Remediator | None = None
@@ -140,15 +146,42 @@ class Daemon:
         # without a configured admin token, one for this run (in the replicas' environment only), so sentinel can
         # always drain a replica before restarting it
         admin = s.replicas.admin_token.get_secret_value() if s.replicas.admin_token else secrets.token_urlsafe(24)
+        # the router proves itself to the replicas with this (then they take its X-Forwarded-For as the client)
+        self.proxy_token = secrets.token_urlsafe(24) if s.router.enabled else None
         limits = ("--rate-limit", f"{s.replicas.rate_limit:g}", "--rate-burst", str(s.replicas.rate_burst))
         specs = [ReplicaSpec(f"replica-{i}", port, model_dir, run_dir / f"replica-{i}" / "logs",
                              enable_faults=s.replicas.enable_faults, admin_token=admin,
+                             proxy_token=self.proxy_token,
                              served_model_name=s.replicas.served_model_name,
                              engine_args=(*limits, *s.replicas.engine_args)) for i, port in enumerate(ports)]
         self.supervisor = Supervisor(specs, run_dir, self.children, s.replicas.start_timeout,
                                      max(s.replicas.max_count, s.replicas.count), self._replicas_changed)
         self.supervisor.start_all()
+        if s.router.enabled:
+            self._start_router()
         return self._start(groups, books, specs)
+
+    def _start_router(self) -> None:
+        """The OpenAI-compatible endpoint in front of the supervised replicas, on its own port and thread."""
+        s = self.settings
+        sup = self.supervisor
+        assert sup is not None
+        self.router = Router(lambda: [(r.spec.name, r.spec.url) for r in list(sup.replicas.values())],
+                             self.registry, self.proxy_token, s.router.poll_interval, s.router.timeout)
+        port = s.router.port or free_port(s.router.host)
+        config = uvicorn.Config(self.router.app, host=s.router.host, port=port, log_level="warning",
+                                access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+                                proxy_headers=False)  # the client is the peer; the router sets X-Forwarded-For
+        server = self.router_server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="router", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise ServiceError(f"the router did not start on {s.router.host}:{port}")
+            time.sleep(0.02)
+        self.router_thread = thread
+        self.router_url = f"http://{s.router.host}:{port}"
 
     def _start(self, groups: list[LoadedGroup], books: dict[str, Runbook], specs: list[ReplicaSpec]) -> list[Service]:
         """Everything after the replicas: local ones (``specs``, supervised), or a Deployment's pods."""
@@ -261,6 +294,9 @@ class Daemon:
             self.services = [Service(f"deployment:{k.deployment}", f"{k.api_url or 'in-cluster'}", None,
                                      f"namespace {k.namespace}; leader election on lease {k.lease_name}")]
         self.services[0:0] = [Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics")]
+        if self.router_url is not None:  # what clients use: first
+            self.services.insert(0, Service("router", f"{self.router_url}/v1", None,
+                                            "OpenAI-compatible endpoint: least-loaded ready replica, retried once"))
         self.services.append(Service("prometheus", prom_url, self.prometheus.proc.pid if self.prometheus and
                                      self.prometheus.proc else None, "started" if self.prometheus else "external"))
         for rcv in s.alerting.receivers:
@@ -450,7 +486,8 @@ class Daemon:
         sup = self.supervisor
         assert sup is not None
         self.services = [x for x in self.services if not x.name.startswith("replica-")]
-        self.services[1:1] = [Service(r.spec.name, r.spec.url, r.pid) for r in sup.replicas.values()]
+        at = next(i for i, x in enumerate(self.services) if x.name == "sentinel-api") + 1
+        self.services[at:at] = [Service(r.spec.name, r.spec.url, r.pid) for r in sup.replicas.values()]
         self._write_up_file()
 
     @property
@@ -498,6 +535,8 @@ class Daemon:
                           "healthy": r.healthy(), "logFile": str(r.spec.log_dir / "inference.log")} for r in reps],
             "guardrails": vars(self.guardrails),
         }
+        if self.router_url is not None:
+            out["router"] = f"{self.router_url}/v1"
         if self.kube is not None:
             out["replicas"] = [{"name": name} for name in sorted(self.kube.targets())]
         if self.elector is not None:
@@ -535,6 +574,10 @@ class Daemon:
             self.runbooks.shutdown()
         if self.remediator is not None:
             self.remediator.shutdown()
+        if self.router_server is not None:  # first: no new requests reach replicas that are stopping
+            self.router_server.should_exit = True
+            if self.router_thread is not None:
+                self.router_thread.join(timeout=15)
         if self.supervisor is not None:
             self.supervisor.stop_all()
         if self.prometheus is not None:

@@ -181,6 +181,16 @@ class LogSettings(Section):
                                    "down, sentinel down) up to this far back; 0 turns replays off")
 
 
+class RouterSettings(Section):
+    """The OpenAI-compatible endpoint in front of the local replicas (``sentinel up`` prints it first)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0: a free port")
+    poll_interval: Duration = Field(0.25, description="how often each replica's /load is read")
+    timeout: Duration = Field(600.0, description="the longest a request may take upstream")
+
+
 class KubernetesSettings(Section):
     """Kubernetes mode: the replicas are the pods of a Deployment (``deploy/kubernetes/inference.yaml``);
     sentinel acts through the API (delete a pod, the scale subresource, rollout restart, cordon) and two or
@@ -222,6 +232,7 @@ class Settings(BaseSettings):
     logs: LogSettings = Field(default_factory=LogSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
 
     @model_validator(mode="after")
     def _kubernetes_needs(self) -> Settings:

@@ -26,6 +26,7 @@ from sentinel.netutil import free_port, wait_http_ok
 
 log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
+PROXY_TOKEN_ENV = "INFERENCE_PROXY_TOKEN"  # sentinel's router proves itself with it (X-Sentinel-Proxy)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class ReplicaSpec:
     host: str = "127.0.0.1"
     enable_faults: bool = False
     admin_token: str | None = None
+    proxy_token: str | None = None  # the router's: its X-Forwarded-For is then the client (rate limits per client)
     served_model_name: str | None = None
     engine_args: tuple[str, ...] = ()  # more server flags (an argument list, never a shell string)
 
@@ -134,6 +136,8 @@ class Replica:
         env = dict(os.environ)
         if self.spec.admin_token:
             env[ADMIN_TOKEN_ENV] = self.spec.admin_token
+        if self.spec.proxy_token:
+            env[PROXY_TOKEN_ENV] = self.spec.proxy_token
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         out = (self.run_dir / f"{self.spec.name}.out").open("ab")

@@ -7,7 +7,7 @@ Two dashboards (``sentinel dashboards generate``):
   utilization against the 70-85 % band, memory headroom against 20 %; thresholds read from the rules
   that judge them), then the serving panels vLLM's example dashboard has (latency, TTFT and time per
   output token at P50/P90/P95/P99, queue time, token throughput, request and error rates, CUDA errors,
-  preemptions, batch size, scheduler state, KV and prefix cache), remediation, and sentinel's own
+  preemptions, batch size, scheduler state, KV and prefix cache), the router, remediation, and sentinel's own
   health (rule evaluation time and failures, notification queue, log shipping lag).
 - **rules** (``sentinel-rules.json``): one row per rule group, one panel per alerting rule. A rule's
   panel plots its ``sentinel.signal`` (what the alert judges, with its threshold drawn on the bad side);
@@ -280,6 +280,25 @@ def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Das
                         "{{replica}} prefix hit rate")],
                  Look("percentunit", threshold_steps(_threshold(groups, "KvCachePressure", 0.9), "above"),
                       common_m.GraphThresholdsStyleMode.DASHED, min=0, max=1), span=8)
+
+    b.row("Router")
+    b.timeseries("Routed requests", "Requests the router answered per replica and status code; \"none\": no "
+                 "replica could serve (503 with Retry-After).",
+                 [Query(f"sum by (replica, code) (rate(sentinel_router_requests_total[{RATE}]))",
+                        "{{replica}} {{code}}")], Look("reqps", min=0, stack=True), span=6)
+    b.timeseries("Router in flight", "Requests open through the router per replica (the balance the router keeps).",
+                 [Query("sum by (replica) (sentinel_router_in_flight)", "{{replica}}")], Look("short", min=0), span=6)
+    b.timeseries("Retries and upstream errors", "Requests sent to a second replica after the first failed before "
+                 "answering, replica failures by kind, and requests no replica could serve.",
+                 [Query(f"sum by (reason) (rate(sentinel_router_retries_total[{RATE}]))", "retry: {{reason}}"),
+                  Query(f"sum by (replica, kind) (rate(sentinel_router_upstream_errors_total[{RATE}]))",
+                        "{{replica}} {{kind}}"),
+                  Query(f"rate(sentinel_router_unavailable_total[{RATE}])", "no replica")],
+                 Look("ops", threshold_steps(0, "above"), min=0), span=6)
+    b.timeseries("Router upstream latency", "Request received to the replica's response headers (routing plus the "
+                 "replica's time to answer), P50 and P99.",
+                 [Query(f"histogram_quantile({q}, sum by (le) (rate(sentinel_router_upstream_seconds_bucket[{RATE}])))",
+                        f"P{round(q * 100)}") for q in (0.5, 0.99)], Look("s", min=0), span=6)
 
     b.row("Replicas and remediation")
     b.state("Replica health", "Per replica: scraped (up) and healthy (no CUDA error since it started); green is "

@@ -135,6 +135,12 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
         assert c.usage is not None and c.usage.completion_tokens >= 1 and c.usage.prompt_tokens >= 1
     again = client.completions.create(model="deepseek-tiny", prompt="GPU utilization", max_tokens=8, temperature=0)
     assert again.choices[0].text == c.choices[0].text  # greedy decoding is deterministic
+    # the router is what `sentinel up` lists first: the same completion through it, the replica named
+    assert up["services"][0]["name"] == "router" and up["router"] == up["services"][0]["url"]
+    routed = openai.OpenAI(base_url=up["router"], api_key="unused", max_retries=0, timeout=30)
+    raw = routed.completions.with_raw_response.create(model="deepseek-tiny", prompt="GPU utilization", max_tokens=8,
+                                                      temperature=0)
+    assert raw.parse().choices[0].text == c.choices[0].text and raw.headers["x-sentinel-replica"] == "replica-0"
 
     # 2. Latency fault: P99 over 500 ms through Prometheus → InferenceLatencyP99High fires (PromQL path).
     assert admin.post("/admin/faults", json={"latency_ms": 200}).status_code == 200
@@ -218,7 +224,8 @@ def test_request_to_page_to_restart(sentinel_up: tuple[subprocess.Popen[bytes], 
     plotted = set().union(*(_metric_names(e) for e in _promql(overview)))
     absent_here = {"gpu_utilization", "inference_requests_refused_total", "sentinel_rule_group_iterations_missed_total",
                    "sentinel_child_restarts_total", "sentinel_notification_queue_length",
-                   "sentinel_notification_queue_oldest_seconds", "sentinel_rule_evaluation_failures_total"}
+                   "sentinel_notification_queue_oldest_seconds", "sentinel_rule_evaluation_failures_total",
+                   "sentinel_router_retries_total", "sentinel_router_upstream_errors_total"}
     assert plotted - names <= absent_here, sorted(plotted - names - absent_here)
     assert {"inference_request_queue_time_seconds_bucket", "inference_model_info", "sentinel_log_shipping_lag_seconds",
             "sentinel_log_shipping_backlog_bytes"} <= names

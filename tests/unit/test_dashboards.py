@@ -113,12 +113,14 @@ def _exported() -> set[str]:
     """Every series name the inference core and sentinel can export, from their real registries."""
     from inference_core.telemetry import BusyTracker, Metrics
     from sentinel.metrics import ActiveAlerts, BacklogCollector, SentinelMetrics
+    from sentinel.router import RouterMetrics
     from sentinel.rules.learned import LearnedThresholds
 
     names: set[str] = {"up"}  # Prometheus's own
     reg = CollectorRegistry()
     Metrics(reg, BusyTracker())
     SentinelMetrics(reg)
+    RouterMetrics(reg)
     for family in reg.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
         names.update(family.name + s for s in suffixes.get(family.type, [""]))
@@ -192,6 +194,7 @@ def test_overview_has_the_seed_signals_and_the_serving_panels() -> None:
     assert {"P99 latency (SLO)", "Utilization (target band)", "Memory headroom", "End-to-end latency",
             "Time to first token", "Time per output token", "Queue time", "Token throughput", "Requests",
             "Error rate", "CUDA errors", "Preemptions", "Batch size", "Scheduler state", "KV and prefix cache",
+            "Routed requests", "Router in flight", "Retries and upstream errors", "Router upstream latency",
             "Remediations", "Rule evaluation time", "Rule evaluation failures", "Notification queue",
             "Log shipping", "Errors in the request log"} <= set(panels)
     util = panels["Utilization (target band)"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
