@@ -516,6 +516,103 @@ def _state_store(config: Path | None) -> Any:
     return Store(db)
 
 
+remediate_app = typer.Typer(help="Remediation: the log of decisions and outcomes, and approvals for actions a "
+                            "human must allow (GPU reset).", no_args_is_help=True)
+app.add_typer(remediate_app, name="remediate")
+
+
+def _answer(approval_id: str, approve: bool, by: str | None, config: Path | None) -> None:
+    import getpass
+
+    store = _state_store(config)
+    who = by or getpass.getuser()
+    doc = store.decide_approval(approval_id, approve, who, time.time())
+    if doc is None:
+        typer.echo(f"error: no approval {approval_id!r} (`sentinel remediate log` lists them)", err=True)
+        raise typer.Exit(1)
+    wanted = "approved" if approve else "rejected"
+    if doc["status"] != wanted:
+        typer.echo(f"error: approval {approval_id} was already {doc['status']} by {doc.get('decided_by')}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{doc['action']} on {doc['target']} {wanted} by {who}; a running sentinel acts on it at its next "
+               "evaluation of the rule" if approve else f"{doc['action']} on {doc['target']} rejected by {who}; the "
+               "problem climbs to the next rung")
+
+
+@remediate_app.command("approve")
+def remediate_approve(
+    approval_id: Annotated[str, typer.Argument(help="the id SentinelRemediationAwaitingApproval names")],
+    by: Annotated[str | None, typer.Option(help="who approves (default: your user name)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+) -> None:
+    """Allow an action that waits for a human (recorded in the audit log with your name)."""
+    _answer(approval_id, True, by, config)
+
+
+@remediate_app.command("reject")
+def remediate_reject(
+    approval_id: Annotated[str, typer.Argument(help="the id SentinelRemediationAwaitingApproval names")],
+    by: Annotated[str | None, typer.Option(help="who rejects (default: your user name)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+) -> None:
+    """Refuse an action that waits for a human: the problem climbs to the next rung."""
+    _answer(approval_id, False, by, config)
+
+
+@remediate_app.command("log")
+def remediate_log(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+    limit: Annotated[int, typer.Option(help="the last N audit entries")] = 50,
+) -> None:
+    """Decisions, outcomes, escalations and approvals from sentinel's audit log (newest first), each problem's
+    place on the escalation ladder, and the approvals waiting: works whether or not sentinel runs."""
+    import json as _json
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    store = _state_store(config)
+    kinds = {"decision", "outcome", "escalation", "approval", "recovery"}
+    entries = [e for e in store.audit_log(limit * 4) if e["kind"] in kinds][:limit]
+    ladders = {k.removeprefix("ladder:"): v for k, v in store.items("ladder:").items()}
+    approvals = sorted(store.items("approval:").values(), key=lambda d: d.get("requested_at", 0), reverse=True)
+    if json_out:
+        typer.echo(_json.dumps({"audit": entries, "ladders": ladders, "approvals": approvals}, default=str))
+        return
+
+    def when(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+    console = Console()
+    t = Table(title=f"remediation log (last {len(entries)})")
+    for col in ("when", "kind", "incident", "action", "target", "result"):
+        t.add_column(col)
+    for e in entries:
+        result = (e.get("reason") or e.get("outcome") or e.get("why") or e.get("status") or e.get("detail") or "")
+        t.add_row(when(e["ts"]), e["kind"], e["subject"], str(e.get("action") or e.get("rung") or ""),
+                  str(e.get("target") or ""), str(result)[:120])
+    console.print(t)
+    if ladders:
+        lt = Table(title="escalation ladders")
+        for col in ("problem", "rung", "attempts", "last attempt", "why"):
+            lt.add_column(col)
+        for problem, d in sorted(ladders.items()):
+            lt.add_row(problem, d.get("rung", ""), str(d.get("attempts", 0)),
+                       when(d["last_at"]) if d.get("last_at") else "-", str(d.get("why", ""))[:100])
+        console.print(lt)
+    pending = [a for a in approvals if a.get("status") == "pending"]
+    if pending:
+        at = Table(title="waiting for approval: sentinel remediate approve ID")
+        for col in ("id", "action", "target", "rule", "requested", "why"):
+            at.add_column(col)
+        for a in pending:
+            at.add_row(a["id"], a["action"], a["target"], a.get("rule", ""), when(a["requested_at"]),
+                       str(a.get("why", ""))[:80])
+        console.print(at)
+
+
 @silence_app.command("add")
 def silence_add(
     matchers: Annotated[list[str], typer.Argument(help='e.g. alertname="CudaError" replica=~"replica-[01]"')],

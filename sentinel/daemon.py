@@ -155,7 +155,8 @@ class Daemon:
                              served_model_name=s.replicas.served_model_name,
                              engine_args=(*limits, *s.replicas.engine_args)) for i, port in enumerate(ports)]
         self.supervisor = Supervisor(specs, run_dir, self.children, s.replicas.start_timeout,
-                                     max(s.replicas.max_count, s.replicas.count), self._replicas_changed)
+                                     max(s.replicas.max_count, s.replicas.count), self._replicas_changed,
+                                     [s.diagnostics.nvidia_smi, "--gpu-reset"])
         self.supervisor.start_all()
         if s.router.enabled:
             self._start_router()
@@ -229,7 +230,8 @@ class Daemon:
             shipper = self.shipper = Shipper(sink, [_log_source(sp) for sp in specs])
             visible = lambda: shipper.visible_until(settle)  # noqa: E731
         self.remediator = Remediator(self.store, actuator, self.guardrails, self.metrics,
-                                     verify_timeout_s=s.remediation.verify_timeout)
+                                     verify_timeout_s=s.remediation.verify_timeout,
+                                     ladder_window_s=s.remediation.escalation_window)
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout),
             LogRuleSource(counter, visible, slack_s=s.logs.ship_interval + 2.0 + settle),

@@ -154,6 +154,8 @@ class RemediationSettings(Section):
     max_actions_per_hour: int = Field(6, ge=0)
     max_concurrent: int = Field(1, ge=1)
     verify_timeout: Duration = 120.0
+    escalation_window: Duration = Field(3600.0, description="a problem that comes back within this long climbs the "
+                                        "escalation ladder (restart x2, GPU reset with approval, cordon, page)")
     scale_in_stabilization: Duration = Field(300.0, description="scale in only after the alert has fired this long "
                                              "and no scale action ran within it (Kubernetes HPA's default)")
 

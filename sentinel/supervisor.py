@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,9 +199,13 @@ class Replica:
 class Supervisor:
     """Owns the replicas; the local actuator of remediation."""
 
+    actions = frozenset({"restart", "scale_out", "scale_in", "reset_gpu"})
+
     def __init__(self, specs: list[ReplicaSpec], run_dir: Path, children: ChildRegistry,
                  start_timeout_s: float = 120.0, max_replicas: int | None = None,
-                 on_change: Callable[[list[ReplicaSpec]], None] = lambda specs: None) -> None:
+                 on_change: Callable[[list[ReplicaSpec]], None] = lambda specs: None,
+                 gpu_reset: Sequence[str] = ("nvidia-smi", "--gpu-reset")) -> None:
+        self.gpu_reset = list(gpu_reset)  # an argument list, never a shell string
         self.replicas = {s.name: Replica(s, run_dir, children) for s in specs}
         self.run_dir = run_dir
         self.children = children
@@ -236,7 +240,42 @@ class Supervisor:
             return self.scale_out(replica.spec)
         if action == "scale_in":
             return self.scale_in()
+        if action == "reset_gpu":
+            return self.reset_gpu()
         raise RemediationError(f"action {action!r} is not supported by the local supervisor")
+
+    def reset_gpu(self) -> str:
+        """``nvidia-smi --gpu-reset`` (only after a human approved it): the driver refuses while any process
+        holds the GPU, so every replica on this host is stopped first and started again after, whatever the
+        reset's outcome."""
+        with self._scale_lock:
+            for r in self.replicas.values():
+                r.stop()
+            try:
+                p = subprocess.run(self.gpu_reset, capture_output=True, text=True, timeout=120, check=False)
+                result = (f"{' '.join(self.gpu_reset)} exited {p.returncode}: "
+                          f"{(p.stdout + p.stderr).strip()[-500:]}")
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                p, result = None, f"{' '.join(self.gpu_reset)} could not run: {exc}"
+            for r in self.replicas.values():
+                r.start()
+            unhealthy = [r.spec.name for r in self.replicas.values() if not r.wait_healthy(self.start_timeout_s)]
+            if p is None or p.returncode != 0:
+                raise RemediationError(f"GPU reset failed ({result}); replicas started again")
+            if unhealthy:
+                raise RemediationError(f"GPU reset done ({result}) but {unhealthy} did not become healthy")
+            return f"GPU reset: {result}; {len(self.replicas)} replicas started again"
+
+    def failure_reason(self, target: str) -> str | None:
+        """Why a replica is not healthy, in its own words (a failed load names the file that did not match)."""
+        r = self.replicas.get(target)
+        if r is None:
+            return None
+        try:
+            doc = httpx.get(f"{r.spec.url}/health", timeout=3).json()
+        except (httpx.HTTPError, ValueError):
+            return None if r.alive() else f"{target} is not running"
+        return str(doc.get("load_error") or doc.get("cuda_error") or "") or None
 
     def _victim(self) -> Replica:
         """The replica a scale-in removes, as a ReplicaSet picks: an unhealthy one first, then the newest."""

@@ -442,3 +442,41 @@ class Store:
     def put(self, key: str, value: Any) -> None:
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+
+    def items(self, prefix: str) -> dict[str, Any]:
+        """Every kv entry whose key starts with ``prefix`` (ladders, approvals)."""
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM kv WHERE key LIKE ? ESCAPE '\\'", (like,)).fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    # -- approvals (actions a human must allow first) ------------------------------------------------
+    def request_approval(self, approval_id: str, doc: dict[str, Any], now: float) -> dict[str, Any]:
+        """The approval ``approval_id``, created pending (and audited) when it does not exist yet."""
+        key = f"approval:{approval_id}"
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                return dict(json.loads(row[0]))
+            doc = {**doc, "id": approval_id, "status": "pending", "requested_at": now}
+            db.execute("INSERT INTO kv VALUES (?, ?)", (key, json.dumps(doc)))
+            db.execute("INSERT INTO audit (ts, kind, subject, detail) VALUES (?, ?, ?, ?)",
+                       (now, "approval", doc.get("incident", approval_id), json.dumps({**doc})))
+        return doc
+
+    def decide_approval(self, approval_id: str, approve: bool, by: str, now: float) -> dict[str, Any] | None:
+        """A human's answer to a pending approval; None when there is no such approval. A decided one stays
+        as it was (approvals are answered once)."""
+        key = f"approval:{approval_id}"
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            doc = dict(json.loads(row[0]))
+            if doc.get("status") != "pending":
+                return doc
+            doc.update(status="approved" if approve else "rejected", decided_by=by, decided_at=now)
+            db.execute("UPDATE kv SET value = ? WHERE key = ?", (json.dumps(doc), key))
+            db.execute("INSERT INTO audit (ts, kind, subject, detail) VALUES (?, ?, ?, ?)",
+                       (now, "approval", doc.get("incident", approval_id), json.dumps(doc)))
+        return doc

@@ -31,6 +31,8 @@ RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 
 
 class KubernetesActuator:
+    actions = frozenset({"restart", "rollout_restart", "scale_out", "scale_in", "cordon"})  # no GPU reset here
+
     def __init__(self, api: k8s.ApiClient, namespace: str, deployment: str, min_replicas: int = 1,
                  max_replicas: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.core = k8s.CoreV1Api(api)

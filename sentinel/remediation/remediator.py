@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Remediation, Store
 from sentinel.errors import RemediationError
 from sentinel.metrics import SentinelMetrics
+from sentinel.remediation import ladder
 from sentinel.remediation.policy import ActionRequest, Decision, Guardrails, History, decide
 from sentinel.rules.evaluator import RuleRuntime
 
@@ -34,13 +36,14 @@ class Actuator(Protocol):
 class Remediator:
     def __init__(self, store: Store, actuator: Actuator, guardrails: Guardrails,
                  metrics: SentinelMetrics | None = None, clock: Callable[[], float] = time.time,
-                 verify_timeout_s: float = 120.0) -> None:
+                 verify_timeout_s: float = 120.0, ladder_window_s: float = 3600.0) -> None:
         self.store = store
         self.actuator = actuator
         self.guardrails = guardrails
         self.metrics = metrics
         self.clock = clock
         self.verify_timeout_s = verify_timeout_s
+        self.ladder_window_s = ladder_window_s
         self._pool = ThreadPoolExecutor(max_workers=max(1, guardrails.max_concurrent), thread_name_prefix="remedy")
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -91,10 +94,63 @@ class Remediator:
             self.metrics.remediations.labels(action, "skipped").inc()
         log.warning("not acting on %s: %s", incident, reason)
 
+    # -- the escalation ladder (restart problems) -------------------------------------------------------
+    def _available(self) -> frozenset[str]:
+        return frozenset(getattr(self.actuator, "actions", frozenset({"restart"})))
+
+    def _climb(self, rule: str, target: str, a: Alert, incident: str, now: float) -> tuple[str | None, str]:
+        """The action the ladder takes for this incident now, or None and why not (a human is needed, or an
+        approval is pending)."""
+        key = f"ladder:{rule}/{target}"
+        findings = self.store.findings(rule, a.fingerprint, a.active_at)
+        before = ladder.Ladder.from_json(self.store.get(key))
+        state = ladder.next_step(before, findings, self._available(), now, self.ladder_window_s)
+        if before is not None and before.rung != state.rung:
+            self.store.audit(now, "escalation", f"{rule}/{target}", rung=state.rung, previous=before.rung,
+                             why=state.why, incident=incident)
+        if state.rung == "page":
+            state.last_at = now  # SentinelRemediationEscalated fires while the problem keeps firing
+            self.store.put(key, state.to_json())
+            return None, f"escalated to a human: {state.why} (SentinelRemediationEscalated pages with the evidence)"
+        self.store.put(key, state.to_json())
+        if state.rung in ladder.NEEDS_APPROVAL:
+            approval_id = hashlib.sha256(f"{incident}/{state.rung}".encode()).hexdigest()[:12]
+            doc = self.store.request_approval(approval_id, {"incident": incident, "rule": rule, "action": state.rung,
+                                                            "target": target, "why": state.why}, now)
+            if doc["status"] == "pending":
+                return None, (f"{state.rung} on {target} needs a human's approval: sentinel remediate approve "
+                              f"{approval_id} ({state.why})")
+            if doc["status"] == "rejected":
+                state = ladder.Ladder(ladder.climb(state.rung, self._available()), 0, now,
+                                      f"{state.rung} rejected by {doc.get('decided_by')}", state.history)
+                self.store.put(key, state.to_json())
+                return (None, f"escalated: {state.why}") if state.rung == "page" else (state.rung, state.why)
+        return state.rung, state.why
+
+    def _climbed(self, rule: str, target: str, action: str, outcome: str) -> None:
+        key = f"ladder:{rule}/{target}"
+        state = ladder.Ladder.from_json(self.store.get(key)) or ladder.Ladder()
+        reason = getattr(self.actuator, "failure_reason", None)
+        failure = reason(target) if reason is not None and outcome != "succeeded" else None
+        new = ladder.after(state, action, outcome, self.clock(), self._available(), failure)
+        self.store.put(key, new.to_json())
+        if new.rung != state.rung:
+            self.store.audit(self.clock(), "escalation", f"{rule}/{target}", rung=new.rung, previous=state.rung,
+                             why=new.why)
+
     def consider(self, rule: str, action: str, a: Alert) -> Decision:
         now = self.clock()
         target = a.labels.get(TARGET_LABEL)
         incident = f"{rule}/{a.fingerprint}/{a.active_at:.3f}"
+        rung_why = ""
+        if action == "restart" and target is not None and target in self.actuator.targets() \
+                and a.fired_at > 0 and not a.resolved_at \
+                and not any(r.incident == incident for r in self.store.remediations(since=now - 3600)):
+            step, rung_why = self._climb(rule, target, a, incident, now)
+            if step is None:
+                self._skip(rule, action, a, rung_why)
+                return Decision(False, rung_why)
+            action = step
         req = ActionRequest(rule, action, target, a.fingerprint, incident, firing=a.fired_at > 0 and not a.resolved_at)
         past = self.store.remediations(since=now - 3600)
         # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked
@@ -123,10 +179,10 @@ class Remediator:
                 self.metrics.remediations.labels(action, "started" if decision.act else "skipped").inc()
         if decision.act:
             assert target is not None
-            self._pool.submit(self._run, incident, action, target)
+            self._pool.submit(self._run, incident, action, target, rule if rung_why else None)
         return decision
 
-    def _run(self, incident: str, action: str, target: str) -> None:
+    def _run(self, incident: str, action: str, target: str, laddered_rule: str | None = None) -> None:
         t0 = self.clock()
         try:
             evidence = self.actuator.act(action, target)
@@ -145,6 +201,8 @@ class Remediator:
         self.store.audit(now, "outcome", incident, action=action, target=target, outcome=outcome,
                          evidence=evidence, duration_s=round(now - t0, 3),
                          escalate=outcome != "succeeded")
+        if laddered_rule is not None:  # after the outcome: the escalation it causes follows it in the audit
+            self._climbed(laddered_rule, target, action, outcome)
         if self.metrics:
             self.metrics.remediations.labels(action, outcome).inc()
         if outcome != "succeeded":

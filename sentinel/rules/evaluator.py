@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 META_ALERT = "SentinelRuleEvaluationFailing"
 UNDELIVERABLE_ALERT = "SentinelNotificationUndeliverable"
 DATASOURCE_DOWN_ALERT = "SentinelDatasourceDown"
+ESCALATED_ALERT = "SentinelRemediationEscalated"
+APPROVAL_ALERT = "SentinelRemediationAwaitingApproval"
+ESCALATION_FRESH_S = 120.0  # a ladder at "page" seen by a firing alert this recently is a live escalation
 UNDELIVERABLE_WINDOW_S = 3600.0
 
 
@@ -102,6 +105,18 @@ class Evaluator:
             "annotations": {"summary": "every {{ $labels.datasource }} rule fails ({{ $value }} rules): the "
                             "{{ $labels.datasource }} datasource is down or unreachable; alerts keep their last state",
                             "description": "`sentinel alerts` and /api/v1/rules show each rule's last error"}})
+
+        # the escalation ladder's last rung, and actions waiting for a human (sentinel/remediation/ladder.py)
+        self.escalated = self._internal("sentinel-escalation-internal", {
+            "alert": ESCALATED_ALERT, "labels": {"severity": "page"},
+            "annotations": {"summary": "{{ $labels.rule }} on {{ $labels.replica }}: automatic remediation is "
+                            "exhausted, a human is needed: {{ $labels.reason }}",
+                            "description": "`sentinel remediate log` shows the attempts; the problem's own alert "
+                            "carries the runbook's findings"}})
+        self.awaiting = self._internal("sentinel-approval-internal", {
+            "alert": APPROVAL_ALERT, "labels": {"severity": "page"},
+            "annotations": {"summary": "{{ $labels.action }} on {{ $labels.replica }} ({{ $labels.rule }}) waits for "
+                            "approval: sentinel remediate approve {{ $labels.approval }} (or reject)"}})
 
     def _internal(self, group_name: str, spec: dict[str, Any]) -> RuleRuntime:
         """One of sentinel's own alerting rules, evaluated from its own samples, its state restored."""
@@ -415,6 +430,18 @@ class Evaluator:
         lost = [Sample({"receiver": rcv}, float(n))
                 for rcv, (n, _) in self.store.undelivered(now - UNDELIVERABLE_WINDOW_S).items()]
         self._eval_internal(self.undeliverable, now, lost)
+        escalated = []
+        for key, doc in self.store.items("ladder:").items():
+            rule, _, target = key.removeprefix("ladder:").rpartition("/")
+            if doc.get("rung") == "page" and now - float(doc.get("last_at", 0)) < ESCALATION_FRESH_S:
+                escalated.append(Sample({"rule": rule, "replica": target, "reason": str(doc.get("why", ""))[:200]},
+                                        float(len(doc.get("history", [])))))
+        self._eval_internal(self.escalated, now, escalated)
+        waiting = [Sample({"approval": str(doc.get("id")), "action": str(doc.get("action")),
+                           "replica": str(doc.get("target")), "rule": str(doc.get("rule"))}, 1.0)
+                   for doc in self.store.items("approval:").values()
+                   if doc.get("status") == "pending" and now - float(doc.get("requested_at", 0)) < 86400]
+        self._eval_internal(self.awaiting, now, waiting)
 
     def _events(self, rt: RuleRuntime, due: list[Alert], extra: dict[str, dict[str, Any]] | None = None
                 ) -> list[AlertEvent]:
@@ -456,7 +483,7 @@ class Evaluator:
             self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:
-        internal = rt is self.meta or rt is self.undeliverable or rt is self.datasource_down
+        internal = rt in (self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting)
         if rt.rule.expr is not None and self.promql is not None and not internal:
             q = urllib.parse.urlencode({"g0.expr": rt.rule.expr, "g0.tab": "1"})
             return f"{self.promql.url}/graph?{q}"
@@ -464,4 +491,5 @@ class Evaluator:
 
     def all_runtimes(self, include_meta: bool = False) -> list[RuleRuntime]:
         return [rt for rts in self.runtimes.values() for rt in rts] + (
-            [self.meta, self.undeliverable, self.datasource_down] if include_meta else [])
+            [self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting] if include_meta
+            else [])
