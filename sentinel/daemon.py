@@ -32,7 +32,7 @@ from sentinel.alerts.delivery import Delivery, ReceiverOptions
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.routing import build as build_route
 from sentinel.alerts.routing import default_tree
-from sentinel.alerts.state import Alert
+from sentinel.alerts.state import Alert, Sample
 from sentinel.alerts.store import Store
 from sentinel.api import authenticator, create_app
 from sentinel.errors import FileFormatError, ServiceError
@@ -110,6 +110,7 @@ class Daemon:
         self.router_thread: threading.Thread | None = None
         self.router_url: str | None = None
         self.proxy_token: str | None = None
+        self._liveness_failures: dict[str, tuple[int, str]] = {}
         self.prometheus: PrometheusServer | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.remediator: Remediator | None = None
@@ -349,6 +350,8 @@ class Daemon:
         sched.add_job(notify, "interval", seconds=1.0, id="notify")
         self.dispatcher = dispatcher
         sched.add_job(self._maybe_reload, "interval", seconds=s.alerting.reload_interval, id="reload")
+        if self.supervisor is not None:  # in a cluster the kubelet's liveness probe does this
+            sched.add_job(self._probe_liveness, "interval", seconds=s.replicas.liveness_interval, id="liveness")
         if self.prometheus is not None:  # a child sentinel started is kept running, as a supervisor would
             prometheus = self.prometheus
 
@@ -491,6 +494,42 @@ class Daemon:
         at = next(i for i, x in enumerate(self.services) if x.name == "sentinel-api") + 1
         self.services[at:at] = [Service(r.spec.name, r.spec.url, r.pid) for r in sup.replicas.values()]
         self._write_up_file()
+
+    def _probe_liveness(self) -> None:
+        """Each local replica's /health: an exited process or an engine that stopped making progress (the
+        engine's own liveness: work waiting and no step for --stall-timeout; not the HTTP thread) counts as a
+        failed probe; ``liveness_failures`` in a row fire InferenceReplicaUnresponsive, whose remedy is a
+        restart. A CUDA error is left to the CudaError rule (its evidence, its page); a replica being restarted
+        or still loading is not probed."""
+        sup = self.supervisor
+        if sup is None:
+            return
+        failures = self._liveness_failures
+        samples = []
+        for r in list(sup.replicas.values()):
+            name = r.spec.name
+            if r.busy():
+                failures.pop(name, None)
+                continue
+            problem = None
+            if not r.alive():
+                problem = "has exited"
+            else:
+                try:
+                    resp = httpx.get(f"{r.spec.url}/health", timeout=2.0)
+                    doc = resp.json() if resp.status_code == 503 else {}
+                    if doc.get("stalled"):
+                        problem = "is not making progress (engine stalled)"
+                except (httpx.HTTPError, ValueError):
+                    problem = "does not answer /health"
+            if problem is None:
+                failures.pop(name, None)
+                continue
+            n, _ = failures.get(name, (0, problem))
+            failures[name] = (n + 1, problem)
+            if n + 1 >= self.settings.replicas.liveness_failures:
+                samples.append(Sample({"replica": name, "problem": problem}, float(n + 1)))
+        self.evaluator.eval_liveness(time.time(), samples)
 
     @property
     def leading(self) -> bool:

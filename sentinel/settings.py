@@ -84,6 +84,9 @@ class ReplicaSettings(Section):
     enable_faults: bool = False
     admin_token: SecretStr | None = None
     start_timeout: Duration = 120.0
+    liveness_interval: Duration = Field(2.0, description="how often sentinel probes each local replica's /health")
+    liveness_failures: int = Field(3, ge=1, description="probes in a row that find the engine stalled or the "
+                                   "process gone before InferenceReplicaUnresponsive fires (and the replica restarts)")
     rate_limit: float = Field(10.0, ge=0, description="requests/s per client on each replica's /v1/* (the seed: 10; "
                               "0: none)")
     rate_burst: int = Field(20, ge=1, description="bursts of this many requests (the seed: 20)")

@@ -6,6 +6,7 @@ order. Their pids are recorded so that a sentinel killed with ``kill -9`` cleans
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -123,6 +124,7 @@ class Replica:
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self.started_at = 0.0  # when the current incarnation started (evidence before it is about another)
+        self.grace_s = 10.0  # after a start, the HTTP server may not answer yet
         self._lock = threading.Lock()
 
     @property
@@ -131,6 +133,10 @@ class Replica:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def busy(self) -> bool:
+        """Being restarted (or loading after a start): not a moment to judge its liveness."""
+        return self._lock.locked() or (bool(self.started_at) and time.time() - self.started_at < self.grace_s)
 
     def start(self) -> None:
         env = dict(os.environ)
@@ -248,7 +254,9 @@ class Supervisor:
         """``nvidia-smi --gpu-reset`` (only after a human approved it): the driver refuses while any process
         holds the GPU, so every replica on this host is stopped first and started again after, whatever the
         reset's outcome."""
-        with self._scale_lock:
+        with self._scale_lock, contextlib.ExitStack() as held:
+            for r in self.replicas.values():  # each replica busy meanwhile: its liveness is not judged
+                held.enter_context(r._lock)
             for r in self.replicas.values():
                 r.stop()
             try:

@@ -29,6 +29,7 @@ UNDELIVERABLE_ALERT = "SentinelNotificationUndeliverable"
 DATASOURCE_DOWN_ALERT = "SentinelDatasourceDown"
 ESCALATED_ALERT = "SentinelRemediationEscalated"
 APPROVAL_ALERT = "SentinelRemediationAwaitingApproval"
+UNRESPONSIVE_ALERT = "InferenceReplicaUnresponsive"
 ESCALATION_FRESH_S = 120.0  # a ladder at "page" seen by a firing alert this recently is a live escalation
 UNDELIVERABLE_WINDOW_S = 3600.0
 
@@ -117,6 +118,16 @@ class Evaluator:
             "alert": APPROVAL_ALERT, "labels": {"severity": "page"},
             "annotations": {"summary": "{{ $labels.action }} on {{ $labels.replica }} ({{ $labels.rule }}) waits for "
                             "approval: sentinel remediate approve {{ $labels.approval }} (or reject)"}})
+
+        # a local replica that exited or whose engine stopped making progress (sentinel's own probe of /health,
+        # the engine's liveness, not the HTTP thread's): restarted as a crash is, through the remediator
+        self.unresponsive = self._internal("sentinel-liveness-internal", {
+            "alert": UNRESPONSIVE_ALERT, "labels": {"severity": "page"},
+            "annotations": {"summary": "{{ $labels.replica }} {{ $labels.problem }} ({{ $value }} probes in a row): "
+                            "sentinel restarts it",
+                            "description": "sentinel probes each replica's /health; an engine whose step loop has "
+                            "work but made no step for --stall-timeout, or a process that exited, is restarted"},
+            "sentinel": {"remediation": "restart"}})
 
     def _internal(self, group_name: str, spec: dict[str, Any]) -> RuleRuntime:
         """One of sentinel's own alerting rules, evaluated from its own samples, its state restored."""
@@ -443,6 +454,13 @@ class Evaluator:
                    if doc.get("status") == "pending" and now - float(doc.get("requested_at", 0)) < 86400]
         self._eval_internal(self.awaiting, now, waiting)
 
+    def eval_liveness(self, now: float, samples: list[Sample]) -> None:
+        """The replicas that failed enough liveness probes in a row (labels ``replica``, ``problem``)."""
+        self._eval_internal(self.unresponsive, now, samples)
+        firing = self.unresponsive.machine.firing()
+        if firing and self.on_firing is not None:
+            self.on_firing(self.unresponsive, firing)
+
     def _events(self, rt: RuleRuntime, due: list[Alert], extra: dict[str, dict[str, Any]] | None = None
                 ) -> list[AlertEvent]:
         """The alerts to hand to delivery, with the episode's runbook findings (they travel with every later
@@ -483,7 +501,8 @@ class Evaluator:
             self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:
-        internal = rt in (self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting)
+        internal = rt in (self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting,
+                          self.unresponsive)
         if rt.rule.expr is not None and self.promql is not None and not internal:
             q = urllib.parse.urlencode({"g0.expr": rt.rule.expr, "g0.tab": "1"})
             return f"{self.promql.url}/graph?{q}"
@@ -491,5 +510,5 @@ class Evaluator:
 
     def all_runtimes(self, include_meta: bool = False) -> list[RuleRuntime]:
         return [rt for rts in self.runtimes.values() for rt in rts] + (
-            [self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting] if include_meta
-            else [])
+            [self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting, self.unresponsive]
+            if include_meta else [])

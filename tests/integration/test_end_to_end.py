@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -324,3 +325,53 @@ def test_cuda_error_pages_through_elasticsearch(tmp_path: Path, receiver: Receiv
         assert replayed and float(replayed[0].rsplit(" ", 1)[1]) >= 8, replayed
         report_figure("ES outage -> CudaError from the outage paged after the store returned",
                       f"{time.time() - t_back:.1f}s after Elasticsearch was back")
+
+
+def test_a_wedged_engine_and_a_crashed_replica_are_restarted(tmp_path: Path, receiver: Receiver,
+                                                             tiny_model_dir: Path) -> None:
+    """sentinel's own liveness probe: an engine that stops making progress (the hang fault: requests wait,
+    no step runs; /metrics and the HTTP thread still answer) and a replica killed with -9 are each restarted
+    through the remediator, paged as InferenceReplicaUnresponsive, and audited."""
+    replicas = {"enable_faults": True, "admin_token": ADMIN_TOKEN, "model_dir": str(tiny_model_dir),
+                "engine_args": ["--stall-timeout", "2"], "liveness_interval": "1s", "liveness_failures": 2}
+    with run_sentinel(tmp_path, receiver, tiny_model_dir, replicas=replicas,
+                      remediation={"verify_timeout": "60s", "cooldown": "0s"}) as (proc, up, log):
+        api, replica = up["api"], up["replicas"][0]
+        admin = httpx.Client(base_url=replica["url"], headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert admin.post("/admin/faults", json={"hang": True}).status_code == 200
+        stuck = threading.Thread(target=_quietly, args=(lambda: httpx.post(
+            f"{replica['url']}/v1/completions", timeout=60, json={"model": "deepseek-tiny", "prompt": "x",
+                                                                  "max_tokens": 2}),))
+        stuck.start()
+        assert httpx.get(f"{replica['url']}/metrics").status_code == 200  # the HTTP thread is fine
+
+        def replaced(old: int) -> Callable[[], dict[str, Any] | None]:
+            def check() -> dict[str, Any] | None:
+                st = httpx.get(f"{api}/api/v1/status").json()["data"]["replicas"][0]
+                return st if st["pid"] != old and st["healthy"] else None
+            return check
+
+        first = wait_for("the wedged replica to be restarted", replaced(replica["pid"]), 60, proc, log)
+        page = wait_for("an InferenceReplicaUnresponsive page",
+                        lambda: alerts_named(receiver, "InferenceReplicaUnresponsive", "firing"), 30, proc, log)
+        assert page[0]["labels"]["replica"] == "replica-0" and "stalled" in page[0]["labels"]["problem"]
+        stuck.join(60)
+
+        def outcomes() -> list[tuple[str, str]]:
+            audit = httpx.get(f"{api}/api/v1/actions").json()["data"]["audit"]
+            return [(e["subject"].split("/")[0], e["outcome"]) for e in audit if e["kind"] == "outcome"]
+
+        wait_for("the first restart's verified outcome", outcomes, 60, proc, log)
+        os.kill(first["pid"], signal.SIGKILL)  # a crash
+        second = wait_for("the crashed replica to be restarted", replaced(first["pid"]), 60, proc, log)
+        assert second["restarts"] == 2
+        done = wait_for("the second restart's verified outcome", lambda: len(outcomes()) == 2 and outcomes(), 60,
+                        proc, log)
+        assert done == [("InferenceReplicaUnresponsive", "succeeded")] * 2
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except httpx.HTTPError:
+        pass

@@ -110,3 +110,34 @@ def test_a_restart_drains_first_so_requests_in_flight_finish(tmp_path: Path, tin
         assert httpx.get(f"{url}/ready").status_code == 200  # the new process serves
     finally:
         sup.stop_all()
+
+
+def test_gpu_reset_stops_every_replica_runs_the_tool_and_starts_them_again(
+        tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The approved GPU reset (the driver refuses while a process holds the GPU): every replica stopped, the
+    tool run as an argument list, every replica started again; a failing tool is reported with the replicas
+    back. nvidia-smi is tests/fixtures/bin/fake-nvidia-smi here (there is no GPU)."""
+    from tests.conftest import ROOT
+
+    argv_file, out = tmp_path / "argv", tmp_path / "out.txt"
+    out.write_text("GPU 00000000:3B:00.0 was successfully reset.\n")
+    monkeypatch.setenv("FAKE_SMI_ARGV", str(argv_file))
+    monkeypatch.setenv("FAKE_SMI_OUTPUT", str(out))
+    specs = [ReplicaSpec(f"replica-{i}", free_port(), tiny_model_dir, tmp_path / "run" / f"replica-{i}" / "logs")
+             for i in range(2)]
+    sup = Supervisor(specs, tmp_path / "run", ChildRegistry(tmp_path / "children.json"), 60,
+                     gpu_reset=[str(ROOT / "tests" / "fixtures" / "bin" / "fake-nvidia-smi"), "--gpu-reset"])
+    sup.start_all()
+    try:
+        before = {n: r.pid for n, r in sup.replicas.items()}
+        evidence = sup.act("reset_gpu", "replica-0")
+        assert "successfully reset" in evidence and "2 replicas started again" in evidence
+        assert argv_file.read_text().split() == ["--gpu-reset"]
+        after = {n: r.pid for n, r in sup.replicas.items()}
+        assert all(after[n] != before[n] for n in before) and all(r.healthy() for r in sup.replicas.values())
+        monkeypatch.setenv("FAKE_SMI_EXIT", "3")
+        with pytest.raises(RemediationError, match="GPU reset failed .* exited 3"):
+            sup.act("reset_gpu", "replica-0")
+        assert all(r.healthy() for r in sup.replicas.values())  # back, whatever the tool said
+    finally:
+        sup.stop_all()
