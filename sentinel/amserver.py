@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
+from sentinel.process import ChildRegistry, stop_process
 from sentinel.promserver import find_binary, start_service
-from sentinel.supervisor import ChildRegistry, stop_process
 
 INSTALL_HINT = "install it with: apt-get install prometheus-alertmanager"
 

@@ -21,7 +21,7 @@ from inference_core.apidoc import AllowHeader, document
 from inference_core.security import Authenticator, AuthError, RateLimiter, hash_key
 from sentinel.alerts.notify import rfc3339
 from sentinel.alerts.silences import MATCHER_PATTERN, parse_matcher
-from sentinel.alerts.state import State
+from sentinel.alerts.state import Alert, State
 from sentinel.alerts.store import Store
 from sentinel.inbound import Timestamp, WebhookPayload
 from sentinel.remediation.policy import Guardrails
@@ -111,8 +111,8 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
     @app.get("/api/v1/alerts")
     def alerts() -> dict[str, Any]:
         out = []
-        for rt in evaluator.all_runtimes(include_meta=True):
-            for a in rt.machine.active.values():
+        for rt, active in evaluator.view(include_meta=True):
+            for a in active:
                 if a.state == State.INACTIVE:
                     continue
                 item = {"labels": a.labels, "annotations": a.annotations, "state": a.state.value,
@@ -125,15 +125,13 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
 
     @app.get("/api/v1/rules")
     def rules() -> dict[str, Any]:
-        groups = []
-        for rts in evaluator.runtimes.values():
-            if not rts:
-                continue
-            g = rts[0].group
-            groups.append({
-                "name": g.group.name, "file": g.file, "interval": evaluator.interval(g),
-                "rules": [_rule_json(rt) for rt in rts]})
-        return {"status": "success", "data": {"groups": groups}}
+        groups: dict[str, dict[str, Any]] = {}
+        for rt, active in evaluator.view():
+            g = rt.group
+            group = groups.setdefault(g.key, {"name": g.group.name, "file": g.file, "interval": evaluator.interval(g),
+                                              "rules": []})
+            group["rules"].append(_rule_json(rt, active))
+        return {"status": "success", "data": {"groups": list(groups.values())}}
 
     @app.get("/api/v1/actions")
     def actions(limit: int = 100) -> dict[str, Any]:
@@ -205,7 +203,7 @@ def _query_text(rule: Rule) -> str:
     return rule.expr or ""
 
 
-def _rule_json(rt: RuleRuntime) -> dict[str, Any]:
+def _rule_json(rt: RuleRuntime, active: list[Alert]) -> dict[str, Any]:
     """One rule as Prometheus's ``/api/v1/rules`` shows it (recording rules without alert fields)."""
     common = {"name": rt.rule.name, "query": _query_text(rt.rule), "labels": rt.rule.labels, "health": rt.health,
               "lastError": rt.last_error or "", "evaluationTime": rt.last_duration,
@@ -213,9 +211,9 @@ def _rule_json(rt: RuleRuntime) -> dict[str, Any]:
     if rt.rule.record is not None:
         return {"type": "recording", **common}
     return {"type": "alerting", **common, "duration": rt.rule.for_, "keepFiringFor": rt.rule.keep_firing_for,
-            "annotations": rt.rule.annotations, "state": _rule_state(rt.machine.active.values()),
+            "annotations": rt.rule.annotations, "state": _rule_state(active),
             "alerts": [{"labels": a.labels, "state": a.state.value, "activeAt": rfc3339(a.active_at),
-                        "value": f"{a.value:g}"} for a in rt.machine.active.values() if a.state != State.INACTIVE]}
+                        "value": f"{a.value:g}"} for a in active if a.state != State.INACTIVE]}
 
 
 def _rule_state(alerts: Any) -> str:

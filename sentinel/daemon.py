@@ -46,6 +46,7 @@ from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper, Sink
 from sentinel.metrics import BacklogCollector, SentinelMetrics
 from sentinel.netutil import free_port, port_in_use
+from sentinel.process import ChildRegistry, ChildWatchdog
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Actuator, Remediator
@@ -59,7 +60,7 @@ from sentinel.runbooks.context import build_context
 from sentinel.runbooks.model import Runbook, check_runbook_references, load_runbooks
 from sentinel.runbooks.onalert import AlertRunbooks
 from sentinel.settings import Settings
-from sentinel.supervisor import ChildRegistry, ChildWatchdog, ReplicaSpec, Supervisor
+from sentinel.supervisor import ReplicaSpec, Supervisor
 
 log = logging.getLogger(__name__)
 AM_RECEIVER = "alertmanager"  # the receiver name of alerting.alertmanager_url

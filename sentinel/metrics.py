@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -110,7 +111,7 @@ class ActiveAlerts(Collector):
         self._by_rule: dict[str, list[dict[str, str]]] = {}
 
     def update(self, key: str, rule_name: str, alerts: Iterable[Alert]) -> None:
-        series = [{**a.labels, "alertname": rule_name, "alertstate": a.state.value} for a in alerts
+        series = [{**_label_names(a.labels), "alertname": rule_name, "alertstate": a.state.value} for a in alerts
                   if a.state in (State.PENDING, State.FIRING)]
         if series:
             self._by_rule[key] = series
@@ -127,3 +128,20 @@ class ActiveAlerts(Collector):
             for labels in series:
                 m.add_sample(m.name, labels, 1.0)
         yield m
+
+
+_INVALID = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _label_names(labels: dict[str, str]) -> dict[str, str]:
+    """Alert labels as Prometheus label names: a log rule's ``query_key`` may name a field such as ``host.name``,
+    which the exposition format cannot carry (one such label would fail the whole scrape): ``host_name``, as
+    Prometheus's own relabelling would make it. Reserved ``__`` names are left out."""
+    out = {}
+    for k, v in labels.items():
+        name = _INVALID.sub("_", k)
+        if name[:1].isdigit():
+            name = "_" + name
+        if name and not name.startswith("__"):
+            out[name] = v
+    return out

@@ -14,7 +14,7 @@ import yaml
 from sentinel.durations import format_duration
 from sentinel.errors import MissingBinaryError, ServiceError
 from sentinel.netutil import wait_http_ok
-from sentinel.supervisor import ChildRegistry, stop_process
+from sentinel.process import ChildRegistry, stop_process
 
 INSTALL_HINT = "install it with: apt-get install prometheus (or pass --prometheus-url to use an existing one)"
 

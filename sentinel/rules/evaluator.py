@@ -508,6 +508,14 @@ class Evaluator:
             return f"{self.promql.url}/graph?{q}"
         return f"{self.external_url}/api/v1/rules?rule={urllib.parse.quote(rt.rule.name)}"
 
+    def view(self, include_meta: bool = False) -> list[tuple[RuleRuntime, list[Alert]]]:
+        """Every rule with copies of its alerts, taken under the lock: readers (the API) never iterate state
+        an evaluation is changing. The lock is held only for in-memory state changes (queries run outside it),
+        so this is quick."""
+        with self._lock:
+            return [(rt, [replace(a, labels=dict(a.labels), annotations=dict(a.annotations))
+                          for a in rt.machine.active.values()]) for rt in self.all_runtimes(include_meta)]
+
     def all_runtimes(self, include_meta: bool = False) -> list[RuleRuntime]:
         return [rt for rts in self.runtimes.values() for rt in rts] + (
             [self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting, self.unresponsive]

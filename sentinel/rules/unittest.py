@@ -32,13 +32,13 @@ from sentinel.alerts.templates import expand
 from sentinel.durations import Duration, format_duration
 from sentinel.errors import DatasourceError, EvaluationError, FileFormatError
 from sentinel.netutil import free_port
+from sentinel.process import ChildRegistry
 from sentinel.promserver import PrometheusServer
 from sentinel.rules.export import render
 from sentinel.rules.model import LoadedGroup, Rule, load_rule_file
 from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
 from sentinel.rules.series import expand_values, parse_series
 from sentinel.rules.sources import PromQLSource
-from sentinel.supervisor import ChildRegistry
 from sentinel.yamlfile import load_model_file
 
 

@@ -19,10 +19,10 @@ from sentinel.alerts.store import Store
 from sentinel.amserver import AlertmanagerServer
 from sentinel.logstore.local import LocalLogStore
 from sentinel.netutil import free_port
+from sentinel.process import ChildRegistry
 from sentinel.rules.evaluator import Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import LogRuleSource
-from sentinel.supervisor import ChildRegistry
 from tests.conftest import Receiver as HookReceiver
 from tests.integration.test_end_to_end import wait_for
 

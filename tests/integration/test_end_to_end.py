@@ -320,9 +320,12 @@ def test_cuda_error_pages_through_elasticsearch(tmp_path: Path, receiver: Receiv
         assert t_fault - 1 <= starts <= t_fault + 4 < t_back, (t_fault, starts, t_back)  # its real time
         wait_for("SentinelLogStoreDown to resolve", lambda: alerts_named(receiver, "SentinelLogStoreDown",
                                                                          "resolved"), 60, proc, log)
-        metrics = httpx.get(f"{up['api']}/metrics").text
+        resp = httpx.get(f"{up['api']}/metrics")
+        metrics = resp.text
         replayed = [ln for ln in metrics.splitlines() if ln.startswith("sentinel_rule_catch_up_evaluations_total{")]
-        assert replayed and float(replayed[0].rsplit(" ", 1)[1]) >= 8, replayed
+        assert replayed and float(replayed[0].rsplit(" ", 1)[1]) >= 8, (
+            resp.status_code, replayed, [ln for ln in metrics.splitlines() if "catch_up" in ln][:5],
+            "".join(ln for ln in log.read_text().splitlines(keepends=True) if "catch" in ln or "replay" in ln)[-3000:])
         report_figure("ES outage -> CudaError from the outage paged after the store returned",
                       f"{time.time() - t_back:.1f}s after Elasticsearch was back")
 

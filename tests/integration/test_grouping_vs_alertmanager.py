@@ -22,7 +22,7 @@ from sentinel.alerts.routing import RouteConfig, build
 from sentinel.alerts.store import AlertEvent, Store
 from sentinel.amserver import AlertmanagerServer
 from sentinel.netutil import free_port
-from sentinel.supervisor import ChildRegistry
+from sentinel.process import ChildRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     shutil.which("prometheus-alertmanager") is None,

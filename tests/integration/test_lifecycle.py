@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from sentinel.netutil import free_port
+from sentinel.process import ChildRegistry
 from sentinel.promserver import PrometheusServer
-from sentinel.supervisor import ChildRegistry
 from tests.conftest import ROOT
 from tests.integration.test_end_to_end import wait_for
 

@@ -18,11 +18,11 @@ from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.netutil import free_port
+from sentinel.process import ChildRegistry
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.rules.evaluator import Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import PromQLSource
-from sentinel.supervisor import ChildRegistry
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -180,7 +180,7 @@ def test_a_killed_prometheus_is_said_and_restarted_then_a_crash_loop_is_given_up
 
     import httpx
 
-    from sentinel.supervisor import ChildWatchdog
+    from sentinel.process import ChildWatchdog
 
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus)")

@@ -20,8 +20,9 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from sentinel.netutil import free_port
+from sentinel.process import ChildRegistry
 from sentinel.router import REPLICA_HEADER, Router
-from sentinel.supervisor import ChildRegistry, ReplicaSpec, Supervisor
+from sentinel.supervisor import ReplicaSpec, Supervisor
 
 pytestmark = pytest.mark.integration
 ADMIN = "router-test-admin-token-0123456789"

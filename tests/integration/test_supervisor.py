@@ -10,7 +10,8 @@ import pytest
 
 from sentinel.errors import RemediationError
 from sentinel.netutil import free_port
-from sentinel.supervisor import ChildRegistry, ReplicaSpec, Supervisor
+from sentinel.process import ChildRegistry
+from sentinel.supervisor import ReplicaSpec, Supervisor
 
 pytestmark = pytest.mark.integration
 

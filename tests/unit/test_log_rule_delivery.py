@@ -228,3 +228,16 @@ def test_active_alerts_series_follows_the_alert_state_across_a_restart(tmp_path:
     assert [s["replica"] for s in _active_series(again)] == ["r2"]
     again.load([])  # a rule removed by a reload takes its series with it
     assert _active_series(again) == []
+
+
+def test_active_alerts_labels_are_valid_prometheus_names(tmp_path: Path) -> None:
+    """A log rule's query_key can be a dotted field; the series must still parse (one bad label name would
+    fail the whole scrape of sentinel)."""
+    from sentinel.alerts.state import Alert, State
+    from sentinel.metrics import ActiveAlerts
+
+    active = ActiveAlerts()
+    active.update("k", "CudaError", [Alert({"alertname": "CudaError", "host.name": "gpu-1", "9x": "y", "__x": "z"},
+                                           {}, 1.0, State.FIRING, 1.0, fired_at=1.0)])
+    [m] = list(active.collect())
+    assert m.samples[0].labels == {"host_name": "gpu-1", "_9x": "y", "alertname": "CudaError", "alertstate": "firing"}
