@@ -10,6 +10,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -514,6 +515,51 @@ def _state_store(config: Path | None) -> Any:
         typer.echo(f"error: no state database at {db} (is state_dir right?)", err=True)
         raise typer.Exit(2)
     return Store(db)
+
+
+@app.command("chaos")
+def chaos_cmd(
+    drill: Annotated[str, typer.Argument(help="cuda-error | hang | crash")],
+    replica: Annotated[str | None, typer.Option(help="the replica to break (default: the first)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="the settings `sentinel up` runs with")]
+    = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for detection and recovery")] = 120.0,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """Run a drill against a running `sentinel up` (replicas.enable_faults and replicas.admin_token set):
+    break one replica and report when sentinel detected it, when the replica served again, and the outcome."""
+    import json as _json
+
+    from sentinel.chaos import DRILLS, ChaosError, run_drill
+    from sentinel.settings import load_settings
+
+    if drill not in DRILLS:
+        raise typer.BadParameter(f"unknown drill {drill!r}; drills: {', '.join(DRILLS)}", param_hint="DRILL")
+    s = load_settings(config)
+    if s.replicas.admin_token is None:
+        typer.echo("error: drills need replicas.admin_token (the replicas' fault switch is behind it)", err=True)
+        raise typer.Exit(2)
+    up_file = s.state_dir / "up.json"
+    if not up_file.exists():
+        typer.echo(f"error: no {up_file}: is `sentinel up` running with these settings?", err=True)
+        raise typer.Exit(2)
+    api = _json.loads(up_file.read_text())["api"]
+    try:
+        result = run_drill(api, DRILLS[drill], s.replicas.admin_token.get_secret_value(), replica, timeout)
+    except (ChaosError, httpx.HTTPError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if json_out:
+        typer.echo(_json.dumps(result.as_dict()))
+    else:
+        def fmt(v: float | None) -> str:
+            return f"{v:.2f}s" if v is not None else f"not within {timeout:.0f}s"
+
+        typer.echo(f"{drill} on {result.replica}: {DRILLS[drill].what}\n  detected ({DRILLS[drill].alert}): "
+                   f"{fmt(result.detect_s)}\n  recovered (pid {result.old_pid} -> {result.new_pid}, serving): "
+                   f"{fmt(result.recover_s)}\n  remediation outcome: {result.outcome or 'none recorded'}")
+    if result.detect_s is None or result.recover_s is None:
+        raise typer.Exit(1)
 
 
 remediate_app = typer.Typer(help="Remediation: the log of decisions and outcomes, and approvals for actions a "

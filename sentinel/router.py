@@ -8,9 +8,10 @@ that is restarting.
   burst between two polls spreads out instead of piling onto the replica that looked idle.
 - **Only replicas that can serve.** Unhealthy, draining, loading and unreachable replicas (``/load`` not
   200) get nothing; when none can serve, 503 with ``Retry-After``.
-- **Retry before the first byte.** A request whose replica cannot be reached, or answers 503 (it began
-  draining or failed between two polls), is sent once more to another replica. Nothing is retried once
-  the replica has answered otherwise (it may have done the work).
+- **Retry before the first byte.** A request whose replica cannot be reached or answers with a 5xx status
+  (503: it began draining since the last poll; 500: its forward pass failed, e.g. a CUDA error) is sent once
+  more to another replica: nothing has reached the client yet, and a completion has no side effect. A 4xx
+  answer is the client's and passes through; once bytes have gone to the client nothing is retried.
 - **Streams pass through** chunk by chunk with back-pressure (the next chunk is read from the replica only
   when the client has taken the last one); a client that goes away closes the upstream connection, and the
   replica aborts the request.
@@ -212,12 +213,15 @@ class Router:
                 up.ready = False  # until the next poll says otherwise
                 last = f"{kind}: {up.name}: {type(exc).__name__}"
                 continue
-            if resp.status_code == 503 and attempt == 0:  # draining or failed since the last poll: not started
+            if resp.status_code >= 500 and attempt == 0:
+                # nothing has reached the client yet: a replica that is draining or failed since the last poll
+                # (503), or whose forward pass failed (a CUDA error: 500), costs the client nothing but a retry
                 await resp.aclose()
                 self._done(up)
-                self.metrics.upstream_errors.labels(up.name, "unavailable").inc()
+                kind = "unavailable" if resp.status_code == 503 else "error"
+                self.metrics.upstream_errors.labels(up.name, kind).inc()
                 up.ready = False
-                last = f"unavailable: {up.name} answered 503"
+                last = f"{kind}: {up.name} answered {resp.status_code}"
                 continue
             self.metrics.upstream_seconds.labels(up.name).observe(time.monotonic() - t0)
             self.metrics.requests.labels(up.name, str(resp.status_code)).inc()

@@ -102,9 +102,10 @@ class Replica:
         except httpx.HTTPError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (a graceful stop lets requests in flight finish), SIGKILL after ``timeout_s``."""
         if self.proc is not None:
-            stop_process(self.proc, self.spec.name)
+            stop_process(self.proc, self.spec.name, timeout_s)
             self.children.set(self.spec.name, None)
 
     def drain(self, timeout_s: float) -> str:
@@ -133,7 +134,8 @@ class Replica:
         with self._lock:
             old = self.pid
             drained = self.drain(drain_timeout_s)
-            self.stop()
+            # an engine that failed or hangs finishes nothing: no grace period to wait out
+            self.stop(10.0 if drained.startswith("drained") else 2.0)
             self.start()
             self.restarts += 1
             if not self.wait_healthy(timeout_s):

@@ -168,3 +168,16 @@ def test_a_rejected_reset_climbs(tmp_path: Path) -> None:
     d = r.consider("CudaError", "restart", _incident(1000.0))
     assert not d.act and "escalated" in d.reason and "rejected by bob" in d.reason
     assert a.calls == []
+
+
+def test_chaos_cli_refuses_what_cannot_work(tmp_path: Path) -> None:
+    """`sentinel chaos`: an unknown drill, no admin token, or no running sentinel are each a clear error (the
+    drills themselves run against real replicas in bench/drills.py and tests/integration)."""
+    assert CliRunner().invoke(app, ["chaos", "meteor"]).exit_code == 2
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"state_dir: {tmp_path}\n")
+    res = CliRunner().invoke(app, ["chaos", "hang", "-c", str(cfg)])
+    assert res.exit_code == 2 and "replicas.admin_token" in res.output
+    cfg.write_text(f"state_dir: {tmp_path}\nreplicas:\n  admin_token: chaos-admin-token-0123456789\n")
+    res = CliRunner().invoke(app, ["chaos", "hang", "-c", str(cfg)])
+    assert res.exit_code == 2 and "is `sentinel up` running" in res.output
