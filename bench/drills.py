@@ -1,5 +1,6 @@
 """Drills with figures: `sentinel up` with two replicas behind the router, steady load from the official
-`openai` client through the router, then each drill of `sentinel chaos` on one replica.
+`openai` client through the router (each client from its own loopback address, so the replicas' per-client
+rate limits see distinct clients), then each drill of `sentinel chaos` on one replica.
 
 Per drill it prints: time to detect (fault armed → the alert firing in sentinel), time to recover (→ the
 replica serving again as a new process), the remediation's audited outcome, client requests sent and failed
@@ -94,8 +95,11 @@ def main() -> int:
         lock = threading.Lock()
         stop = threading.Event()
 
-        def client_loop() -> None:
-            c = openai.OpenAI(base_url=router, api_key="unused", max_retries=0, timeout=60)
+        def client_loop(i: int) -> None:
+            # each client from its own address: the replicas' per-client rate limit (the seed's 10 requests/s)
+            # applies per client, as it would to real clients behind the router
+            http = httpx.Client(transport=httpx.HTTPTransport(local_address=f"127.0.0.{i + 2}"), timeout=60)
+            c = openai.OpenAI(base_url=router, api_key="unused", max_retries=0, timeout=60, http_client=http)
             while not stop.is_set():
                 t = time.monotonic()
                 try:
@@ -108,7 +112,7 @@ def main() -> int:
                 with lock:
                     samples.append((t, time.monotonic() - t, ok))
 
-        workers = [threading.Thread(target=client_loop, daemon=True) for _ in range(args.clients)]
+        workers = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
         for w in workers:
             w.start()
         time.sleep(15)
