@@ -233,7 +233,8 @@ class Daemon:
             visible = lambda: shipper.visible_until(settle)  # noqa: E731
         self.remediator = Remediator(self.store, actuator, self.guardrails, self.metrics,
                                      verify_timeout_s=s.remediation.verify_timeout,
-                                     ladder_window_s=s.remediation.escalation_window)
+                                     ladder_window_s=s.remediation.escalation_window,
+                                     clear_deadline_s=s.remediation.clear_deadline)
         evaluator = Evaluator(
             self.store, PromQLSource(prom_url, s.prometheus.query_timeout),
             LogRuleSource(counter, visible, slack_s=s.logs.ship_interval + 2.0 + settle),

@@ -157,6 +157,8 @@ class RemediationSettings(Section):
     max_actions_per_hour: int = Field(6, ge=0)
     max_concurrent: int = Field(1, ge=1)
     verify_timeout: Duration = 120.0
+    clear_deadline: Duration = Field(600.0, description="after a restart that succeeded, the alert must stop firing "
+                                     "within this long; if not, the attempt did not help and the ladder climbs")
     escalation_window: Duration = Field(3600.0, description="a problem that comes back within this long climbs the "
                                         "escalation ladder (restart x2, GPU reset with approval, cordon, page)")
     scale_in_stabilization: Duration = Field(300.0, description="scale in only after the alert has fired this long "

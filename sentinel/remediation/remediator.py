@@ -36,7 +36,8 @@ class Actuator(Protocol):
 class Remediator:
     def __init__(self, store: Store, actuator: Actuator, guardrails: Guardrails,
                  metrics: SentinelMetrics | None = None, clock: Callable[[], float] = time.time,
-                 verify_timeout_s: float = 120.0, ladder_window_s: float = 3600.0) -> None:
+                 verify_timeout_s: float = 120.0, ladder_window_s: float = 3600.0,
+                 clear_deadline_s: float = 600.0) -> None:
         self.store = store
         self.actuator = actuator
         self.guardrails = guardrails
@@ -44,6 +45,7 @@ class Remediator:
         self.clock = clock
         self.verify_timeout_s = verify_timeout_s
         self.ladder_window_s = ladder_window_s
+        self.clear_deadline_s = clear_deadline_s
         self._pool = ThreadPoolExecutor(max_workers=max(1, guardrails.max_concurrent), thread_name_prefix="remedy")
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -138,11 +140,38 @@ class Remediator:
             self.store.audit(self.clock(), "escalation", f"{rule}/{target}", rung=new.rung, previous=state.rung,
                              why=new.why)
 
+    def _not_cleared(self, rule: str, target: str, episode: str, now: float) -> str:
+        """Verify after an action: the episode's last action succeeded (the replica serves), yet its alert
+        still fires ``clear_deadline_s`` after it finished. That attempt is counted as not having cleared the
+        condition, the ladder climbs, and the episode may take its next action (returned: a new incident key,
+        ``<episode>#N``). Otherwise the episode's current incident key."""
+        tries = sorted((r for r in self.store.remediations(since=now - max(3600.0, 2 * self.clear_deadline_s))
+                        if r.outcome != "aborted"  # an interrupted try (kill -9) leaves the episode to act again
+                        and (r.incident == episode or r.incident.startswith(episode + "#"))),
+                       key=lambda r: r.started_at)
+        if not tries:
+            return episode
+        last = tries[-1]
+        if last.outcome != "succeeded" or last.finished_at is None or now - last.finished_at < self.clear_deadline_s:
+            return last.incident
+        key = f"not-cleared:{last.incident}"
+        if self.store.get(key) is None:
+            self.store.put(key, now)
+            self.store.audit(now, "verification", last.incident, action=last.action, target=target,
+                             outcome="not-cleared", detail=f"the alert still fires {now - last.finished_at:.0f}s after "
+                             f"{last.action} succeeded (deadline {self.clear_deadline_s:.0f}s): escalating")
+            if self.metrics:
+                self.metrics.remediations.labels(last.action, "not-cleared").inc()
+            self._climbed(rule, target, last.action, "not-cleared")
+        return f"{episode}#{len(tries)}"  # the episode's next attempt
+
     def consider(self, rule: str, action: str, a: Alert) -> Decision:
         now = self.clock()
         target = a.labels.get(TARGET_LABEL)
         incident = f"{rule}/{a.fingerprint}/{a.active_at:.3f}"
         rung_why = ""
+        if action == "restart" and target is not None and a.fired_at > 0 and not a.resolved_at:
+            incident = self._not_cleared(rule, target, incident, now)
         if action == "restart" and target is not None and target in self.actuator.targets() \
                 and a.fired_at > 0 and not a.resolved_at \
                 and not any(r.incident == incident for r in self.store.remediations(since=now - 3600)):

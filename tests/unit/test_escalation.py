@@ -181,3 +181,25 @@ def test_chaos_cli_refuses_what_cannot_work(tmp_path: Path) -> None:
     cfg.write_text(f"state_dir: {tmp_path}\nreplicas:\n  admin_token: chaos-admin-token-0123456789\n")
     res = CliRunner().invoke(app, ["chaos", "hang", "-c", str(cfg)])
     assert res.exit_code == 2 and "is `sentinel up` running" in res.output
+
+
+def test_an_action_that_does_not_clear_the_condition_escalates(tmp_path: Path) -> None:
+    """Verify after action: the restart succeeded (the replica serves) but the alert still fires past the
+    clear deadline: the attempt is recorded as not having cleared it, and the same episode climbs the ladder."""
+    store = Store(tmp_path / "s.db")
+    now = [1000.0]
+    a = Actuator()
+    r = Remediator(store, a, Guardrails(cooldown_s=0), clock=lambda: now[0], clear_deadline_s=600)
+    episode = _incident(990.0)
+    assert _run(r, a, 990.0).act and a.calls == [("restart", "replica-0")]
+    now[0] = 1300.0  # still firing, within the deadline: nothing more
+    d = r.consider("CudaError", "restart", episode)
+    assert not d.act and "already remediated" in d.reason
+    now[0] = 1700.0  # past it
+    d = r.consider("CudaError", "restart", episode)
+    assert not d.act and "needs a human's approval" in d.reason  # the next rung, for the same episode
+    [v] = [e for e in store.audit_log() if e["kind"] == "verification"]
+    assert v["outcome"] == "not-cleared" and "still fires" in v["detail"]
+    assert ladder.Ladder.from_json(store.get("ladder:CudaError/replica-0")).rung == "reset_gpu"  # type: ignore[union-attr]
+    d = r.consider("CudaError", "restart", episode)  # said once
+    assert len([e for e in store.audit_log() if e["kind"] == "verification"]) == 1
