@@ -86,18 +86,18 @@ class RouterMetrics:
                                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 
 
-def _estimate(body: bytes) -> tuple[int, bool]:
-    """(tokens the request may cost: prompt length / 4 + max_tokens, whether it streams)."""
+def _estimate(body: bytes) -> int:
+    """Tokens the request may cost: prompt length / 4 + max_tokens (16 when not given, as OpenAI's default)."""
     try:
         doc = json.loads(body) if body else {}
     except ValueError:
-        return 0, False
+        return 0
     if not isinstance(doc, dict):
-        return 0, False
+        return 0
     prompt = doc.get("prompt", doc.get("messages", ""))
     size = len(json.dumps(prompt)) // 4 if prompt else 0
     max_tokens = doc.get("max_tokens") or doc.get("max_completion_tokens") or 16
-    return size + (max_tokens if isinstance(max_tokens, int) else 16), bool(doc.get("stream"))
+    return size + (max_tokens if isinstance(max_tokens, int) else 16)
 
 
 class Router:
@@ -188,7 +188,7 @@ class Router:
         assert self.client is not None
         t0 = time.monotonic()
         body = await request.body()
-        cost, _ = _estimate(body)
+        cost = _estimate(body)
         headers = self._headers(request)
         tried: set[str] = set()
         last: str = "no replica is ready"

@@ -140,12 +140,12 @@ class Remediator:
             self.store.audit(self.clock(), "escalation", f"{rule}/{target}", rung=new.rung, previous=state.rung,
                              why=new.why)
 
-    def _not_cleared(self, rule: str, target: str, episode: str, now: float) -> str:
+    def _not_cleared(self, rule: str, target: str, episode: str, now: float, recent: list[Remediation]) -> str:
         """Verify after an action: the episode's last action succeeded (the replica serves), yet its alert
         still fires ``clear_deadline_s`` after it finished. That attempt is counted as not having cleared the
         condition, the ladder climbs, and the episode may take its next action (returned: a new incident key,
         ``<episode>#N``). Otherwise the episode's current incident key."""
-        tries = sorted((r for r in self.store.remediations(since=now - max(3600.0, 2 * self.clear_deadline_s))
+        tries = sorted((r for r in recent
                         if r.outcome != "aborted"  # an interrupted try (kill -9) leaves the episode to act again
                         and (r.incident == episode or r.incident.startswith(episode + "#"))),
                        key=lambda r: r.started_at)
@@ -169,25 +169,26 @@ class Remediator:
         now = self.clock()
         target = a.labels.get(TARGET_LABEL)
         incident = f"{rule}/{a.fingerprint}/{a.active_at:.3f}"
+        # one read of the remediation log serves every window below (the last hour, the scale-in
+        # stabilization window, the clear deadline)
+        recent = self.store.remediations(since=now - max(3600.0, 2 * self.clear_deadline_s,
+                                                         self.guardrails.scale_in_stabilization_s))
+        past = [r for r in recent if r.started_at >= now - 3600]
         rung_why = ""
         if action == "restart" and target is not None and a.fired_at > 0 and not a.resolved_at:
-            incident = self._not_cleared(rule, target, incident, now)
+            incident = self._not_cleared(rule, target, incident, now, recent)
         if action == "restart" and target is not None and target in self.actuator.targets() \
-                and a.fired_at > 0 and not a.resolved_at \
-                and not any(r.incident == incident for r in self.store.remediations(since=now - 3600)):
+                and a.fired_at > 0 and not a.resolved_at and not any(r.incident == incident for r in past):
             step, rung_why = self._climb(rule, target, a, incident, now)
             if step is None:
                 self._skip(rule, action, a, rung_why)
                 return Decision(False, rung_why)
             action = step
         req = ActionRequest(rule, action, target, a.fingerprint, incident, firing=a.fired_at > 0 and not a.resolved_at)
-        past = self.store.remediations(since=now - 3600)
         # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked
         on_target = [r.started_at for r in past if r.outcome != "aborted" and (
             (r.target == target and action not in SCALE) or (action in SCALE and r.action in SCALE))]
-        window = max(3600.0, self.guardrails.scale_in_stabilization_s)
-        scaled = [r.started_at for r in self.store.remediations(since=now - window)
-                  if r.action in SCALE and r.outcome != "aborted"]
+        scaled = [r.started_at for r in recent if r.action in SCALE and r.outcome != "aborted"]
         capacity = getattr(self.actuator, "capacity", None)
         replicas, healthy_after = capacity() if capacity is not None and action in SCALE else (0, 0)
         with self._lock:
