@@ -356,6 +356,13 @@ class Store:
                                     ).fetchall()
         return [Remediation(*r) for r in rows]
 
+    def in_flight_remediations(self) -> int:
+        """Actions started and not finished: the concurrency cap counts these, so it holds across restarts (an
+        action a killed sentinel left behind counts until the next run has verified or aborted it)."""
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM remediations WHERE finished_at IS NULL").fetchone()
+        return int(n)
+
     def abort_remediation(self, incident: str, now: float) -> None:
         """An interrupted action that did not leave its target healthy: kept (it counts towards the hourly
         limit) under another key, so the incident can be remediated again once its rule still says so."""

@@ -47,7 +47,6 @@ class Remediator:
         self.ladder_window_s = ladder_window_s
         self.clear_deadline_s = clear_deadline_s
         self._pool = ThreadPoolExecutor(max_workers=max(1, guardrails.max_concurrent), thread_name_prefix="remedy")
-        self._in_flight = 0
         self._lock = threading.Lock()
         self._last_reason: dict[str, str] = {}
         # for log rules: whether the alert's events are still there counting only those after a time (the
@@ -193,14 +192,13 @@ class Remediator:
         replicas, healthy_after = capacity() if capacity is not None and action in SCALE else (0, 0)
         with self._lock:
             hist = History(frozenset(self.actuator.targets()), any(r.incident == incident for r in past),
-                           max(on_target) if on_target else None, len(past), self._in_flight,
+                           max(on_target) if on_target else None, len(past), self.store.in_flight_remediations(),
                            replicas, healthy_after, a.fired_at, max(scaled) if scaled else None)
             decision = decide(req, hist, self.guardrails, now)
             if decision.act:
                 if not self.store.start_remediation(Remediation(incident, a.fingerprint, rule, action,
                                                                 target or "", now, None, None)):
                     return Decision(False, "incident already remediated once")
-                self._in_flight += 1
         if self._last_reason.get(incident) != decision.reason:  # audit each new decision once
             self._last_reason[incident] = decision.reason
             self.store.audit(now, "decision", incident, rule=rule, action=action, target=target,
@@ -223,9 +221,6 @@ class Remediator:
         except Exception as exc:  # an actuator bug must not kill the worker; it is audited
             log.exception("remediation %s on %s crashed", action, target)
             evidence, outcome = f"{type(exc).__name__}: {exc}", "failed"
-        finally:
-            with self._lock:
-                self._in_flight -= 1
         now = self.clock()
         self.store.finish_remediation(incident, now, outcome)
         self.store.audit(now, "outcome", incident, action=action, target=target, outcome=outcome,

@@ -118,6 +118,35 @@ def test_cooldown_is_persisted_across_restarts(tmp_path: Path) -> None:
     assert not d.act and "cooldown" in d.reason
 
 
+def test_the_concurrency_cap_is_persisted_across_restarts(tmp_path: Path) -> None:
+    """The in-flight count is the store's unfinished actions, not a counter in memory: an action that a
+    sentinel killed with -9 left running still holds the cap (max_concurrent=1) in the next run, for any
+    target, until recovery has given it an outcome."""
+    from sentinel.alerts.store import Remediation
+
+    store = Store(tmp_path / "s.db")
+    assert store.start_remediation(Remediation("CudaError/old/1.000", "old", "CudaError", "restart", "replica-1",
+                                               90.0, None, None))  # what the killed run left behind
+    store.close()
+    store = Store(tmp_path / "s.db")
+
+    class TwoReplicas(Actuator):
+        def targets(self) -> set[str]:
+            return {"replica-0", "replica-1"}
+
+    a = TwoReplicas()
+    r = Remediator(store, a, Guardrails(cooldown_s=0, max_concurrent=1), clock=lambda: 100.0)
+    d = r.consider("CudaError", "restart", firing(50.0))  # another replica, another incident
+    assert not d.act and "1 action(s) in flight (max_concurrent=1)" in d.reason
+    assert r.recover() == ["CudaError/old/1.000"]  # replica-1 verifies healthy: the action gets its outcome
+    r.shutdown()
+    assert store.in_flight_remediations() == 0
+    r = Remediator(store, a, Guardrails(cooldown_s=0, max_concurrent=1), clock=lambda: 100.0)
+    assert r.consider("CudaError", "restart", firing(50.0)).act
+    r.shutdown()
+    assert a.calls == [("restart", "replica-0")]
+
+
 def test_scale_actions_share_one_cooldown_across_replicas(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
 
