@@ -68,6 +68,7 @@ class EngineConfig:
     max_model_len: int | None = None          # default: the config's context, lowered to what the budget holds
     memory_utilization: float = 0.9           # share of the device's memory (the host's on a CPU) for everything
     kv_cache_memory: int | None = None        # bytes for the KV cache, instead of memory_utilization
+    memory_limit: int | None = None           # --memory-limit: on a CPU, the memory this replica may use
     enable_prefix_caching: bool = True
     runtime_bytes: int | None = None          # the process's footprint before the weights (default: measured now)
     cpu_kernels: bool = True                  # bf16 decode matrix-vector products on the AVX512-BF16 kernel
@@ -206,7 +207,7 @@ class Engine:
         want = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         n = max(1, min(cfg.max_num_batched_tokens, want - 1))
         activation = self._profile(n, device)
-        total, available = device_memory(device)
+        total, available = device_memory(device, limit=cfg.memory_limit)
         if self.peers is not None and device.type == "cpu":  # the ranks share this host's memory
             total, available = total // self.peers.world, available // self.peers.world
         bpt = kv_bytes_per_token(len(self.devices), self.kv_heads, self.head_dim, self.dtype.itemsize)

@@ -41,12 +41,19 @@ def parse_bytes(text: str) -> int:
 
 
 def device_memory(device: torch.device, proc_root: Path = Path("/proc"),
-                  cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int]:
-    """(total, available) bytes: the GPU's, or the host's (cgroup limit and MemAvailable) on a CPU."""
+                  cgroup_root: Path = Path("/sys/fs/cgroup"), limit: int | None = None) -> tuple[int, int]:
+    """(total, available) bytes: the GPU's, or the host's (cgroup limit and MemAvailable) on a CPU, where
+    ``limit`` (``--memory-limit``) caps both: what this process holds already counts against it."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return int(total), int(free)
     total = memory_limit_bytes(proc_root, cgroup_root)
+    if limit is not None and limit < total:
+        total = limit
+        for line in (proc_root / "self" / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return total, max(0, total - int(line.split()[1]) * 1024)
+        return total, total
     avail = total
     for line in (proc_root / "meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):

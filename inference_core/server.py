@@ -113,6 +113,7 @@ class FaultRequest(BaseModel):
     crash: bool | None = None
     oom: bool | None = None
     leak_mb_per_step: float | None = Field(None, ge=0.0, le=1024.0)
+    leak_mb_per_s: float | None = Field(None, ge=0.0, le=1024.0)
     step_error: bool | None = None
     engine_bug: bool | None = None
 
@@ -596,8 +597,9 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
-    metrics = Metrics(registry, busy)
-    faults = FaultSwitch() if enable_faults else None
+    limit = config.memory_limit if config is not None else None
+    metrics = Metrics(registry, busy, memory_limit=limit)
+    faults = FaultSwitch(memory_limit=limit) if enable_faults else None
     slot = EngineSlot()
 
     def load() -> None:
@@ -637,6 +639,7 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
             return
         except Exception as exc:  # any other load failure is reported by /health and /ready, not a crash loop
             slot.load_error = f"{type(exc).__name__}: {exc}"
+            metrics.model_load_failed.set(1)
             print(f"model load failed: {slot.load_error}", file=sys.stderr, flush=True)
             return
         if engine.plan is not None:
@@ -671,6 +674,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of the device's memory (the host's on a CPU) for weights, activations and KV cache")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="KV cache size (e.g. 4GiB), instead of sizing it from --memory-utilization")
+    p.add_argument("--memory-limit", type=parse_bytes, default=None,
+                   help="on a CPU, the memory this replica may use (e.g. 8GiB), when the container's cgroup does not "
+                   "say: reported as memory_limit_bytes and planned against; default: the cgroup's limit, else "
+                   "the host's memory")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of repeated prompt prefixes")
@@ -711,6 +718,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not 0.0 < args.memory_utilization <= 1.0:
         p.error(f"--memory-utilization {args.memory_utilization}: must be in (0, 1]")
+    if args.memory_limit is not None and args.memory_limit <= 0:
+        p.error(f"--memory-limit {args.memory_limit}: must be a positive size such as 8GiB")
     for flag in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -727,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
                        mode=args.batching, max_num_waiting=args.max_num_waiting, stall_timeout_s=args.stall_timeout,
                        block_size=args.block_size, max_model_len=args.max_model_len,
                        memory_utilization=args.memory_utilization, kv_cache_memory=args.kv_cache_memory,
-                       enable_prefix_caching=args.enable_prefix_caching)
+                       enable_prefix_caching=args.enable_prefix_caching, memory_limit=args.memory_limit)
     secret = None
     if args.jwt_secret_env:
         secret = os.environ.get(args.jwt_secret_env)

@@ -88,10 +88,11 @@ class DeviceCollector(Collector):
     device (NVML, else the process on the CPU), and ``inference_engine_busy_percent``, the engine's busy ratio,
     on every machine: a CPU's busy ratio is never published as GPU utilization."""
 
-    def __init__(self, busy: BusyTracker, proc_root: Path = Path("/proc"), nvml: Any = None) -> None:
+    def __init__(self, busy: BusyTracker, proc_root: Path = Path("/proc"), nvml: Any = None,
+                 limit: int | None = None) -> None:
         self.busy = busy
         self.proc_root = proc_root
-        self.limit = memory_limit_bytes(proc_root)
+        self.limit = min(memory_limit_bytes(proc_root), limit) if limit else memory_limit_bytes(proc_root)
         self.nvml = open_nvml(nvml)
 
     def collect(self) -> Iterable[Metric]:
@@ -124,8 +125,8 @@ class DeviceCollector(Collector):
                                 labels=["device"])
         mem.add_metric(["cpu"], float(rss_bytes(self.proc_root)))
         yield mem
-        lim = GaugeMetricFamily("memory_limit_bytes", "Memory limit per device (CPU: cgroup limit or "
-                                "MemTotal); headroom = 1 - usage/limit.", labels=["device"])
+        lim = GaugeMetricFamily("memory_limit_bytes", "Memory limit per device (CPU: --memory-limit, the cgroup "
+                                "limit or MemTotal); headroom = 1 - usage/limit.", labels=["device"])
         lim.add_metric(["cpu"], float(self.limit))
         yield lim
 
@@ -133,7 +134,7 @@ class DeviceCollector(Collector):
 class Metrics:
     """The inference core's metrics, all on one registry."""
 
-    def __init__(self, registry: CollectorRegistry, busy: BusyTracker) -> None:
+    def __init__(self, registry: CollectorRegistry, busy: BusyTracker, memory_limit: int | None = None) -> None:
         self.registry = registry
         self.latency = Histogram(
             "model_inference_latency_seconds", "End-to-end latency of an inference request.",
@@ -166,6 +167,9 @@ class Metrics:
                                       registry=registry)
         self.model_info = Info("inference_model", "The model this replica serves (1; the labels say which).",
                                registry=registry)
+        self.model_load_failed = Gauge(
+            "inference_model_load_failed", "1 while the model failed to load (the replica serves nothing; /health "
+            "says why, e.g. a file that does not match the integrity manifest).", registry=registry)
         self.model_load = Gauge("model_load_seconds", "Seconds the model took to load (seed budget: 90 s).",
                                 registry=registry)
         self.healthy = Gauge("inference_healthy", "1 when the replica is healthy, 0 after a CUDA error.",
@@ -183,7 +187,7 @@ class Metrics:
         self.kv_cache_bytes = Gauge("inference_kv_cache_bytes", "Memory taken by the KV cache.", registry=registry)
         self.max_model_len = Gauge("inference_max_model_len_tokens", "The longest sequence served (prompt + output).",
                                    registry=registry)
-        registry.register(DeviceCollector(busy))
+        registry.register(DeviceCollector(busy, limit=memory_limit))
         ProcessCollector(registry=registry)
 
 

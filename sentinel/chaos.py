@@ -8,7 +8,13 @@ Drills:
 - ``cuda-error``: the next forward pass raises a CUDA error → CudaError (log rule) → restart;
 - ``hang``: the step loop stops making progress with work waiting → InferenceReplicaUnresponsive
   (sentinel's liveness probe) → restart;
-- ``crash``: the process exits mid-step → InferenceReplicaUnresponsive → restart.
+- ``crash``: the process exits mid-step → InferenceReplicaUnresponsive → restart;
+- ``memory-leak``: resident memory grows at a steady rate, paced to meet the replica's memory limit in
+  ``reach_limit_s`` (10 minutes by default), while the drill keeps the replica busy (the leak grows as steps
+  run) → InferenceMemoryLeak → restart, drained, before the limit. Past the limit the replica is killed, as
+  the OOM killer would (the fault switch simulates it); that is a lost drill. The replica needs a memory
+  limit near its usage: ``--memory-limit`` in ``replicas.engine_args`` (or a cgroup limit); a drill that
+  would have to leak more than ``max_leak_bytes`` to reach the limit is refused.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from sentinel.errors import SentinelError
+
+GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -29,12 +38,15 @@ class Drill:
     fault: dict[str, Any]
     alert: str
     what: str
+    load: bool = False  # the fault grows only while steps run: the drill keeps the replica busy
 
 
 DRILLS = {d.name: d for d in (
     Drill("cuda-error", {"cuda_error": True}, "CudaError", "a CUDA error in the forward pass"),
     Drill("hang", {"hang": True}, "InferenceReplicaUnresponsive", "the engine's step loop hangs with work waiting"),
     Drill("crash", {"crash": True}, "InferenceReplicaUnresponsive", "the replica process dies mid-step"),
+    Drill("memory-leak", {}, "InferenceMemoryLeak", "resident memory grows steadily towards the replica's limit",
+          load=True),
 )}
 
 
@@ -47,6 +59,7 @@ class DrillResult:
     outcome: str | None
     old_pid: int | None
     new_pid: int | None
+    detail: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -56,8 +69,37 @@ class ChaosError(SentinelError):
     pass
 
 
+def memory(url: str) -> tuple[float, float]:
+    """(memory_usage_bytes, memory_limit_bytes) a replica reports (its first device)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name in ("memory_usage_bytes", "memory_limit_bytes") and fam.samples:
+            found[fam.name] = fam.samples[0].value
+    if len(found) != 2:
+        raise ChaosError(f"{url}/metrics has no memory_usage_bytes and memory_limit_bytes")
+    return found["memory_usage_bytes"], found["memory_limit_bytes"]
+
+
+def leak_fault(url: str, reach_limit_s: float, max_leak_bytes: float) -> tuple[dict[str, Any], str]:
+    """The memory-leak fault for a replica: the rate that meets its limit in ``reach_limit_s``."""
+    usage, limit = memory(url)
+    headroom = limit - usage
+    if headroom <= 0:
+        raise ChaosError(f"the replica already uses {usage / GiB:.2f} GiB of its {limit / GiB:.2f} GiB limit")
+    if headroom > max_leak_bytes:
+        raise ChaosError(f"the replica is {headroom / GiB:.1f} GiB from its memory limit ({limit / GiB:.1f} GiB): "
+                         f"more than this drill leaks ({max_leak_bytes / GiB:.1f} GiB). Start the replicas with a "
+                         "limit near their usage (replicas.engine_args: [--memory-limit, 3GiB]) or in a container "
+                         "with a memory limit")
+    rate = headroom / reach_limit_s / 2**20
+    return {"leak_mb_per_s": rate}, (f"leaking {rate:.1f} MiB/s from {usage / 2**20:.0f} MiB: the "
+                                     f"{limit / 2**20:.0f} MiB limit in {reach_limit_s:.0f}s")
+
+
 def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = None, timeout_s: float = 120.0,
-              model: str | None = None) -> DrillResult:
+              model: str | None = None, reach_limit_s: float = 600.0, max_leak_bytes: float = 4 * GiB
+              ) -> DrillResult:
     """Arm ``drill`` on ``replica`` (default: the first), trigger it, wait for sentinel to detect and recover."""
     http = httpx.Client(timeout=10.0)
     status = http.get(f"{api}/api/v1/status").json()["data"]
@@ -70,10 +112,13 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
     target = reps[name]
     old_pid = target.get("pid")
     served = model or http.get(f"{target['url']}/v1/models").json()["data"][0]["id"]  # before the fault fires
+    fault, detail = drill.fault, ""
+    if drill.name == "memory-leak":
+        fault, detail = leak_fault(target["url"], reach_limit_s, max_leak_bytes)
     t0 = time.monotonic()
     started = time.time()
     try:
-        armed = http.post(f"{target['url']}/admin/faults", json=drill.fault,
+        armed = http.post(f"{target['url']}/admin/faults", json=fault,
                           headers={"Authorization": f"Bearer {admin_token}"})
     except httpx.TransportError:
         if drill.name != "crash":
@@ -93,7 +138,18 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
         except httpx.HTTPError:
             pass
 
-    threading.Thread(target=trigger, daemon=True).start()
+    done = threading.Event()
+
+    def busy() -> None:  # steady work on the target until it is replaced (errors: it is being restarted)
+        with httpx.Client(timeout=30) as c:
+            while not done.is_set():
+                try:
+                    c.post(f"{target['url']}/v1/completions",
+                           json={"model": served, "prompt": "chaos drill load", "max_tokens": 16})
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+
+    threading.Thread(target=busy if drill.load else trigger, daemon=True).start()
     detect = recover = None
     deadline = t0 + timeout_s
     while time.monotonic() < deadline and (detect is None or recover is None):
@@ -108,6 +164,13 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
             if st.get("pid") not in (None, old_pid) and st.get("healthy"):
                 recover = now - t0
         time.sleep(0.1)
+    done.set()
+    if drill.load and recover is None:  # not recovered in time: stop the fault rather than leave it running
+        try:
+            http.post(f"{target['url']}/admin/faults", json={"leak_mb_per_s": 0},
+                      headers={"Authorization": f"Bearer {admin_token}"})
+        except httpx.HTTPError:
+            pass
     outcome = None
     settle = time.monotonic() + (30.0 if recover is not None else 0.0)  # the remediation verifies, then audits
     while outcome is None:
@@ -121,4 +184,4 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
                 break
             time.sleep(0.2)
     new = {r["name"]: r for r in http.get(f"{api}/api/v1/status").json()["data"]["replicas"]}.get(name, {})
-    return DrillResult(drill.name, name, detect, recover, outcome, old_pid, new.get("pid"))
+    return DrillResult(drill.name, name, detect, recover, outcome, old_pid, new.get("pid"), detail)

@@ -519,11 +519,14 @@ def _state_store(config: Path | None) -> Any:
 
 @app.command("chaos")
 def chaos_cmd(
-    drill: Annotated[str, typer.Argument(help="cuda-error | hang | crash")],
+    drill: Annotated[str, typer.Argument(help="cuda-error | hang | crash | memory-leak")],
     replica: Annotated[str | None, typer.Option(help="the replica to break (default: the first)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="the settings `sentinel up` runs with")]
     = None,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for detection and recovery")] = 120.0,
+    timeout: Annotated[float | None, typer.Option(
+        help="seconds to wait for detection and recovery (default: 120; memory-leak: reach-limit + 60)")] = None,
+    reach_limit: Annotated[float, typer.Option(
+        help="memory-leak: leak at the rate that meets the replica's memory limit in this many seconds")] = 600.0,
     json_out: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
 ) -> None:
     """Run a drill against a running `sentinel up` (replicas.enable_faults and replicas.admin_token set):
@@ -544,8 +547,13 @@ def chaos_cmd(
         typer.echo(f"error: no {up_file}: is `sentinel up` running with these settings?", err=True)
         raise typer.Exit(2)
     api = _json.loads(up_file.read_text())["api"]
+    if timeout is None:
+        timeout = reach_limit + 60.0 if drill == "memory-leak" else 120.0
+    if reach_limit <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--reach-limit")
     try:
-        result = run_drill(api, DRILLS[drill], s.replicas.admin_token.get_secret_value(), replica, timeout)
+        result = run_drill(api, DRILLS[drill], s.replicas.admin_token.get_secret_value(), replica, timeout,
+                           reach_limit_s=reach_limit)
     except (ChaosError, httpx.HTTPError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -555,7 +563,8 @@ def chaos_cmd(
         def fmt(v: float | None) -> str:
             return f"{v:.2f}s" if v is not None else f"not within {timeout:.0f}s"
 
-        typer.echo(f"{drill} on {result.replica}: {DRILLS[drill].what}\n  detected ({DRILLS[drill].alert}): "
+        typer.echo(f"{drill} on {result.replica}: {DRILLS[drill].what}"
+                   + (f" ({result.detail})" if result.detail else "") + f"\n  detected ({DRILLS[drill].alert}): "
                    f"{fmt(result.detect_s)}\n  recovered (pid {result.old_pid} -> {result.new_pid}, serving): "
                    f"{fmt(result.recover_s)}\n  remediation outcome: {result.outcome or 'none recorded'}")
     if result.detect_s is None or result.recover_s is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from sentinel.errors import RemediationError, ServiceError
-from sentinel.netutil import free_port, wait_http_ok
+from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry, stop_process
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,20 @@ class Replica:
         log.info("started replica %s (pid %d) on %s", self.spec.name, self.proc.pid, self.spec.url)
 
     def wait_healthy(self, timeout_s: float) -> bool:
-        return wait_http_ok(f"{self.spec.url}/ready", timeout_s, alive=self.alive)
+        """Ready within ``timeout_s``; False at once when the process exits or its model failed to load (it
+        will not become ready: waiting out the timeout would only delay the escalation)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.alive():
+            try:
+                r = httpx.get(f"{self.spec.url}/ready", timeout=2.0)
+                if r.is_success:
+                    return True
+                if r.status_code == 503 and (r.json() or {}).get("load_error"):
+                    return False
+            except (httpx.HTTPError, ValueError, AttributeError):
+                pass
+            time.sleep(0.1)
+        return False
 
     def healthy(self) -> bool:
         try:

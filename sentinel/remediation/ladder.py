@@ -54,7 +54,7 @@ def entry(findings: Mapping[str, Any] | None) -> tuple[str, str]:
     if not findings:
         return "restart", "no runbook findings yet: the first rung"
     text = repr(findings).lower()
-    if any(m in text for m in INTEGRITY_MARKERS) and "mismatch" in text:
+    if "!= manifest" in text or (any(m in text for m in INTEGRITY_MARKERS) and "mismatch" in text):
         return "page", "the model files do not match their integrity manifest: restarting would not help"
     actions = [str(x.get("action")) for r in findings.get("results", []) if isinstance(r, Mapping)
                for x in (r.get("evidence") or {}).get("xid_events", []) if isinstance(x, Mapping)]

@@ -98,15 +98,28 @@ def test_promtool_accepts_every_query(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+# PromQL's functions, aggregations and keywords (prometheus/promql/parser: functions.go, lex.go), and Grafana's
+# label_values: every other word in an expression is a metric name
+PROMQL_WORDS = set("""
+abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes clamp clamp_max clamp_min
+cos cosh count_over_time day_of_month day_of_week day_of_year days_in_month deg delta deriv exp floor histogram_avg
+histogram_count histogram_fraction histogram_quantile histogram_stddev histogram_stdvar histogram_sum
+double_exponential_smoothing holt_winters hour idelta increase info irate label_join label_replace last_over_time ln
+log10 log2 mad_over_time max_over_time min_over_time minute month pi predict_linear present_over_time
+quantile_over_time rad rate resets round scalar sgn sin sinh sort sort_by_label sort_by_label_desc sort_desc sqrt
+stddev_over_time stdvar_over_time sum_over_time tan tanh time timestamp vector year
+sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk limit_ratio
+and or unless offset bool by without on ignoring group_left group_right atan2 start end inf nan le label_values
+""".split())
+
+
 def _metric_names(expr: str) -> set[str]:
     expr = re.sub(r'"[^"]*"', '""', expr)  # label values
     expr = re.sub(r"\{[^}]*\}", "", expr)  # matchers
     expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr))
-    functions = {"histogram_quantile", "sum", "rate", "increase", "max", "min", "avg", "count", "changes", "unless",
-                 "and", "or", "label_values", "vector", "avg_over_time", "count_over_time", "group_left", "le"}
-    return {w for w in words if w not in functions and not w.startswith("__")}
+    return {w for w in words if w not in PROMQL_WORDS and not w.startswith("__")}
 
 
 def _exported() -> set[str]:

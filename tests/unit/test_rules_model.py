@@ -59,7 +59,7 @@ def test_bad_rule_files_name_file_line_and_field(tmp_path: Path, text: str, expe
 def test_rules_check_cli_exit_codes(tmp_path: Path) -> None:
     runner = CliRunner()
     ok = runner.invoke(app, ["rules", "check", str(ROOT / "rules" / "inference.yaml")])
-    assert ok.exit_code == 0 and "SUCCESS: 4 rules found" in ok.output
+    assert ok.exit_code == 0 and "SUCCESS: 5 rules found" in ok.output
     bad = runner.invoke(app, ["rules", "check", str(write(tmp_path, "groups:\n  - name: g\n    rules:\n      - {}\n"))])
     assert bad.exit_code == 1
     assert "r.yaml:4: groups.0.rules.0:" in bad.output

@@ -1,0 +1,155 @@
+"""Rule evaluation: the evaluator (PromQL against Prometheus, log rules against the log store), one
+scheduled job per group at Prometheus's offsets, refits of learned rules, and hot reload of the rule and
+runbook files (a bad file keeps the last good set running)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+
+from sentinel.alerts.state import Alert
+from sentinel.alerts.store import Store
+from sentinel.capabilities import Audit, Clock, now_dt
+from sentinel.errors import FileFormatError
+from sentinel.metrics import SentinelMetrics
+from sentinel.rules.evaluator import Evaluator, RuleRuntime
+from sentinel.rules.model import LoadedGroup, load_rules, rule_files
+from sentinel.rules.remote_write import RemoteWriter
+from sentinel.rules.sources import LogRuleSource, PromQLSource
+from sentinel.runbooks.model import Runbook, check_runbook_references, load_runbooks
+from sentinel.settings import Settings
+
+log = logging.getLogger(__name__)
+Signature = tuple[tuple[str, int, int], ...]
+
+
+def file_signature(settings: Settings) -> Signature:
+    """(path, mtime, size) of every rule and runbook file: a change means a reload."""
+    out = []
+    for p in [*rule_files(settings.rules_dir), *sorted(settings.runbooks_dir.glob("*.y*ml"))]:
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        out.append((str(p), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def load_checked(settings: Settings) -> tuple[list[LoadedGroup], dict[str, Runbook]]:
+    """Rules and runbooks, checked against each other; FileFormatError names every problem."""
+    groups = load_rules(settings.rules_dir)
+    books = load_runbooks(settings.runbooks_dir)
+    check_runbook_references(groups, books)
+    return groups, books
+
+
+class RuleEvaluation:
+    name = "rules"
+
+    def __init__(self, settings: Settings, store: Store, prometheus_url: str, logs: LogRuleSource,
+                 metrics: SentinelMetrics, api_url: str, audit: Audit, groups: list[LoadedGroup],
+                 on_books: Callable[[Mapping[str, Runbook]], None]) -> None:
+        a = settings.alerting
+        self.settings = settings
+        self.metrics = metrics
+        self.audit = audit
+        self.groups = groups
+        self.on_books = on_books
+        self.evaluator = Evaluator(
+            store, PromQLSource(prometheus_url, settings.prometheus.query_timeout), logs,
+            a.evaluation_interval, a.resend_delay, api_url, metrics, meta_for=a.meta_for,
+            catch_up_max=settings.logs.catch_up_max, writer=RemoteWriter(prometheus_url),
+            relay_inbound=a.relay_inbound)
+        self.clock: Clock | None = None
+        self._lock = threading.Lock()
+        self._signature: Signature = ()
+
+    def evidence(self, rt: RuleRuntime, a: Alert, since: float) -> bool | None:
+        """For a log rule's alert: whether its events are still there counting only those after ``since``
+        (the target's current incarnation)."""
+        source = self.evaluator.logs
+        assert rt.rule.log is not None and source is not None
+        return source.evidence_since(rt.rule.log, a.labels, since, time.time())
+
+    def start(self, clock: Clock) -> None:
+        self.clock = clock
+        self.evaluator.load(self.groups)
+        self._signature = file_signature(self.settings)
+        self.metrics.reload_ok.set(1)
+        self.metrics.reload_time.set(time.time())
+        self._sync_jobs()
+        clock.every(self.settings.alerting.reload_interval, self.maybe_reload, "reload")
+        clock.scheduler.add_listener(self._missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+
+    def stop(self) -> None:
+        pass  # its jobs stop with the clock; its state is in the store
+
+    def _missed(self, ev: JobExecutionEvent) -> None:
+        if ev.job_id.startswith("eval:"):
+            rts = self.evaluator.runtimes.get(ev.job_id[5:])
+            if rts:
+                self.metrics.missed.labels(rts[0].group.group.name).inc()
+
+    def _sync_jobs(self) -> None:
+        """One interval job per group; added, removed or rescheduled to match the loaded rules."""
+        assert self.clock is not None
+        sched, ev = self.clock.scheduler, self.evaluator
+        want = {f"eval:{k}": ev.interval(rts[0].group) for k, rts in ev.runtimes.items() if rts}
+        learned = {f"refit:{rt.key}": rt for rt in ev.all_runtimes() if rt.rule.sentinel.learned is not None}
+        for job in sched.get_jobs():
+            if (job.id.startswith("eval:") and job.id not in want) or (job.id.startswith("refit:")
+                                                                       and job.id not in learned):
+                job.remove()
+        for job_id, rt in learned.items():
+            spec = rt.rule.sentinel.learned
+            assert spec is not None
+            if sched.get_job(job_id) is not None:
+                sched.remove_job(job_id)  # the rule object changed: refit now with the new spec
+            sched.add_job(ev.refit, "interval", args=[rt], id=job_id, seconds=spec.refit, executor="eval",
+                          next_run_time=now_dt())
+        for job_id, seconds in want.items():
+            job = sched.get_job(job_id)
+            if job is None:
+                # spread over the interval by a hash of the group, as Prometheus offsets its groups: groups do not
+                # all query at once, and a group keeps its slot across restarts
+                offset = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16) % max(1, int(seconds * 1000)) / 1000
+                now = time.time()
+                first = now - now % seconds + offset
+                if first < now:
+                    first += seconds
+                sched.add_job(ev.eval_group, "interval", args=[job_id[5:]], id=job_id, seconds=seconds,
+                              executor="eval", next_run_time=datetime.fromtimestamp(first, UTC))
+            elif job.trigger.interval.total_seconds() != seconds:
+                job.reschedule("interval", seconds=seconds)
+
+    def maybe_reload(self) -> None:
+        if file_signature(self.settings) != self._signature:
+            self.reload()
+
+    def reload(self) -> list[str]:
+        """Load rules and runbooks again; on any problem keep the last good set. Returns the problems."""
+        with self._lock:
+            sig = file_signature(self.settings)
+            try:
+                groups, books = load_checked(self.settings)
+            except FileFormatError as exc:
+                self._signature = sig  # report a bad file once, not on every poll
+                self.metrics.reload_ok.set(0)
+                log.error("rules reload failed; the last good rules keep running:\n%s", exc)
+                self.audit("reload", "rules", ok=False, problems=exc.problems)
+                return exc.problems
+            self.evaluator.load(groups)
+            self.on_books(books)
+            self._sync_jobs()
+            self._signature = sig
+            self.metrics.reload_ok.set(1)
+            self.metrics.reload_time.set(time.time())
+            log.warning("rules reloaded: %d groups", len(groups))
+            self.audit("reload", "rules", ok=True, groups=len(groups))
+            return []
