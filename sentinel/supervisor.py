@@ -152,9 +152,19 @@ class Replica:
             self.start()
             self.restarts += 1
             if not self.wait_healthy(timeout_s):
+                why = self.failure()
                 raise RemediationError(f"replica {self.spec.name} did not become healthy within {timeout_s:.0f}s "
-                                       f"after restart (see {self.run_dir / (self.spec.name + '.out')})")
+                                       f"after restart" + (f": {why}" if why else "") +
+                                       f" (see {self.run_dir / (self.spec.name + '.out')})")
             return f"restarted {self.spec.name}: {drained}; pid {old} -> {self.pid}"
+
+    def failure(self) -> str | None:
+        """Why the replica is not healthy, in its own words (a failed load names the file that did not match)."""
+        try:
+            doc = httpx.get(f"{self.spec.url}/health", timeout=3).json()
+        except (httpx.HTTPError, ValueError):
+            return None if self.alive() else f"{self.spec.name} is not running"
+        return str(doc.get("load_error") or doc.get("cuda_error") or "") or None
 
 
 class Supervisor:
@@ -235,13 +245,7 @@ class Supervisor:
     def failure_reason(self, target: str) -> str | None:
         """Why a replica is not healthy, in its own words (a failed load names the file that did not match)."""
         r = self.replicas.get(target)
-        if r is None:
-            return None
-        try:
-            doc = httpx.get(f"{r.spec.url}/health", timeout=3).json()
-        except (httpx.HTTPError, ValueError):
-            return None if r.alive() else f"{target} is not running"
-        return str(doc.get("load_error") or doc.get("cuda_error") or "") or None
+        return None if r is None else r.failure()
 
     def _victim(self) -> Replica:
         """The replica a scale-in removes, as a ReplicaSet picks: an unhealthy one first, then the newest."""

@@ -59,16 +59,20 @@ def shortened_rules(dst: Path) -> None:
                 r["for"] = "0s"
             if r["alert"] == "CudaError":
                 r["log"]["timeframe"] = "6s"
+            if r["alert"] == "InferenceModelLoadFailed":
+                r["for"] = "1s"
     dst.mkdir()
     (dst / "inference.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 @contextlib.contextmanager
-def run_sentinel(tmp_path: Path, receiver: Receiver, model_dir: Path, **extra: Any
-                 ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
+def run_sentinel(tmp_path: Path, receiver: Receiver, model_dir: Path, extra_rules: dict[str, str] | None = None,
+                 **extra: Any) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Any], Path]]:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus); scripts/setup.sh installs it")
     shortened_rules(tmp_path / "rules")
+    for name, text in (extra_rules or {}).items():
+        (tmp_path / "rules" / name).write_text(text)
     config = {
         "state_dir": str(tmp_path / "state"), "rules_dir": str(tmp_path / "rules"),
         "prometheus": {"scrape_interval": "1s"},
