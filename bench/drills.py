@@ -1,15 +1,29 @@
 """Drills with figures: `sentinel up` with two replicas behind the router, steady load from the official
 `openai` client through the router (each client from its own loopback address, so the replicas' per-client
-rate limits see distinct clients), then each drill of `sentinel chaos` on one replica.
+rate limits see distinct clients), then one fault at a time.
 
-Per drill it prints: time to detect (fault armed → the alert firing in sentinel), time to recover (→ the
-replica serving again as a new process), the remediation's audited outcome, client requests sent and failed
-from the fault until 2 s after recovery (target: 0 failed), and P99 client latency during that window
-against the P99 of the 15 s before the first drill (the peer measured in the same run).
+Per drill it prints: time to detect (fault → the alert firing in sentinel), time to recover (→ the replicas
+serving as they should again), the remediation's audited outcome, client requests sent and failed from the
+fault until 2 s after recovery (target: 0 failed), and the steady clients' P99 latency in that window against
+the P99 of the 15 s before the phase's first drill (the peer measured in the same run).
 
-    .venv/bin/python bench/drills.py [--clients 3] [--json]
+Three phases, each its own `sentinel up`:
 
-Needs Debian's Prometheus (scripts/setup.sh installs it). Takes about two minutes.
+- ``faults``: `sentinel chaos` cuda-error, hang, crash and memory-leak. The leak is paced to meet the
+  replica's 2 GiB ``--memory-limit`` in 60 s, where the fault switch kills it as the OOM killer would; the
+  shipped InferenceMemoryLeak rule runs with every window divided by 15 (10m → 40s, 900 s → 60 s, 1m → 4s,
+  5m:30s → 20s:2s, for 2m → 8s), so "detect" is in that compressed time.
+- ``capacity``: 8 more clients with long completions → the shipped EngineBusyScaleOut (evaluated every
+  second) starts a third replica: detect = the alert firing, recover = three replicas serving. Then the heavy
+  clients stop → a user's idle rule (busy < 60 %) scales in after the 15 s stabilization window (300 s by
+  default), never below replicas.min_count 2: recover = back to two.
+- ``weights``: the weights on disk are damaged (same size), replica-0 is killed: one restart, the new process
+  refuses the files, SentinelRemediationEscalated pages (detect), and nothing restarts again in the 15 s
+  after (the outcome column says how many restarts).
+
+    .venv/bin/python bench/drills.py [--phases faults,capacity,weights] [--clients 3] [--json]
+
+Needs Debian's Prometheus (scripts/setup.sh installs it). Takes about five minutes.
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +53,14 @@ sys.path.insert(0, str(ROOT))
 from sentinel.chaos import DRILLS, run_drill  # noqa: E402
 
 ADMIN = "drill-admin-token-0123456789abcdef"
-PLAN = [("cuda-error", "replica-0"), ("hang", "replica-1"), ("crash", "replica-0")]
+FAULTS = [("cuda-error", "replica-0"), ("hang", "replica-1"), ("crash", "replica-0"), ("memory-leak", "replica-1")]
+LEAK_WINDOWS = (("[10m]", "[40s]"), ("900", "60"), ("[1m]", "[4s]"), ("[5m:30s]", "[20s:2s]"))
 
 
-def _rules(dst: Path) -> None:
-    """The shipped rules with the CudaError window shortened so an episode ends within the run."""
-    dst.mkdir()
+def _rules(dst: Path, phase: str) -> None:
+    """The shipped rules: the CudaError window shortened so an episode ends within the run, the memory-leak
+    rule compressed 15×, the capacity group evaluated every second, and for ``capacity`` a user's idle rule."""
+    dst.mkdir(parents=True)
     for p in (ROOT / "rules").glob("*.yaml"):
         doc = yaml.safe_load(p.read_text())
         for g in doc["groups"]:
@@ -50,6 +68,22 @@ def _rules(dst: Path) -> None:
                 if r.get("alert") == "CudaError":
                     r["log"]["timeframe"] = "6s"
                     g["interval"] = "1s"
+                if r.get("alert") == "InferenceMemoryLeak":
+                    for long, short in LEAK_WINDOWS:
+                        assert long in r["expr"], f"the shipped rule changed: {long} not in {r['expr']}"
+                        r["expr"] = r["expr"].replace(long, short)
+                    r["for"] = "8s"
+                    g["interval"] = "1s"
+                if r.get("alert") == "InferenceModelLoadFailed":
+                    r["for"] = "1s"
+                if r.get("alert") == "EngineBusyScaleOut":
+                    g["interval"] = "1s"
+            if phase == "capacity" and g["name"] == "inference-capacity":
+                g["rules"].append({"alert": "InferenceIdleScaleIn",
+                                   "expr": "avg by (replica) (inference_engine_busy_percent) < 60",
+                                   "labels": {"severity": "info"},
+                                   "annotations": {"summary": "{{ $labels.replica }} is idle"},
+                                   "sentinel": {"remediation": "scale_in"}})
         (dst / p.name).write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
@@ -60,22 +94,65 @@ def _p99(xs: list[float]) -> float | None:
     return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--clients", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if shutil.which("prometheus") is None:
-        print("needs prometheus (apt-get install prometheus; scripts/setup.sh installs it)", file=sys.stderr)
-        return 2
-    work = Path(tempfile.mkdtemp(prefix="sentinel-drills-"))
-    _rules(work / "rules")
-    cfg = {"state_dir": str(work / "state"), "rules_dir": str(work / "rules"),
-           "prometheus": {"scrape_interval": "1s"},
-           "replicas": {"count": 2, "enable_faults": True, "admin_token": ADMIN,
-                        "engine_args": ["--stall-timeout", "2"], "liveness_interval": "1s", "liveness_failures": 2},
-           "remediation": {"cooldown": "0s", "verify_timeout": "60s"},
-           "alerting": {"receivers": []}}
+class Clients:
+    """Client threads through the router, each from its own loopback address; every request is a sample
+    (start, latency, ok) of its group ('steady' or 'heavy')."""
+
+    def __init__(self, router: str) -> None:
+        self.router = router
+        self.samples: list[tuple[str, float, float, bool]] = []
+        self.errors: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self._stops: dict[str, threading.Event] = {}
+        self._threads: dict[str, list[threading.Thread]] = {}
+
+    def start(self, group: str, n: int, first_address: int, max_tokens: int = 16, pause_s: float = 0.0) -> None:
+        stop = self._stops[group] = threading.Event()
+
+        def loop(i: int) -> None:
+            http = httpx.Client(transport=httpx.HTTPTransport(local_address=f"127.0.0.{first_address + i}"),
+                                timeout=120)
+            c = openai.OpenAI(base_url=self.router, api_key="unused", max_retries=0, timeout=120, http_client=http)
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    c.completions.create(model="deepseek-tiny", prompt="The cluster is", max_tokens=max_tokens,
+                                         temperature=0, extra_body={"min_tokens": max_tokens})
+                    ok = True
+                except openai.APIError as exc:
+                    ok = False
+                    with self.lock:
+                        self.errors.append((t, f"{group}: {type(exc).__name__}: {str(exc)[:160]}"))
+                with self.lock:
+                    self.samples.append((group, t, time.monotonic() - t, ok))
+                stop.wait(pause_s)
+
+        self._threads[group] = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(n)]
+        for th in self._threads[group]:
+            th.start()
+
+    def stop(self, group: str) -> None:
+        self._stops[group].set()
+        for th in self._threads.pop(group, []):
+            th.join(120)
+
+    def window(self, t0: float, end: float) -> list[tuple[str, float, float, bool]]:
+        with self.lock:
+            return [s for s in self.samples if t0 <= s[1] < end]
+
+
+@contextmanager
+def sentinel(work: Path, phase: str, model: Path | None, **overrides: Any) -> Iterator[dict[str, Any]]:
+    _rules(work / "rules", phase)
+    replicas: dict[str, Any] = {"count": 2, "enable_faults": True, "admin_token": ADMIN,
+                                "engine_args": ["--stall-timeout", "2", "--memory-limit", "2GiB"],
+                                "liveness_interval": "1s", "liveness_failures": 2, **overrides.pop("replicas", {})}
+    if model is not None:
+        replicas["model_dir"] = str(model)
+    cfg = {"state_dir": str(work / "state"), "rules_dir": str(work / "rules"), "prometheus": {"scrape_interval": "1s"},
+           "replicas": replicas, "remediation": {"cooldown": "0s", "verify_timeout": "60s",
+                                                 **overrides.pop("remediation", {})},
+           "alerting": {"receivers": []}, **overrides}
     (work / "sentinel.yaml").write_text(yaml.safe_dump(cfg))
     log = (work / "sentinel.out").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "sentinel.cli", "up", "-c", str(work / "sentinel.yaml")],
@@ -85,61 +162,9 @@ def main() -> int:
         deadline = time.monotonic() + 240
         while not up_file.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                print((work / "sentinel.out").read_text()[-3000:], file=sys.stderr)
-                return 1
+                raise RuntimeError((work / "sentinel.out").read_text()[-3000:])
             time.sleep(0.5)
-        up = json.loads(up_file.read_text())
-        api, router = up["api"], up["router"]
-        samples: list[tuple[float, float, bool]] = []  # (start, latency, ok)
-        errors: list[str] = []
-        lock = threading.Lock()
-        stop = threading.Event()
-
-        def client_loop(i: int) -> None:
-            # each client from its own address: the replicas' per-client rate limit (the seed's 10 requests/s)
-            # applies per client, as it would to real clients behind the router
-            http = httpx.Client(transport=httpx.HTTPTransport(local_address=f"127.0.0.{i + 2}"), timeout=60)
-            c = openai.OpenAI(base_url=router, api_key="unused", max_retries=0, timeout=60, http_client=http)
-            while not stop.is_set():
-                t = time.monotonic()
-                try:
-                    c.completions.create(model="deepseek-tiny", prompt="The cluster is", max_tokens=16, temperature=0)
-                    ok = True
-                except openai.APIError as exc:
-                    ok = False
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {str(exc)[:160]}")
-                with lock:
-                    samples.append((t, time.monotonic() - t, ok))
-
-        workers = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
-        for w in workers:
-            w.start()
-        time.sleep(15)
-        base_start, base_end = time.monotonic() - 15, time.monotonic()
-        with lock:
-            baseline = [lat for t, lat, ok in samples if base_start <= t < base_end and ok]
-        base_p99 = _p99(baseline)
-        rows: list[dict[str, Any]] = []
-        for name, replica in PLAN:
-            t0 = time.monotonic()
-            res = run_drill(api, DRILLS[name], ADMIN, replica, timeout_s=120)
-            end = t0 + (res.recover_s or 120) + 2
-            while time.monotonic() < end:
-                time.sleep(0.1)
-            with lock:
-                window = [(t, lat, ok) for t, lat, ok in samples if t0 <= t < end]
-            p99 = _p99([lat for _, lat, ok in window if ok])
-            rows.append({**res.as_dict(), "requests": len(window), "failed": sum(not ok for _, _, ok in window),
-                         "p99_s": p99, "baseline_p99_s": base_p99,
-                         "p99_ratio": (p99 / base_p99) if p99 and base_p99 else None})
-            time.sleep(3)
-        stop.set()
-        for w in workers:
-            w.join(60)
-        metrics = httpx.get(f"{api}/metrics").text
-        retries = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
-                      if ln.startswith("sentinel_router_retries_total{"))
+        yield json.loads(up_file.read_text())
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -148,29 +173,175 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         log.close()
+
+
+def _until(fn: Callable[[], Any], timeout_s: float) -> float | None:
+    """Seconds until ``fn()`` is true (None: not within the timeout)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if fn():
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    return None
+
+
+def _firing(api: str, alert: str, replica: str | None = None) -> bool:
+    alerts = httpx.get(f"{api}/api/v1/alerts").json()["data"]["alerts"]
+    return any(a["labels"].get("alertname") == alert and a["state"] == "firing"
+               and (replica is None or a["labels"].get("replica") == replica) for a in alerts)
+
+
+def _replicas(api: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{api}/api/v1/status").json()["data"]["replicas"])
+
+
+def _outcome(api: str, action: str, since: float) -> str | None:
+    for e in httpx.get(f"{api}/api/v1/actions", params={"limit": 200}).json()["data"]["audit"]:
+        if e["kind"] == "outcome" and e.get("action") == action and e["ts"] >= since:
+            return str(e["outcome"])
+    return None
+
+
+def _row(clients: Clients, drill: str, replica: str, t0: float, detect: float | None, recover: float | None,
+         outcome: str | None, base_p99: float | None, span: float | None = None) -> dict[str, Any]:
+    end = t0 + (recover if recover is not None else span or 120) + 2
+    while time.monotonic() < end:
+        time.sleep(0.1)
+    window = clients.window(t0, end)
+    p99 = _p99([lat for g, _, lat, ok in window if ok and g == "steady"])
+    with clients.lock:
+        errors = [e for t, e in clients.errors if t0 <= t < end]
+    return {"drill": drill, "replica": replica, "detect_s": detect, "recover_s": recover, "outcome": outcome,
+            "errors": errors,
+            "requests": len(window), "failed": sum(not ok for *_, ok in window), "p99_s": p99,
+            "baseline_p99_s": base_p99, "p99_ratio": (p99 / base_p99) if p99 and base_p99 else None}
+
+
+def _baseline(clients: Clients) -> float | None:
+    time.sleep(15)
+    now = time.monotonic()
+    return _p99([lat for g, _, lat, ok in clients.window(now - 15, now) if ok and g == "steady"])
+
+
+def phase_faults(work: Path, n_clients: int) -> list[dict[str, Any]]:
+    rows = []
+    with sentinel(work, "faults", None) as up:
+        api = up["api"]
+        clients = Clients(up["router"])
+        clients.start("steady", n_clients, 2)
+        base = _baseline(clients)
+        for name, replica in FAULTS:
+            t0 = time.monotonic()
+            res = run_drill(api, DRILLS[name], ADMIN, replica, timeout_s=100 if name == "memory-leak" else 120,
+                            reach_limit_s=60)  # the leak meets the 2 GiB limit in 60 s
+            rows.append(_row(clients, name, replica, t0, res.detect_s, res.recover_s, res.outcome, base))
+            time.sleep(3)
+        clients.stop("steady")
+        rows[-1]["oom_killed"] = "memory limit exceeded" in (work / "state" / "run" / "replica-1.out").read_text()
+    return rows
+
+
+def phase_capacity(work: Path, n_clients: int) -> list[dict[str, Any]]:
+    rows = []
+    with sentinel(work, "capacity", None, replicas={"min_count": 2, "max_count": 3},
+                  remediation={"cooldown": "30s", "scale_in_stabilization": "15s"}) as up:
+        api = up["api"]
+        clients = Clients(up["router"])
+        clients.start("steady", n_clients, 2, pause_s=0.5)
+        base = _baseline(clients)
+        t0, since = time.monotonic(), time.time()
+        clients.start("heavy", 8, 2 + n_clients, max_tokens=160)
+        detect = _until(lambda: _firing(api, "EngineBusyScaleOut"), 120)
+        recover = _until(lambda: len(r := _replicas(api)) == 3 and all(x["healthy"] for x in r), 120)
+        recover = None if recover is None else (time.monotonic() - t0)
+        rows.append(_row(clients, "scale-out", "replica-2", t0, detect, recover,
+                         _outcome(api, "scale_out", since), base))
+        clients.stop("heavy")
+        t1, since = time.monotonic(), time.time()
+        detect = _until(lambda: _firing(api, "InferenceIdleScaleIn", "replica-2"), 120)
+        detect = None if detect is None else time.monotonic() - t1
+        gone = _until(lambda: len(_replicas(api)) == 2, 180)
+        recover = None if gone is None else time.monotonic() - t1
+        rows.append(_row(clients, "scale-in", "replica-2", t1, detect, recover,
+                         _outcome(api, "scale_in", since), base))
+        clients.stop("steady")
+    return rows
+
+
+def phase_weights(work: Path, n_clients: int) -> list[dict[str, Any]]:
+    from inference_core.weights import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(work / "deepseek-tiny", seed=0)
+    with sentinel(work, "weights", model) as up:
+        api = up["api"]
+        clients = Clients(up["router"])
+        clients.start("steady", n_clients, 2)
+        base = _baseline(clients)
+        weights = model / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        weights.write_bytes(bytes(data))
+        t0, since = time.monotonic(), time.time()
+        os.kill(_replicas(api)[0]["pid"], signal.SIGKILL)
+        detect = _until(lambda: _firing(api, "SentinelRemediationEscalated", "replica-0"), 120)
+        time.sleep(15)  # a restart loop would show here
+        restarts = _replicas(api)[0]["restarts"]
+        outcome = f"paged, {restarts} restart" + ("s" if restarts != 1 else "")
+        row = _row(clients, "corrupted-weights", "replica-0", t0, detect, None, outcome, base,
+                   span=(detect or 120) + 15)
+        row["restart_outcome"] = _outcome(api, "restart", since)
+        clients.stop("steady")
+    return [row]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=3)
+    ap.add_argument("--phases", default="faults,capacity,weights")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if shutil.which("prometheus") is None:
+        print("needs prometheus (apt-get install prometheus; scripts/setup.sh installs it)", file=sys.stderr)
+        return 2
+    phases = {"faults": phase_faults, "capacity": phase_capacity, "weights": phase_weights}
+    chosen = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if unknown := [p for p in chosen if p not in phases]:
+        print(f"unknown phase(s) {unknown}; phases: {', '.join(phases)}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="sentinel-drills-"))
+    rows: list[dict[str, Any]] = []
+    try:
+        for p in chosen:
+            rows += phases[p](work / p, args.clients)
+    finally:
+        if os.environ.get("DRILLS_KEEP"):
+            print(f"work dir: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps({"clients": args.clients, "router_retries": retries, "drills": rows, "errors": errors},
-                         indent=2))
+        print(json.dumps({"clients": args.clients, "drills": rows}, indent=2))
     else:
-        print(f"{args.clients} clients through the router, two replicas; baseline P99 {base_p99:.3f}s "
-              f"({len(baseline)} requests in 15 s)")
-        print(f"{'drill':11} {'replica':9} {'detect':>7} {'recover':>8} {'outcome':10} {'requests':>8} {'failed':>6} "
+        print(f"{args.clients} steady clients through the router, two replicas (P99 against each phase's 15 s "
+              "baseline)")
+        print(f"{'drill':17} {'replica':9} {'detect':>7} {'recover':>8} {'outcome':20} {'requests':>8} {'failed':>6} "
               f"{'p99':>7} {'p99/base':>8}")
+
+        def f(v: float | None, fmt: str = "{:.2f}s") -> str:
+            return fmt.format(v) if v is not None else "-"
+
         for r in rows:
-            def f(v: float | None, fmt: str = "{:.2f}s") -> str:
-                return fmt.format(v) if v is not None else "-"
-            print(f"{r['drill']:11} {r['replica']:9} {f(r['detect_s']):>7} {f(r['recover_s']):>8} "
-                  f"{str(r['outcome']):10} {r['requests']:>8} {r['failed']:>6} {f(r['p99_s'], '{:.3f}s'):>7} "
+            print(f"{r['drill']:17} {r['replica']:9} {f(r['detect_s']):>7} {f(r['recover_s']):>8} "
+                  f"{str(r['outcome']):20} {r['requests']:>8} {r['failed']:>6} {f(r['p99_s'], '{:.3f}s'):>7} "
                   f"{f(r['p99_ratio'], '{:.1f}x'):>8}")
-        print(f"router retries over the run: {retries:.0f}")
-        for e in sorted(set(errors)):
-            print(f"  failed: {errors.count(e)} x {e}")
-    failed = any(r["failed"] or r["recover_s"] is None for r in rows)
-    if os.environ.get("DRILLS_KEEP"):
-        print(f"work dir: {work}", file=sys.stderr)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return 1 if failed else 0
+        for r in rows:
+            if r.get("oom_killed"):
+                print("  memory-leak: the OOM killer (simulated) came before sentinel's restart")
+            for e in sorted(set(r.get("errors", []))):
+                print(f"  {r['drill']} failed: {r['errors'].count(e)} x {e}")
+    lost = any(r["failed"] or r["detect_s"] is None or (r["recover_s"] is None and r["drill"] != "corrupted-weights")
+               or r.get("oom_killed") for r in rows)
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":
