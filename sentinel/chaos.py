@@ -14,7 +14,12 @@ Drills:
   run) → InferenceMemoryLeak → restart, drained, before the limit. Past the limit the replica is killed, as
   the OOM killer would (the fault switch simulates it); that is a lost drill. The replica needs a memory
   limit near its usage: ``--memory-limit`` in ``replicas.engine_args`` (or a cgroup limit); a drill that
-  would have to leak more than ``max_leak_bytes`` to reach the limit is refused.
+  would have to leak more than ``max_leak_bytes`` to reach the limit is refused;
+- ``scale-out`` (``run_scale_out``): no fault; concurrent clients with long completions through the router
+  until a scale-out rule fires and the new replica serves.
+
+Corrupted weights have no operator drill: sentinel never damages the model files it watches
+(tests/integration/test_drills.py and bench/drills.py damage a copy).
 """
 
 from __future__ import annotations
@@ -185,3 +190,61 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
             time.sleep(0.2)
     new = {r["name"]: r for r in http.get(f"{api}/api/v1/status").json()["data"]["replicas"]}.get(name, {})
     return DrillResult(drill.name, name, detect, recover, outcome, old_pid, new.get("pid"), detail)
+
+
+SCALE_OUT_ALERTS = ("EngineBusyScaleOut", "GpuSaturatedScaleOut")
+
+
+def run_scale_out(api: str, clients: int = 8, max_tokens: int = 160, timeout_s: float = 300.0,
+                  model: str | None = None) -> DrillResult:
+    """The ``scale-out`` drill: ``clients`` concurrent clients send long completions through sentinel's router
+    (what real users would) until sentinel has started one more replica and it serves, then stop. Detect:
+    a scale-out alert firing; recover: the new replica ready. No fault switch is involved, so this drill runs
+    against any ``sentinel up`` with the router on and a scale-out rule in its pack."""
+    http = httpx.Client(timeout=10.0)
+    status = http.get(f"{api}/api/v1/status").json()["data"]
+    router = status.get("router")
+    if not router:
+        raise ChaosError("sentinel runs no router (router.enabled): the scale-out drill loads replicas through it")
+    before = {r["name"] for r in status.get("replicas", [])}
+    if not before:
+        raise ChaosError("sentinel reports no local replicas (chaos drills run against `sentinel up`)")
+    served = model or http.get(f"{router}/models").json()["data"][0]["id"]
+    done = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as c:
+            while not done.is_set():
+                try:
+                    c.post(f"{router}/completions", json={"model": served, "prompt": "chaos drill load",
+                                                          "max_tokens": max_tokens, "min_tokens": max_tokens})
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+
+    t0 = time.monotonic()
+    started = time.time()
+    for _ in range(clients):
+        threading.Thread(target=client, daemon=True).start()
+    detect = recover = None
+    new: dict[str, Any] = {}
+    try:
+        while time.monotonic() - t0 < timeout_s and recover is None:
+            now = time.monotonic()
+            if detect is None:
+                alerts = http.get(f"{api}/api/v1/alerts").json()["data"]["alerts"]
+                if any(a["labels"].get("alertname") in SCALE_OUT_ALERTS and a["state"] == "firing" for a in alerts):
+                    detect = now - t0
+            reps = http.get(f"{api}/api/v1/status").json()["data"]["replicas"]
+            added = [r for r in reps if r["name"] not in before]
+            if added and added[0].get("healthy"):
+                new, recover = added[0], now - t0
+            time.sleep(0.25)
+    finally:
+        done.set()
+    outcome = None
+    for e in http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]:
+        if e["kind"] == "outcome" and e.get("action") == "scale_out" and e["ts"] >= started:
+            outcome = e["outcome"]
+            break
+    return DrillResult("scale-out", str(new.get("name", "-")), detect, recover, outcome, None, new.get("pid"),
+                       f"{clients} clients through the router, {len(before)} replicas before")

@@ -519,7 +519,7 @@ def _state_store(config: Path | None) -> Any:
 
 @app.command("chaos")
 def chaos_cmd(
-    drill: Annotated[str, typer.Argument(help="cuda-error | hang | crash | memory-leak")],
+    drill: Annotated[str, typer.Argument(help="cuda-error | hang | crash | memory-leak | scale-out")],
     replica: Annotated[str | None, typer.Option(help="the replica to break (default: the first)")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="the settings `sentinel up` runs with")]
     = None,
@@ -533,13 +533,14 @@ def chaos_cmd(
     break one replica and report when sentinel detected it, when the replica served again, and the outcome."""
     import json as _json
 
-    from sentinel.chaos import DRILLS, ChaosError, run_drill
+    from sentinel.chaos import DRILLS, ChaosError, run_drill, run_scale_out
     from sentinel.settings import load_settings
 
-    if drill not in DRILLS:
-        raise typer.BadParameter(f"unknown drill {drill!r}; drills: {', '.join(DRILLS)}", param_hint="DRILL")
+    if drill not in (*DRILLS, "scale-out"):
+        raise typer.BadParameter(f"unknown drill {drill!r}; drills: {', '.join([*DRILLS, 'scale-out'])}",
+                                 param_hint="DRILL")
     s = load_settings(config)
-    if s.replicas.admin_token is None:
+    if s.replicas.admin_token is None and drill != "scale-out":
         typer.echo("error: drills need replicas.admin_token (the replicas' fault switch is behind it)", err=True)
         raise typer.Exit(2)
     up_file = s.state_dir / "up.json"
@@ -548,12 +549,16 @@ def chaos_cmd(
         raise typer.Exit(2)
     api = _json.loads(up_file.read_text())["api"]
     if timeout is None:
-        timeout = reach_limit + 60.0 if drill == "memory-leak" else 120.0
+        timeout = {"memory-leak": reach_limit + 60.0, "scale-out": 300.0}.get(drill, 120.0)
     if reach_limit <= 0:
         raise typer.BadParameter("must be positive", param_hint="--reach-limit")
     try:
-        result = run_drill(api, DRILLS[drill], s.replicas.admin_token.get_secret_value(), replica, timeout,
-                           reach_limit_s=reach_limit)
+        if drill == "scale-out":
+            result = run_scale_out(api, timeout_s=timeout)
+        else:
+            assert s.replicas.admin_token is not None
+            result = run_drill(api, DRILLS[drill], s.replicas.admin_token.get_secret_value(), replica, timeout,
+                               reach_limit_s=reach_limit)
     except (ChaosError, httpx.HTTPError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -563,8 +568,10 @@ def chaos_cmd(
         def fmt(v: float | None) -> str:
             return f"{v:.2f}s" if v is not None else f"not within {timeout:.0f}s"
 
-        typer.echo(f"{drill} on {result.replica}: {DRILLS[drill].what}"
-                   + (f" ({result.detail})" if result.detail else "") + f"\n  detected ({DRILLS[drill].alert}): "
+        what = DRILLS[drill].what if drill in DRILLS else "load through the router until a replica is added"
+        alert = DRILLS[drill].alert if drill in DRILLS else "a scale-out rule"
+        typer.echo(f"{drill} on {result.replica}: {what}"
+                   + (f" ({result.detail})" if result.detail else "") + f"\n  detected ({alert}): "
                    f"{fmt(result.detect_s)}\n  recovered (pid {result.old_pid} -> {result.new_pid}, serving): "
                    f"{fmt(result.recover_s)}\n  remediation outcome: {result.outcome or 'none recorded'}")
     if result.detect_s is None or result.recover_s is None:

@@ -187,6 +187,7 @@ class Supervisor:
         self.max_replicas = max_replicas if max_replicas is not None else len(specs)
         self.on_change = on_change
         self._scale_lock = threading.Lock()
+        self._added: str | None = None  # the replica the last scale-out started (what its verification checks)
 
     def start_all(self) -> None:
         for r in self.replicas.values():
@@ -313,13 +314,18 @@ class Supervisor:
                 self._restore_targets()
                 raise RemediationError(f"scale-out rolled back: {name} was started but could not be added to the "
                                        f"scrape targets ({exc}); it was stopped") from exc
+            self._added = name
             return f"scaled out: started {name} (pid {replica.pid}) on {spec.url}; {len(self.replicas)} replicas"
 
-    def verify(self, target: str, timeout_s: float) -> bool:
-        """The target serves again; after a scale-in that removed it, every remaining replica serves."""
-        if target in self.replicas:
-            return self.replicas[target].wait_healthy(timeout_s)
-        return all(r.wait_healthy(timeout_s) for r in self.replicas.values())
+    def verify(self, target: str, timeout_s: float, action: str = "restart") -> bool:
+        """What the action promised: a restarted (or reset) target serves again; a scale-out's new replica
+        serves (not the replica whose alert asked for it: that one may be the overloaded or a broken one, and
+        waiting for it would hold the concurrency cap); after a scale-in every remaining replica serves."""
+        if action == "scale_out" and self._added in self.replicas:
+            return self.replicas[self._added].wait_healthy(timeout_s)
+        if action == "scale_in" or target not in self.replicas:
+            return all(r.wait_healthy(timeout_s) for r in list(self.replicas.values()))
+        return self.replicas[target].wait_healthy(timeout_s)
 
     def incarnation(self, target: str) -> float | None:
         """When the target's current process started (None: unknown target)."""

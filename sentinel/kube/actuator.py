@@ -163,9 +163,9 @@ class KubernetesActuator:
         return f"cordoned node {node} (where {pod} runs): no new pods are scheduled there"
 
     # -- verifying --------------------------------------------------------------------------------------
-    def verify(self, target: str, timeout_s: float) -> bool:
+    def verify(self, target: str, timeout_s: float, action: str = "restart") -> bool:
         """The Deployment has finished rolling out: every desired replica updated and available, none of
-        the old ones left, and a deleted pod gone."""
+        the old ones left, and a deleted pod gone (the same check after every action)."""
         deadline = self.clock() + timeout_s
         deleted = self._deleted
         while True:

@@ -30,7 +30,8 @@ class Actuator(Protocol):
         """Run the action; returns evidence text; raises RemediationError."""
         ...
 
-    def verify(self, target: str, timeout_s: float) -> bool: ...
+    def verify(self, target: str, timeout_s: float, action: str = "restart") -> bool:
+        """Whether what ``action`` promised holds within ``timeout_s``."""
 
 
 class Remediator:
@@ -214,7 +215,7 @@ class Remediator:
         t0 = self.clock()
         try:
             evidence = self.actuator.act(action, target)
-            healthy = self.actuator.verify(target, self.verify_timeout_s)
+            healthy = self.actuator.verify(target, self.verify_timeout_s, action)
             outcome = "succeeded" if healthy else "failed-verification"
         except RemediationError as exc:
             evidence, outcome = str(exc), "failed"
@@ -249,7 +250,7 @@ class Remediator:
     def _recover(self, r: Remediation) -> None:
         try:
             healthy = bool(r.target) and r.target in self.actuator.targets() and \
-                self.actuator.verify(r.target, self.verify_timeout_s)
+                self.actuator.verify(r.target, self.verify_timeout_s, r.action)
         except Exception as exc:  # noqa: BLE001 - audited as not verified
             log.warning("verifying interrupted %s on %s failed: %s", r.action, r.target, exc)
             healthy = False

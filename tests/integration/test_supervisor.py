@@ -28,6 +28,12 @@ def test_scale_out_up_to_the_limit_then_refuse(tmp_path: Path, tiny_model_dir: P
         new = sup.replicas["replica-1"]
         assert httpx.get(f"{new.spec.url}/ready").status_code == 200
         assert new.spec.log_dir == tmp_path / "run" / "replica-1" / "logs"
+        # the scale-out is verified by the replica it started, not the one that asked: here the asker is
+        # gone (a broken or overloaded replica would not answer either) and the verification holds at once
+        sup.replicas["replica-0"].stop(2.0)
+        t0 = time.monotonic()
+        assert sup.verify("replica-0", 30, "scale_out") and time.monotonic() - t0 < 5
+        assert not sup.verify("replica-0", 1, "restart")
         with pytest.raises(RemediationError, match="max_count=2"):
             sup.act("scale_out", "replica-1")
         with pytest.raises(RemediationError, match="unknown replica"):

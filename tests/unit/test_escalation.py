@@ -78,7 +78,7 @@ class Actuator:
         self.calls.append((action, target))
         return f"{action} {target}"
 
-    def verify(self, target: str, timeout_s: float) -> bool:
+    def verify(self, target: str, timeout_s: float, action: str = "restart") -> bool:
         ok = self.outcomes.pop(0) if self.outcomes else True
         self.done.release()
         return ok

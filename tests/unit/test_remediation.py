@@ -79,7 +79,7 @@ class Actuator:
             raise RemediationError("restart failed")
         return f"{action} {target}"
 
-    def verify(self, target: str, timeout_s: float) -> bool:
+    def verify(self, target: str, timeout_s: float, action: str = "restart") -> bool:
         self.done.set()
         return self.healthy
 
@@ -229,7 +229,7 @@ class Stuck:
     def targets(self): return {"replica-0"}
     def act(self, action, target):
         os.kill(os.getpid(), signal.SIGKILL)  # sentinel dies in the middle of the restart
-    def verify(self, target, timeout_s): return True
+    def verify(self, target, timeout_s, action="restart"): return True
 
 store = Store(Path(sys.argv[1]))
 assert store.claim_findings("f;g;CudaError", "fp", 1.0, 100.0)  # a runbook was running too
