@@ -100,6 +100,41 @@ def status(api: str) -> dict[str, Any]:
     return httpx.get(f"{api}/api/v1/status").json()["data"]  # type: ignore[no-any-return]
 
 
+def test_cuda_error_hang_and_crash_behind_the_router(tmp_path: Path, receiver: Receiver, tiny_model_dir: Path) -> None:
+    """`sentinel chaos`'s three fault drills one after another under steady client load: a CUDA error (log rule
+    CudaError), a hung engine and a crashed process (sentinel's liveness probe, InferenceReplicaUnresponsive):
+    each detected, paged, restarted (drained when healthy), verified and audited; no client request fails."""
+    replicas = {"count": 2, "enable_faults": True, "admin_token": ADMIN_TOKEN, "model_dir": str(tiny_model_dir),
+                "engine_args": ["--stall-timeout", "2"], "liveness_interval": "1s", "liveness_failures": 2}
+    with run_sentinel(tmp_path, receiver, tiny_model_dir, replicas=replicas,
+                      remediation={"verify_timeout": "60s", "cooldown": "0s"}) as (proc, up, log), \
+            loaded(up["router"]) as load:
+        api = up["api"]
+        wait_for("a few requests through the router", lambda: load.sent >= 4, 60, proc, log)
+        results = {}
+        for drill, replica in (("cuda-error", "replica-0"), ("hang", "replica-1"), ("crash", "replica-0")):
+            res = results[drill] = run_drill(api, DRILLS[drill], ADMIN_TOKEN, replica, timeout_s=90)
+            assert res.detect_s is not None and res.recover_s is not None, (res, log.read_text()[-3000:])
+            assert res.outcome == "succeeded" and res.new_pid != res.old_pid, res
+        load.stop()
+        assert load.failed == [] and load.sent >= 20, (load.sent, load.failed[:5])
+        assert outcomes(api) == [("CudaError", "restart", "succeeded"),
+                                 ("InferenceReplicaUnresponsive", "restart", "succeeded"),
+                                 ("InferenceReplicaUnresponsive", "restart", "succeeded")]
+        assert [r["restarts"] for r in status(api)["replicas"]] == [2, 1]
+        cuda = wait_for("a CudaError page", lambda: alerts_named(receiver, "CudaError", "firing"), 30, proc, log)
+        assert cuda[0]["labels"]["replica"] == "replica-0"
+        pages = wait_for("two InferenceReplicaUnresponsive pages", lambda: len(
+            {(a["labels"]["replica"], a["labels"]["problem"]) for a in alerts_named(
+                receiver, "InferenceReplicaUnresponsive", "firing")}) >= 2 and alerts_named(
+            receiver, "InferenceReplicaUnresponsive", "firing"), 30, proc, log)
+        problems = {(a["labels"]["replica"], a["labels"]["problem"]) for a in pages}
+        assert ("replica-1", "is not making progress (engine stalled)") in problems, problems
+        assert any(r == "replica-0" and p in ("has exited", "does not answer /health") for r, p in problems)
+        print({k: (round(v.detect_s or 0, 2), round(v.recover_s or 0, 2)) for k, v in results.items()},
+              f"{load.sent} requests, none failed")
+
+
 def compressed_leak_rule() -> str:
     """The shipped InferenceMemoryLeak rule with every window divided by 15 (10m → 40s, 900 s → 60 s, 1m → 4s,
     5m:30s → 20s:2s, for 2m → 8s): the same expression, judged in seconds."""
