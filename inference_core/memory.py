@@ -48,12 +48,12 @@ def device_memory(device: torch.device, proc_root: Path = Path("/proc"),
         free, total = torch.cuda.mem_get_info(device)
         return int(total), int(free)
     total = memory_limit_bytes(proc_root, cgroup_root)
+    held = None
     if limit is not None and limit < total:
         total = limit
         for line in (proc_root / "self" / "status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return total, max(0, total - int(line.split()[1]) * 1024)
-        return total, total
+                held = int(line.split()[1]) * 1024
     avail = total
     for line in (proc_root / "meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -63,7 +63,9 @@ def device_memory(device: torch.device, proc_root: Path = Path("/proc"),
         avail = min(avail, total - current)  # the cgroup's own headroom
     except (OSError, ValueError):
         pass
-    return total, avail
+    if held is not None:  # --memory-limit: what this process holds counts against it (the host may have less)
+        avail = min(avail, total - held)
+    return total, max(0, avail)
 
 
 class PeakMemory:

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from inference_core.engine import (
@@ -169,3 +170,60 @@ def test_gpu_figures_come_from_nvml_when_present() -> None:
     cpu_text = generate_latest(cpu).decode()
     assert "gpu_utilization" not in cpu_text  # a CPU's busy ratio is not GPU utilization (#13)
     assert "inference_engine_busy_percent 0.0" in cpu_text and "inference_engine_busy_percent" in text
+
+
+def test_memory_limit_caps_the_plan_and_the_reported_limit(tmp_path: Path) -> None:
+    """``--memory-limit`` on a CPU: the plan's total is the limit, what the process holds already counts
+    against it, the host's own availability still bounds it, and memory_limit_bytes reports it."""
+    from prometheus_client import generate_latest
+
+    from inference_core.memory import GiB, device_memory
+    from inference_core.telemetry import DeviceCollector
+    from tests.unit.fake_nvml import FakeNvml
+
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    cgroup.mkdir()  # no memory.max: an unlimited cgroup
+    (proc / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 20971520 kB\n")  # 24 GiB, 20 free
+    (proc / "self" / "status").write_text("VmRSS: 524288 kB\n")  # the process holds 512 MiB
+    cpu = torch.device("cpu")
+    assert device_memory(cpu, proc, cgroup) == (24 * GiB, 20 * GiB)
+    assert device_memory(cpu, proc, cgroup, limit=2 * GiB) == (2 * GiB, 2 * GiB - GiB // 2)
+    (proc / "meminfo").write_text("MemTotal: 25165824 kB\nMemAvailable: 262144 kB\n")  # the host: 256 MiB free
+    assert device_memory(cpu, proc, cgroup, limit=2 * GiB) == (2 * GiB, GiB // 4)
+    assert device_memory(cpu, proc, cgroup, limit=64 * GiB)[0] == 24 * GiB  # above the host: no change
+    reg = CollectorRegistry()
+    reg.register(DeviceCollector(BusyTracker(), proc_root=proc, nvml=FakeNvml(None, library_missing=True),
+                                 limit=2 * GiB))
+    text = generate_latest(reg).decode()
+    assert 'memory_limit_bytes{device="cpu"} 2.147483648e+09' in text
+    assert 'memory_usage_bytes{device="cpu"} 5.36870912e+08' in text
+
+
+OOM_KILLED = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from inference_core.faults import FaultSwitch
+from inference_core.telemetry import rss_bytes
+f = FaultSwitch(memory_limit=rss_bytes() + 64 * 2**20)
+f.arm(leak_mb_per_s=400.0)
+for _ in range(400):  # forward passes, 10 ms apart: 4 MiB each, the limit after about 16
+    time.sleep(0.01)
+    f.before_forward()
+print("survived", f.state.leaked_bytes)
+"""
+
+
+def test_a_leak_past_the_memory_limit_meets_the_simulated_oom_killer() -> None:
+    """The memory-leak fault grows resident memory at its rate while forward passes run; past --memory-limit
+    the process is SIGKILLed, as the kernel's OOM killer kills a container over its limit."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    p = subprocess.run([sys.executable, "-c", OOM_KILLED, str(ROOT)], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr)
+    assert "memory limit exceeded" in p.stderr and "survived" not in p.stdout
