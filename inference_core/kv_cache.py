@@ -59,6 +59,7 @@ class _OnDevice:
     num_decodes: int                  # the first num_decodes tokens are decodes (one per sequence)
     decode_slots: Tensor              # [Bd, T]: the context slots of each decode (padded with slot 0)
     decode_mask: Tensor | None        # [Bd, 1, 1, T]: True where a key is real (None: no padding)
+    decode_lens: Tensor               # [Bd]: keys per decode (its context and the new token)
     prefills: list[tuple[int, int, Tensor | None, Tensor | None]]  # (first, end, context slots, mask)
     sample_idx: Tensor                # [M]: packed positions whose logits are needed
 
@@ -130,7 +131,7 @@ class FlatBatch:
             prefills.append((first, end, ctx, pmask))
             first = end
         return _OnDevice(torch.tensor(ids, dtype=torch.long), torch.cat(positions), torch.cat(slots), nd,
-                         decode_slots, mask, prefills, torch.tensor(sample, dtype=torch.long))
+                         decode_slots, mask, lens, prefills, torch.tensor(sample, dtype=torch.long))
 
     def on(self, device: torch.device) -> _OnDevice:
         """The metadata on ``device`` (copied there once per step)."""
@@ -143,6 +144,7 @@ class FlatBatch:
 
             got = _OnDevice(cpu.input_ids.to(device), cpu.positions.to(device), cpu.slot_mapping.to(device),
                             cpu.num_decodes, cpu.decode_slots.to(device), mv(cpu.decode_mask),
-                            [(a, b, mv(c), mv(m)) for a, b, c, m in cpu.prefills], cpu.sample_idx.to(device))
+                            cpu.decode_lens.to(device), [(a, b, mv(c), mv(m)) for a, b, c, m in cpu.prefills],
+                            cpu.sample_idx.to(device))
             self._cache[device] = got
         return got

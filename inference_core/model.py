@@ -97,6 +97,9 @@ def device_of(module: nn.Module) -> torch.device:
 
 
 class Attention(nn.Module):
+    # the CPU kernels' module (inference_core.kernels.accelerate sets it): decode attention through the slots
+    decode_kernel: Any = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -135,7 +138,12 @@ class Attention(nn.Module):
         k_pool.index_copy_(0, m.slot_mapping, k)
         v_pool.index_copy_(0, m.slot_mapping, v)
         parts: list[Tensor] = []
-        if m.num_decodes:  # one query each: gather each sequence's keys through its block table
+        kernel = self.decode_kernel
+        if m.num_decodes and kernel is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            # one query each, reading each sequence's keys and values in place through its slots (no copy)
+            parts.append(kernel.paged_decode_attention(q[:m.num_decodes], k_pool, v_pool, m.decode_slots,
+                                                       m.decode_lens, self.d ** -0.5))  # [Bd, H, D]
+        elif m.num_decodes:  # one query each: gather each sequence's keys through its block table
             qd = q[:m.num_decodes, :, None]  # [Bd, H, 1, D]
             kd = k_pool[m.decode_slots].transpose(1, 2)  # [Bd, K, T, D]
             vd = v_pool[m.decode_slots].transpose(1, 2)

@@ -2,11 +2,13 @@
 
 ``linear_bf16`` multiplies a few bf16 activation rows by a bf16 weight matrix with AVX512-BF16: a decode
 step's matrix-vector products, which the library path runs at about half the memory bandwidth here.
-``accelerate(model)`` switches a model's bf16 CPU linear layers to it for inputs of at most
-``MAX_ROWS`` rows: measured on this project's machines, it reads weights at 16-24 GB/s for one row
-against torch's 7-11 GB/s, still wins at two, and from three rows on oneDNN's kernels are as fast or
-faster, so larger batches keep them. Where the CPU lacks AVX512-BF16 or the
-extension was not built, nothing changes and ``status()`` says why.
+``paged_decode_attention`` is a decode step's attention read through the block tables, where the keys
+and values lie in the paged pool: no per-step gather of each sequence's cache into a padded tensor.
+``accelerate(model)`` switches a model's attention to it (bf16 on a CPU) and its bf16 CPU linear layers
+to ``linear_bf16`` for inputs of at most ``MAX_ROWS`` rows: measured on this project's machines, it reads
+weights at 16-24 GB/s for one row against torch's 7-11 GB/s, still wins at two, and from three rows on
+oneDNN's kernels are as fast or faster, so larger batches keep them. Where the CPU lacks AVX512-BF16 or
+the extension was not built, nothing changes and ``status()`` says why.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ class FastLinear(nn.Linear):
 
 
 def accelerate(model: nn.Module) -> int:
-    """Switch every bf16 CPU ``nn.Linear`` of ``model`` to ``FastLinear`` (same parameters, same state dict).
-    Returns how many were switched (0 where the kernel is unavailable)."""
+    """Switch every bf16 CPU ``nn.Linear`` of ``model`` to ``FastLinear`` (same parameters, same state dict)
+    and its bf16 CPU attention to the paged decode kernel. Returns how many linear layers were switched (0
+    where the kernels are unavailable)."""
     mod = load()
     if mod is None:
         return 0
@@ -100,5 +103,8 @@ def accelerate(model: nn.Module) -> int:
         if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
             m.__class__ = FastLinear
             n += 1
+        elif hasattr(m, "decode_kernel") and hasattr(mod, "paged_decode_attention") and all(
+                p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters()):
+            vars(m)["decode_kernel"] = mod  # bf16 decode attention through the block tables (no gather)
     return n
 

@@ -125,6 +125,37 @@ def test_bf16_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None
 
 
 @needs_kernel
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 64), (14, 2, 64), (8, 8, 128), (6, 3, 24)])
+def test_paged_decode_attention_reads_through_the_slots(heads: int, kv_heads: int, dim: int) -> None:
+    """The kernel against SDPA over keys and values gathered into a padded tensor (the library path): scattered
+    slots, sequences of different lengths (one key, many), grouped-query heads, a head dim off the vector
+    width; and bad slots or lengths are refused."""
+    gen = torch.Generator().manual_seed(heads * 100 + dim)
+    slots_in_pool = 512
+    k_pool = torch.randn(slots_in_pool, kv_heads, dim, generator=gen).bfloat16()
+    v_pool = torch.randn(slots_in_pool, kv_heads, dim, generator=gen).bfloat16()
+    lens = torch.tensor([1, 37, 200, 5, 129])
+    width = int(lens.max())
+    slots = torch.zeros(len(lens), width, dtype=torch.long)
+    for b, n in enumerate(lens.tolist()):
+        slots[b, :n] = torch.randperm(slots_in_pool, generator=gen)[:n]
+    q = torch.randn(len(lens), heads, dim, generator=gen).bfloat16()
+    mod = kernels.load()
+    assert mod is not None
+    got = mod.paged_decode_attention(q, k_pool, v_pool, slots, lens, dim ** -0.5).float()
+    mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q.float()[:, :, None], k_pool.float()[slots].transpose(1, 2),
+                                         v_pool.float()[slots].transpose(1, 2), attn_mask=mask,
+                                         enable_gqa=True)[:, :, 0]
+    assert got.shape == (len(lens), heads, dim)
+    assert (got - ref).abs().max() <= 0.02, (got - ref).abs().max()  # bf16 rounding of the output
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        mod.paged_decode_attention(q, k_pool, v_pool, slots + slots_in_pool, lens, 1.0)
+    with pytest.raises(RuntimeError, match="keys; slots hold"):
+        mod.paged_decode_attention(q, k_pool, v_pool, slots, lens + width, 1.0)
+
+
+@needs_kernel
 @torch.inference_mode()
 def test_accelerated_bf16_model_decodes_the_same_tokens() -> None:
     torch.manual_seed(0)
@@ -134,7 +165,11 @@ def test_accelerated_bf16_model_decodes_the_same_tokens() -> None:
     twin = CausalLM(cfg).bfloat16().eval()
     twin.load_state_dict(model.state_dict())
     assert kernels.accelerate(model) == 2 * 7 + 1 and kernels.accelerate(twin.float()) == 0
-    twin = twin.bfloat16()
+    twin = twin.bfloat16()  # torch's linear layers; the same decode attention (its own test is below)
+    assert all(layer.self_attn.decode_kernel is not None for layer in model.model.layers)
+    assert all(layer.self_attn.decode_kernel is None for layer in twin.model.layers)
+    for layer in twin.model.layers:
+        vars(layer.self_attn)["decode_kernel"] = kernels.load()
     pool_a, pool_b = _pool(model, 8, 16), _pool(twin, 8, 16)
     toks_a, toks_b = [5, 6, 7], [5, 6, 7]
     for toks, m, pool in ((toks_a, model, pool_a), (toks_b, twin, pool_b)):
@@ -143,6 +178,40 @@ def test_accelerated_bf16_model_decodes_the_same_tokens() -> None:
             toks.append(int(logits[0].argmax()))
             logits = m.forward_flat(FlatBatch([SeqChunk([toks[-1]], len(toks) - 1, [0, 1], True)], 16), pool)
     assert toks_a == toks_b
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_decode_attention_kernel_in_the_model_is_as_close_to_fp32_as_the_gather(tiny_model_dir: Path) -> None:
+    """Two bf16 copies of the bundled model decode the same forced tokens in three sequences of different
+    lengths, one reading keys through the slots (the kernel), one gathering them (SDPA); against the fp32
+    model's logits, the kernel's mean error is the library path's (both are bf16 rounding), within 25 %."""
+    ref = load_model(tiny_model_dir).eval()
+    fast, lib = load_model(tiny_model_dir).bfloat16().eval(), load_model(tiny_model_dir).bfloat16().eval()
+    mod = kernels.load()
+    for layer in fast.model.layers:
+        vars(layer.self_attn)["decode_kernel"] = mod
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31], [40, 41, 42, 43, 44]]
+    tables = [[0, 1, 2], [3, 4], [5, 6]]  # scattered blocks of 16
+    errors: dict[str, float] = {}
+    for name, m in (("ref", ref), ("kernel", fast), ("gather", lib)):
+        pool = _pool(m, 8, 16)
+        seqs = [list(p) for p in prompts]
+        m.forward_flat(FlatBatch([SeqChunk(list(p), 0, t, True) for p, t in zip(prompts, tables, strict=True)], 16),
+                       pool)
+        steps = []
+        for step in range(10):
+            chunks = [SeqChunk([(7 * step + i) % 200], len(s), t, True) for i, (s, t) in
+                      enumerate(zip(seqs, tables, strict=True))]
+            for s_, c in zip(seqs, chunks, strict=True):
+                s_.append(c.token_ids[0])
+            steps.append(m.forward_flat(FlatBatch(chunks, 16), pool).float())
+        out = torch.stack(steps)
+        if name == "ref":
+            want = out
+        else:
+            errors[name] = float((out - want).abs().mean())
+    assert errors["kernel"] <= 1.25 * errors["gather"], errors  # measured: 0.0162 and 0.0154
 
 
 @torch.inference_mode()
