@@ -47,8 +47,11 @@ class Load:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def _run(self) -> None:
-        client = openai.OpenAI(base_url=self.router, api_key="unused", max_retries=0, timeout=60)
+    def _run(self, i: int) -> None:
+        # each client from its own loopback address, as real clients are: the replicas' per-client rate limit
+        # (the seed's 10 requests/s) then sees each of them, not one client for all (nor the drill's own load)
+        http = httpx.Client(transport=httpx.HTTPTransport(local_address=f"127.0.0.{10 + i}"), timeout=60)
+        client = openai.OpenAI(base_url=self.router, api_key="unused", max_retries=0, timeout=60, http_client=http)
         while not self._stop.is_set():
             try:
                 raw = client.completions.with_raw_response.create(
@@ -66,7 +69,7 @@ class Load:
             self._stop.wait(self.pause_s)
 
     def start(self) -> Load:
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.clients)]
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.clients)]
         for t in self._threads:
             t.start()
         return self
@@ -151,20 +154,21 @@ def compressed_leak_rule() -> str:
 
 def test_memory_leak_is_restarted_before_the_oom_killer(tmp_path: Path, receiver: Receiver,
                                                         tiny_model_dir: Path) -> None:
-    """replica-0 leaks at the rate that meets its 2 GiB --memory-limit in 60 s (the simulated OOM killer
-    SIGKILLs it there). InferenceMemoryLeak fires, the model-load runbook runs, and sentinel drains and
-    restarts the replica before the limit; clients of the router see no failure."""
+    """replica-0 leaks at the rate that meets its 2 GiB --memory-limit in 90 s (the simulated OOM killer
+    SIGKILLs it there; the compressed rule looks 60 s ahead). InferenceMemoryLeak fires, the model-load
+    runbook runs, and sentinel drains and restarts the replica before the limit; clients of the router see
+    no failure."""
     replicas = {"count": 2, "enable_faults": True, "admin_token": ADMIN_TOKEN, "model_dir": str(tiny_model_dir),
                 "engine_args": ["--memory-limit", "2GiB"]}
     with run_sentinel(tmp_path, receiver, tiny_model_dir, extra_rules={"leak.yaml": compressed_leak_rule()},
                       replicas=replicas, remediation={"verify_timeout": "60s"}) as (proc, up, log), \
             loaded(up["router"]) as load:
         wait_for("a few requests through the router", lambda: load.sent >= 4, 60, proc, log)
-        result = run_drill(up["api"], DRILLS["memory-leak"], ADMIN_TOKEN, "replica-0", timeout_s=100,
-                           reach_limit_s=60)
+        result = run_drill(up["api"], DRILLS["memory-leak"], ADMIN_TOKEN, "replica-0", timeout_s=130,
+                           reach_limit_s=90)
         load.stop()
         assert result.detect_s is not None and result.recover_s is not None, (result, log.read_text()[-3000:])
-        assert result.recover_s < 60, result  # before the limit
+        assert result.recover_s < 90, result  # before the limit
         assert result.outcome == "succeeded" and result.new_pid != result.old_pid, result
         out = (tmp_path / "state" / "run" / "replica-0.out").read_text()
         assert "memory limit exceeded" not in out, "the OOM killer came first"
