@@ -181,6 +181,50 @@ def test_chaos_cli_refuses_what_cannot_work(tmp_path: Path) -> None:
     cfg.write_text(f"state_dir: {tmp_path}\nreplicas:\n  admin_token: chaos-admin-token-0123456789\n")
     res = CliRunner().invoke(app, ["chaos", "hang", "-c", str(cfg)])
     assert res.exit_code == 2 and "is `sentinel up` running" in res.output
+    # scale-out needs no fault switch (no admin token), only a running sentinel
+    cfg.write_text(f"state_dir: {tmp_path}\n")
+    res = CliRunner().invoke(app, ["chaos", "scale-out", "-c", str(cfg)])
+    assert res.exit_code == 2 and "is `sentinel up` running" in res.output
+    res = CliRunner().invoke(app, ["chaos", "meteor"])
+    assert "memory-leak" in res.output and "scale-out" in res.output  # the drills are listed
+
+
+def test_the_leak_drill_refuses_a_replica_far_from_its_limit() -> None:
+    """`sentinel chaos memory-leak` paces the leak from the replica's own memory figures, and will not leak
+    gigabytes towards a host-sized limit (a real HTTP server stands in for the replica's /metrics)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sentinel.chaos import ChaosError, leak_fault
+
+    figures = {"usage": 1.0 * 2**30, "limit": 24.0 * 2**30}
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = (f'memory_usage_bytes{{device="cpu"}} {figures["usage"]}\n'
+                    f'memory_limit_bytes{{device="cpu"}} {figures["limit"]}\n').encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(ChaosError, match="--memory-limit"):
+            leak_fault(url, 600, 4 * 2**30)
+        figures["limit"] = 3.0 * 2**30
+        fault, detail = leak_fault(url, 600, 4 * 2**30)
+        assert fault == {"leak_mb_per_s": pytest.approx(2048 / 600)} and "in 600s" in detail
+        figures["usage"] = 3.5 * 2**30
+        with pytest.raises(ChaosError, match="already uses"):
+            leak_fault(url, 600, 4 * 2**30)
+    finally:
+        server.shutdown()
 
 
 def test_an_action_that_does_not_clear_the_condition_escalates(tmp_path: Path) -> None:
