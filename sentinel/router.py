@@ -148,12 +148,12 @@ class Router:
         await asyncio.gather(*(one(u) for u in ups))
 
     async def _poll_forever(self) -> None:
-        while True:
+        while True:  # the lifespan has just polled: the next round is one interval later, not at once
+            await asyncio.sleep(self.poll_interval_s)
             try:
                 await self.poll_once()
             except Exception:  # noqa: BLE001 - a poll round must never stop the poller
                 log.exception("router poll failed")
-            await asyncio.sleep(self.poll_interval_s)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:

@@ -245,6 +245,10 @@ def test_scale_out_under_load_then_in_past_the_window(tmp_path: Path, receiver: 
         assert ("EngineBusyScaleOut", "scale_out", "succeeded") in done
         assert ("InferenceIdleScaleIn", "scale_in", "succeeded") in done
         assert sum(1 for o in done if o[1] == "scale_in") == 1, done
+        idle = wait_for("an InferenceIdleScaleIn notification for replica-2", lambda: [
+            a for a in alerts_named(receiver, "InferenceIdleScaleIn", "firing")
+            if a["labels"]["replica"] == "replica-2"], 30, proc, log)
+        assert idle[0]["labels"]["severity"] == "info"
         refused = [e["reason"] for e in audit(api) if e["kind"] == "decision" and e["action"] == "scale_in"
                    and not e["act"]]
         assert any("stabilization window" in r or "scale action ran within" in r for r in refused), refused
