@@ -203,11 +203,16 @@ def _replicas(api: str) -> list[dict[str, Any]]:
     return list(httpx.get(f"{api}/api/v1/status").json()["data"]["replicas"])
 
 
-def _outcome(api: str, action: str, since: float) -> str | None:
-    for e in httpx.get(f"{api}/api/v1/actions", params={"limit": 200}).json()["data"]["audit"]:
-        if e["kind"] == "outcome" and e.get("action") == action and e["ts"] >= since:
-            return str(e["outcome"])
-    return None
+def _outcome(api: str, action: str, since: float, wait_s: float = 30.0) -> str | None:
+    """The audited outcome of the first ``action`` since ``since`` (it follows the action's verification)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for e in httpx.get(f"{api}/api/v1/actions", params={"limit": 200}).json()["data"]["audit"]:
+            if e["kind"] == "outcome" and e.get("action") == action and e["ts"] >= since:
+                return str(e["outcome"])
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
 
 
 def _row(clients: Clients, drill: str, replica: str, t0: float, detect: float | None, recover: float | None,

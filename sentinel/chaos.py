@@ -242,9 +242,15 @@ def run_scale_out(api: str, clients: int = 8, max_tokens: int = 160, timeout_s: 
     finally:
         done.set()
     outcome = None
-    for e in http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]:
-        if e["kind"] == "outcome" and e.get("action") == "scale_out" and e["ts"] >= started:
-            outcome = e["outcome"]
-            break
+    settle = time.monotonic() + (30.0 if recover is not None else 0.0)  # the action verifies, then audits
+    while outcome is None:
+        for e in http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]:
+            if e["kind"] == "outcome" and e.get("action") == "scale_out" and e["ts"] >= started:
+                outcome = e["outcome"]
+                break
+        if outcome is None:
+            if time.monotonic() >= settle:
+                break
+            time.sleep(0.2)
     return DrillResult("scale-out", str(new.get("name", "-")), detect, recover, outcome, None, new.get("pid"),
                        f"{clients} clients through the router, {len(before)} replicas before")
