@@ -11,8 +11,8 @@ Three phases, each its own `sentinel up`:
 
 - ``faults``: `sentinel chaos` cuda-error, hang, crash and memory-leak. The leak is paced to meet the
   replica's 2 GiB ``--memory-limit`` in 60 s, where the fault switch kills it as the OOM killer would; the
-  shipped InferenceMemoryLeak rule runs with every window divided by 15 (10m → 40s, 900 s → 60 s, 1m → 4s,
-  5m:30s → 20s:2s, for 2m → 8s), so "detect" is in that compressed time.
+  shipped InferenceMemoryLeak rule runs with every window divided by 15 (5m → 20s, 900 s → 60 s, 1m → 4s,
+  5m:30s → 20s:2s, process age 300 s → 20 s, for 2m → 8s), so "detect" is in that compressed time.
   The scale-out rules are left out of this phase and the next: the steady clients keep the engines busy
   enough to scale out, which would confound the fault drills.
 - ``capacity``: 8 more clients with long completions → the shipped EngineBusyScaleOut (evaluated every
@@ -56,7 +56,7 @@ from sentinel.chaos import DRILLS, run_drill  # noqa: E402
 
 ADMIN = "drill-admin-token-0123456789abcdef"
 FAULTS = [("cuda-error", "replica-0"), ("hang", "replica-1"), ("crash", "replica-0"), ("memory-leak", "replica-1")]
-LEAK_WINDOWS = (("[10m]", "[40s]"), ("900", "60"), ("[1m]", "[4s]"), ("[5m:30s]", "[20s:2s]"))
+LEAK_WINDOWS = (("[5m]", "[20s]"), ("900", "60"), ("[1m]", "[4s]"), ("[5m:30s]", "[20s:2s]"), ("> 300", "> 20"))
 
 
 def _rules(dst: Path, phase: str) -> None:
