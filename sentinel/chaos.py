@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,20 @@ class DrillResult:
 
 class ChaosError(SentinelError):
     pass
+
+
+def _audited_outcome(http: httpx.Client, api: str, since: float, wait_s: float,
+                     match: Callable[[dict[str, Any]], bool]) -> str | None:
+    """The outcome of the first audited action since ``since`` that ``match`` accepts, waiting up to ``wait_s``:
+    an action verifies before it audits its outcome."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for e in http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]:
+            if e["kind"] == "outcome" and e["ts"] >= since and match(e):
+                return str(e["outcome"])
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
 
 
 def memory(url: str) -> tuple[float, float]:
@@ -176,18 +191,8 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
                       headers={"Authorization": f"Bearer {admin_token}"})
         except httpx.HTTPError:
             pass
-    outcome = None
-    settle = time.monotonic() + (30.0 if recover is not None else 0.0)  # the remediation verifies, then audits
-    while outcome is None:
-        for e in http.get(f"{api}/api/v1/actions", params={"limit": 50}).json()["data"]["audit"]:
-            if e["kind"] == "outcome" and e.get("target") == name and e["subject"].startswith(drill.alert + "/") \
-                    and e["ts"] >= started:
-                outcome = e["outcome"]
-                break
-        if outcome is None:
-            if time.monotonic() >= settle:
-                break
-            time.sleep(0.2)
+    outcome = _audited_outcome(http, api, started, 30.0 if recover is not None else 0.0, lambda e: e.get(
+        "target") == name and e["subject"].startswith(drill.alert + "/"))
     new = {r["name"]: r for r in http.get(f"{api}/api/v1/status").json()["data"]["replicas"]}.get(name, {})
     return DrillResult(drill.name, name, detect, recover, outcome, old_pid, new.get("pid"), detail)
 
@@ -241,16 +246,7 @@ def run_scale_out(api: str, clients: int = 8, max_tokens: int = 160, timeout_s: 
             time.sleep(0.25)
     finally:
         done.set()
-    outcome = None
-    settle = time.monotonic() + (30.0 if recover is not None else 0.0)  # the action verifies, then audits
-    while outcome is None:
-        for e in http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]:
-            if e["kind"] == "outcome" and e.get("action") == "scale_out" and e["ts"] >= started:
-                outcome = e["outcome"]
-                break
-        if outcome is None:
-            if time.monotonic() >= settle:
-                break
-            time.sleep(0.2)
+    outcome = _audited_outcome(http, api, started, 30.0 if recover is not None else 0.0,
+                               lambda e: e.get("action") == "scale_out")
     return DrillResult("scale-out", str(new.get("name", "-")), detect, recover, outcome, None, new.get("pid"),
                        f"{clients} clients through the router, {len(before)} replicas before")
