@@ -9,6 +9,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -138,6 +140,147 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w, con
   return out.view(shape);
 }
 
+// ---- AMX: a decode step's batch (2..32 rows) --------------------------------------------------------------
+// With more than one activation row, VDPBF16PS needs a register per (row, weight row) pair and falls behind
+// the memory; oneDNN's AMX kernels reach about half the bandwidth here because they repack the weights on
+// each call. This one needs no repacking: it computes y^T = w @ x^T, so the weight is the left operand and
+// its rows load straight into tiles (16 weight rows x 32 bf16 per tile, stride K), while the small x^T is
+// packed once per call into the right operand's pair-interleaved (VNNI) layout. Each thread takes groups of
+// 64 output features (one activation tile) or 32 (two, for 17..32 rows): per 32-wide step of K, one x^T
+// tile per 16 rows is loaded once and multiplied with each weight tile of the group.
+
+namespace {
+
+struct TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void tiles_16x64() {  // all eight tiles 16 rows of 64 bytes: 16x32 bf16, 16x16 pairs, 16x16 fp32
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+}  // namespace
+
+// Whether this process may use AMX tiles (Linux grants the tile state on request: ARCH_REQ_XCOMP_PERM).
+bool amx_ready() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 tensors only");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x_in.device().is_cpu() && w.device().is_cpu(),
+              "w must be a contiguous 2-d CPU tensor");
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(x_in.size(-1) == K, "x's last dimension (", x_in.size(-1), ") != w's in-features (", K, ")");
+  TORCH_CHECK(K % 32 == 0 && N % 16 == 0, "in-features must be a multiple of 32 and out-features of 16 (got ",
+              K, ", ", N, ")");
+  auto x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M >= 1 && M <= 32, "1..32 rows (got ", M, ")");
+  TORCH_CHECK(amx_ready(), "this CPU or kernel does not grant AMX tiles");
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  const int64_t MB = (M + 15) / 16, KB = K / 32, NB = N / 16;
+  // x^T as the right operand: per 16 rows and 32-wide step of K, a tile of [16 pairs along K][16 rows] u32
+  std::vector<uint32_t> xp(MB * KB * 256, 0u);
+  const uint32_t* X32 = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t kp = 0; kp < K / 2; ++kp)
+      xp[(((m / 16) * KB + kp / 16) * 16 + kp % 16) * 16 + m % 16] = X32[m * (K / 2) + kp];
+  const uint32_t* XP = xp.data();
+  auto out = torch::empty({M, N}, x.options());
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  at::BFloat16* O = out.data_ptr<at::BFloat16>();
+  torch::Tensor bc;
+  const at::BFloat16* B = nullptr;
+  if (b.has_value() && b->defined()) {
+    bc = b->to(at::kBFloat16).contiguous();
+    TORCH_CHECK(bc.numel() == N, "bias has ", bc.numel(), " elements, expected ", N);
+    B = bc.data_ptr<at::BFloat16>();
+  }
+  const int64_t stride = K * 2;
+  const __m512i column = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+  // an accumulator tile [16 features][16 rows] fp32 -> out[row][features], bias added, rounded to bf16
+  auto emit = [&](float (*cb)[16], int64_t nb, int64_t mb) {
+    const int64_t rows = std::min<int64_t>(16, M - mb * 16);
+    const __m512 bias = B ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + nb * 16))), 16))
+                          : _mm512_setzero_ps();
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, &cb[0][m], 4), bias);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(O + (mb * 16 + m) * N + nb * 16),
+                          (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  };
+  const int64_t G = MB == 1 ? 4 : 2;  // weight tiles (16 features each) per group
+  at::parallel_for(0, (NB + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
+    tiles_16x64();
+    alignas(64) float cb[16][16];
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t nb0 = g * G, nbs = std::min<int64_t>(G, NB - nb0);
+      const uint16_t* wb = W + nb0 * 16 * K;
+      if (MB == 1 && nbs == 4) {  // tiles: 0-3 sums, 4 x^T, 5-7 weights
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          _tile_loadd(4, XP + kb * 256, 64);
+          _tile_loadd(5, wb + kb * 32, stride);
+          _tile_dpbf16ps(0, 5, 4);
+          _tile_loadd(6, wb + 16 * K + kb * 32, stride);
+          _tile_dpbf16ps(1, 6, 4);
+          _tile_loadd(7, wb + 32 * K + kb * 32, stride);
+          _tile_dpbf16ps(2, 7, 4);
+          _tile_loadd(5, wb + 48 * K + kb * 32, stride);
+          _tile_dpbf16ps(3, 5, 4);
+        }
+        _tile_stored(0, cb, 64); emit(cb, nb0, 0);
+        _tile_stored(1, cb, 64); emit(cb, nb0 + 1, 0);
+        _tile_stored(2, cb, 64); emit(cb, nb0 + 2, 0);
+        _tile_stored(3, cb, 64); emit(cb, nb0 + 3, 0);
+      } else if (MB == 2 && nbs == 2) {  // tiles: 0-3 sums (2 weight tiles x 2 row tiles), 4-5 x^T, 6-7 weights
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          _tile_loadd(4, XP + kb * 256, 64);
+          _tile_loadd(5, XP + (KB + kb) * 256, 64);
+          _tile_loadd(6, wb + kb * 32, stride);
+          _tile_dpbf16ps(0, 6, 4);
+          _tile_dpbf16ps(1, 6, 5);
+          _tile_loadd(7, wb + 16 * K + kb * 32, stride);
+          _tile_dpbf16ps(2, 7, 4);
+          _tile_dpbf16ps(3, 7, 5);
+        }
+        _tile_stored(0, cb, 64); emit(cb, nb0, 0);
+        _tile_stored(1, cb, 64); emit(cb, nb0, 1);
+        _tile_stored(2, cb, 64); emit(cb, nb0 + 1, 0);
+        _tile_stored(3, cb, 64); emit(cb, nb0 + 1, 1);
+      } else {  // the last, short group: one weight tile at a time
+        for (int64_t j = 0; j < nbs; ++j) {
+          const uint16_t* wj = wb + j * 16 * K;
+          _tile_zero(0); _tile_zero(1);
+          for (int64_t kb = 0; kb < KB; ++kb) {
+            _tile_loadd(6, wj + kb * 32, stride);
+            _tile_loadd(4, XP + kb * 256, 64);
+            _tile_dpbf16ps(0, 6, 4);
+            if (MB > 1) {
+              _tile_loadd(5, XP + (KB + kb) * 256, 64);
+              _tile_dpbf16ps(1, 6, 5);
+            }
+          }
+          _tile_stored(0, cb, 64); emit(cb, nb0 + j, 0);
+          if (MB > 1) { _tile_stored(1, cb, 64); emit(cb, nb0 + j, 1); }
+        }
+      }
+    }
+    _tile_release();
+  });
+  return out.view(shape);
+}
+
 // Decode attention through the block tables: one query token per sequence attends to its cached keys and
 // values where they lie in the paged pool, with no copy of a sequence's cache (the library path gathers
 // every sequence's keys and values into a padded [B, T, K, D] tensor per layer per step).
@@ -207,6 +350,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q_in, const torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ w.T + b in bf16 for 1..16 rows (AVX512-BF16)");
+  m.def("linear_amx", &linear_amx, "x @ w.T + b in bf16 for 1..32 rows (AMX tiles, weights read in place)");
+  m.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its keys and values in the paged pool, read through its slots (bf16)");
 }

@@ -1,5 +1,5 @@
 """The packed forward over a paged KV cache equals the padded reference forward; the memory plan's
-arithmetic; the AVX512-BF16 kernel against torch's linear."""
+arithmetic; the AVX512-BF16 and AMX kernels against torch's linear."""
 
 from __future__ import annotations
 
@@ -124,6 +124,51 @@ def test_bf16_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None
         mod.linear_bf16(torch.zeros(17, k).bfloat16(), w, None)
 
 
+needs_amx = pytest.mark.skipif(not kernels.amx(), reason=f"no AMX kernel here: {kernels.status()}")
+
+
+@needs_amx
+@pytest.mark.parametrize(("m", "n", "k"), [(2, 64, 896), (5, 48, 64), (16, 128, 896), (16, 4864, 96),
+                                           (17, 80, 128), (32, 96, 4864), (31, 16, 32), (9, 224, 160)])
+def test_amx_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
+    """Full groups of 4 (up to 16 rows) and 2 (17..32 rows) weight tiles and the short last group, partial
+    row tiles, long and short K; the bias is added; leading dimensions are kept; bad shapes are refused."""
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16()
+    mod = kernels.load()
+    assert mod is not None
+    got = mod.linear_amx(x, w, b).float()
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert got.shape == (m, n)
+    assert (got - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2  # bf16 rounding of the output only
+    lib = F.linear(x, w, b).float()  # torch's own bf16 linear rounds the same way
+    assert (got - lib).abs().max() <= 0.01 * ref.abs().max() + 1e-2
+    assert torch.equal(mod.linear_amx(x.view(1, m, k), w, None), mod.linear_amx(x, w, None).view(1, m, n))
+    with pytest.raises(RuntimeError, match="1..32 rows"):
+        mod.linear_amx(torch.zeros(33, k).bfloat16(), w, None)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        mod.linear_amx(torch.zeros(m, k + 1).bfloat16(), torch.zeros(n, k + 1).bfloat16(), None)
+
+
+@needs_amx
+def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
+    """After ``accelerate``: 1 row, 2..32 rows and a prefill's 100 rows all agree with nn.Linear's output;
+    a layer whose shape AMX tiles cannot take keeps the row kernel and torch's linear."""
+    gen = torch.Generator().manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 40)).bfloat16()
+    ref = [torch.nn.Linear(128, 96).bfloat16(), torch.nn.Linear(96, 40).bfloat16()]
+    for r, m in zip(ref, model, strict=True):
+        r.load_state_dict(m.state_dict())
+    assert kernels.accelerate(model) == 2
+    assert model[0].amx_rows == kernels.AMX_MAX_ROWS and model[1].amx_rows == 0  # 40 is not a multiple of 16
+    for rows in (1, 2, 16, 32, 100):
+        x = torch.randn(rows, 128, generator=gen).bfloat16()
+        got, want = model(x).float(), ref[1](ref[0](x)).float()
+        assert (got - want).abs().max() <= 0.02 * want.abs().max() + 2e-2, rows
+
+
 @needs_kernel
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 64), (14, 2, 64), (8, 8, 128), (6, 3, 24)])
 def test_paged_decode_attention_reads_through_the_slots(heads: int, kv_heads: int, dim: int) -> None:
@@ -184,13 +229,15 @@ def test_accelerated_bf16_model_decodes_the_same_tokens() -> None:
 @torch.inference_mode()
 def test_decode_attention_kernel_in_the_model_is_as_close_to_fp32_as_the_gather(tiny_model_dir: Path) -> None:
     """Two bf16 copies of the bundled model decode the same forced tokens in three sequences of different
-    lengths, one reading keys through the slots (the kernel), one gathering them (SDPA); against the fp32
-    model's logits, the kernel's mean error is the library path's (both are bf16 rounding), within 25 %."""
+    lengths, one accelerated (keys read through the slots by the kernel; the three-row linear layers on AMX
+    where the CPU has it), one on the library path (keys gathered for SDPA, oneDNN's linear); against the fp32
+    model's logits, the kernels' mean error is the library path's (both are bf16 rounding), within 25 %."""
     ref = load_model(tiny_model_dir).eval()
     fast, lib = load_model(tiny_model_dir).bfloat16().eval(), load_model(tiny_model_dir).bfloat16().eval()
-    mod = kernels.load()
-    for layer in fast.model.layers:
-        vars(layer.self_attn)["decode_kernel"] = mod
+    assert kernels.accelerate(fast) > 0
+    assert all(layer.self_attn.decode_kernel is not None for layer in fast.model.layers)
+    if kernels.amx():
+        assert fast.model.layers[0].mlp.gate_proj.amx_rows == kernels.AMX_MAX_ROWS  # the bundled shapes fit tiles
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31], [40, 41, 42, 43, 44]]
     tables = [[0, 1, 2], [3, 4], [5, 6]]  # scattered blocks of 16
     errors: dict[str, float] = {}
