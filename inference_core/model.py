@@ -24,6 +24,8 @@ from inference_core.kv_cache import FlatBatch, PagedKVCache
 
 
 class RMSNorm(nn.Module):
+    fused_kernel: Any = None  # the CPU kernels' module, for bf16 on a CPU (inference_core.kernels.accelerate)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -31,6 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # In float32, then back to the input's dtype before the weight, as transformers' Qwen2/Llama RMSNorm.
+        if self.fused_kernel is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return self.fused_kernel.rms_norm_bf16(x, self.weight, self.eps)  # the same, in one pass
         x32 = x.float()
         if torch.onnx.is_in_onnx_export():  # opset 17 has no RMSNormalization: spell it out
             normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -132,13 +136,16 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.h, self.d)
         k = self.k_proj(x).view(n, self.k, self.d)
         v = self.v_proj(x).view(n, self.k, self.d)
-        q, k = q * cos + _rotate(q) * sin, k * cos + _rotate(k) * sin
+        kernel = self.decode_kernel
+        if kernel is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            kernel.rope_bf16_(q, k, cos, sin)  # in place, in one pass, rounding as the line below does
+        else:
+            q, k = q * cos + _rotate(q) * sin, k * cos + _rotate(k) * sin
         k_pool, v_pool = kv
         m = batch.on(x.device)
         k_pool.index_copy_(0, m.slot_mapping, k)
         v_pool.index_copy_(0, m.slot_mapping, v)
         parts: list[Tensor] = []
-        kernel = self.decode_kernel
         if m.num_decodes and kernel is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # one query each, reading each sequence's keys and values in place through its slots (no copy)
             parts.append(kernel.paged_decode_attention(q[:m.num_decodes], k_pool, v_pool, m.decode_slots,
@@ -168,6 +175,8 @@ def _rotate(x: Tensor) -> Tensor:
 
 
 class MLP(nn.Module):
+    fused_kernel: Any = None  # the CPU kernels' module, for bf16 on a CPU (inference_core.kernels.accelerate)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -175,6 +184,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused_kernel is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            return self.down_proj(self.fused_kernel.silu_mul_bf16(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -6,6 +6,8 @@ step's matrix-vector products, which the library path runs at about half the mem
 and values lie in the paged pool: no per-step gather of each sequence's cache into a padded tensor.
 ``linear_amx`` does the same for a decode step's batch, 2..32 rows, with AMX tiles: it reads the weight
 rows in place as the left operand of y^T = w @ x^T, where oneDNN repacks the weights on every call.
+``rms_norm_bf16``, ``silu_mul_bf16`` and ``rope_bf16_`` do a layer's elementwise steps in one pass each,
+rounding where torch's bf16 ops round (a dozen small torch ops per layer before).
 ``accelerate(model)`` switches a model's attention to it (bf16 on a CPU) and its bf16 CPU linear layers:
 one row goes to ``linear_bf16``, 2..``AMX_MAX_ROWS`` rows to ``linear_amx`` where the CPU has AMX (or up
 to ``MAX_ROWS`` rows to ``linear_bf16`` where it has not), and larger inputs (prefill) keep oneDNN's
@@ -110,8 +112,9 @@ class FastLinear(nn.Linear):
 
 
 def accelerate(model: nn.Module) -> int:
-    """Switch every bf16 CPU ``nn.Linear`` of ``model`` to ``FastLinear`` (same parameters, same state dict)
-    and its bf16 CPU attention to the paged decode kernel. Returns how many linear layers were switched (0
+    """Switch every bf16 CPU ``nn.Linear`` of ``model`` to ``FastLinear`` (same parameters, same state dict),
+    its bf16 CPU attention to the paged decode kernel and the fused rotary embedding, and its RMSNorms and
+    MLPs to the fused elementwise kernels. Returns how many linear layers were switched (0
     where the kernels are unavailable)."""
     mod = load()
     if mod is None:
@@ -124,8 +127,11 @@ def accelerate(model: nn.Module) -> int:
             if amx() and m.in_features % 32 == 0 and m.out_features % 16 == 0:  # linear_amx's tile shapes
                 vars(m)["amx_rows"] = AMX_MAX_ROWS
             n += 1
-        elif hasattr(m, "decode_kernel") and hasattr(mod, "paged_decode_attention") and all(
-                p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters()):
-            vars(m)["decode_kernel"] = mod  # bf16 decode attention through the block tables (no gather)
+        elif not all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters()):
+            continue
+        elif hasattr(m, "decode_kernel"):
+            vars(m)["decode_kernel"] = mod  # bf16 decode attention through the block tables (no gather), RoPE
+        elif hasattr(m, "fused_kernel"):
+            vars(m)["fused_kernel"] = mod  # RMSNorm, SiLU * up in one pass each
     return n
 

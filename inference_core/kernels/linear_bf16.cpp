@@ -281,6 +281,150 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
   return out.view(shape);
 }
 
+// ---- fused elementwise steps of a layer (bf16 in and out, fp32 inside) ------------------------------------
+// A decode step's matrix products are a few dozen calls; the elementwise work between them (RMSNorm, the
+// rotary embedding, SiLU times the up projection) is a dozen small torch ops per layer, each a pass over
+// memory plus dispatch. These do each in one pass and round where torch's bf16 ops round, so RMSNorm and
+// the rotary embedding give torch's bits and SiLU differs only where its exp does (within a bf16 ulp).
+
+namespace {
+
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load_bf16_mask(const uint16_t* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline __m512 round_bf16(__m512 v) {  // to bf16 and back (round to nearest even, as torch's conversions)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+inline void store_bf16(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline void store_bf16_mask(uint16_t* p, __m512 v, __mmask16 k) {
+  _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+// e^x for fp32 lanes: 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial (relative error ~1e-7, far
+// below bf16's); arguments are clamped to where fp32 neither overflows nor underflows past zero.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+const uint16_t* bf16_ptr(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+uint16_t* bf16_mut(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+}  // namespace
+
+// transformers' Qwen2/Llama RMSNorm in bf16: w * bf16(x * rsqrt(mean(x^2) + eps)), over the last dimension.
+torch::Tensor rms_norm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 tensors only");
+  const int64_t H = x_in.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.numel() == H, "weight of ", w.numel(), " for rows of ", H);
+  auto x = x_in.contiguous();
+  auto wc = w.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t rows = x.numel() / H;
+  const uint16_t* X = bf16_ptr(x);
+  const uint16_t* Wt = bf16_ptr(wc);
+  uint16_t* O = bf16_mut(out);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* xr = X + r * H;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < H; i += 16) {
+        const __m512 v = load_bf16_mask(xr + i, tail_mask(H - i));
+        acc = _mm512_fmadd_ps(v, v, acc);
+      }
+      const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(H) + static_cast<float>(eps));
+      const __m512 s = _mm512_set1_ps(inv);
+      for (int64_t i = 0; i < H; i += 16) {
+        const __mmask16 k = tail_mask(H - i);
+        const __m512 v = round_bf16(_mm512_mul_ps(load_bf16_mask(xr + i, k), s));
+        store_bf16_mask(O + r * H + i, _mm512_mul_ps(load_bf16_mask(Wt + i, k), v), k);
+      }
+    }
+  });
+  return out;
+}
+
+// SwiGLU's middle: bf16(bf16(silu(gate)) * up), elementwise.
+torch::Tensor silu_mul_bf16(const torch::Tensor& gate_in, const torch::Tensor& up_in) {
+  TORCH_CHECK(gate_in.scalar_type() == at::kBFloat16 && up_in.scalar_type() == at::kBFloat16, "bf16 tensors only");
+  TORCH_CHECK(gate_in.sizes() == up_in.sizes(), "gate and up differ in shape");
+  auto gate = gate_in.contiguous(), up = up_in.contiguous();
+  auto out = torch::empty_like(gate);
+  const int64_t n = gate.numel();
+  const uint16_t* G = bf16_ptr(gate);
+  const uint16_t* U = bf16_ptr(up);
+  uint16_t* O = bf16_mut(out);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b * 16;
+      const __mmask16 k = tail_mask(n - i);
+      const __m512 g = load_bf16_mask(G + i, k);
+      const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+      store_bf16_mask(O + i, _mm512_mul_ps(silu, load_bf16_mask(U + i, k)), k);
+    }
+  });
+  return out;
+}
+
+// The rotary embedding in place on q [N, H, D] and k [N, K, D] with cos, sin [N, 1, D] (bf16), rounding as
+// torch's x * cos + rotate_half(x) * sin does in bf16: each product, then the sum.
+void rope_bf16_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos_in, const torch::Tensor& sin_in) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+              cos_in.scalar_type() == at::kBFloat16 && sin_in.scalar_type() == at::kBFloat16, "bf16 tensors only");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.is_contiguous() && k.is_contiguous(), "contiguous q, k [N, heads, D]");
+  const int64_t N = q.size(0), H = q.size(1), KH = k.size(1), D = q.size(2);
+  TORCH_CHECK(k.size(0) == N && k.size(2) == D && D % 2 == 0, "q and k differ");
+  auto cs = cos_in.reshape({-1, D}).contiguous(), sn = sin_in.reshape({-1, D}).contiguous();
+  TORCH_CHECK(cs.size(0) == N && sn.size(0) == N, "cos and sin need one row per token");
+  const int64_t half = D / 2;
+  const uint16_t* C = bf16_ptr(cs);
+  const uint16_t* S = bf16_ptr(sn);
+  uint16_t* Q = bf16_mut(q);
+  uint16_t* Kp = bf16_mut(k);
+  TORCH_CHECK(D <= 1024, "head dim ", D, " above 1024");
+  at::parallel_for(0, N * (H + KH), 64, [&](int64_t i0, int64_t i1) {
+    alignas(64) uint16_t lo[512], hi[512];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / (H + KH), h = i % (H + KH);
+      uint16_t* x = h < H ? Q + (t * H + h) * D : Kp + (t * KH + (h - H)) * D;
+      const uint16_t* c = C + t * D;
+      const uint16_t* s = S + t * D;
+      std::memcpy(lo, x, half * 2);
+      std::memcpy(hi, x + half, half * 2);
+      for (int64_t j = 0; j < half; j += 16) {  // first half: x1*c - x2*s; second: x2*c + x1*s
+        const __mmask16 m = tail_mask(half - j);
+        const __m512 x1 = load_bf16_mask(lo + j, m), x2 = load_bf16_mask(hi + j, m);
+        const __m512 c1 = load_bf16_mask(c + j, m), c2 = load_bf16_mask(c + half + j, m);
+        const __m512 s1 = load_bf16_mask(s + j, m), s2 = load_bf16_mask(s + half + j, m);
+        const __m512 a = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, c1)),
+                                       round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), s1)));
+        const __m512 b = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, c2)), round_bf16(_mm512_mul_ps(x1, s2)));
+        store_bf16_mask(x + j, a, m);
+        store_bf16_mask(x + half + j, b, m);
+      }
+    }
+  });
+}
+
 // Decode attention through the block tables: one query token per sequence attends to its cached keys and
 // values where they lie in the paged pool, with no copy of a sequence's cache (the library path gathers
 // every sequence's keys and values into a padded [B, T, K, D] tensor per layer per step).
@@ -352,6 +496,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ w.T + b in bf16 for 1..16 rows (AVX512-BF16)");
   m.def("linear_amx", &linear_amx, "x @ w.T + b in bf16 for 1..32 rows (AMX tiles, weights read in place)");
   m.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm as transformers' Qwen2/Llama computes it in bf16");
+  m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up in bf16");
+  m.def("rope_bf16_", &rope_bf16_, "the rotary embedding in place on q and k (bf16)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its keys and values in the paged pool, read through its slots (bf16)");
 }

@@ -170,6 +170,61 @@ def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("hidden", [896, 100, 13])
+def test_fused_rms_norm_gives_torchs_bits(hidden: int) -> None:
+    """The one-pass RMSNorm against the module's torch ops in bf16 (float32 inside, rounded before the
+    weight): bit for bit, including widths off the vector width; the model's RMSNorm takes it."""
+    from inference_core.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(37, hidden, generator=gen) * 3).bfloat16()
+    norm = RMSNorm(hidden, 1e-6).bfloat16().requires_grad_(False)
+    norm.weight.copy_(torch.randn(hidden, generator=gen).bfloat16())
+    want = norm(x)
+    mod = kernels.load()
+    assert mod is not None
+    assert torch.equal(mod.rms_norm_bf16(x, norm.weight, 1e-6), want)
+    vars(norm)["fused_kernel"] = mod
+    assert torch.equal(norm(x.view(1, 37, hidden)), want.view(1, 37, hidden))
+    with pytest.raises(RuntimeError, match="weight of"):
+        mod.rms_norm_bf16(x, norm.weight[:-1], 1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(16, 4864), (3, 33)])
+def test_fused_silu_mul_matches_torch(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(shape[1])
+    gate = (torch.randn(*shape, generator=gen) * 4).bfloat16()
+    up = torch.randn(*shape, generator=gen).bfloat16()
+    mod = kernels.load()
+    assert mod is not None
+    got, want = mod.silu_mul_bf16(gate, up).float(), (F.silu(gate) * up).float()
+    # its own exp: at most one bf16 rounding step apart where torch's exp lands on the other side
+    assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-30).all()
+    assert (got != want).float().mean() < 0.01
+
+
+@needs_kernel
+@pytest.mark.parametrize(("tokens", "heads", "kv_heads", "dim"), [(16, 14, 2, 64), (5, 4, 4, 24), (3, 2, 1, 128)])
+def test_fused_rope_gives_torchs_bits(tokens: int, heads: int, kv_heads: int, dim: int) -> None:
+    from inference_core.model import _rotate
+
+    gen = torch.Generator().manual_seed(dim)
+    q = torch.randn(tokens, heads, dim, generator=gen).bfloat16()
+    k = torch.randn(tokens, kv_heads, dim, generator=gen).bfloat16()
+    angle = torch.randn(tokens, 1, dim // 2, generator=gen) * 10
+    angle = torch.cat([angle, angle], -1)
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    want_q, want_k = q * cos + _rotate(q) * sin, k * cos + _rotate(k) * sin
+    mod = kernels.load()
+    assert mod is not None
+    mod.rope_bf16_(q, k, cos, sin)  # in place
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    with pytest.raises(RuntimeError, match="one row per token"):
+        mod.rope_bf16_(q, k, cos[:-1], sin[:-1])
+
+
+@needs_kernel
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 64), (14, 2, 64), (8, 8, 128), (6, 3, 24)])
 def test_paged_decode_attention_reads_through_the_slots(heads: int, kv_heads: int, dim: int) -> None:
     """The kernel against SDPA over keys and values gathered into a padded tensor (the library path): scattered
@@ -236,6 +291,8 @@ def test_decode_attention_kernel_in_the_model_is_as_close_to_fp32_as_the_gather(
     fast, lib = load_model(tiny_model_dir).bfloat16().eval(), load_model(tiny_model_dir).bfloat16().eval()
     assert kernels.accelerate(fast) > 0
     assert all(layer.self_attn.decode_kernel is not None for layer in fast.model.layers)
+    assert all(layer.mlp.fused_kernel is not None and layer.input_layernorm.fused_kernel is not None
+               for layer in fast.model.layers)
     if kernels.amx():
         assert fast.model.layers[0].mlp.gate_proj.amx_rows == kernels.AMX_MAX_ROWS  # the bundled shapes fit tiles
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31], [40, 41, 42, 43, 44]]
