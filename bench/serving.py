@@ -9,7 +9,8 @@ Usage: .venv/bin/python bench/serving.py [--requests 32] [--concurrency 16,32] [
    (a batch runs until its longest request is done; only the tokens each request asked for count).
    The two alternate, level by level, for ``--rounds`` rounds (this machine is shared: a neighbour's
    burst can halve either side for a few seconds); each side's best round counts, and every round's
-   ratio is printed.
+   ratio is printed. Every phase and round sends prompts of its own (a seed each): the server's prefix
+   cache would otherwise skip the prefill of a prompt seen in an earlier phase, which no peer can.
 2. Poisson arrivals at the rate where static batching saturates (its throughput in requests/s from
    step 1 at 32): continuous batching vs static batching (``--batching static``, the same server) vs
    transformers serving whatever arrived while it was busy as one batch. Goodput counts requests
@@ -193,7 +194,12 @@ def main() -> None:
     import transformers
 
     model_dir = qwen2_0_5b_shape()
-    prompts, out_lens = workload(args.requests, args.seed)
+    prompts, out_lens = workload(args.requests, args.seed)  # the first round's, and the shapes printed
+
+    def fresh(tag: int) -> tuple[list[list[int]], list[int]]:  # a phase's own prompts: no prefix-cache hits
+        return workload(args.requests, args.seed * 1000 + tag)
+
+    warm = fresh(999)
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: dict[str, dict[str, float]] = {}
     now = [0.0] * len(prompts)
@@ -205,41 +211,42 @@ def main() -> None:
     for mode in ("continuous", "static"):
         srv = Served(model_dir, "--batching", mode)
         try:
-            drive(srv, prompts[:2], [4, 4], [0.0, 0.0], 2)  # warm-up
+            drive(srv, warm[0][:4], [4] * 4, [0.0] * 4, 4)  # warm-up
             if mode == "continuous":  # against transformers, alternating, best round of each
                 for r in range(args.rounds):
-                    for c in levels:
-                        row = report(f"continuous, {c} in flight (round {r + 1})",
-                                     *drive(srv, prompts, out_lens, now, c))
-                        peer = hf_throughput(ref, prompts, out_lens, c)
+                    for i, c in enumerate(levels):
+                        ps, ns = (prompts, out_lens) if r == 0 and i == 0 else fresh(10 * r + i)
+                        row = report(f"continuous, {c} in flight (round {r + 1})", *drive(srv, ps, ns, now, c))
+                        peer = hf_throughput(ref, ps, ns, c)
                         print(f"  {f'transformers generate, batches of {c}':34s} {peer:7.1f} tok/s (useful tokens); "
                               f"this round's ratio {row['tput'] / peer:.2f}x", flush=True)
                         rounds[c].append(row["tput"] / peer)
                         if row["tput"] > rows.get(f"continuous {c}", {"tput": 0.0})["tput"]:
                             rows[f"continuous {c}"] = row
                         peers[c] = max(peers.get(c, 0.0), peer)
-                rows["sequential"] = report("continuous, 1 in flight", *drive(srv, prompts[:8], out_lens[:8],
-                                                                              now[:8], 1))
+                ps, ns = fresh(800)
+                rows["sequential"] = report("continuous, 1 in flight", *drive(srv, ps[:8], ns[:8], now[:8], 1))
             else:
-                for c in levels:
-                    rows[f"{mode} {c}"] = report(f"{mode}, {c} in flight", *drive(srv, prompts, out_lens, now, c))
+                for i, c in enumerate(levels):
+                    ps, ns = fresh(500 + i)
+                    rows[f"{mode} {c}"] = report(f"{mode}, {c} in flight", *drive(srv, ps, ns, now, c))
                 rate = rows[f"static {max(levels)}"]["rps"]  # static batching's saturation rate
                 arrive = poisson(args.requests, rate, args.seed + 1)
                 rows["static poisson"] = report(f"static, Poisson {rate:.2f} req/s",
-                                                *drive(srv, prompts, out_lens, arrive, 10**6))
+                                                *drive(srv, *fresh(900), arrive, 10**6))
             print(f"  peak RSS of the {mode} server: {srv.peak_rss() / 2**30:.2f} GiB (ready in {srv.ready_s:.0f} s)")
         finally:
             srv.close()
     arrive = poisson(args.requests, rows[f"static {max(levels)}"]["rps"], args.seed + 1)  # as static got them
     srv = Served(model_dir)
     try:
-        drive(srv, prompts[:2], [4, 4], [0.0, 0.0], 2)
+        drive(srv, warm[0][:4], [4] * 4, [0.0] * 4, 4)
         rows["continuous poisson"] = report("continuous, the same Poisson arrivals",
-                                            *drive(srv, prompts, out_lens, arrive, 10**6))
+                                            *drive(srv, *fresh(900), arrive, 10**6))
     finally:
         srv.close()
-    rows["transformers poisson"] = report("transformers, the same Poisson", *hf_poisson(ref, prompts, out_lens,
-                                                                                         arrive, max(levels)))
+    rows["transformers poisson"] = report("transformers, the same Poisson", *hf_poisson(ref, *fresh(900), arrive,
+                                                                                         max(levels)))
     print("ratios:")
     for c in levels:
         print(f"  throughput at {c} in flight, continuous / transformers batched generate: "
