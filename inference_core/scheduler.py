@@ -242,6 +242,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._batch_open = False  # static batching: the current batch still takes requests
 
     # -- intake --------------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -286,7 +287,12 @@ class Scheduler:
             chunks.append(ScheduledChunk(req.request_id, req.num_computed, n))
             scheduled.add(req.request_id)
             budget -= n
-        admit = not preempted and (not cfg.static or not self.running)
+        # Static batching: a batch opens when nothing runs and takes requests until the queue, max_num_seqs
+        # or the memory stops it (the token budget only spreads the prefills over steps), then runs until
+        # every member is done.
+        if cfg.static and not self.running:
+            self._batch_open = True
+        admit = not preempted and (not cfg.static or self._batch_open)
         while admit and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             req = self.waiting[0]
             prefix = self.blocks.match_prefix(req)  # blocks another request already computed
@@ -304,6 +310,8 @@ class Scheduler:
             chunks.append(ScheduledChunk(req.request_id, req.num_computed, n))
             scheduled.add(req.request_id)
             budget -= n
+        if admit and budget > 0:  # admission stopped for a reason other than this step's budget
+            self._batch_open = False
         return SchedulerOutput(chunks, preempted, cfg.max_num_batched_tokens - budget)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int], stopped: Iterable[str] = ()) -> list[Request]:

@@ -147,6 +147,25 @@ def test_static_batching_admits_only_when_idle() -> None:
     assert [c.request_id for c in out.chunks] == ["r2"]
 
 
+def test_static_batch_fills_over_several_prefill_steps_then_closes() -> None:
+    """Four 10-token prompts and a budget of 16: the batch takes all four (max_num_seqs) over three
+    prefill steps, not just the ones the first step's budget held; a fifth waits until the batch is done."""
+    s = create_scheduler(static=True, max_num_seqs=4, max_num_batched_tokens=16)
+    for r in create_requests(5, prompt_len=10, max_tokens=3):
+        s.add(r)
+    admitted: set[str] = set()
+    while len(admitted) < 4:
+        out, _ = step(s)
+        admitted |= {c.request_id for c in out.chunks}
+        assert "r4" not in admitted
+    assert admitted == {"r0", "r1", "r2", "r3"}
+    while any(r.request_id != "r4" for r in s.running):
+        out, _ = step(s)
+        assert "r4" not in [c.request_id for c in out.chunks]
+    out, _ = step(s)
+    assert [c.request_id for c in out.chunks] == ["r4"]
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=12),
        st.integers(1, 6), st.integers(4, 48), st.integers(11, 40), st.booleans())
