@@ -4,8 +4,9 @@
 step's matrix-vector products, which the library path runs at about half the memory bandwidth here.
 ``paged_decode_attention`` is a decode step's attention read through the block tables, where the keys
 and values lie in the paged pool: no per-step gather of each sequence's cache into a padded tensor.
-``linear_amx`` does the same for a decode step's batch, 2..32 rows, with AMX tiles: it reads the weight
-rows in place as the left operand of y^T = w @ x^T, where oneDNN repacks the weights on every call.
+``linear_amx`` does the same for a decode step's batch and small prefill chunks, 2..AMX_MAX_ROWS rows, with
+AMX tiles: it reads the weight rows in place as the left operand of y^T = w @ x^T, where oneDNN repacks
+the weights on every call.
 ``rms_norm_bf16``, ``silu_mul_bf16`` and ``rope_bf16_`` do a layer's elementwise steps in one pass each,
 rounding where torch's bf16 ops round (a dozen small torch ops per layer before).
 ``accelerate(model)`` switches a model's attention to it (bf16 on a CPU) and its bf16 CPU linear layers:
@@ -13,8 +14,9 @@ one row goes to ``linear_bf16``, 2..``AMX_MAX_ROWS`` rows to ``linear_amx`` wher
 to ``MAX_ROWS`` rows to ``linear_bf16`` where it has not), and larger inputs (prefill) keep oneDNN's
 kernels. Measured on this project's machines over the 0.5B shape's layer weights (700 MB, far beyond the
 caches), against torch's linear in the same run: one row 19 vs 13 GB/s; 16 rows 23 vs 14 GB/s with AMX
-(VDPBF16PS alone falls to 5 GB/s there); 32 rows 18 vs 13 GB/s. Where the CPU lacks AVX512-BF16 or the
-extension was not built, nothing changes and ``status()`` says why.
+(VDPBF16PS alone falls to 5 GB/s there); 32 rows 18 vs 13 GB/s; 48-96 rows 1.2-1.5x torch's speed, about
+even at 128-192, and behind from 256 rows on, where oneDNN's compute-bound kernels reach 1.4-1.7 TFLOPS.
+Where the CPU lacks AVX512-BF16 or the extension was not built, nothing changes and ``status()`` says why.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ SOURCES = [Path(__file__).with_name("linear_bf16.cpp")]
 BUILD_DIR = Path(sys.prefix) / "inference_core_kernels"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
 MAX_ROWS = 2  # linear_bf16 where the CPU has no AMX
-AMX_MAX_ROWS = 32
+AMX_MAX_ROWS = 128  # above, oneDNN's kernels (compute-bound prefill) catch up and then win
 
 _state: dict[str, Any] = {}
 

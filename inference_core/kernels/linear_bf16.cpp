@@ -140,14 +140,16 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w, con
   return out.view(shape);
 }
 
-// ---- AMX: a decode step's batch (2..32 rows) --------------------------------------------------------------
+// ---- AMX: a decode step's batch and small prefill chunks (2..512 rows) ------------------------------------
 // With more than one activation row, VDPBF16PS needs a register per (row, weight row) pair and falls behind
 // the memory; oneDNN's AMX kernels reach about half the bandwidth here because they repack the weights on
 // each call. This one needs no repacking: it computes y^T = w @ x^T, so the weight is the left operand and
-// its rows load straight into tiles (16 weight rows x 32 bf16 per tile, stride K), while the small x^T is
-// packed once per call into the right operand's pair-interleaved (VNNI) layout. Each thread takes groups of
-// 64 output features (one activation tile) or 32 (two, for 17..32 rows): per 32-wide step of K, one x^T
-// tile per 16 rows is loaded once and multiplied with each weight tile of the group.
+// its rows load straight into tiles (16 weight rows x 32 bf16 per tile, stride K), while x^T is packed once
+// per call into the right operand's pair-interleaved (VNNI) layout. Each thread takes groups of 64 output
+// features (four weight tiles, for up to 16 rows) or 32 (two): per 32-wide step of K, each x^T tile is
+// loaded once per weight tile pair. With more than 32 rows, a group's weight rows are read from memory for
+// the first pair of row tiles and from the cache for the others (a group of 32 rows of w is 56 KiB at
+// K=896, 304 KiB at K=4864), so the weights still cross the memory bus once per call.
 
 namespace {
 
@@ -181,7 +183,7 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
               K, ", ", N, ")");
   auto x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
-  TORCH_CHECK(M >= 1 && M <= 32, "1..32 rows (got ", M, ")");
+  TORCH_CHECK(M >= 1 && M <= 512, "1..512 rows (got ", M, ")");
   TORCH_CHECK(amx_ready(), "this CPU or kernel does not grant AMX tiles");
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = N;
@@ -189,9 +191,14 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
   // x^T as the right operand: per 16 rows and 32-wide step of K, a tile of [16 pairs along K][16 rows] u32
   std::vector<uint32_t> xp(MB * KB * 256, 0u);
   const uint32_t* X32 = reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>());
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t kp = 0; kp < K / 2; ++kp)
-      xp[(((m / 16) * KB + kp / 16) * 16 + kp % 16) * 16 + m % 16] = X32[m * (K / 2) + kp];
+  at::parallel_for(0, MB * KB, 64, [&](int64_t t0, int64_t t1) {  // one 16x16 block of pairs at a time
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mt = t / KB, kb = t % KB;
+      uint32_t* dst = xp.data() + t * 256;
+      for (int64_t m = mt * 16; m < std::min(M, mt * 16 + 16); ++m)
+        for (int64_t j = 0; j < 16; ++j) dst[j * 16 + m % 16] = X32[m * (K / 2) + kb * 16 + j];
+    }
+  });
   const uint32_t* XP = xp.data();
   auto out = torch::empty({M, N}, x.options());
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
@@ -242,37 +249,52 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
         _tile_stored(1, cb, 64); emit(cb, nb0 + 1, 0);
         _tile_stored(2, cb, 64); emit(cb, nb0 + 2, 0);
         _tile_stored(3, cb, 64); emit(cb, nb0 + 3, 0);
-      } else if (MB == 2 && nbs == 2) {  // tiles: 0-3 sums (2 weight tiles x 2 row tiles), 4-5 x^T, 6-7 weights
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int64_t kb = 0; kb < KB; ++kb) {
-          _tile_loadd(4, XP + kb * 256, 64);
-          _tile_loadd(5, XP + (KB + kb) * 256, 64);
-          _tile_loadd(6, wb + kb * 32, stride);
-          _tile_dpbf16ps(0, 6, 4);
-          _tile_dpbf16ps(1, 6, 5);
-          _tile_loadd(7, wb + 16 * K + kb * 32, stride);
-          _tile_dpbf16ps(2, 7, 4);
-          _tile_dpbf16ps(3, 7, 5);
+      } else if (nbs == 2) {  // tiles: 0-3 sums (2 weight tiles x 2 row tiles), 4-5 x^T, 6-7 weights
+        for (int64_t mb = 0; mb < MB; mb += 2) {  // the group's weights come from the cache after the first pair
+          const uint32_t* x0 = XP + mb * KB * 256;
+          if (mb + 1 < MB) {
+            const uint32_t* x1 = x0 + KB * 256;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t kb = 0; kb < KB; ++kb) {
+              _tile_loadd(4, x0 + kb * 256, 64);
+              _tile_loadd(5, x1 + kb * 256, 64);
+              _tile_loadd(6, wb + kb * 32, stride);
+              _tile_dpbf16ps(0, 6, 4);
+              _tile_dpbf16ps(1, 6, 5);
+              _tile_loadd(7, wb + 16 * K + kb * 32, stride);
+              _tile_dpbf16ps(2, 7, 4);
+              _tile_dpbf16ps(3, 7, 5);
+            }
+            _tile_stored(0, cb, 64); emit(cb, nb0, mb);
+            _tile_stored(1, cb, 64); emit(cb, nb0, mb + 1);
+            _tile_stored(2, cb, 64); emit(cb, nb0 + 1, mb);
+            _tile_stored(3, cb, 64); emit(cb, nb0 + 1, mb + 1);
+          } else {  // an odd last row tile
+            _tile_zero(0); _tile_zero(2);
+            for (int64_t kb = 0; kb < KB; ++kb) {
+              _tile_loadd(4, x0 + kb * 256, 64);
+              _tile_loadd(6, wb + kb * 32, stride);
+              _tile_dpbf16ps(0, 6, 4);
+              _tile_loadd(7, wb + 16 * K + kb * 32, stride);
+              _tile_dpbf16ps(2, 7, 4);
+            }
+            _tile_stored(0, cb, 64); emit(cb, nb0, mb);
+            _tile_stored(2, cb, 64); emit(cb, nb0 + 1, mb);
+          }
         }
-        _tile_stored(0, cb, 64); emit(cb, nb0, 0);
-        _tile_stored(1, cb, 64); emit(cb, nb0, 1);
-        _tile_stored(2, cb, 64); emit(cb, nb0 + 1, 0);
-        _tile_stored(3, cb, 64); emit(cb, nb0 + 1, 1);
       } else {  // the last, short group: one weight tile at a time
         for (int64_t j = 0; j < nbs; ++j) {
           const uint16_t* wj = wb + j * 16 * K;
-          _tile_zero(0); _tile_zero(1);
-          for (int64_t kb = 0; kb < KB; ++kb) {
-            _tile_loadd(6, wj + kb * 32, stride);
-            _tile_loadd(4, XP + kb * 256, 64);
-            _tile_dpbf16ps(0, 6, 4);
-            if (MB > 1) {
-              _tile_loadd(5, XP + (KB + kb) * 256, 64);
-              _tile_dpbf16ps(1, 6, 5);
+          for (int64_t mb = 0; mb < MB; ++mb) {
+            const uint32_t* x0 = XP + mb * KB * 256;
+            _tile_zero(0);
+            for (int64_t kb = 0; kb < KB; ++kb) {
+              _tile_loadd(6, wj + kb * 32, stride);
+              _tile_loadd(4, x0 + kb * 256, 64);
+              _tile_dpbf16ps(0, 6, 4);
             }
+            _tile_stored(0, cb, 64); emit(cb, nb0 + j, mb);
           }
-          _tile_stored(0, cb, 64); emit(cb, nb0 + j, 0);
-          if (MB > 1) { _tile_stored(1, cb, 64); emit(cb, nb0 + j, 1); }
         }
       }
     }
@@ -494,7 +516,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q_in, const torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ w.T + b in bf16 for 1..16 rows (AVX512-BF16)");
-  m.def("linear_amx", &linear_amx, "x @ w.T + b in bf16 for 1..32 rows (AMX tiles, weights read in place)");
+  m.def("linear_amx", &linear_amx, "x @ w.T + b in bf16 for 1..512 rows (AMX tiles, weights read in place)");
   m.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm as transformers' Qwen2/Llama computes it in bf16");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up in bf16");

@@ -129,10 +129,11 @@ needs_amx = pytest.mark.skipif(not kernels.amx(), reason=f"no AMX kernel here: {
 
 @needs_amx
 @pytest.mark.parametrize(("m", "n", "k"), [(2, 64, 896), (5, 48, 64), (16, 128, 896), (16, 4864, 96),
-                                           (17, 80, 128), (32, 96, 4864), (31, 16, 32), (9, 224, 160)])
+                                           (17, 80, 128), (32, 96, 4864), (31, 16, 32), (9, 224, 160),
+                                           (33, 48, 96), (64, 128, 896), (130, 80, 4864), (512, 32, 64)])
 def test_amx_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
-    """Full groups of 4 (up to 16 rows) and 2 (17..32 rows) weight tiles and the short last group, partial
-    row tiles, long and short K; the bias is added; leading dimensions are kept; bad shapes are refused."""
+    """Full groups of 4 (up to 16 rows) and 2 (more rows) weight tiles and the short last group, partial and
+    odd row tiles, long and short K; the bias is added; leading dimensions are kept; bad shapes are refused."""
     gen = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()
@@ -146,15 +147,15 @@ def test_amx_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
     lib = F.linear(x, w, b).float()  # torch's own bf16 linear rounds the same way
     assert (got - lib).abs().max() <= 0.01 * ref.abs().max() + 1e-2
     assert torch.equal(mod.linear_amx(x.view(1, m, k), w, None), mod.linear_amx(x, w, None).view(1, m, n))
-    with pytest.raises(RuntimeError, match="1..32 rows"):
-        mod.linear_amx(torch.zeros(33, k).bfloat16(), w, None)
+    with pytest.raises(RuntimeError, match="1..512 rows"):
+        mod.linear_amx(torch.zeros(513, k).bfloat16(), w, None)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         mod.linear_amx(torch.zeros(m, k + 1).bfloat16(), torch.zeros(n, k + 1).bfloat16(), None)
 
 
 @needs_amx
 def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
-    """After ``accelerate``: 1 row, 2..32 rows and a prefill's 100 rows all agree with nn.Linear's output;
+    """After ``accelerate``: 1 row, 2..128 rows and a prefill's 300 rows all agree with nn.Linear's output;
     a layer whose shape AMX tiles cannot take keeps the row kernel and torch's linear."""
     gen = torch.Generator().manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 40)).bfloat16()
@@ -163,7 +164,7 @@ def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
         r.load_state_dict(m.state_dict())
     assert kernels.accelerate(model) == 2
     assert model[0].amx_rows == kernels.AMX_MAX_ROWS and model[1].amx_rows == 0  # 40 is not a multiple of 16
-    for rows in (1, 2, 16, 32, 100):
+    for rows in (1, 2, 16, 32, 100, 300):
         x = torch.randn(rows, 128, generator=gen).bfloat16()
         got, want = model(x).float(), ref[1](ref[0](x)).float()
         assert (got - want).abs().max() <= 0.02 * want.abs().max() + 2e-2, rows
