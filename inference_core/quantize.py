@@ -8,6 +8,7 @@ activations stay in the model's dtype. The deployment guide's budget: 25 % of th
 from __future__ import annotations
 
 import mmap
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,11 @@ def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(nn.Module):
+    # the CPU kernels' module where AMX can take this layer's shape (inference_core.kernels.accelerate sets it):
+    # bf16 rows, up to its AMX_MAX_ROWS, multiply the int8 weights directly, widened to bf16 tile by tile
+    int8_kernel: Any = None
+    int8_kernel_rows = 0
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         q, scale = _quantize_rows(linear.weight)
@@ -40,6 +46,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
+        if self.int8_kernel is not None and x.dtype == torch.bfloat16 and rows <= self.int8_kernel_rows \
+                and x.device.type == "cpu":
+            return self.int8_kernel.linear_int8_amx(x, self.qweight, self.scale, self.bias)
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and rows <= INT8_MM_MAX_ROWS:
             # torch's CPU kernel reads the int8 weights directly: half the bytes of bf16 for a decode step
             out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.qweight,

@@ -7,6 +7,10 @@ and values lie in the paged pool: no per-step gather of each sequence's cache in
 ``linear_amx`` does the same for a decode step's batch and small prefill chunks, 2..AMX_MAX_ROWS rows, with
 AMX tiles: it reads the weight rows in place as the left operand of y^T = w @ x^T, where oneDNN repacks
 the weights on every call.
+``linear_int8_amx`` is the same kernel for ``--quantization int8``'s layers: each 16x32 block of int8
+weights is widened to bf16 (exact) just before its tile load and the sums are scaled per row, so a
+decode step reads half the bytes (torch's int8 kernel, used before, barely beat bf16 here, and batches
+above 4 rows dequantized each whole matrix per call).
 ``rms_norm_bf16``, ``silu_mul_bf16`` and ``rope_bf16_`` do a layer's elementwise steps in one pass each,
 rounding where torch's bf16 ops round (a dozen small torch ops per layer before).
 ``accelerate(model)`` switches a model's attention to it (bf16 on a CPU) and its bf16 CPU linear layers:
@@ -131,6 +135,9 @@ def accelerate(model: nn.Module) -> int:
             n += 1
         elif not all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters()):
             continue
+        elif hasattr(m, "int8_kernel") and hasattr(m, "qweight"):  # weight-only int8 (inference_core.quantize)
+            if amx() and m.qweight.shape[1] % 32 == 0 and m.qweight.shape[0] % 16 == 0 and m.qweight.is_contiguous():
+                vars(m)["int8_kernel"], vars(m)["int8_kernel_rows"] = mod, AMX_MAX_ROWS
         elif hasattr(m, "decode_kernel"):
             vars(m)["decode_kernel"] = mod  # bf16 decode attention through the block tables (no gather), RoPE
         elif hasattr(m, "fused_kernel"):

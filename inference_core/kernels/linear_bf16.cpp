@@ -173,8 +173,15 @@ bool amx_ready() {
   return ok;
 }
 
-torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 tensors only");
+namespace {
+
+// QUANT: w holds int8 rows with one scale per row (weight-only int8): each 16x32 block is widened to bf16
+// (exact for -127..127) in a per-thread buffer just before its tile load, and the sums are scaled per row.
+template <bool QUANT>
+torch::Tensor amx_linear(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor* scale,
+                         const c10::optional<torch::Tensor>& b) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "bf16 activations only");
+  TORCH_CHECK(w.scalar_type() == (QUANT ? at::kChar : at::kBFloat16), QUANT ? "int8 weights" : "bf16 weights");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x_in.device().is_cpu() && w.device().is_cpu(),
               "w must be a contiguous 2-d CPU tensor");
   const int64_t K = w.size(1), N = w.size(0);
@@ -201,7 +208,14 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
   });
   const uint32_t* XP = xp.data();
   auto out = torch::empty({M, N}, x.options());
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const char* W = static_cast<const char*>(w.data_ptr());
+  torch::Tensor sc;
+  const float* S = nullptr;
+  if constexpr (QUANT) {
+    sc = scale->to(at::kFloat).contiguous();
+    TORCH_CHECK(sc.numel() == N, "scale has ", sc.numel(), " elements, expected ", N);
+    S = sc.data_ptr<float>();
+  }
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
   torch::Tensor bc;
   const at::BFloat16* B = nullptr;
@@ -210,7 +224,7 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
     TORCH_CHECK(bc.numel() == N, "bias has ", bc.numel(), " elements, expected ", N);
     B = bc.data_ptr<at::BFloat16>();
   }
-  const int64_t stride = K * 2;
+  const int64_t stride = QUANT ? 64 : K * 2;  // a weight tile's row stride: staged int8, or w itself
   const __m512i column = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
   // an accumulator tile [16 features][16 rows] fp32 -> out[row][features], bias added, rounded to bf16
@@ -219,8 +233,9 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
     const __m512 bias = B ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + nb * 16))), 16))
                           : _mm512_setzero_ps();
+    const __m512 mul = QUANT ? _mm512_loadu_ps(S + nb * 16) : _mm512_set1_ps(1.0f);
     for (int64_t m = 0; m < rows; ++m) {
-      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, &cb[0][m], 4), bias);
+      const __m512 v = _mm512_fmadd_ps(_mm512_i32gather_ps(column, &cb[0][m], 4), mul, bias);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(O + (mb * 16 + m) * N + nb * 16),
                           (__m256i)_mm512_cvtneps_pbh(v));
     }
@@ -229,20 +244,36 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
   at::parallel_for(0, (NB + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
     tiles_16x64();
     alignas(64) float cb[16][16];
+    alignas(64) uint16_t stage[4][16 * 32];
+    // weight tile (nb, kb): 16 rows of w from row nb*16, 32 columns from kb*32
+    auto wt = [&](int64_t nb, int64_t kb) -> const void* {
+      if constexpr (!QUANT) {
+        return W + (nb * 16 * K + kb * 32) * 2;
+      } else {
+        uint16_t* dst = stage[nb & 3];
+        const int8_t* src = reinterpret_cast<const int8_t*>(W) + nb * 16 * K + kb * 32;
+        for (int r = 0; r < 16; ++r) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * K));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+          _mm512_storeu_si512(dst + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        return dst;
+      }
+    };
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t nb0 = g * G, nbs = std::min<int64_t>(G, NB - nb0);
-      const uint16_t* wb = W + nb0 * 16 * K;
       if (MB == 1 && nbs == 4) {  // tiles: 0-3 sums, 4 x^T, 5-7 weights
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t kb = 0; kb < KB; ++kb) {
           _tile_loadd(4, XP + kb * 256, 64);
-          _tile_loadd(5, wb + kb * 32, stride);
+          _tile_loadd(5, wt(nb0, kb), stride);
           _tile_dpbf16ps(0, 5, 4);
-          _tile_loadd(6, wb + 16 * K + kb * 32, stride);
+          _tile_loadd(6, wt(nb0 + 1, kb), stride);
           _tile_dpbf16ps(1, 6, 4);
-          _tile_loadd(7, wb + 32 * K + kb * 32, stride);
+          _tile_loadd(7, wt(nb0 + 2, kb), stride);
           _tile_dpbf16ps(2, 7, 4);
-          _tile_loadd(5, wb + 48 * K + kb * 32, stride);
+          _tile_loadd(5, wt(nb0 + 3, kb), stride);
           _tile_dpbf16ps(3, 5, 4);
         }
         _tile_stored(0, cb, 64); emit(cb, nb0, 0);
@@ -258,10 +289,10 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
             for (int64_t kb = 0; kb < KB; ++kb) {
               _tile_loadd(4, x0 + kb * 256, 64);
               _tile_loadd(5, x1 + kb * 256, 64);
-              _tile_loadd(6, wb + kb * 32, stride);
+              _tile_loadd(6, wt(nb0, kb), stride);
               _tile_dpbf16ps(0, 6, 4);
               _tile_dpbf16ps(1, 6, 5);
-              _tile_loadd(7, wb + 16 * K + kb * 32, stride);
+              _tile_loadd(7, wt(nb0 + 1, kb), stride);
               _tile_dpbf16ps(2, 7, 4);
               _tile_dpbf16ps(3, 7, 5);
             }
@@ -273,9 +304,9 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
             _tile_zero(0); _tile_zero(2);
             for (int64_t kb = 0; kb < KB; ++kb) {
               _tile_loadd(4, x0 + kb * 256, 64);
-              _tile_loadd(6, wb + kb * 32, stride);
+              _tile_loadd(6, wt(nb0, kb), stride);
               _tile_dpbf16ps(0, 6, 4);
-              _tile_loadd(7, wb + 16 * K + kb * 32, stride);
+              _tile_loadd(7, wt(nb0 + 1, kb), stride);
               _tile_dpbf16ps(2, 7, 4);
             }
             _tile_stored(0, cb, 64); emit(cb, nb0, mb);
@@ -284,12 +315,11 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
         }
       } else {  // the last, short group: one weight tile at a time
         for (int64_t j = 0; j < nbs; ++j) {
-          const uint16_t* wj = wb + j * 16 * K;
           for (int64_t mb = 0; mb < MB; ++mb) {
             const uint32_t* x0 = XP + mb * KB * 256;
             _tile_zero(0);
             for (int64_t kb = 0; kb < KB; ++kb) {
-              _tile_loadd(6, wj + kb * 32, stride);
+              _tile_loadd(6, wt(nb0 + j, kb), stride);
               _tile_loadd(4, x0 + kb * 256, 64);
               _tile_dpbf16ps(0, 6, 4);
             }
@@ -301,6 +331,18 @@ torch::Tensor linear_amx(const torch::Tensor& x_in, const torch::Tensor& w, cons
     _tile_release();
   });
   return out.view(shape);
+}
+
+}  // namespace
+
+torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
+  return amx_linear<false>(x, w, nullptr, b);
+}
+
+// Weight-only int8 (inference_core.quantize's Int8Linear): y = (x @ q^T) * scale + b, q [N, K] int8.
+torch::Tensor linear_int8_amx(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                              const c10::optional<torch::Tensor>& b) {
+  return amx_linear<true>(x, q, &scale, b);
 }
 
 // ---- fused elementwise steps of a layer (bf16 in and out, fp32 inside) ------------------------------------
@@ -517,6 +559,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q_in, const torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ w.T + b in bf16 for 1..16 rows (AVX512-BF16)");
   m.def("linear_amx", &linear_amx, "x @ w.T + b in bf16 for 1..512 rows (AMX tiles, weights read in place)");
+  m.def("linear_int8_amx", &linear_int8_amx, "x @ q.T * scale + b: int8 weights, bf16 x, 1..512 rows (AMX)");
   m.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm as transformers' Qwen2/Llama computes it in bf16");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up in bf16");

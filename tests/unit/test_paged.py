@@ -154,6 +154,48 @@ def test_amx_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
 
 
 @needs_amx
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 896), (3, 48, 64), (16, 4864, 96), (17, 80, 128), (100, 32, 4864)])
+def test_int8_amx_kernel_matches_the_dequantized_product(m: int, n: int, k: int) -> None:
+    """int8 weights widened in the kernel: (x @ q^T) * scale + b, against float32 over the same int8 values."""
+    from inference_core.quantize import _quantize_rows
+
+    gen = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    q, scale = _quantize_rows(torch.randn(n, k, generator=gen))
+    b = torch.randn(n, generator=gen).bfloat16()
+    mod = kernels.load()
+    assert mod is not None
+    got = mod.linear_int8_amx(x, q, scale, b).float()
+    ref = (x.float() @ q.float().T) * scale.float() + b.float()
+    assert (got - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2
+    with pytest.raises(RuntimeError, match="int8 weights"):
+        mod.linear_int8_amx(x, q.float(), scale, b)
+    with pytest.raises(RuntimeError, match="scale has"):
+        mod.linear_int8_amx(x, q, scale[:-1], b)
+
+
+@needs_amx
+@torch.inference_mode()
+def test_int8_model_on_the_kernel_gives_the_library_paths_logits(tiny_model_dir: Path) -> None:
+    """The bundled model quantized to int8 in bf16: accelerated (its Int8Linear layers on the AMX kernel)
+    and not (torch's int8 kernel, dequantization) agree on a batch of decodes and a prefill."""
+    from inference_core.quantize import Int8Linear, quantize_int8
+
+    fast = quantize_int8(load_model(tiny_model_dir).bfloat16().eval())
+    lib = quantize_int8(load_model(tiny_model_dir).bfloat16().eval())
+    kernels.accelerate(fast)
+    layers = [m for m in fast.modules() if isinstance(m, Int8Linear)]
+    fits = [m.in_features % 32 == 0 and m.out_features % 16 == 0 for m in layers]  # down_proj's 176 does not
+    assert any(fits) and not all(fits)
+    assert [m.int8_kernel is not None for m in layers] == fits
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]])
+    pos = torch.arange(8)[None].expand(2, 8)
+    got, want = fast(ids, pos).float(), lib(ids, pos).float()
+    assert (got - want).abs().mean() <= 0.02 * want.abs().mean()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_amx
 def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
     """After ``accelerate``: 1 row, 2..128 rows and a prefill's 300 rows all agree with nn.Linear's output;
     a layer whose shape AMX tiles cannot take keeps the row kernel and torch's linear."""
