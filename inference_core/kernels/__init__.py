@@ -135,8 +135,8 @@ def accelerate(model: nn.Module) -> int:
             n += 1
         elif not all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters()):
             continue
-        elif hasattr(m, "int8_kernel") and hasattr(m, "qweight"):  # weight-only int8 (inference_core.quantize)
-            if amx() and m.qweight.shape[1] % 32 == 0 and m.qweight.shape[0] % 16 == 0 and m.qweight.is_contiguous():
+        elif hasattr(m, "int8_kernel") and isinstance(q := getattr(m, "qweight", None), Tensor):  # weight-only int8
+            if amx() and q.dim() == 2 and q.shape[1] % 32 == 0 and q.shape[0] % 16 == 0 and q.is_contiguous():
                 vars(m)["int8_kernel"], vars(m)["int8_kernel_rows"] = mod, AMX_MAX_ROWS
         elif hasattr(m, "decode_kernel"):
             vars(m)["decode_kernel"] = mod  # bf16 decode attention through the block tables (no gather), RoPE
