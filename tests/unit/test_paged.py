@@ -197,7 +197,8 @@ def test_int8_model_on_the_kernel_gives_the_library_paths_logits(tiny_model_dir:
 
 @needs_amx
 def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
-    """After ``accelerate``: 1 row, 2..128 rows and a prefill's 300 rows all agree with nn.Linear's output;
+    """After ``accelerate``: 1 row, 2..128 rows and a prefill's 300 rows all agree with nn.Linear's output, also
+    when the kernel's tile use and oneDNN's (which configures the same tiles its own way) alternate;
     a layer whose shape AMX tiles cannot take keeps the row kernel and torch's linear."""
     gen = torch.Generator().manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 40)).bfloat16()
@@ -206,7 +207,7 @@ def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
         r.load_state_dict(m.state_dict())
     assert kernels.accelerate(model) == 2
     assert model[0].amx_rows == kernels.AMX_MAX_ROWS and model[1].amx_rows == 0  # 40 is not a multiple of 16
-    for rows in (1, 2, 16, 32, 100, 300):
+    for rows in (1, 2, 16, 32, 100, 300, 16, 300, 2, 129, 128):  # AMX and oneDNN's own AMX code, interleaved
         x = torch.randn(rows, 128, generator=gen).bfloat16()
         got, want = model(x).float(), ref[1](ref[0](x)).float()
         assert (got - want).abs().max() <= 0.02 * want.abs().max() + 2e-2, rows
