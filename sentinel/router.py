@@ -5,7 +5,9 @@ that is restarting.
   accounting: whether it takes requests, and the tokens still to compute for the requests it holds). A
   request goes to the ready replica with the least outstanding work: the polled tokens plus what the
   router itself sent there since that poll (the request's ``max_tokens`` and prompt length estimate), so a
-  burst between two polls spreads out instead of piling onto the replica that looked idle.
+  burst between two polls spreads out instead of piling onto the replica that looked idle. Ties (idle
+  replicas, light load) go round-robin, so a replica that was just added gets work at once rather than
+  only when the others are busy.
 - **Only replicas that can serve.** Unhealthy, draining, loading and unreachable replicas (``/load`` not
   200) get nothing; when none can serve, 503 with ``Retry-After``.
 - **Retry before the first byte.** A request whose replica cannot be reached or answers with a 5xx status
@@ -111,6 +113,7 @@ class Router:
         self.upstreams: dict[str, Upstream] = {}
         self.client: httpx.AsyncClient | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._turn = 0  # round-robin among the least-loaded replicas
         self.app = Starlette(routes=[Route("/v1/{path:path}", self.handle, methods=["GET", "POST"]),
                                      Route("/router/status", self.status, methods=["GET"])],
                              lifespan=self._lifespan)
@@ -169,7 +172,12 @@ class Router:
 
     def pick(self, exclude: set[str]) -> Upstream | None:
         ready = [u for u in self.upstreams.values() if u.ready and u.name not in exclude]
-        return min(ready, key=lambda u: (u.score, u.name)) if ready else None
+        if not ready:
+            return None
+        best = min(u.score for u in ready)
+        tied = sorted((u for u in ready if u.score == best), key=lambda u: u.name)
+        self._turn += 1
+        return tied[self._turn % len(tied)]
 
     # -- requests ---------------------------------------------------------------------------------------
     async def status(self, request: Request) -> JSONResponse:

@@ -115,8 +115,9 @@ def test_retry_before_the_first_byte_draining_and_none_left(tmp_path: Path, tiny
     with replicas(tmp_path, tiny_model_dir, 2) as sup, routed(sup, poll_s=3600) as (router, url, registry):
         body = {"model": "deepseek-tiny", "prompt": "hi", "max_tokens": 2}
         assert all(u.ready for u in router.upstreams.values())  # the one poll, at start
-        # replica-0 dies between two polls: the router still believes it ready, picks it (least loaded, first
-        # by name), cannot connect, and retries once on replica-1: the client sees a 200
+        # replica-0 dies between two polls: the router still believes it ready, picks it (least loaded: replica-1
+        # is made to look busy), cannot connect, and retries once on replica-1: the client sees a 200
+        router.upstreams["replica-1"].pending = 1000
         os.kill(sup.replicas["replica-0"].pid or 0, signal.SIGKILL)
         sup.replicas["replica-0"].proc.wait(10)  # type: ignore[union-attr]
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
