@@ -136,8 +136,9 @@ def accelerate(model: nn.Module) -> int:
         elif not all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters()):
             continue
         elif hasattr(m, "int8_kernel") and isinstance(q := getattr(m, "qweight", None), Tensor):  # weight-only int8
-            if amx() and q.dim() == 2 and q.shape[1] % 32 == 0 and q.shape[0] % 16 == 0 and q.is_contiguous():
-                vars(m)["int8_kernel"], vars(m)["int8_kernel_rows"] = mod, AMX_MAX_ROWS
+            if q.dim() == 2 and q.is_contiguous():  # one row: linear_int8; 2.. rows: linear_int8_amx's tiles
+                tiles = amx() and q.shape[1] % 32 == 0 and q.shape[0] % 16 == 0
+                vars(m)["int8_kernel"], vars(m)["int8_kernel_rows"] = mod, AMX_MAX_ROWS if tiles else 1
         elif hasattr(m, "decode_kernel"):
             vars(m)["decode_kernel"] = mod  # bf16 decode attention through the block tables (no gather), RoPE
         elif hasattr(m, "fused_kernel"):

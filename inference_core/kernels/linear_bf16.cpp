@@ -21,9 +21,59 @@ namespace {
 
 constexpr int R = 8;  // weight rows per block
 
+// 32 int8 weights widened to bf16 (exact for -127..127), in order.
+inline __m512bh widen_int8(__m256i q) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// 32 weights of a row from k on as bf16: bf16 weights as they are, int8 ones (Q) widened.
+template <bool Q>
+inline __m512bh load_w(const void* row, int64_t k) {
+  if constexpr (Q) {
+    return widen_int8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int8_t*>(row) + k)));
+  } else {
+    return (__m512bh)_mm512_loadu_si512(static_cast<const uint16_t*>(row) + k);
+  }
+}
+template <bool Q>
+inline __m512bh load_w_mask(const void* row, int64_t k, __mmask32 mask) {
+  if constexpr (Q) {
+    return widen_int8(_mm256_maskz_loadu_epi8(mask, static_cast<const int8_t*>(row) + k));
+  } else {
+    return (__m512bh)_mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(row) + k);
+  }
+}
+
+// One fp32 activation row by R int8 weight rows, in fp32 (products and sums as exact as VDPBF16PS's):
+// sign-extend and convert 16 weights, one FMA. Cheaper per weight than widening to bf16 for VDPBF16PS,
+// which left the one-row int8 product compute-bound on this project's 2-core machines.
+inline void block_i8(const float* x, int64_t K, const int8_t* const* wrow, float out[R]) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow[r] + k))));
+      acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + k);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, wrow[r] + k))),
+                               xv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 // MB activation rows by RB weight rows: RB*MB accumulators (<= 16 of the 32 vector registers).
-template <int MB, int RB>
-inline void block(const uint16_t* x, int64_t K, const uint16_t* const* wrow, float out[R][4]) {
+template <int MB, int RB, bool Q>
+inline void block(const uint16_t* x, int64_t K, const void* const* wrow, float out[R][4]) {
   __m512 acc[RB][MB];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -32,7 +82,7 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* const* wrow, flo
     __m512bh xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
     for (int r = 0; r < RB; ++r) {
-      __m512bh wv = (__m512bh)_mm512_loadu_si512(wrow[r] + k);
+      const __m512bh wv = load_w<Q>(wrow[r], k);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
   }
@@ -41,7 +91,7 @@ inline void block(const uint16_t* x, int64_t K, const uint16_t* const* wrow, flo
     __m512bh xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
     for (int r = 0; r < RB; ++r) {
-      __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, wrow[r] + k);
+      const __m512bh wv = load_w_mask<Q>(wrow[r], k, mask);
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
     }
   }
@@ -91,8 +141,29 @@ inline void axpy(float a, const float* x, float* y, int64_t D, bool vec) {
 
 }  // namespace
 
-torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
-  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 tensors only");
+namespace {
+
+// The bias as contiguous bf16 (kept alive by ``keep``), or null where there is none.
+const at::BFloat16* bias_bf16(const c10::optional<torch::Tensor>& b, int64_t N, torch::Tensor& keep) {
+  if (!b.has_value() || !b->defined()) return nullptr;
+  keep = b->to(at::kBFloat16).contiguous();
+  TORCH_CHECK(keep.numel() == N, "bias has ", keep.numel(), " elements, expected ", N);
+  return keep.data_ptr<at::BFloat16>();
+}
+
+// Per-row scales as fp32 (weight-only int8), kept alive by ``keep``.
+const float* scales_f32(const torch::Tensor& scale, int64_t N, torch::Tensor& keep) {
+  keep = scale.to(at::kFloat).contiguous();
+  TORCH_CHECK(keep.numel() == N, "scale has ", keep.numel(), " elements, expected ", N);
+  return keep.data_ptr<float>();
+}
+
+// y = x @ w^T (* scale) + b for 1..16 rows with VDPBF16PS: bf16 weights, or int8 ones (Q) widened on the fly.
+template <bool Q>
+torch::Tensor gemv_rows(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor* scale,
+                        const c10::optional<torch::Tensor>& b) {
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "bf16 activations only");
+  TORCH_CHECK(w.scalar_type() == (Q ? at::kChar : at::kBFloat16), Q ? "int8 weights" : "bf16 weights");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x_in.device().is_cpu() && w.device().is_cpu(),
               "w must be a contiguous 2-d CPU tensor");
   const int64_t K = w.size(1), N = w.size(0);
@@ -104,40 +175,56 @@ torch::Tensor linear_bf16(const torch::Tensor& x_in, const torch::Tensor& w, con
   shape.back() = N;
   auto out = torch::empty({M, N}, x.options());
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const char* W = static_cast<const char*>(w.data_ptr());
+  const int64_t row_bytes = K * (Q ? 1 : 2);
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
-  torch::Tensor bc;
-  const at::BFloat16* B = nullptr;
-  if (b.has_value() && b->defined()) {
-    bc = b->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(bc.numel() == N, "bias has ", bc.numel(), " elements, expected ", N);
-    B = bc.data_ptr<at::BFloat16>();
-  }
+  torch::Tensor bias_keep, scale_keep;
+  const at::BFloat16* B = bias_bf16(b, N, bias_keep);
+  const float* S = Q ? scales_f32(*scale, N, scale_keep) : nullptr;
+  std::vector<float> xf(Q && M == 1 ? K : 0);  // the one row in fp32 for block_i8
+  for (size_t k = 0; k < xf.size(); ++k) xf[k] = static_cast<float>(x.data_ptr<at::BFloat16>()[k]);
   const int64_t nblocks = (N + R - 1) / R;
   at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
     float acc[R][4];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * R;
       const int rows = static_cast<int>(std::min<int64_t>(R, N - n0));
-      const uint16_t* wrow[R];
-      for (int r = 0; r < R; ++r) wrow[r] = W + (n0 + std::min(r, rows - 1)) * K;  // short tail: repeat a row
+      const void* wrow[R];
+      for (int r = 0; r < R; ++r) wrow[r] = W + (n0 + std::min(r, rows - 1)) * row_bytes;  // short tail: repeat
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
         const uint16_t* xm = X + m0 * K;
-        switch (mb) {  // eight weight rows at once for one or two activation rows, four rows for more
-          case 1: block<1, 8>(xm, K, wrow, acc); break;
-          case 2: block<2, 8>(xm, K, wrow, acc); break;
-          case 3: block<3, 4>(xm, K, wrow, acc); block<3, 4>(xm, K, wrow + 4, acc + 4); break;
-          default: block<4, 4>(xm, K, wrow, acc); block<4, 4>(xm, K, wrow + 4, acc + 4); break;
+        if (Q && M == 1) {
+          float one[R];
+          block_i8(xf.data(), K, reinterpret_cast<const int8_t* const*>(wrow), one);
+          for (int r = 0; r < R; ++r) acc[r][0] = one[r];
+        } else switch (mb) {  // eight weight rows at once for one or two activation rows, four rows for more
+          case 1: block<1, 8, Q>(xm, K, wrow, acc); break;
+          case 2: block<2, 8, Q>(xm, K, wrow, acc); break;
+          case 3: block<3, 4, Q>(xm, K, wrow, acc); block<3, 4, Q>(xm, K, wrow + 4, acc + 4); break;
+          default: block<4, 4, Q>(xm, K, wrow, acc); block<4, 4, Q>(xm, K, wrow + 4, acc + 4); break;
         }
         for (int r = 0; r < rows; ++r) {
           const float bias = B ? static_cast<float>(B[n0 + r]) : 0.0f;
-          for (int m = 0; m < mb; ++m) O[(m0 + m) * N + n0 + r] = at::BFloat16(acc[r][m] + bias);
+          const float mul = Q ? S[n0 + r] : 1.0f;
+          for (int m = 0; m < mb; ++m) O[(m0 + m) * N + n0 + r] = at::BFloat16(acc[r][m] * mul + bias);
         }
       }
     }
   });
   return out.view(shape);
+}
+
+}  // namespace
+
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& b) {
+  return gemv_rows<false>(x, w, nullptr, b);
+}
+
+// Weight-only int8 for a decode step's single row: half the bytes of bf16 cross the memory bus.
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& b) {
+  return gemv_rows<true>(x, q, &scale, b);
 }
 
 // ---- AMX: a decode step's batch and small prefill chunks (2..512 rows) ------------------------------------
@@ -209,21 +296,10 @@ torch::Tensor amx_linear(const torch::Tensor& x_in, const torch::Tensor& w, cons
   const uint32_t* XP = xp.data();
   auto out = torch::empty({M, N}, x.options());
   const char* W = static_cast<const char*>(w.data_ptr());
-  torch::Tensor sc;
-  const float* S = nullptr;
-  if constexpr (QUANT) {
-    sc = scale->to(at::kFloat).contiguous();
-    TORCH_CHECK(sc.numel() == N, "scale has ", sc.numel(), " elements, expected ", N);
-    S = sc.data_ptr<float>();
-  }
+  torch::Tensor bias_keep, scale_keep;
+  const float* S = QUANT ? scales_f32(*scale, N, scale_keep) : nullptr;
+  const at::BFloat16* B = bias_bf16(b, N, bias_keep);
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
-  torch::Tensor bc;
-  const at::BFloat16* B = nullptr;
-  if (b.has_value() && b->defined()) {
-    bc = b->to(at::kBFloat16).contiguous();
-    TORCH_CHECK(bc.numel() == N, "bias has ", bc.numel(), " elements, expected ", N);
-    B = bc.data_ptr<at::BFloat16>();
-  }
   const int64_t stride = QUANT ? 64 : K * 2;  // a weight tile's row stride: staged int8, or w itself
   const __m512i column = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
@@ -252,12 +328,7 @@ torch::Tensor amx_linear(const torch::Tensor& x_in, const torch::Tensor& w, cons
       } else {
         uint16_t* dst = stage[nb & 3];
         const int8_t* src = reinterpret_cast<const int8_t*>(W) + nb * 16 * K + kb * 32;
-        for (int r = 0; r < 16; ++r) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r * K));
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-          _mm512_storeu_si512(dst + r * 32, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-        }
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 32, (__m512i)load_w<true>(src + r * K, 0));
         return dst;
       }
     };
@@ -559,6 +630,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q_in, const torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ w.T + b in bf16 for 1..16 rows (AVX512-BF16)");
   m.def("linear_amx", &linear_amx, "x @ w.T + b in bf16 for 1..512 rows (AMX tiles, weights read in place)");
+  m.def("linear_int8", &linear_int8, "x @ q.T * scale + b: int8 weights, bf16 x, 1..16 rows (AVX512-BF16)");
   m.def("linear_int8_amx", &linear_int8_amx, "x @ q.T * scale + b: int8 weights, bf16 x, 1..512 rows (AMX)");
   m.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm as transformers' Qwen2/Llama computes it in bf16");

@@ -4,9 +4,11 @@ arithmetic; the AVX512-BF16 and AMX kernels against torch's linear."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
 from inference_core import kernels
@@ -106,22 +108,56 @@ def test_peak_memory_sees_a_temporary_allocation() -> None:
 needs_kernel = pytest.mark.skipif(kernels.load() is None, reason=f"no CPU kernel here: {kernels.status()}")
 
 
-@needs_kernel
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 101, 77), (3, 64, 896), (4, 130, 64), (16, 33, 1000), (7, 5, 31)])
-def test_bf16_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
+def _kernel_case(m: int, n: int, k: int, int8: bool = False) -> tuple[Any, Tensor, Tensor, Tensor, Tensor | None]:
+    """The kernels' module and seeded operands: x [m, k] bf16, weights [n, k] (bf16, or int8 with their
+    per-row scales), a bf16 bias."""
+    from inference_core.quantize import _quantize_rows
+
     gen = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=gen).bfloat16()
-    w = torch.randn(n, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen)
     b = torch.randn(n, generator=gen).bfloat16()
     mod = kernels.load()
     assert mod is not None
+    if int8:
+        q, scale = _quantize_rows(w)
+        return mod, x, q, b, scale
+    return mod, x, w.bfloat16(), b, None
+
+
+def _close(got: Tensor, ref: Tensor) -> bool:
+    return bool((got - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2)  # bf16 rounding of the output only
+
+
+@needs_kernel
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 101, 77), (3, 64, 896), (4, 130, 64), (16, 33, 1000), (7, 5, 31)])
+def test_bf16_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
+    mod, x, w, b, _ = _kernel_case(m, n, k)
     got = mod.linear_bf16(x, w, b).float()
-    ref = F.linear(x.float(), w.float(), b.float())
     assert got.shape == (m, n)
-    assert (got - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2  # bf16 rounding of the output only
+    assert _close(got, F.linear(x.float(), w.float(), b.float()))
     assert mod.linear_bf16(x.view(1, m, k), w, None).shape == (1, m, n)
     with pytest.raises(RuntimeError, match="1..16 rows"):
         mod.linear_bf16(torch.zeros(17, k).bfloat16(), w, None)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 101, 77), (1, 896, 896), (1, 13, 4864), (2, 64, 96), (5, 130, 33),
+                                           (16, 40, 200)])
+def test_int8_row_kernel_matches_the_dequantized_product(m: int, n: int, k: int) -> None:
+    """Weight-only int8 for a decode step's row (and up to 16): (x @ q^T) * scale + b against float32 over
+    the same int8 values, for widths off the vector width and a short last block of weight rows."""
+    mod, x, q, b, scale = _kernel_case(m, n, k, int8=True)
+    assert scale is not None
+    got = mod.linear_int8(x, q, scale, b).float()
+    assert got.shape == (m, n)
+    assert _close(got, (x.float() @ q.float().T) * scale.float() + b.float())
+    assert torch.equal(mod.linear_int8(x.view(1, m, k), q, scale, None),
+                       mod.linear_int8(x, q, scale, None).view(1, m, n))
+    with pytest.raises(RuntimeError, match="int8 weights"):
+        mod.linear_int8(x, q.bfloat16(), scale, b)
+    with pytest.raises(RuntimeError, match="scale has"):
+        mod.linear_int8(x, q, scale[:-1], b)
 
 
 needs_amx = pytest.mark.skipif(not kernels.amx(), reason=f"no AMX kernel here: {kernels.status()}")
@@ -134,18 +170,11 @@ needs_amx = pytest.mark.skipif(not kernels.amx(), reason=f"no AMX kernel here: {
 def test_amx_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
     """Full groups of 4 (up to 16 rows) and 2 (more rows) weight tiles and the short last group, partial and
     odd row tiles, long and short K; the bias is added; leading dimensions are kept; bad shapes are refused."""
-    gen = torch.Generator().manual_seed(m * n + k)
-    x = torch.randn(m, k, generator=gen).bfloat16()
-    w = torch.randn(n, k, generator=gen).bfloat16()
-    b = torch.randn(n, generator=gen).bfloat16()
-    mod = kernels.load()
-    assert mod is not None
+    mod, x, w, b, _ = _kernel_case(m, n, k)
     got = mod.linear_amx(x, w, b).float()
-    ref = F.linear(x.float(), w.float(), b.float())
     assert got.shape == (m, n)
-    assert (got - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2  # bf16 rounding of the output only
-    lib = F.linear(x, w, b).float()  # torch's own bf16 linear rounds the same way
-    assert (got - lib).abs().max() <= 0.01 * ref.abs().max() + 1e-2
+    assert _close(got, F.linear(x.float(), w.float(), b.float()))
+    assert _close(got, F.linear(x, w, b).float())  # torch's own bf16 linear rounds the same way
     assert torch.equal(mod.linear_amx(x.view(1, m, k), w, None), mod.linear_amx(x, w, None).view(1, m, n))
     with pytest.raises(RuntimeError, match="1..512 rows"):
         mod.linear_amx(torch.zeros(513, k).bfloat16(), w, None)
@@ -157,17 +186,10 @@ def test_amx_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 896), (3, 48, 64), (16, 4864, 96), (17, 80, 128), (100, 32, 4864)])
 def test_int8_amx_kernel_matches_the_dequantized_product(m: int, n: int, k: int) -> None:
     """int8 weights widened in the kernel: (x @ q^T) * scale + b, against float32 over the same int8 values."""
-    from inference_core.quantize import _quantize_rows
-
-    gen = torch.Generator().manual_seed(m * n + k)
-    x = torch.randn(m, k, generator=gen).bfloat16()
-    q, scale = _quantize_rows(torch.randn(n, k, generator=gen))
-    b = torch.randn(n, generator=gen).bfloat16()
-    mod = kernels.load()
-    assert mod is not None
+    mod, x, q, b, scale = _kernel_case(m, n, k, int8=True)
+    assert scale is not None
     got = mod.linear_int8_amx(x, q, scale, b).float()
-    ref = (x.float() @ q.float().T) * scale.float() + b.float()
-    assert (got - ref).abs().max() <= 0.01 * ref.abs().max() + 1e-2
+    assert _close(got, (x.float() @ q.float().T) * scale.float() + b.float())
     with pytest.raises(RuntimeError, match="int8 weights"):
         mod.linear_int8_amx(x, q.float(), scale, b)
     with pytest.raises(RuntimeError, match="scale has"):
@@ -177,8 +199,9 @@ def test_int8_amx_kernel_matches_the_dequantized_product(m: int, n: int, k: int)
 @needs_amx
 @torch.inference_mode()
 def test_int8_model_on_the_kernel_gives_the_library_paths_logits(tiny_model_dir: Path) -> None:
-    """The bundled model quantized to int8 in bf16: accelerated (its Int8Linear layers on the AMX kernel)
-    and not (torch's int8 kernel, dequantization) agree on a batch of decodes and a prefill."""
+    """The bundled model quantized to int8 in bf16: accelerated (one row on the int8 row kernel, more on the
+    AMX kernel where the layer's shape fits its tiles) and not (torch's int8 kernel, dequantization) agree on
+    a prefill, a batch of decodes and a single decode."""
     from inference_core.quantize import Int8Linear, quantize_int8
 
     fast = quantize_int8(load_model(tiny_model_dir).bfloat16().eval())
@@ -187,12 +210,14 @@ def test_int8_model_on_the_kernel_gives_the_library_paths_logits(tiny_model_dir:
     layers = [m for m in fast.modules() if isinstance(m, Int8Linear)]
     fits = [m.in_features % 32 == 0 and m.out_features % 16 == 0 for m in layers]  # down_proj's 176 does not
     assert any(fits) and not all(fits)
-    assert [m.int8_kernel is not None for m in layers] == fits
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]])
-    pos = torch.arange(8)[None].expand(2, 8)
-    got, want = fast(ids, pos).float(), lib(ids, pos).float()
-    assert (got - want).abs().mean() <= 0.02 * want.abs().mean()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert all(m.int8_kernel is not None for m in layers)
+    assert [m.int8_kernel_rows for m in layers] == [kernels.AMX_MAX_ROWS if f else 1 for f in fits]
+    for ids in ([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]], [[5], [20]], [[7]]):
+        t = torch.tensor(ids)
+        pos = torch.arange(t.shape[1])[None].expand(*t.shape)
+        got, want = fast(t, pos).float(), lib(t, pos).float()
+        assert (got - want).abs().mean() <= 0.02 * want.abs().mean()
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
 @needs_amx
