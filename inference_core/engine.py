@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from inference_core import kernels
+from inference_core.cuda_graphs import DecodeGraphs
 from inference_core.faults import FaultSwitch
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
 from inference_core.memory import KVPlan, PeakMemory, device_memory, kv_bytes_per_token, plan_kv_cache
@@ -72,6 +73,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     runtime_bytes: int | None = None          # the process's footprint before the weights (default: measured now)
     cpu_kernels: bool = True                  # bf16 decode matrix-vector products on the AVX512-BF16 kernel
+    cuda_graphs: bool = True                  # decode steps replayed as CUDA graphs on one GPU (--enforce-eager)
     hugepage_weights: bool = True             # CPU weights copied from the file map into huge pages at start
     mode: Literal["continuous", "static"] = "continuous"
     static_batch_wait_s: float = 0.05         # static mode: how long to wait for a full batch
@@ -174,8 +176,14 @@ class Engine:
                                                    cfg.enable_prefix_caching))
         if peers is not None:
             peers.send("alloc", num_blocks, cfg.block_size)
-        self.cache = PagedKVCache.allocate(num_blocks, cfg.block_size, self.kv_heads, self.head_dim, self.dtype,
-                                           self.devices)
+        # CUDA graphs for decode steps (one GPU holding every layer): one block more than the scheduler's,
+        # for the padding rows' scratch slot
+        graphs = cfg.cuda_graphs and peers is None and {d.type for d in self.devices} == {"cuda"} \
+            and len(set(self.devices)) == 1
+        self.cache = PagedKVCache.allocate(num_blocks + int(graphs), cfg.block_size, self.kv_heads, self.head_dim,
+                                           self.dtype, self.devices)
+        self.graphs = DecodeGraphs(model, self.cache, num_blocks * cfg.block_size, cfg.max_num_seqs) \
+            if graphs else None
         metrics.kv_cache_blocks.set(num_blocks)
         metrics.kv_cache_block_size.set(cfg.block_size)
         metrics.kv_cache_bytes.set(self.cache.nbytes)
@@ -449,6 +457,10 @@ class Engine:
         return {lv.req.request_id: (tok, lp) for lv, tok, lp in zip(samplers, ids, lps, strict=True)}
 
     def _run_forward(self, chunks: list[SeqChunk], cache: PagedKVCache) -> torch.Tensor:
+        if self.graphs is not None and cache is self.cache:  # a decode step of a captured shape: one replay
+            logits = self.graphs.run(chunks, cache.block_size)
+            if logits is not None:
+                return logits
         if self.peers is not None:  # the other ranks run the same pass; the all-reduces join us
             self.peers.send("forward", chunks)
         return self.model.forward_flat(FlatBatch(chunks, cache.block_size), cache)

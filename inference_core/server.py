@@ -688,6 +688,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-integrity-check", action="store_true",
                    help="serve even if files differ from the model directory's integrity.json (MD5/SHA-256)")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run decode steps eagerly (default: replay them as CUDA graphs, padded to captured "
+                   "batch sizes and context widths up to 8192 slots)")
     p.add_argument("--max-num-waiting", type=int, default=256, help="queue length before 429")
     p.add_argument("--stall-timeout", type=float, default=30.0, help="seconds without a step before /health fails")
     p.add_argument("--log-text", action="store_true", help="log completion text (off: never logged)")
@@ -736,7 +739,8 @@ def main(argv: list[str] | None = None) -> None:
                        mode=args.batching, max_num_waiting=args.max_num_waiting, stall_timeout_s=args.stall_timeout,
                        block_size=args.block_size, max_model_len=args.max_model_len,
                        memory_utilization=args.memory_utilization, kv_cache_memory=args.kv_cache_memory,
-                       enable_prefix_caching=args.enable_prefix_caching, memory_limit=args.memory_limit)
+                       enable_prefix_caching=args.enable_prefix_caching, memory_limit=args.memory_limit,
+                       cuda_graphs=not args.enforce_eager)
     secret = None
     if args.jwt_secret_env:
         secret = os.environ.get(args.jwt_secret_env)

@@ -56,6 +56,40 @@ def test_engine_on_the_gpu_gives_the_cpu_greedy_text(tiny_model_dir: Path) -> No
     assert outs[0] == outs[1]
 
 
+def test_decode_steps_replay_as_cuda_graphs_and_give_the_eager_tokens(tiny_model_dir: Path) -> None:
+    """Three concurrent greedy requests: with CUDA graphs (the default) decode steps are captured (the batch
+    padded to 4) and replayed, and the tokens equal --enforce-eager's."""
+    import logging
+
+    from inference_core.engine import Engine, EngineConfig, SamplingParams
+    from inference_core.telemetry import Metrics
+    from inference_core.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.from_dir(tiny_model_dir)
+    prompts = ["The cluster is", "Restart the replica when", "GPU memory"]
+    outs = {}
+    for graphs in (True, False):
+        reg, busy = CollectorRegistry(), BusyTracker()
+        eng = Engine(load_model(tiny_model_dir, device="cuda"), tok, Metrics(reg, busy), logging.getLogger("gpu"),
+                     busy, None, EngineConfig(max_num_seqs=4, cuda_graphs=graphs))
+        try:
+            async def run(e: Engine = eng) -> list[list[int]]:
+                res = await asyncio.gather(*(e.generate(tok.encode(p), SamplingParams(max_tokens=24, temperature=0))
+                                             for p in prompts))
+                return [r.token_ids for r in res]
+
+            outs[graphs] = asyncio.run(run())
+            if graphs:
+                assert eng.graphs is not None and eng.graphs.failed is None, eng.graphs and eng.graphs.failed
+                assert eng.graphs.replays > 0 and (4, 256) in eng.graphs.shapes
+                assert all(s.graph is not None for s in eng.graphs.shapes.values())
+            else:
+                assert eng.graphs is None
+        finally:
+            eng.shutdown()
+    assert outs[True] == outs[False]
+
+
 def test_nvml_figures_and_runbook_checks() -> None:
     reg = CollectorRegistry()
     reg.register(DeviceCollector(BusyTracker()))
