@@ -157,6 +157,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.kv_heads, self.head_dim = attns[0].k, attns[0].d  # a tensor-parallel shard holds fewer heads
         self.plan: KVPlan | None = None
+        self.graphs: DecodeGraphs | None = None  # set once the KV cache exists (the memory profile runs eagerly)
         if cfg.hugepage_weights and all(d.type == "cpu" for d in self.devices):
             moved = move_to_hugepages(model)
             log.info("weights in transparent huge pages: %.1f MiB", moved / 2**20)
