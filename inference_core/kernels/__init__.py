@@ -67,7 +67,10 @@ def build(verbose: bool = False) -> ModuleType:
 
 
 def load() -> ModuleType | None:
-    """The compiled kernels, or None (the reason is in ``status()``); never compiles at serving time."""
+    """The compiled kernels, or None (the reason is in ``status()``). Compiles only what scripts/setup.sh
+    built before: where there is no build, torch's path serves; where the sources changed since the build
+    (an update without a new set-up), torch's extension loader rebuilds it here, so a stale kernel with
+    other functions or semantics is never loaded."""
     if "module" in _state:
         return _state["module"]
     mod: ModuleType | None = None
