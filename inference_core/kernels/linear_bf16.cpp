@@ -442,6 +442,32 @@ inline void store_bf16_mask(uint16_t* p, __m512 v, __mmask16 k) {
 }
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
+// A 16x16 block of 32-bit lanes transposed in registers: o[j] holds column j of the rows r[0..15].
+inline void transpose16(__m512 r[16], __m512 o[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {  // r[4i+j] now holds, in 128-bit lane L, column 4L+j of rows 4i..4i+3
+    const __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44), u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+    const __m512 v0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+    o[j] = _mm512_shuffle_f32x4(u0, v0, 0x88);
+    o[4 + j] = _mm512_shuffle_f32x4(u0, v0, 0xDD);
+    o[8 + j] = _mm512_shuffle_f32x4(u1, v1, 0x88);
+    o[12 + j] = _mm512_shuffle_f32x4(u1, v1, 0xDD);
+  }
+}
+
 // e^x for fp32 lanes: 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial (relative error ~1e-7, far
 // below bf16's); arguments are clamped to where fp32 neither overflows nor underflows past zero.
 inline __m512 exp_ps(__m512 x) {
@@ -560,6 +586,123 @@ void rope_bf16_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos_in,
   });
 }
 
+namespace {
+
+// Scores of RG query heads against 16 keys whose bf16 pairs lie transposed in kt[p][16] (p: pair of dims):
+// VDPBF16PS with each head's pair broadcast, so no horizontal sums; the products are exact, sums in fp32.
+template <int RG>
+inline void pair_scores(const uint32_t* kt, const uint32_t* q32, int64_t P, float* out, int64_t stride, float sc) {
+  __m512 acc[RG];
+  for (int r = 0; r < RG; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const __m512bh k = (__m512bh)_mm512_load_si512(kt + p * 16);
+    for (int r = 0; r < RG; ++r)
+      acc[r] = _mm512_dpbf16_ps(acc[r], k, (__m512bh)_mm512_set1_epi32(static_cast<int>(q32[r * P + p])));
+  }
+  for (int r = 0; r < RG; ++r) _mm512_storeu_ps(out + r * stride, _mm512_mul_ps(acc[r], _mm512_set1_ps(sc)));
+}
+
+// The weighted sum of the values for RG query heads, DV x 16 dims, in registers: each value row is read
+// and widened once for the RG heads; acc [RG][DV * 16] receives the sums.
+template <int RG, int DV>
+inline void value_sums(const uint16_t* VP, const int64_t* slot, int64_t KH, int64_t kh, int64_t n,
+                       const float* score, int64_t npad, float* acc) {
+  __m512 a[RG][DV];
+  for (int r = 0; r < RG; ++r)
+    for (int d = 0; d < DV; ++d) a[r][d] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const uint16_t* v = VP + (slot[t] * KH + kh) * DV * 16;
+    __m512 vv[DV];
+    for (int d = 0; d < DV; ++d) vv[d] = load_bf16(v + d * 16);
+    for (int r = 0; r < RG; ++r) {
+      const __m512 w = _mm512_set1_ps(score[r * npad + t]);
+      for (int d = 0; d < DV; ++d) a[r][d] = _mm512_fmadd_ps(w, vv[d], a[r][d]);
+    }
+  }
+  for (int r = 0; r < RG; ++r)
+    for (int d = 0; d < DV; ++d) _mm512_storeu_ps(acc + r * DV * 16 + d * 16, a[r][d]);
+}
+
+// paged_decode_attention for head dims that are multiples of 32 (64 and 128 in every supported model).
+// Per sequence and kv head: keys 16 at a time are gathered through their slots and transposed into pairs,
+// so each query head's 16 scores are one run of VDPBF16PS (the scalar path reduces every dot product);
+// the softmax is vectorized (its exp as exp_ps) and normalized once at the end; the values are summed in
+// fp32, each read once for all the query heads that share it.
+void paged_attention_pairs(const uint16_t* Q, const uint16_t* KP, const uint16_t* VP, const int64_t* SL,
+                           const int64_t* LN, at::BFloat16* O, int64_t B, int64_t H, int64_t KH, int64_t D,
+                           int64_t W, float sc) {
+  const int64_t rep = H / KH, P = D / 2;
+  at::parallel_for(0, B * KH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score, acc(rep * D);
+    alignas(64) uint32_t kt[128 * 16];  // up to D = 256: 128 pairs x 16 keys
+    alignas(64) float vrow[256];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / KH, kh = i % KH, n = LN[b], npad = (n + 15) / 16 * 16;
+      const int64_t* slot = SL + b * W;
+      const uint32_t* q32 = reinterpret_cast<const uint32_t*>(Q + (b * H + kh * rep) * D);  // rep rows of P pairs
+      score.resize(rep * npad);
+      for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        const int64_t cnt = std::min<int64_t>(16, n - t0);
+        for (int64_t c = 0; c < P; c += 16) {  // 16 pairs of dims at a time: a 16x16 block of u32
+          __m512 rows[16], cols[16];
+          for (int j = 0; j < 16; ++j)
+            rows[j] = j < cnt ? _mm512_loadu_ps(reinterpret_cast<const float*>(KP + (slot[t0 + j] * KH + kh) * D) + c)
+                              : _mm512_setzero_ps();
+          transpose16(rows, cols);
+          for (int j = 0; j < 16; ++j) _mm512_store_ps(reinterpret_cast<float*>(kt + (c + j) * 16), cols[j]);
+        }
+        float* out = score.data() + t0;
+        int64_t r = 0;
+        for (; r + 4 <= rep; r += 4) pair_scores<4>(kt, q32 + r * P, P, out + r * npad, npad, sc);
+        for (; r + 2 <= rep; r += 2) pair_scores<2>(kt, q32 + r * P, P, out + r * npad, npad, sc);
+        for (; r < rep; ++r) pair_scores<1>(kt, q32 + r * P, P, out + r * npad, npad, sc);
+      }
+      float inv[64];  // 1 / the softmax's sum per query head (rep <= 64)
+      for (int64_t r = 0; r < rep; ++r) {
+        float* sr = score.data() + r * npad;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < n; t += 16)
+          mx = _mm512_mask_max_ps(mx, tail_mask(n - t), mx, _mm512_loadu_ps(sr + t));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t += 16) {
+          const __m512 e = _mm512_maskz_mov_ps(tail_mask(n - t), exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + t), m)));
+          _mm512_storeu_ps(sr + t, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      }
+      int64_t r0 = 0;  // the weighted sum in registers for head dims 64 and 128, groups of heads at a time
+      if (D == 64) {
+        for (; r0 + 4 <= rep; r0 += 4) value_sums<4, 4>(VP, slot, KH, kh, n, score.data() + r0 * npad, npad, acc.data() + r0 * D);
+        for (; r0 + 2 <= rep; r0 += 2) value_sums<2, 4>(VP, slot, KH, kh, n, score.data() + r0 * npad, npad, acc.data() + r0 * D);
+        for (; r0 < rep; ++r0) value_sums<1, 4>(VP, slot, KH, kh, n, score.data() + r0 * npad, npad, acc.data() + r0 * D);
+      } else if (D == 128) {
+        for (; r0 + 2 <= rep; r0 += 2) value_sums<2, 8>(VP, slot, KH, kh, n, score.data() + r0 * npad, npad, acc.data() + r0 * D);
+        for (; r0 < rep; ++r0) value_sums<1, 8>(VP, slot, KH, kh, n, score.data() + r0 * npad, npad, acc.data() + r0 * D);
+      }
+      std::fill(acc.begin() + r0 * D, acc.end(), 0.0f);
+      for (int64_t t = 0; t < n && r0 < rep; ++t) {  // other head dims: each value read once, in fp32
+        const uint16_t* v = VP + (slot[t] * KH + kh) * D;
+        for (int64_t d = 0; d < D; d += 16) _mm512_store_ps(vrow + d, load_bf16(v + d));
+        for (int64_t r = r0; r < rep; ++r) {
+          const __m512 w = _mm512_set1_ps(score[r * npad + t]);
+          float* a = acc.data() + r * D;
+          for (int64_t d = 0; d < D; d += 16)
+            _mm512_storeu_ps(a + d, _mm512_fmadd_ps(w, _mm512_load_ps(vrow + d), _mm512_loadu_ps(a + d)));
+        }
+      }
+      for (int64_t r = 0; r < rep; ++r) {
+        const __m512 s = _mm512_set1_ps(inv[r]);
+        uint16_t* o = reinterpret_cast<uint16_t*>(O + (b * H + kh * rep + r) * D);
+        for (int64_t d = 0; d < D; d += 16) store_bf16(o + d, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * D + d), s));
+      }
+    }
+  });
+}
+
+}  // namespace
+
 // Decode attention through the block tables: one query token per sequence attends to its cached keys and
 // values where they lie in the paged pool, with no copy of a sequence's cache (the library path gathers
 // every sequence's keys and values into a padded [B, T, K, D] tensor per layer per step).
@@ -595,6 +738,10 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q_in, const torch::Ten
   const uint16_t* VP = reinterpret_cast<const uint16_t*>(v_pool.data_ptr<at::BFloat16>());
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
   const float sc = static_cast<float>(scale);
+  if (D % 32 == 0 && D <= 256 && rep <= 64) {
+    paged_attention_pairs(Q, KP, VP, SL, LN, O, B, H, KH, D, W, sc);
+    return out;
+  }
   const bool vec = D % 16 == 0;  // head dims of 64 and 128: AVX512 throughout; others: the scalar loops
   at::parallel_for(0, B * KH, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> qf(rep * D), row(D), acc(rep * D), score;

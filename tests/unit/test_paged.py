@@ -294,16 +294,18 @@ def test_fused_rope_gives_torchs_bits(tokens: int, heads: int, kv_heads: int, di
 
 
 @needs_kernel
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 64), (14, 2, 64), (8, 8, 128), (6, 3, 24)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 64), (14, 2, 64), (8, 8, 128), (12, 2, 128),
+                                                       (16, 2, 96), (6, 3, 24)])
 def test_paged_decode_attention_reads_through_the_slots(heads: int, kv_heads: int, dim: int) -> None:
     """The kernel against SDPA over keys and values gathered into a padded tensor (the library path): scattered
-    slots, sequences of different lengths (one key, many), grouped-query heads, a head dim off the vector
-    width; and bad slots or lengths are refused."""
+    slots, sequences of different lengths (one key, many; whole and partial blocks of 16 keys), grouped-query
+    heads in groups of 4, 2 and 1 (7 and 6 per kv head), head dims of 64 and 128 (values summed in registers),
+    96 (pairs of dims, values in memory) and 24 (the scalar path); and bad slots or lengths are refused."""
     gen = torch.Generator().manual_seed(heads * 100 + dim)
     slots_in_pool = 512
     k_pool = torch.randn(slots_in_pool, kv_heads, dim, generator=gen).bfloat16()
     v_pool = torch.randn(slots_in_pool, kv_heads, dim, generator=gen).bfloat16()
-    lens = torch.tensor([1, 37, 200, 5, 129])
+    lens = torch.tensor([1, 37, 200, 5, 129, 16])
     width = int(lens.max())
     slots = torch.zeros(len(lens), width, dtype=torch.long)
     for b, n in enumerate(lens.tolist()):
