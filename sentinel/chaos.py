@@ -78,10 +78,11 @@ class ChaosError(SentinelError):
 def _audited_outcome(http: httpx.Client, api: str, since: float, wait_s: float,
                      match: Callable[[dict[str, Any]], bool]) -> str | None:
     """The outcome of the first audited action since ``since`` that ``match`` accepts, waiting up to ``wait_s``:
-    an action verifies before it audits its outcome."""
+    an action verifies before it audits its outcome. The audit lists the newest first: the drill's own action
+    is the oldest match, not whatever a still-firing alert asked for after it."""
     deadline = time.monotonic() + wait_s
     while True:
-        for e in http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]:
+        for e in reversed(http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]):
             if e["kind"] == "outcome" and e["ts"] >= since and match(e):
                 return str(e["outcome"])
         if time.monotonic() >= deadline:

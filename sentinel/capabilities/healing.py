@@ -36,7 +36,9 @@ class SelfHealing:
         self.store = store
         self.audit = audit
         self.guardrails = Guardrails(r.dry_run, r.paused, r.cooldown, r.max_actions_per_hour, r.max_concurrent,
-                                     settings.replicas.min_count, r.scale_in_stabilization)
+                                     settings.replicas.min_count,
+                                     max(settings.replicas.max_count, settings.replicas.count),
+                                     r.scale_in_stabilization)
         self.remediator = Remediator(store, actuator, self.guardrails, metrics, verify_timeout_s=r.verify_timeout,
                                      ladder_window_s=r.escalation_window, clear_deadline_s=r.clear_deadline)
         self.remediator.evidence = evidence

@@ -16,6 +16,7 @@ class Guardrails:
     max_actions_per_hour: int = 6      # global
     max_concurrent: int = 1            # global actions in flight
     min_replicas: int = 1              # scale-in never goes below this many replicas
+    max_replicas: int = 64             # scale-out never goes beyond this many replicas
     scale_in_stabilization_s: float = 300.0  # scale in only after the alert has fired this long (HPA's default)
 
 
@@ -72,6 +73,10 @@ def decide(req: ActionRequest, hist: History, g: Guardrails, now: float) -> Deci
         why = _scale_in_refused(hist, g, now)
         if why:
             return Decision(False, why)
+    if req.action == "scale_out" and hist.replicas >= g.max_replicas:
+        # HPA's ScalingLimited: a ceiling is a decision, not a failed action (the alert itself still notifies)
+        return Decision(False, f"at replicas.max_count={g.max_replicas} ({hist.replicas} running): "
+                               f"a human must add capacity")
     if g.dry_run:
         return Decision(False, f"dry-run: would {req.action} {req.target}")
     return Decision(True, f"{req.action} {req.target}")

@@ -185,9 +185,15 @@ class Remediator:
                 return Decision(False, rung_why)
             action = step
         req = ActionRequest(rule, action, target, a.fingerprint, incident, firing=a.fired_at > 0 and not a.resolved_at)
-        # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked
-        on_target = [r.started_at for r in past if r.outcome != "aborted" and (
-            (r.target == target and action not in SCALE) or (action in SCALE and r.action in SCALE))]
+        # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked,
+        # counted from when the last one finished (an in-flight one: now), so the metrics that asked for it
+        # see the new capacity before another replica's alert asks again (a scale-out can take longer
+        # to start its replica than the cooldown lasts)
+        if action in SCALE:
+            on_target = [r.finished_at if r.finished_at is not None else now for r in past
+                         if r.outcome != "aborted" and r.action in SCALE]
+        else:
+            on_target = [r.started_at for r in past if r.outcome != "aborted" and r.target == target]
         scaled = [r.started_at for r in recent if r.action in SCALE and r.outcome != "aborted"]
         capacity = getattr(self.actuator, "capacity", None)
         replicas, healthy_after = capacity() if capacity is not None and action in SCALE else (0, 0)

@@ -246,6 +246,9 @@ def test_scale_out_under_load_then_in_past_the_window(tmp_path: Path, receiver: 
         assert ("EngineBusyScaleOut", "scale_out", "succeeded") in done
         assert ("InferenceIdleScaleIn", "scale_in", "succeeded") in done
         assert sum(1 for o in done if o[1] == "scale_in") == 1, done
+        # one scale-out: a second busy replica's alert waits out the cooldown from the first's end, and at
+        # max_count=3 it is a refused decision, never a failed (escalated) action
+        assert [o for o in done if o[1] == "scale_out"] == [("EngineBusyScaleOut", "scale_out", "succeeded")], done
         idle = wait_for("an InferenceIdleScaleIn notification for replica-2", lambda: [
             a for a in alerts_named(receiver, "InferenceIdleScaleIn", "firing")
             if a["labels"]["replica"] == "replica-2"], 30, proc, log)

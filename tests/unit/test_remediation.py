@@ -63,6 +63,21 @@ def test_scale_in_policy(hist: History, g: Guardrails, act: bool, reason: str) -
     assert d.act is act and reason in d.reason, d
 
 
+OUT = ActionRequest("Busy", "scale_out", "replica-0", "fp", "Busy/fp/1.000", firing=True)
+
+
+@pytest.mark.parametrize(("replicas", "act", "reason"), [
+    (2, True, "scale_out replica-0"),
+    (3, False, "at replicas.max_count=3 (3 running): a human must add capacity"),
+    (4, False, "at replicas.max_count=3 (4 running)"),
+])
+def test_scale_out_stops_at_the_ceiling_as_a_decision(replicas: int, act: bool, reason: str) -> None:
+    """HPA's ScalingLimited: at max_count a scale-out is refused by the policy (audited, no failed action
+    that escalates), as a scale-in is at min_count."""
+    d = decide(OUT, _cap(replicas=replicas), Guardrails(max_replicas=3), now=1000.0)
+    assert d.act is act and reason in d.reason, d
+
+
 class Actuator:
     def __init__(self, healthy: bool = True, fail: bool = False) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -170,6 +185,40 @@ def test_scale_actions_share_one_cooldown_across_replicas(tmp_path: Path) -> Non
     cuda = Alert({"alertname": "CudaError", "replica": "replica-1"}, {}, 1.0, State.FIRING, 2.0, fired_at=2.0)
     assert r2.consider("CudaError", "restart", cuda).act
     r2.shutdown()
+
+
+def test_the_scale_cooldown_counts_from_the_end_of_a_slow_scale_out(tmp_path: Path) -> None:
+    """A scale-out whose new replica took 20 s to start (longer than the 5 s cooldown): another replica's
+    busy alert, still firing on metrics from before the new capacity, waits the cooldown out from when the
+    scale-out finished, not from when it began; while one is in flight it waits too."""
+    from sentinel.alerts.store import Remediation
+
+    store = Store(tmp_path / "s.db")
+    assert store.start_remediation(Remediation("Busy/a/1.000", "a", "Busy", "scale_out", "replica-0", 100.0,
+                                               None, None))
+    now = [121.0]
+
+    class Two(Actuator):
+        def targets(self) -> set[str]:
+            return {"replica-0", "replica-1"}
+
+        def capacity(self) -> tuple[int, int]:
+            return 2, 1
+
+    a = Two()
+    busy1 = Alert({"alertname": "Busy", "replica": "replica-1"}, {}, 95.0, State.FIRING, 90.0, fired_at=95.0)
+    r = Remediator(store, a, Guardrails(cooldown_s=5, max_concurrent=2), clock=lambda: now[0])
+    d = r.consider("Busy", "scale_out", busy1)
+    assert not d.act and "cooldown for another 5s" in d.reason  # in flight, started 21 s ago
+    store.finish_remediation("Busy/a/1.000", 120.0, "succeeded")
+    now[0] = 123.0
+    d = r.consider("Busy", "scale_out", busy1)
+    assert not d.act and "cooldown for another 2s" in d.reason  # finished 3 s ago
+    now[0] = 126.0
+    assert r.consider("Busy", "scale_out", busy1).act
+    assert a.done.wait(5)
+    r.shutdown()
+    assert a.calls == [("scale_out", "replica-1")]
 
 
 HOSTILE = ["$(touch /tmp/sentinel-pwned)", "`touch /tmp/sentinel-pwned`", "replica-0; touch /tmp/sentinel-pwned",
