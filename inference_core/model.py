@@ -10,6 +10,7 @@ D head dim.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,55 @@ def device_of(module: nn.Module) -> torch.device:
     raise ValueError(f"{type(module).__name__} holds no tensors")
 
 
+def fuse_linears(group: list[nn.Module]) -> nn.Linear | None:
+    """One linear layer computing every layer of ``group`` at once (vLLM's QKVParallelLinear and
+    MergedColumnParallelLinear), as views of their weights and biases where those already lie back to back
+    in memory (``weights.move_to_hugepages`` lays them out so): no copy, the state dict unchanged. None where
+    they do not (other dtypes or inputs, a bias on some only, or not adjacent)."""
+    if not group or not all(isinstance(m, nn.Linear) for m in group):
+        return None
+    lins: list[nn.Linear] = group  # type: ignore[assignment]
+    first = lins[0].weight
+    if any(m.in_features != lins[0].in_features or m.weight.dtype != first.dtype
+           or m.weight.device != first.device or not m.weight.is_contiguous() for m in lins):
+        return None
+
+    def adjacent(ts: list[Tensor]) -> Tensor | None:
+        for a, b in itertools.pairwise(ts):
+            if a.data_ptr() + a.nbytes != b.data_ptr() or a.untyped_storage().data_ptr() != \
+                    b.untyped_storage().data_ptr():
+                return None
+        base = ts[0]
+        rows = sum(t.shape[0] for t in ts)
+        return base.new_empty(0).set_(base.untyped_storage(), base.storage_offset(), (rows, *base.shape[1:]),
+                                      base.stride())
+
+    weight = adjacent([m.weight.detach() for m in lins])
+    biases = [m.bias for m in lins]
+    if weight is None or any((b is None) != (biases[0] is None) for b in biases):
+        return None
+    bias = None
+    if biases[0] is not None:
+        bias = adjacent([b.detach() for b in biases if b is not None])
+        if bias is None:
+            return None
+    fused = nn.Linear(lins[0].in_features, weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    return fused
+
+
+def _fused(module: nn.Module, name: str, first: nn.Module) -> nn.Linear | None:
+    """The fused layer ``name`` when it still views ``first``'s weight (nothing replaced or moved it since)."""
+    lin: nn.Linear | None = vars(module).get(name)
+    weight = getattr(first, "weight", None)
+    if lin is None or not isinstance(weight, Tensor) or lin.weight.data_ptr() != weight.data_ptr() \
+            or lin.weight.device != weight.device:
+        return None
+    return lin
+
+
 class Attention(nn.Module):
     # the CPU kernels' module (inference_core.kernels.accelerate sets it): decode attention through the slots
     decode_kernel: Any = None
@@ -112,6 +162,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, k * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, k * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+
+    def fusion_groups(self) -> dict[str, list[nn.Module]]:
+        """Layers that read the same input, fused into one call where their weights lie back to back."""
+        return {"fused_qkv": [self.q_proj, self.k_proj, self.v_proj]}
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None, layer: int
@@ -133,9 +187,17 @@ class Attention(nn.Module):
     def forward_flat(self, x: Tensor, cos: Tensor, sin: Tensor, batch: FlatBatch, kv: tuple[Tensor, Tensor]) -> Tensor:
         # x: [N, hidden]; cos/sin: [N, 1, D]; kv: this layer's key/value pools, [slots, K, D] each
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.h, self.d)
-        k = self.k_proj(x).view(n, self.k, self.d)
-        v = self.v_proj(x).view(n, self.k, self.d)
+        qkv = _fused(self, "fused_qkv", self.q_proj)
+        if qkv is not None:  # one call: q, k, v side by side in each row
+            qw, kw = self.h * self.d, self.k * self.d
+            out = qkv(x)
+            q = out[:, :qw].contiguous().view(n, self.h, self.d)  # copies: RoPE runs in place on contiguous
+            k = out[:, qw:qw + kw].contiguous().view(n, self.k, self.d)  # q and k
+            v = out[:, qw + kw:].view(n, self.k, self.d)
+        else:
+            q = self.q_proj(x).view(n, self.h, self.d)
+            k = self.k_proj(x).view(n, self.k, self.d)
+            v = self.v_proj(x).view(n, self.k, self.d)
         kernel = self.decode_kernel
         if kernel is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             kernel.rope_bf16_(q, k, cos, sin)  # in place, in one pass, rounding as the line below does
@@ -183,7 +245,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def fusion_groups(self) -> dict[str, list[nn.Module]]:
+        return {"fused_gate_up": [self.gate_proj, self.up_proj]}
+
     def forward(self, x: Tensor) -> Tensor:
+        gate_up = _fused(self, "fused_gate_up", self.gate_proj)
+        if gate_up is not None:  # one call: gate and up side by side in each row
+            gu = gate_up(x)
+            if self.fused_kernel is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+                return self.down_proj(self.fused_kernel.silu_mul_halves_bf16(gu))
+            g, u = gu.chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         if self.fused_kernel is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu":
             return self.down_proj(self.fused_kernel.silu_mul_bf16(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

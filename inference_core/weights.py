@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from inference_core.checkpoint import SINGLE_FILE, WeightsError, checkpoint_files, validate_safetensors_header
 from inference_core.config import PRESETS, ModelConfig
 from inference_core.integrity import write_manifest
-from inference_core.model import CausalLM, rope_inv_freq
+from inference_core.model import CausalLM, fuse_linears, rope_inv_freq
 from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE, corpus_text, train_bundled_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,8 +115,16 @@ def move_to_hugepages(model: CausalLM) -> int:
                 return base, mm
         return None
 
+    # layers that read one input (q, k, v; gate, up) first, their weights back to back and then their
+    # biases, so that each group runs as one matrix (model.fuse_linears: views, no copy)
+    grouped: list[torch.Tensor] = []
+    for module in model.modules():
+        for group in getattr(module, "fusion_groups", dict)().values():
+            if all(isinstance(m, torch.nn.Linear) for m in group):
+                grouped += [m.weight for m in group]
+                grouped += [m.bias for m in group if m.bias is not None]
     tensors: dict[int, torch.Tensor] = {}
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [*grouped, *model.parameters(), *model.buffers()]:
         if t.device.type == "cpu" and t.is_contiguous() and mapped(t) and t.data_ptr() not in tensors:
             tensors[t.data_ptr()] = t
     align = 64
@@ -148,6 +156,10 @@ def move_to_hugepages(model: CausalLM) -> int:
                 if buf.data_ptr() in moved:
                     module._buffers[name] = moved[buf.data_ptr()]
     model.mmaps.append(arena)  # the arena lives as long as the model; the file maps stay for what was left
+    for module in model.modules():
+        for name, group in getattr(module, "fusion_groups", dict)().items():
+            if (fused := fuse_linears(group)) is not None:
+                vars(module)[name] = fused  # not a submodule: the state dict keeps the checkpoint's names
     return offset
 
 

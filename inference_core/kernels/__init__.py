@@ -11,8 +11,9 @@ the weights on every call.
 weights is widened to bf16 (exact) just before its tile load and the sums are scaled per row, so a
 decode step reads half the bytes (torch's int8 kernel, used before, barely beat bf16 here, and batches
 above 4 rows dequantized each whole matrix per call).
-``rms_norm_bf16``, ``silu_mul_bf16`` and ``rope_bf16_`` do a layer's elementwise steps in one pass each,
-rounding where torch's bf16 ops round (a dozen small torch ops per layer before).
+``rms_norm_bf16``, ``silu_mul_bf16`` (``silu_mul_halves_bf16`` over a fused gate/up projection's rows)
+and ``rope_bf16_`` do a layer's elementwise steps in one pass each, rounding where torch's bf16 ops round
+(a dozen small torch ops per layer before).
 ``accelerate(model)`` switches a model's attention to it (bf16 on a CPU) and its bf16 CPU linear layers:
 one row goes to ``linear_bf16``, 2..``AMX_MAX_ROWS`` rows to ``linear_amx`` where the CPU has AMX (or up
 to ``MAX_ROWS`` rows to ``linear_bf16`` where it has not), and larger inputs (prefill) keep oneDNN's
@@ -130,7 +131,9 @@ def accelerate(model: nn.Module) -> int:
         return 0
     FastLinear.kernel = mod
     n = 0
-    for m in model.modules():
+    fused = [f for m in model.modules() for name in getattr(m, "fusion_groups", dict)()
+             if isinstance(f := vars(m).get(name), nn.Linear)]  # weights.move_to_hugepages' fused q/k/v, gate/up
+    for m in [*model.modules(), *fused]:
         if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
             m.__class__ = FastLinear
             if amx() and m.in_features % 32 == 0 and m.out_features % 16 == 0:  # linear_amx's tile shapes

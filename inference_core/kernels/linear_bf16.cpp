@@ -523,26 +523,48 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x_in, const torch::Tensor& w, d
   return out;
 }
 
+namespace {
+
+// rows x n of bf16(bf16(silu(gate)) * up): gate row r at G + r * gs, up row r at U + r * us, out dense.
+void silu_mul_rows(const uint16_t* G, int64_t gs, const uint16_t* U, int64_t us, uint16_t* O, int64_t rows,
+                   int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const int64_t per_row = (n + 15) / 16;
+  at::parallel_for(0, rows * per_row, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b / per_row, i = (b % per_row) * 16;
+      const __mmask16 k = tail_mask(n - i);
+      const __m512 g = load_bf16_mask(G + r * gs + i, k);
+      const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+      store_bf16_mask(O + r * n + i, _mm512_mul_ps(silu, load_bf16_mask(U + r * us + i, k)), k);
+    }
+  });
+}
+
+}  // namespace
+
 // SwiGLU's middle: bf16(bf16(silu(gate)) * up), elementwise.
 torch::Tensor silu_mul_bf16(const torch::Tensor& gate_in, const torch::Tensor& up_in) {
   TORCH_CHECK(gate_in.scalar_type() == at::kBFloat16 && up_in.scalar_type() == at::kBFloat16, "bf16 tensors only");
   TORCH_CHECK(gate_in.sizes() == up_in.sizes(), "gate and up differ in shape");
   auto gate = gate_in.contiguous(), up = up_in.contiguous();
   auto out = torch::empty_like(gate);
-  const int64_t n = gate.numel();
-  const uint16_t* G = bf16_ptr(gate);
-  const uint16_t* U = bf16_ptr(up);
-  uint16_t* O = bf16_mut(out);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = b * 16;
-      const __mmask16 k = tail_mask(n - i);
-      const __m512 g = load_bf16_mask(G + i, k);
-      const __m512 silu = round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-      store_bf16_mask(O + i, _mm512_mul_ps(silu, load_bf16_mask(U + i, k)), k);
-    }
-  });
+  silu_mul_rows(bf16_ptr(gate), 0, bf16_ptr(up), 0, bf16_mut(out), 1, gate.numel());
+  return out;
+}
+
+// The same over a fused gate/up projection's rows [..., 2I], gate in the first half of each, up in the
+// second: out [..., I].
+torch::Tensor silu_mul_halves_bf16(const torch::Tensor& gu_in) {
+  TORCH_CHECK(gu_in.scalar_type() == at::kBFloat16 && gu_in.dim() >= 1 && gu_in.size(-1) % 2 == 0,
+              "bf16 [..., 2I] only");
+  auto gu = gu_in.contiguous();
+  const int64_t n = gu.size(-1) / 2, rows = n ? gu.numel() / (2 * n) : 0;
+  auto sizes = gu.sizes().vec();
+  sizes.back() = n;
+  auto out = torch::empty(sizes, gu.options());
+  const uint16_t* G = bf16_ptr(gu);
+  silu_mul_rows(G, 2 * n, G + n, 2 * n, bf16_mut(out), rows, n);
   return out;
 }
 
@@ -782,6 +804,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm as transformers' Qwen2/Llama computes it in bf16");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up in bf16");
+  m.def("silu_mul_halves_bf16", &silu_mul_halves_bf16, "silu(gate) * up in bf16 over rows [gate | up]");
   m.def("rope_bf16_", &rope_bf16_, "the rotary embedding in place on q and k (bf16)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its keys and values in the paged pool, read through its slots (bf16)");

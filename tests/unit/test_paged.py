@@ -3,6 +3,7 @@ arithmetic; the AVX512-BF16 and AMX kernels against torch's linear."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,11 @@ def test_fused_silu_mul_matches_torch(shape: tuple[int, int]) -> None:
     # its own exp: at most one bf16 rounding step apart where torch's exp lands on the other side
     assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-30).all()
     assert (got != want).float().mean() < 0.01
+    # over a fused gate/up projection's rows [gate | up]: the same bits as the two halves apart
+    halves = mod.silu_mul_halves_bf16(torch.cat([gate, up], dim=-1))
+    assert halves.shape == gate.shape and torch.equal(halves, mod.silu_mul_bf16(gate, up))
+    with pytest.raises(RuntimeError, match=r"\[..., 2I\]"):
+        mod.silu_mul_halves_bf16(gate[:, :-1] if shape[1] % 2 == 0 else gate)
 
 
 @needs_kernel
@@ -404,5 +410,73 @@ def test_weights_moved_to_huge_pages_give_the_same_logits(tiny_model_dir: Path) 
         pytest.skip("transparent huge pages are off on this machine: the weights stay in the file map")
     assert moved >= sum(p.nbytes for p in model.parameters()) // 2
     assert not any(lo <= p.data_ptr() < hi for p in model.parameters())  # nothing views the file any more
-    assert torch.equal(model(ids, pos), before)
+    # the same logits: q, k, v and gate, up now run as one matrix each, which torch's fp32 kernel blocks
+    # differently (the sums' order: fp32 rounding only)
+    torch.testing.assert_close(model(ids, pos), before, rtol=1e-5, atol=1e-5)
     assert model.lm_head.weight is model.model.embed_tokens.weight or not model.config.tie_word_embeddings
+
+
+
+def _checkpoint(out: Path, cfg: ModelConfig, dtype: torch.dtype) -> Path:
+    """A random checkpoint in ``dtype`` (what load_model maps without a copy)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    out.mkdir(parents=True)
+    model = CausalLM(dataclasses.replace(cfg, torch_dtype=str(dtype).removeprefix("torch."))).to(dtype)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(model.config.to_dict()))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_projections_reading_one_input_run_fused_after_the_move(tmp_path: Path, dtype: torch.dtype) -> None:
+    """move_to_hugepages lays q, k, v (with their biases) and gate, up back to back, so each group runs as
+    one matrix: views of the same weights (no copy; the state dict keeps the checkpoint's names). A packed
+    step (decodes and a prefill chunk) gives the unfused model's logits: bit for bit in bf16 (the CPU
+    kernels, where built), to fp32 rounding in fp32. Layers that are not adjacent are never fused."""
+    from inference_core.model import _fused, fuse_linears
+    from inference_core.weights import hugepages_available, move_to_hugepages
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2, attention_bias=True)
+    apart = CausalLM(cfg).model.layers[0]
+    assert fuse_linears([apart.self_attn.q_proj, apart.self_attn.k_proj, apart.self_attn.v_proj]) is None
+    assert fuse_linears([apart.mlp.gate_proj, apart.mlp.up_proj]) is None
+    if not hugepages_available():
+        pytest.skip("transparent huge pages are off on this machine: no move, no fusion")
+    model_dir = _checkpoint(tmp_path / "m", cfg, dtype)
+    fused, plain = load_model(model_dir), load_model(model_dir)
+    names = sorted(fused.state_dict())
+    move_to_hugepages(fused)
+    assert sorted(fused.state_dict()) == names
+    for layer in fused.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = vars(attn)["fused_qkv"], vars(mlp)["fused_gate_up"]
+        assert qkv.weight.data_ptr() == attn.q_proj.weight.data_ptr()  # a view, not a copy
+        assert qkv.bias.data_ptr() == attn.q_proj.bias.data_ptr()
+        assert torch.equal(qkv.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        assert torch.equal(qkv.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        assert torch.equal(gate_up.weight, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    if dtype == torch.bfloat16 and kernels.load() is not None:
+        assert kernels.accelerate(fused) == kernels.accelerate(plain) + 2 * 2  # the fused layers too
+        assert type(vars(fused.model.layers[0].mlp)["fused_gate_up"]) is kernels.FastLinear
+    outs = []
+    for m in (fused, plain):
+        pool = _pool(m, 8, 16)
+        first = m.forward_flat(FlatBatch([SeqChunk([5, 6, 7, 8, 9, 10, 11, 12, 13], 0, [0], True),
+                                          SeqChunk([30, 31, 32], 0, [2], True)], 16), pool)
+        step = m.forward_flat(FlatBatch([SeqChunk([40], 9, [0], True), SeqChunk([41], 3, [2], True),
+                                         SeqChunk([50, 51, 52, 53], 0, [4], True)], 16), pool)
+        outs.append((first, step))
+    for a, b in zip(*outs, strict=True):
+        if dtype == torch.bfloat16:  # the kernels compute each output column alone: the same bits
+            assert torch.equal(a, b)
+        else:  # torch's fp32 kernel blocks a wider matrix differently (the sums' order)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # a layer replaced afterwards (as quantization does) is no longer fused over
+    fused.model.layers[0].self_attn.q_proj = torch.nn.Linear(128, 128, bias=True).to(dtype)
+    assert _fused(fused.model.layers[0].self_attn, "fused_qkv", fused.model.layers[0].self_attn.q_proj) is None
