@@ -1,8 +1,9 @@
 """Sampling parameters and next-token choice for a whole batch at once.
 
-Greedy rows take one ``argmax`` over the batch; the others are scaled by their temperature, cut to
-their top-k and nucleus (top-p) together, and drawn with ``torch.multinomial`` — one draw for every
-unseeded row, one per seeded row (its own generator, so a seed reproduces a choice exactly).
+Greedy rows take one ``argmax`` over the batch (on the CPU kernel for bf16 logits); the others are
+scaled by their temperature, cut to their top-k and nucleus (top-p) together, and drawn with
+``torch.multinomial`` — one draw for every unseeded row, one per seeded row (its own generator, so a
+seed reproduces a choice exactly).
 Log-probabilities, when asked, come from the same logits (before temperature, as OpenAI reports them).
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from inference_core import kernels
 
 
 @dataclass(frozen=True)
@@ -41,17 +44,21 @@ def sample_batch(logits: Tensor, params: list[SamplingParams], generators: list[
                  banned: list[frozenset[int]] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [M, V], one row per sequence. ``banned`` ids get no probability (EOS before min_tokens)."""
     assert logits.shape[0] == len(params) == len(generators), "one parameter set and generator per row"
-    logits = logits.float()
+    greedy = [i for i, p in enumerate(params) if p.temperature < SAMPLING_EPS]
+    rand = [i for i, p in enumerate(params) if p.temperature >= SAMPLING_EPS]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
     if banned and any(banned):
-        logits = logits.clone()
+        logits = logits.float()  # a copy: the bans never reach the caller's logits
         for i, ban in enumerate(banned):
             if ban:
                 logits[i, list(ban)] = float("-inf")
-    chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    greedy = [i for i, p in enumerate(params) if p.temperature < SAMPLING_EPS]
+    elif greedy and not rand and not want:  # the common greedy batch: no float copy of [M, V]
+        chosen[:] = argmax(logits)
+        return chosen.tolist(), [None] * len(params)
+    logits = logits.float()
     if greedy:
-        chosen[greedy] = logits[greedy].argmax(dim=-1)
-    rand = [i for i, p in enumerate(params) if p.temperature >= SAMPLING_EPS]
+        chosen[greedy] = argmax(logits if len(greedy) == len(params) else logits[greedy])
     if rand:
         probs = _filtered_probs(logits[rand], [params[i] for i in rand])
         free = [j for j, i in enumerate(rand) if generators[i] is None]
@@ -63,13 +70,22 @@ def sample_batch(logits: Tensor, params: list[SamplingParams], generators: list[
                 chosen[i] = int(torch.multinomial(probs[j].cpu(), 1, generator=gen))
     ids: list[int] = chosen.tolist()
     lps: list[TokenLogprob | None] = [None] * len(params)
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:
         top_n = max(params[i].logprobs or 0 for i in want)
         for i, lp in zip(want, token_logprobs(logits[want], [ids[i] for i in want], top_n), strict=True):
             n = params[i].logprobs or 0
             lps[i] = TokenLogprob(lp.token_id, lp.logprob, lp.top[:n])
     return ids, lps
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """Each row's index of its maximum, as ``torch.argmax`` chooses (the first of ties, the first NaN): on
+    the CPU kernel for bf16 rows (torch's takes ~6 ms over 16 rows of a 152k vocabulary on 2 cores, the
+    kernel ~0.4 ms), else torch's."""
+    if logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1]:
+        if (mod := kernels.load()) is not None:
+            return mod.argmax_bf16(logits)
+    return logits.argmax(dim=-1)
 
 
 def token_logprobs(logits: Tensor, token_ids: list[int], top_n: int) -> list[TokenLogprob]:

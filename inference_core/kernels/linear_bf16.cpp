@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -568,6 +569,51 @@ torch::Tensor silu_mul_halves_bf16(const torch::Tensor& gu_in) {
   return out;
 }
 
+// Greedy sampling's pick: each row's index of its maximum, the first where it ties, and the first NaN where
+// a row holds one (torch.argmax's choice). logits [M, V] bf16 -> [M] int64. Lane by lane over 16 columns
+// at a time (a strictly greater value replaces, so each lane keeps its first maximum), then across lanes.
+torch::Tensor argmax_bf16(const torch::Tensor& logits_in) {
+  TORCH_CHECK(logits_in.scalar_type() == at::kBFloat16 && logits_in.dim() == 2 && logits_in.size(1) > 0,
+              "bf16 logits [M, V] only");
+  auto logits = logits_in.contiguous();
+  const int64_t M = logits.size(0), V = logits.size(1);
+  auto out = torch::empty({M}, logits.options().dtype(at::kLong));
+  const uint16_t* L = bf16_ptr(logits);
+  int64_t* O = out.data_ptr<int64_t>();
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* row = L + r * V;
+      __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512i where = _mm512_set1_epi32(-1);
+      __mmask16 nan = 0;
+      __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512i step = _mm512_set1_epi32(16);
+      for (int64_t i = 0; i < V; i += 16) {
+        const __mmask16 k = tail_mask(V - i);
+        const __m512 v = load_bf16_mask(row + i, k);
+        nan |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
+        const __mmask16 gt = _mm512_mask_cmp_ps_mask(k, v, best, _CMP_GT_OQ) |
+                             (_mm512_mask_cmp_ps_mask(k, v, best, _CMP_EQ_OQ) &
+                              _mm512_cmpeq_epi32_mask(where, _mm512_set1_epi32(-1)));  // -inf rows: the first
+        best = _mm512_mask_mov_ps(best, gt, v);
+        where = _mm512_mask_mov_epi32(where, gt, col);
+        col = _mm512_add_epi32(col, step);
+      }
+      if (nan) {
+        int64_t i = 0;
+        while (!std::isnan(static_cast<float>(c10::BFloat16(row[i], c10::BFloat16::from_bits())))) ++i;
+        O[r] = i;
+        continue;
+      }
+      const float m = _mm512_reduce_max_ps(best);
+      const __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ) &
+                            _mm512_cmpneq_epi32_mask(where, _mm512_set1_epi32(-1));
+      O[r] = _mm512_mask_reduce_min_epi32(top, where);
+    }
+  });
+  return out;
+}
+
 // The rotary embedding in place on q [N, H, D] and k [N, K, D] with cos, sin [N, 1, D] (bf16), rounding as
 // torch's x * cos + rotate_half(x) * sin does in bf16: each product, then the sum.
 void rope_bf16_(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos_in, const torch::Tensor& sin_in) {
@@ -804,6 +850,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_ready", &amx_ready, "whether this process may use AMX tiles");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm as transformers' Qwen2/Llama computes it in bf16");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up in bf16");
+  m.def("argmax_bf16", &argmax_bf16, "each row's first index of its maximum (greedy sampling), bf16");
   m.def("silu_mul_halves_bf16", &silu_mul_halves_bf16, "silu(gate) * up in bf16 over rows [gate | up]");
   m.def("rope_bf16_", &rope_bf16_, "the rotary embedding in place on q and k (bf16)");
   m.def("paged_decode_attention", &paged_decode_attention,
