@@ -140,12 +140,18 @@ def fuse_linears(group: list[nn.Module]) -> nn.Linear | None:
     return fused
 
 
-def _fused(module: nn.Module, name: str, first: nn.Module) -> nn.Linear | None:
-    """The fused layer ``name`` when it still views ``first``'s weight (nothing replaced or moved it since)."""
-    lin: nn.Linear | None = vars(module).get(name)
-    weight = getattr(first, "weight", None)
-    if lin is None or not isinstance(weight, Tensor) or lin.weight.data_ptr() != weight.data_ptr() \
-            or lin.weight.device != weight.device:
+def _weights(m: nn.Module | None) -> Tensor | None:
+    w = getattr(m, "weight", None)
+    w = w if isinstance(w, Tensor) else getattr(m, "qweight", None)  # quantize.Int8Linear
+    return w if isinstance(w, Tensor) else None
+
+
+def _fused(module: nn.Module, name: str, first: nn.Module) -> nn.Module | None:
+    """The fused layer ``name`` (``fuse_linears``, ``quantize.Int8Linear.stacked``) when it still views
+    ``first``'s weights (nothing replaced or moved them since)."""
+    lin: nn.Module | None = vars(module).get(name)
+    a, b = _weights(lin), _weights(first)
+    if a is None or b is None or a.data_ptr() != b.data_ptr() or a.device != b.device:
         return None
     return lin
 

@@ -1,4 +1,5 @@
 """Int8 weight-only quantization: symmetric, per output channel (per row for embeddings), fp16 scales.
+Layers that read one input (q, k, v; gate, up) are stacked into one matrix each, which they view.
 
 Weights are stored as int8 plus one scale per row and dequantized on the fly in the forward pass; the
 activations stay in the model's dtype. The deployment guide's budget: 25 % of the fp32 size within
@@ -44,6 +45,30 @@ class Int8Linear(nn.Module):
 
     qweight: Tensor
     scale: Tensor
+    bias: nn.Parameter | None
+
+    @classmethod
+    def stacked(cls, layers: list[Int8Linear]) -> Int8Linear | None:
+        """One layer computing ``layers`` (which read the same input) at once, their rows stacked; each of
+        ``layers`` then views its rows of it (no second copy). None where their inputs or biases differ."""
+        if len(layers) < 2 or any(m.in_features != layers[0].in_features for m in layers) \
+                or any((m.bias is None) != (layers[0].bias is None) for m in layers):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.register_buffer("qweight", torch.cat([m.qweight for m in layers]))
+        fused.register_buffer("scale", torch.cat([m.scale for m in layers]))
+        biases = [m.bias.detach() for m in layers if m.bias is not None]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if biases else None
+        fused.in_features, fused.out_features = layers[0].in_features, int(fused.qweight.shape[0])
+        first = 0
+        for m in layers:
+            rows = slice(first, first + m.out_features)
+            m.qweight, m.scale = fused.qweight[rows], fused.scale[rows]
+            if fused.bias is not None:
+                m.bias = nn.Parameter(fused.bias.detach()[rows], requires_grad=False)
+            first += m.out_features
+        return fused
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
@@ -92,6 +117,10 @@ def quantize_int8(model: CausalLM) -> CausalLM:
         head, emb = model.lm_head, model.model.embed_tokens
         assert isinstance(head, Int8Linear) and isinstance(emb, Int8Embedding)
         emb.qweight, emb.scale = head.qweight, head.scale
+    for module in model.modules():  # q, k, v and gate, up: one call each (as weights.move_to_hugepages does)
+        for name, group in getattr(module, "fusion_groups", dict)().items():
+            if all(isinstance(m, Int8Linear) for m in group) and (fused := Int8Linear.stacked(group)) is not None:
+                vars(module)[name] = fused  # not a submodule: the state dict keeps the layers' names
     release_mapped_pages(model)
     return model
 

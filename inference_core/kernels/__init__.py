@@ -132,7 +132,7 @@ def accelerate(model: nn.Module) -> int:
     FastLinear.kernel = mod
     n = 0
     fused = [f for m in model.modules() for name in getattr(m, "fusion_groups", dict)()
-             if isinstance(f := vars(m).get(name), nn.Linear)]  # weights.move_to_hugepages' fused q/k/v, gate/up
+             if isinstance(f := vars(m).get(name), nn.Module)]  # fused q/k/v, gate/up (bf16 or int8)
     for m in [*model.modules(), *fused]:
         if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
             m.__class__ = FastLinear

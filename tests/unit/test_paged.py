@@ -480,3 +480,43 @@ def test_projections_reading_one_input_run_fused_after_the_move(tmp_path: Path, 
     # a layer replaced afterwards (as quantization does) is no longer fused over
     fused.model.layers[0].self_attn.q_proj = torch.nn.Linear(128, 128, bias=True).to(dtype)
     assert _fused(fused.model.layers[0].self_attn, "fused_qkv", fused.model.layers[0].self_attn.q_proj) is None
+
+
+@torch.inference_mode()
+def test_int8_projections_reading_one_input_are_stacked(tmp_path: Path) -> None:
+    """quantize_int8 stacks q, k, v (with biases) and gate, up into one int8 matrix each, which the layers
+    view (no second copy; the state dict keeps their names); a packed step gives the logits of the same
+    model run layer by layer: bit for bit on the CPU kernels (each output row alone), to rounding on
+    torch's paths."""
+    from inference_core.model import _fused
+    from inference_core.quantize import Int8Linear, quantize_int8
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2, attention_bias=True)
+    model_dir = _checkpoint(tmp_path / "m", cfg, torch.bfloat16)
+    fused = quantize_int8(load_model(model_dir))
+    names = sorted(quantize_int8(load_model(model_dir)).state_dict())
+    assert sorted(fused.state_dict()) == names
+    for layer in fused.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = _fused(attn, "fused_qkv", attn.q_proj), _fused(mlp, "fused_gate_up", mlp.gate_proj)
+        assert isinstance(qkv, Int8Linear) and isinstance(gate_up, Int8Linear)
+        assert qkv.qweight.data_ptr() == attn.q_proj.qweight.data_ptr()  # a view, not a copy
+        assert attn.v_proj.qweight.data_ptr() == qkv.qweight[-attn.v_proj.out_features:].data_ptr()
+        assert torch.equal(qkv.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        assert torch.equal(gate_up.scale, torch.cat([mlp.gate_proj.scale, mlp.up_proj.scale]))
+    plain = quantize_int8(load_model(model_dir))
+    for m in plain.modules():
+        for name in getattr(m, "fusion_groups", dict)():
+            vars(m).pop(name, None)
+    exact = kernels.load() is not None
+    if exact:
+        kernels.accelerate(fused)
+        kernels.accelerate(plain)
+    for rows in ([SeqChunk([5], 0, [0], True)], [SeqChunk([5, 6, 7, 8, 9, 10], 0, [0], True),
+                                                 SeqChunk([30, 31, 32], 0, [2], True)]):
+        got, want = (m.forward_flat(FlatBatch(rows, 16), _pool(m, 8, 16)) for m in (fused, plain))
+        if exact:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
