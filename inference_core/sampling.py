@@ -49,7 +49,7 @@ def sample_batch(logits: Tensor, params: list[SamplingParams], generators: list[
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     chosen = torch.empty(len(params), dtype=torch.long, device=logits.device)
     if banned and any(banned):
-        logits = logits.float()  # a copy: the bans never reach the caller's logits
+        logits = logits.to(torch.float32, copy=True)  # the bans never reach the caller's logits
         for i, ban in enumerate(banned):
             if ban:
                 logits[i, list(ban)] = float("-inf")

@@ -30,9 +30,10 @@ def test_argmax_is_torchs_choice(dtype: torch.dtype) -> None:
         assert torch.equal(argmax(x), x.argmax(dim=-1)), x.shape
 
 
-def test_greedy_batches_pick_the_argmax_and_bans_stay_local() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_batches_pick_the_argmax_and_bans_stay_local(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
-    logits = torch.randn(6, 300, generator=gen).bfloat16()
+    logits = torch.randn(6, 300, generator=gen).to(dtype)
     best = logits.float().argmax(-1).tolist()
     greedy = SamplingParams(temperature=0.0)
     ids, lps = sample_batch(logits, [greedy] * 6, [None] * 6)
