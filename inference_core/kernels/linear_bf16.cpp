@@ -318,6 +318,10 @@ torch::Tensor amx_linear(const torch::Tensor& x_in, const torch::Tensor& w, cons
     }
   };
   const int64_t G = MB == 1 ? 4 : 2;  // weight tiles (16 features each) per group
+  // Software prefetch, PD steps of K (64 bytes of each weight row) ahead: a group's tiles read 32-64 rows
+  // side by side, more streams than the hardware prefetchers follow. Measured over the 0.5B shape's
+  // layer weights (~1 GB), 16 and 32 rows: 8.7 -> 10.7 and 8.6 -> 10.4 GB/s (PD 8: 10.6 and 9.4).
+  constexpr int64_t PD = 4;
   at::parallel_for(0, (NB + G - 1) / G, 1, [&](int64_t g0, int64_t g1) {
     tiles_16x64();
     alignas(64) float cb[16][16];
@@ -338,6 +342,12 @@ torch::Tensor amx_linear(const torch::Tensor& x_in, const torch::Tensor& w, cons
       if (MB == 1 && nbs == 4) {  // tiles: 0-3 sums, 4 x^T, 5-7 weights
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t kb = 0; kb < KB; ++kb) {
+          if constexpr (!QUANT) {  // 64 weight rows stream side by side: fetch each row's line PD steps ahead
+            if (kb + PD < KB) {
+              const char* p = W + (nb0 * 16 * K + (kb + PD) * 32) * 2;
+              for (int r = 0; r < 64; ++r) _mm_prefetch(p + r * K * 2, _MM_HINT_T0);
+            }
+          }
           _tile_loadd(4, XP + kb * 256, 64);
           _tile_loadd(5, wt(nb0, kb), stride);
           _tile_dpbf16ps(0, 5, 4);
@@ -359,6 +369,12 @@ torch::Tensor amx_linear(const torch::Tensor& x_in, const torch::Tensor& w, cons
             const uint32_t* x1 = x0 + KB * 256;
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (int64_t kb = 0; kb < KB; ++kb) {
+              if constexpr (!QUANT) {  // the first row-tile pair streams the group's 32 weight rows
+                if (mb == 0 && kb + PD < KB) {
+                  const char* p = W + (nb0 * 16 * K + (kb + PD) * 32) * 2;
+                  for (int r = 0; r < 32; ++r) _mm_prefetch(p + r * K * 2, _MM_HINT_T0);
+                }
+              }
               _tile_loadd(4, x0 + kb * 256, 64);
               _tile_loadd(5, x1 + kb * 256, 64);
               _tile_loadd(6, wt(nb0, kb), stride);
