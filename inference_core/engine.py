@@ -67,7 +67,8 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None          # default: sized from the memory budget (see memory.py)
     max_model_len: int | None = None          # default: the config's context, lowered to what the budget holds
-    memory_utilization: float = 0.9           # share of the device's memory (the host's on a CPU) for everything
+    memory_utilization: float | None = None   # share of the device's memory for everything (default: 0.9 on a
+    #                                           GPU; on a CPU the KV cache is sized for max_num_seqs, see sizing.py)
     kv_cache_memory: int | None = None        # bytes for the KV cache, instead of memory_utilization
     memory_limit: int | None = None           # --memory-limit: on a CPU, the memory this replica may use
     enable_prefix_caching: bool = True

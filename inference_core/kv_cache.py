@@ -11,6 +11,8 @@ written to, and for reads the slots of each sequence's whole context.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +31,18 @@ class PagedKVCache:
     @classmethod
     def allocate(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  devices: list[torch.device]) -> PagedKVCache:
-        """Zero-filled, so the memory is really taken now (a budget that does not fit fails at start-up)."""
+        """Zero-filled. On a GPU the memory is really taken now (a budget that does not fit fails at start-up);
+        on a CPU the pools are anonymous maps, zero pages the kernel commits as blocks are first written, so a
+        start does not touch gigabytes it may never use (the plan has already checked that they fit)."""
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=d) for d in devices],
-                   [torch.zeros(shape, dtype=dtype, device=d) for d in devices], num_blocks, block_size)
+
+        def pool(d: torch.device) -> Tensor:
+            if d.type != "cpu":
+                return torch.zeros(shape, dtype=dtype, device=d)
+            n = max(1, math.prod(shape) * dtype.itemsize)
+            return torch.frombuffer(mmap.mmap(-1, n), dtype=dtype).view(shape)  # keeps the map alive
+
+        return cls([pool(d) for d in devices], [pool(d) for d in devices], num_blocks, block_size)
 
     @property
     def nbytes(self) -> int:

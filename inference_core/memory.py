@@ -3,8 +3,10 @@ config's context length alone.
 
 At load the engine measures what the model needs — the weights, the activation peak of a profiling
 step of ``max_num_batched_tokens`` tokens, the runtime's own footprint — and gives the KV cache what
-remains of the budget: ``memory_utilization`` × the device's memory (the host's on a CPU), or an
-explicit ``kv_cache_memory``. ``plan_kv_cache`` is the pure arithmetic; ``device_memory`` and
+remains of the budget: ``memory_utilization`` × the device's memory, or an explicit ``kv_cache_memory``.
+On a CPU host, where neither is given, the KV cache is what ``max_num_seqs`` sequences of a realistic
+length need, capped at 4 GiB (``sizing.default_cpu_kv_bytes``, vLLM's CPU default): never a share of a host
+that also runs other replicas, Prometheus and sentinel. ``plan_kv_cache`` is the pure arithmetic; ``device_memory`` and
 ``PeakMemory`` are the measurements.
 """
 
@@ -16,28 +18,17 @@ from pathlib import Path
 
 import torch
 
+from inference_core.sizing import GiB, default_cpu_kv_bytes, fmt_bytes, kv_bytes_per_token, parse_bytes
 from inference_core.telemetry import memory_limit_bytes
 
+__all__ = ["GiB", "KVCacheTooSmall", "KVPlan", "PeakMemory", "device_memory", "fmt_bytes", "kv_bytes_per_token",
+           "parse_bytes", "plan_kv_cache"]
+
 log = logging.getLogger(__name__)
-GiB = 2**30
 
 
 class KVCacheTooSmall(RuntimeError):
     """The budget leaves no room for the KV cache a single sequence needs."""
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:.1f} MiB"
-
-
-def parse_bytes(text: str) -> int:
-    """``4GiB``, ``512MiB``, ``2GB`` or a plain number of bytes."""
-    units = {"GiB": GiB, "MiB": 2**20, "KiB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    t = text.strip()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(float(t))
 
 
 def device_memory(device: torch.device, proc_root: Path = Path("/proc"),
@@ -106,10 +97,6 @@ class PeakMemory:
             self.bytes = max(0, self._status("VmHWM") - self._start)
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
-    return num_layers * 2 * num_kv_heads * head_dim * itemsize
-
-
 @dataclass(frozen=True)
 class KVPlan:
     """What the KV cache gets, and why."""
@@ -157,7 +144,7 @@ class KVPlan:
 def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weights_bytes: int, activation_bytes: int,
                   runtime_bytes: int, bytes_per_token: int, block_size: int, max_num_seqs: int,
                   reserve_per_token: int = 0,
-                  config_max_len: int, max_model_len: int | None = None, memory_utilization: float = 0.9,
+                  config_max_len: int, max_model_len: int | None = None, memory_utilization: float | None = None,
                   kv_cache_memory: int | None = None) -> KVPlan:
     """Blocks for the KV cache within the budget; lowers the default max_model_len to what fits (with a
     note) and refuses (``KVCacheTooSmall``) when not even one sequence of an asked-for length fits.
@@ -167,13 +154,24 @@ def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weight
         raise KVCacheTooSmall(f"--max-model-len {max_model_len} exceeds the model's context length {config_max_len}")
     want_len = max_model_len or config_max_len
     used = weights_bytes + activation_bytes + runtime_bytes
-    if kv_cache_memory is not None:
+    if kv_cache_memory is None and memory_utilization is None and device.startswith("cpu"):
+        per_token = bytes_per_token + reserve_per_token
+        default = default_cpu_kv_bytes(per_token, max_num_seqs, want_len)
+        headroom = max(0, available_bytes - activation_bytes)
+        notes.append(f"CPU default: KV cache for {max_num_seqs} sequences of {default // per_token // max_num_seqs} "
+                     f"tokens, at most 4 GiB (--kv-cache-memory or --memory-utilization to change it)")
+        if default > headroom:
+            notes.append(f"KV cache lowered from {fmt_bytes(default)} to the {fmt_bytes(headroom)} this host has "
+                         "available now")
+        budget = kv_budget = min(default, headroom)
+    elif kv_cache_memory is not None:
         budget = kv_cache_memory
         kv_budget = kv_cache_memory
         if kv_cache_memory > available_bytes:
             notes.append(f"--kv-cache-memory {fmt_bytes(kv_cache_memory)} exceeds the {fmt_bytes(available_bytes)} "
                          "available now")
     else:
+        memory_utilization = 0.9 if memory_utilization is None else memory_utilization
         if not 0.0 < memory_utilization <= 1.0:
             raise KVCacheTooSmall(f"--memory-utilization {memory_utilization} must be in (0, 1]")
         budget = int(memory_utilization * total_bytes)
@@ -184,7 +182,7 @@ def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weight
                          "this host has available now")
             kv_budget = headroom
     blocks = max(kv_budget, 0) // ((bytes_per_token + reserve_per_token) * block_size)
-    flag = "--kv-cache-memory" if kv_cache_memory is not None else "--memory-utilization (or --kv-cache-memory)"
+    flag = "--memory-utilization (or --kv-cache-memory)" if kv_cache_memory is None else "--kv-cache-memory"
     numbers = (f"budget {fmt_bytes(budget)} on {device} ({fmt_bytes(total_bytes)} total): weights "
                f"{fmt_bytes(weights_bytes)}, activation peak {fmt_bytes(activation_bytes)}, runtime "
                f"{fmt_bytes(runtime_bytes)}, leaving {fmt_bytes(max(kv_budget, 0))} for the KV cache at "

@@ -670,8 +670,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest sequence (prompt + output); default: the config's, lowered to what the KV cache holds")
-    p.add_argument("--memory-utilization", type=float, default=0.9,
-                   help="share of the device's memory (the host's on a CPU) for weights, activations and KV cache")
+    p.add_argument("--memory-utilization", type=float, default=None,
+                   help="share of the device's memory for weights, activations and KV cache (default 0.9 on a GPU; "
+                   "on a CPU the default KV cache is what --max-num-seqs sequences of 2048 tokens need, at most "
+                   "4 GiB, as vLLM's CPU backend)")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="KV cache size (e.g. 4GiB), instead of sizing it from --memory-utilization")
     p.add_argument("--memory-limit", type=parse_bytes, default=None,
@@ -719,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--enable-faults", action="store_true",
                    help=f"expose POST /admin/faults (needs {ADMIN_TOKEN_ENV})")
     args = p.parse_args(argv)
-    if not 0.0 < args.memory_utilization <= 1.0:
+    if args.memory_utilization is not None and not 0.0 < args.memory_utilization <= 1.0:
         p.error(f"--memory-utilization {args.memory_utilization}: must be in (0, 1]")
     if args.memory_limit is not None and args.memory_limit <= 0:
         p.error(f"--memory-limit {args.memory_limit}: must be a positive size such as 8GiB")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -121,8 +122,12 @@ def up(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if daemon is not None:
-            daemon.stop()
-            err_console.print("sentinel: stopped every child", style="dim")
+            if daemon.stop():
+                err_console.print("sentinel: stopped every child", style="dim")
+            else:  # a worker still blocked would hold the interpreter's exit: the children are dead already
+                err_console.print("sentinel: the stop overran its deadline; every child was killed", style="dim")
+                sys.stderr.flush()
+                os._exit(1)
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class Daemon:
         (self.state_dir / "up.json").unlink(missing_ok=True)  # left by a sentinel killed with -9
         for leftover in self.children.reap_leftovers():
             log.warning("killed a leftover child of a previous sentinel: %s", leftover)
+        self.children.start_keeper()  # from here on, every child dies with this process, kill -9 included
 
         replicas: LocalReplicas | ClusterReplicas
         if s.kubernetes.enabled:
@@ -238,10 +240,26 @@ class Daemon:
                                log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10)
         uvicorn.Server(config).run()
 
-    def stop(self) -> None:
-        """The clock first (no job runs while parts stop), then each started capability in reverse order:
-        the Lease is released, in-flight actions finish, the router closes before its replicas stop."""
+    def stop(self, timeout_s: float = 20.0) -> bool:
+        """Stop within ``timeout_s``, however loaded the host: the clock first (no job runs while parts stop),
+        the replicas told first that a restart in flight is to end (it is left for the next start to verify,
+        as after ``kill -9``), then each started capability in reverse order: the Lease is released, the router
+        closes before its replicas stop. Past the deadline every child is killed (SIGKILL). Returns whether
+        the stop finished in time."""
         (self.state_dir / "up.json").unlink(missing_ok=True)
+        if isinstance(self.replicas, LocalReplicas):
+            self.replicas.begin_stop()
+        stopper = threading.Thread(target=self._stop_parts, name="stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
+        in_time = not stopper.is_alive()
+        if not in_time:
+            killed = self.children.kill_all()
+            log.error("stopping took longer than %.0fs: killed %s", timeout_s, ", ".join(killed) or "no child")
+        self.children.stop_keeper()
+        return in_time
+
+    def _stop_parts(self) -> None:
         self.clock.stop()
         for part in reversed(self.started):
             try:

@@ -1,6 +1,7 @@
 """Child processes sentinel starts: stop them (SIGTERM to the process group, then SIGKILL), remember their
-pids on disk so a sentinel killed with ``kill -9`` reaps them at its next start, and keep a child service
-running (``ChildWatchdog``: restart with backoff, give up on a crash loop)."""
+pids on disk, make them die with sentinel (``ChildRegistry.start_keeper``: the keeper process kills them the
+moment sentinel exits, ``kill -9`` included), and keep a child service running (``ChildWatchdog``: restart
+with backoff, give up on a crash loop)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +40,41 @@ class ChildRegistry:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._keeper: subprocess.Popen[bytes] | None = None
+        self._keeper_fd: int | None = None  # the pipe's write end: closed when this process exits
+
+    def start_keeper(self) -> int:
+        """Start the keeper (``sentinel/keeper.py``): when this process exits, however, it kills every child
+        still in the registry. Returns its pid."""
+        read, write = os.pipe()  # both ends non-inheritable (PEP 446): no other child holds the write end
+        try:
+            self._keeper = subprocess.Popen([sys.executable, "-m", "sentinel.keeper", str(self.path)], stdin=read,
+                                            stdout=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        self._keeper_fd = write
+        return self._keeper.pid
+
+    def stop_keeper(self) -> None:
+        """A clean stop: the keeper kills what is left in the registry (nothing, after a stop) and exits."""
+        if self._keeper_fd is not None:
+            os.close(self._keeper_fd)
+            self._keeper_fd = None
+        if self._keeper is not None:
+            try:
+                self._keeper.wait(5)
+            except subprocess.TimeoutExpired:
+                self._keeper.kill()
+            self._keeper = None
+
+    def kill_all(self) -> list[str]:
+        """SIGKILL every child in the registry now (a stop that overran its deadline)."""
+        from sentinel.keeper import reap
+
+        return reap(self.path)
 
     def _read(self) -> dict[str, int]:
         try:
@@ -58,19 +95,9 @@ class ChildRegistry:
             tmp.replace(self.path)
 
     def reap_leftovers(self) -> list[str]:
-        """Kill process groups left by a sentinel that died without cleaning up."""
-        reaped = []
-        for name, pid in self._read().items():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"inference_core" in cmdline or b"prometheus" in cmdline:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                    reaped.append(f"{name} (pid {pid})")
-                except (ProcessLookupError, PermissionError):
-                    pass
+        """Kill process groups left by a sentinel that died without cleaning up (and whose keeper could not
+        kill them: it was killed too)."""
+        reaped = self.kill_all()
         with self._lock:
             self.path.unlink(missing_ok=True)
         return reaped

@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from sentinel.errors import RemediationError, ServiceError
+from sentinel.hostplan import FREE_FLOOR, HostPlan, fmt_bytes, mem_available
 from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry, stop_process
 
@@ -41,6 +43,8 @@ class ReplicaSpec:
     proxy_token: str | None = None  # the router's: its X-Forwarded-For is then the client (rate limits per client)
     served_model_name: str | None = None
     engine_args: tuple[str, ...] = ()  # more server flags (an argument list, never a shell string)
+    cores: tuple[int, ...] = ()  # the CPU cores it runs on (its affinity; torch's threads match); () = any
+    gpu: int | None = None       # the GPU it sees (CUDA_VISIBLE_DEVICES) on a GPU host
 
     @property
     def url(self) -> str:
@@ -57,8 +61,10 @@ class ReplicaSpec:
 
 
 class Replica:
-    def __init__(self, spec: ReplicaSpec, run_dir: Path, children: ChildRegistry) -> None:
+    def __init__(self, spec: ReplicaSpec, run_dir: Path, children: ChildRegistry,
+                 stopping: threading.Event | None = None) -> None:
         self.spec = spec
+        self.stopping = stopping or threading.Event()  # sentinel is stopping: waiting for readiness ends
         self.run_dir = run_dir
         self.children = children
         self.proc: subprocess.Popen[bytes] | None = None
@@ -79,17 +85,26 @@ class Replica:
         return self._lock.locked() or (bool(self.started_at) and time.time() - self.started_at < self.grace_s)
 
     def start(self) -> None:
+        if self.stopping.is_set():  # a restart that sentinel's stop overtook starts nothing new
+            raise RemediationError(f"not starting {self.spec.name}: sentinel is stopping")
         env = dict(os.environ)
         if self.spec.admin_token:
             env[ADMIN_TOKEN_ENV] = self.spec.admin_token
         if self.spec.proxy_token:
             env[PROXY_TOKEN_ENV] = self.spec.proxy_token
+        if self.spec.cores:  # torch's intra-op threads: one per core of its own
+            env["OMP_NUM_THREADS"] = str(len(self.spec.cores))
+        if self.spec.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.spec.gpu)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         out = (self.run_dir / f"{self.spec.name}.out").open("ab")
         self.proc = subprocess.Popen(self.spec.argv(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         out.close()
+        if self.spec.cores:  # before the interpreter has started a thread: every thread it starts inherits it
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(self.proc.pid, self.spec.cores)
         self.children.set(self.spec.name, self.proc.pid)
         log.info("started replica %s (pid %d) on %s", self.spec.name, self.proc.pid, self.spec.url)
 
@@ -97,7 +112,7 @@ class Replica:
         """Ready within ``timeout_s``; False at once when the process exits or its model failed to load (it
         will not become ready: waiting out the timeout would only delay the escalation)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.alive():
+        while time.monotonic() < deadline and self.alive() and not self.stopping.is_set():
             try:
                 r = httpx.get(f"{self.spec.url}/ready", timeout=2.0)
                 if r.is_success:
@@ -171,6 +186,7 @@ class Supervisor:
     """Owns the replicas; the local actuator of remediation."""
 
     actions = frozenset({"restart", "scale_out", "scale_in", "reset_gpu"})
+    service = "local-replicas"  # the target of scale actions
 
     # ``replicas`` is replaced, never changed in place (copy-on-write): the router, the liveness probe and the
     # API iterate it from other threads while a scale action runs
@@ -178,14 +194,18 @@ class Supervisor:
     def __init__(self, specs: list[ReplicaSpec], run_dir: Path, children: ChildRegistry,
                  start_timeout_s: float = 120.0, max_replicas: int | None = None,
                  on_change: Callable[[list[ReplicaSpec]], None] = lambda specs: None,
-                 gpu_reset: Sequence[str] = ("nvidia-smi", "--gpu-reset")) -> None:
+                 gpu_reset: Sequence[str] = ("nvidia-smi", "--gpu-reset"), plan: HostPlan | None = None,
+                 mem_available: Callable[[], int] = mem_available) -> None:
         self.gpu_reset = list(gpu_reset)  # an argument list, never a shell string
-        self.replicas = {s.name: Replica(s, run_dir, children) for s in specs}
+        self._stopping = threading.Event()
+        self.replicas = {s.name: Replica(s, run_dir, children, self._stopping) for s in specs}
         self.run_dir = run_dir
         self.children = children
         self.start_timeout_s = start_timeout_s
         self.max_replicas = max_replicas if max_replicas is not None else len(specs)
         self.on_change = on_change
+        self.plan = plan  # what the host holds: slots, each replica's cores (None: no limit but max_replicas)
+        self.mem_available = mem_available
         self._scale_lock = threading.Lock()
         self._added: str | None = None  # the replica the last scale-out started (what its verification checks)
 
@@ -197,24 +217,71 @@ class Supervisor:
                 raise ServiceError(f"replica {r.spec.name} did not become healthy within {self.start_timeout_s:.0f}s "
                                    f"(see {r.run_dir / (r.spec.name + '.out')})")
 
-    def stop_all(self) -> None:
-        for r in self.replicas.values():
-            r.stop()
+    @property
+    def stopping(self) -> bool:
+        """sentinel is stopping: an action cut short now has no outcome (the next start verifies it)."""
+        return self._stopping.is_set()
+
+    def begin_stop(self) -> None:
+        self._stopping.set()
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every replica at once, SIGKILL what is left after ``timeout_s``; a restart or scale-out in
+        flight stops waiting for its replica."""
+        self._stopping.set()
+        threads = [threading.Thread(target=r.stop, args=(timeout_s,), daemon=True) for r in self.replicas.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s + 6)
+
+    # -- capacity ------------------------------------------------------------------------------------
+    def _free_slot(self) -> int | None:
+        """A slot of the plan whose cores (or GPU) no running replica uses."""
+        if self.plan is None:
+            return None
+        used = {r.spec.cores for r in self.replicas.values()} | {r.spec.gpu for r in self.replicas.values()}
+        for i in range(self.plan.slots):
+            key: object = self.plan.cores_for(i) if not self.plan.host.gpus else i
+            if key not in used:
+                return i
+        return None
+
+    def room(self) -> str | None:
+        """Why the host cannot hold one more replica now (None: it can): the plan's slots, free cores (or
+        GPUs), and memory now, with the 10 % floor kept free."""
+        if self.plan is None:
+            return None
+        p = self.plan
+        if len(self.replicas) >= p.slots:
+            return f"{len(self.replicas)} replicas running and this host holds {p.slots} ({p.limited_by})"
+        if self._free_slot() is None:
+            what = "GPU" if p.host.gpus else "cores"
+            return f"no free {what}: every {what} of the plan is in use by a running replica"
+        floor = int(FREE_FLOOR * p.host.memory_bytes)
+        try:
+            avail = self.mem_available()
+        except (OSError, ServiceError) as exc:
+            return f"cannot read the host's free memory: {exc}"
+        if avail - p.need_bytes < floor:
+            return (f"MemAvailable {fmt_bytes(avail)} minus one more replica's {fmt_bytes(p.need_bytes)} would leave "
+                    f"less than the {fmt_bytes(floor)} kept free")
+        return None
 
     # -- Actuator protocol ---------------------------------------------------------------------------
     def targets(self) -> set[str]:
         return set(self.replicas)
 
     def act(self, action: str, target: str) -> str:
+        if action == "scale_out":  # the target of a scale action is the service (``service``)
+            return self.scale_out()
+        if action == "scale_in":
+            return self.scale_in()
         replica = self.replicas.get(target)
         if replica is None:
             raise RemediationError(f"unknown replica {target!r}")
         if action == "restart":
             return replica.restart(self.start_timeout_s)
-        if action == "scale_out":
-            return self.scale_out(replica.spec)
-        if action == "scale_in":
-            return self.scale_in()
         if action == "reset_gpu":
             return self.reset_gpu()
         raise RemediationError(f"action {action!r} is not supported by the local supervisor")
@@ -289,18 +356,29 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - reported with the rollback; the next change rewrites them
             log.error("could not restore the scrape targets after a failed scale action: %s", exc)
 
-    def scale_out(self, like: ReplicaSpec) -> str:
-        """Start one more replica like ``like`` on a free port, up to ``max_replicas``."""
+    def scale_out(self, like: ReplicaSpec | None = None) -> str:
+        """Start one more replica like ``like`` (default: the first healthy one) on a free port, up to
+        ``max_replicas``."""
         with self._scale_lock:
+            if like is None:
+                like = next((r.spec for r in self.replicas.values() if r.healthy()),
+                            next(iter(self.replicas.values())).spec)
             if len(self.replicas) >= self.max_replicas:
                 raise RemediationError(f"already at replicas.max_count={self.max_replicas}: a human must add capacity")
+            no_room = self.room()  # the policy asked a moment ago; the host may have changed since
+            if no_room is not None:
+                raise RemediationError(f"host full: {no_room}; a human must add capacity")
             i = len(self.replicas)
             while f"replica-{i}" in self.replicas:
                 i += 1
             name = f"replica-{i}"
+            slot = self._free_slot()
+            placement: dict[str, Any] = {}
+            if self.plan is not None and slot is not None:
+                placement = {"gpu": slot} if self.plan.host.gpus else {"cores": self.plan.cores_for(slot)}
             spec = dataclasses.replace(like, name=name, port=free_port(like.host),
-                                       log_dir=like.log_dir.parent.parent / name / "logs")
-            replica = Replica(spec, self.run_dir, self.children)
+                                       log_dir=like.log_dir.parent.parent / name / "logs", **placement)
+            replica = Replica(spec, self.run_dir, self.children, self._stopping)
             replica.start()
             if not replica.wait_healthy(self.start_timeout_s):
                 replica.stop()

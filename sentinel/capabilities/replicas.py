@@ -10,13 +10,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from inference_core.telemetry import open_nvml
 from sentinel.alerts.state import Sample
 from sentinel.capabilities import Clock, Service
 from sentinel.errors import ServiceError
+from sentinel.hostplan import fmt_bytes
 from sentinel.kube import api_client
 from sentinel.kube.actuator import KubernetesActuator
 from sentinel.logstore.shipper import LogSource
@@ -24,6 +27,9 @@ from sentinel.netutil import free_port, port_in_use
 from sentinel.process import ChildRegistry
 from sentinel.settings import Settings
 from sentinel.supervisor import ReplicaSpec, Supervisor
+
+if TYPE_CHECKING:
+    from sentinel.hostplan import HostPlan
 
 log = logging.getLogger(__name__)
 Liveness = Callable[[float, list[Sample]], None]  # (now, replicas failing their probe) -> the evaluator
@@ -40,6 +46,26 @@ def bundled_model_dir(state_dir: Path) -> Path:
         if p.returncode != 0 or not (d / "config.json").exists():
             raise ServiceError(f"generating the bundled model in {d} failed: {p.stderr.strip()[-2000:]}")
     return d
+
+
+def host_plan(settings: Settings, model_dir: Path, gpus: int) -> HostPlan:
+    """The plan of this host for ``replicas.count`` .. ``replicas.max_count`` replicas of ``model_dir``
+    (``sentinel/hostplan.py``); ServiceError, naming the numbers, when they do not fit."""
+    from inference_core.sizing import parse_bytes, replica_footprint
+    from sentinel.hostplan import Host, plan_host
+
+    r = settings.replicas
+    args = list(r.engine_args)
+    try:
+        footprint = replica_footprint(model_dir, args)
+        limit = next((parse_bytes(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--memory-limit"), None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ServiceError(f"cannot plan replicas of {model_dir}: {type(exc).__name__}: {exc}") from exc
+    es = settings.logs.elasticsearch_url
+    local_es = es is not None and (urlsplit(es).hostname or "") in ("127.0.0.1", "localhost", "::1")
+    return plan_host(Host.read(gpus=gpus), footprint, count=r.count, max_count=r.max_count,
+                     local_elasticsearch=local_es, local_prometheus=settings.prometheus.url is None,
+                     memory_limit=limit)
 
 
 def log_source(spec: ReplicaSpec) -> LogSource:
@@ -61,6 +87,7 @@ class LocalReplicas:
         self.liveness = liveness
         self.specs: list[ReplicaSpec] = []
         self.supervisor: Supervisor | None = None
+        self.plan: HostPlan | None = None
         # the router proves itself to the replicas with this (then they take its X-Forwarded-For as the client)
         self.proxy_token = secrets.token_urlsafe(24) if settings.router.enabled else None
         self._failures: dict[str, tuple[int, str]] = {}
@@ -84,15 +111,29 @@ class LocalReplicas:
         # without a configured admin token, one for this run (in the replicas' environment only), so sentinel can
         # always drain a replica before restarting it
         admin = r.admin_token.get_secret_value() if r.admin_token else secrets.token_urlsafe(24)
-        limits = ("--rate-limit", f"{r.rate_limit:g}", "--rate-burst", str(r.rate_burst))
+        limits: tuple[str, ...] = ("--rate-limit", f"{r.rate_limit:g}", "--rate-burst", str(r.rate_burst))
+        plan = self.plan = host_plan(s, model_dir, self.gpus())
+        log.info("host plan: %s", plan.describe())
+        if "--memory-limit" not in " ".join(r.engine_args):  # each replica plans its memory within its share
+            limits += ("--memory-limit", str(plan.share_bytes))
+
+        def placement(i: int) -> dict[str, Any]:
+            return {"gpu": i} if plan.host.gpus else {"cores": plan.cores_for(i)}
+
         self.specs = [ReplicaSpec(f"replica-{i}", port, model_dir, run_dir / f"replica-{i}" / "logs",
                                   enable_faults=r.enable_faults, admin_token=admin, proxy_token=self.proxy_token,
-                                  served_model_name=r.served_model_name, engine_args=(*limits, *r.engine_args))
+                                  served_model_name=r.served_model_name, engine_args=(*limits, *r.engine_args),
+                                  **placement(i))
                       for i, port in enumerate(ports)]
         self.supervisor = Supervisor(self.specs, run_dir, self.children, r.start_timeout, max(r.max_count, r.count),
-                                     self.on_change, [s.diagnostics.nvidia_smi, "--gpu-reset"])
+                                     self.on_change, [s.diagnostics.nvidia_smi, "--gpu-reset"], plan)
         self.supervisor.start_all()
         clock.every(r.liveness_interval, self.probe_liveness, "liveness")
+
+    def begin_stop(self) -> None:
+        """sentinel is stopping: a restart or scale-out in flight stops waiting and starts nothing new."""
+        if self.supervisor is not None:
+            self.supervisor.begin_stop()
 
     def stop(self) -> None:
         if self.supervisor is not None:
@@ -103,9 +144,30 @@ class LocalReplicas:
         sup = self.supervisor
         return [] if sup is None else [(x.spec.name, x.spec.url) for x in list(sup.replicas.values())]
 
+    def gpus(self) -> int:
+        """NVIDIA GPUs on this host (0 without a driver): one per replica when there are any."""
+        nvml = open_nvml()
+        if nvml is None:
+            return 0
+        try:
+            return int(nvml.nvmlDeviceGetCount())
+        except Exception:  # noqa: BLE001 - a driver that cannot count its GPUs: plan for the CPU
+            return 0
+
     def services(self) -> list[Service]:
         sup = self.supervisor
-        return [] if sup is None else [Service(x.spec.name, x.spec.url, x.pid) for x in list(sup.replicas.values())]
+        if sup is None:
+            return []
+        out = []
+        if self.plan is not None:
+            p = self.plan
+            out.append(Service("host-plan", "-", None, p.describe()))
+        for x in list(sup.replicas.values()):
+            where = f"GPU {x.spec.gpu}" if x.spec.gpu is not None else \
+                (f"cores {','.join(map(str, x.spec.cores))}" if x.spec.cores else "any core")
+            share = f", memory limit {fmt_bytes(self.plan.share_bytes)}" if self.plan is not None else ""
+            out.append(Service(x.spec.name, x.spec.url, x.pid, where + share))
+        return out
 
     def status(self) -> list[dict[str, Any]]:
         sup = self.supervisor

@@ -44,6 +44,11 @@ class KubernetesActuator:
         self.clock = clock
         self._deleted: tuple[str, Any] | None = None  # the pod the last restart deleted (name, uid)
 
+    @property
+    def service(self) -> str:
+        """What a scale action acts on (its target in the audit and its cooldown): the Deployment."""
+        return f"deployment/{self.deployment}"
+
     # -- reading ----------------------------------------------------------------------------------------
     def _deployment(self) -> k8s.V1Deployment:
         try:

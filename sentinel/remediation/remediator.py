@@ -15,12 +15,12 @@ from sentinel.alerts.store import Remediation, Store
 from sentinel.errors import RemediationError
 from sentinel.metrics import SentinelMetrics
 from sentinel.remediation import ladder
-from sentinel.remediation.policy import ActionRequest, Decision, Guardrails, History, decide
+from sentinel.remediation.policy import SCALE, ActionRequest, Decision, Guardrails, History, decide, kind_of
 from sentinel.rules.evaluator import RuleRuntime
 
 log = logging.getLogger(__name__)
 TARGET_LABEL = "replica"
-SCALE = frozenset({"scale_out", "scale_in"})
+SERVICE = "service"  # the target of a scale action where the actuator names none
 
 
 class Actuator(Protocol):
@@ -47,7 +47,9 @@ class Remediator:
         self.verify_timeout_s = verify_timeout_s
         self.ladder_window_s = ladder_window_s
         self.clear_deadline_s = clear_deadline_s
+        # repairs and capacity actions run in pools of their own: a slow scale-out never holds a restart back
         self._pool = ThreadPoolExecutor(max_workers=max(1, guardrails.max_concurrent), thread_name_prefix="remedy")
+        self._capacity_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capacity")
         self._lock = threading.Lock()
         self._last_reason: dict[str, str] = {}
         # for log rules: whether the alert's events are still there counting only those after a time (the
@@ -184,23 +186,31 @@ class Remediator:
                 self._skip(rule, action, a, rung_why)
                 return Decision(False, rung_why)
             action = step
+        kind = kind_of(action)
+        asked_by = target
+        if kind == "capacity":  # scaling acts on the service as a whole, whichever replica's alert asked
+            target = self.service
         req = ActionRequest(rule, action, target, a.fingerprint, incident, firing=a.fired_at > 0 and not a.resolved_at)
-        # scaling acts on the whole deployment: one cooldown for every scale action, whichever replica asked,
-        # counted from when the last one finished (an in-flight one: now), so the metrics that asked for it
-        # see the new capacity before another replica's alert asks again (a scale-out can take longer
-        # to start its replica than the cooldown lasts)
-        if action in SCALE:
-            on_target = [r.finished_at if r.finished_at is not None else now for r in past
-                         if r.outcome != "aborted" and r.action in SCALE]
-        else:
-            on_target = [r.started_at for r in past if r.outcome != "aborted" and r.target == target]
+        live = [r for r in past if r.outcome != "aborted"]
+        if kind == "capacity":
+            # one cooldown for every scale action, counted from when the last one finished (an in-flight one:
+            # now), so the metrics that asked for it see the new capacity before another alert asks again (a
+            # scale-out can take longer to start its replica than the cooldown lasts)
+            on_target = [r.finished_at if r.finished_at is not None else now for r in live if r.action in SCALE]
+            counted = past  # capacity yields to repairs: every action of the hour counts against it
+        else:  # a repair's cooldown and hourly count see repairs only: a scale action never holds one back
+            on_target = [r.started_at for r in live if r.action not in SCALE and r.target == target]
+            counted = [r for r in past if r.action not in SCALE]
         scaled = [r.started_at for r in recent if r.action in SCALE and r.outcome != "aborted"]
         capacity = getattr(self.actuator, "capacity", None)
-        replicas, healthy_after = capacity() if capacity is not None and action in SCALE else (0, 0)
+        replicas, healthy_after = capacity() if capacity is not None and kind == "capacity" else (0, 0)
+        room = getattr(self.actuator, "room", None)
+        no_room = room() if room is not None and action == "scale_out" else None
         with self._lock:
+            in_flight = sum(kind_of(r.action) == kind for r in self.store.unfinished_remediations())
             hist = History(frozenset(self.actuator.targets()), any(r.incident == incident for r in past),
-                           max(on_target) if on_target else None, len(past), self.store.in_flight_remediations(),
-                           replicas, healthy_after, a.fired_at, max(scaled) if scaled else None)
+                           max(on_target) if on_target else None, len(counted), in_flight,
+                           replicas, healthy_after, a.fired_at, max(scaled) if scaled else None, no_room)
             decision = decide(req, hist, self.guardrails, now)
             if decision.act:
                 if not self.store.start_remediation(Remediation(incident, a.fingerprint, rule, action,
@@ -208,14 +218,21 @@ class Remediator:
                     return Decision(False, "incident already remediated once")
         if self._last_reason.get(incident) != decision.reason:  # audit each new decision once
             self._last_reason[incident] = decision.reason
+            extra = {"asked_by": asked_by} if kind == "capacity" else {}
             self.store.audit(now, "decision", incident, rule=rule, action=action, target=target,
-                             act=decision.act, reason=decision.reason, labels=a.labels, value=a.value)
+                             act=decision.act, reason=decision.reason, labels=a.labels, value=a.value, **extra)
             if self.metrics:
                 self.metrics.remediations.labels(action, "started" if decision.act else "skipped").inc()
         if decision.act:
             assert target is not None
-            self._pool.submit(self._run, incident, action, target, rule if rung_why else None)
+            pool = self._capacity_pool if kind == "capacity" else self._pool
+            pool.submit(self._run, incident, action, target, rule if rung_why else None)
         return decision
+
+    @property
+    def service(self) -> str:
+        """The target of scale actions: the service the actuator scales."""
+        return str(getattr(self.actuator, "service", SERVICE))
 
     def _run(self, incident: str, action: str, target: str, laddered_rule: str | None = None) -> None:
         t0 = self.clock()
@@ -229,6 +246,11 @@ class Remediator:
             log.exception("remediation %s on %s crashed", action, target)
             evidence, outcome = f"{type(exc).__name__}: {exc}", "failed"
         now = self.clock()
+        if outcome != "succeeded" and getattr(self.actuator, "stopping", False):
+            # sentinel's stop cut the action short: no outcome (it would climb the ladder for nothing); the next
+            # start verifies the target, as after kill -9
+            log.warning("remediation %s on %s interrupted by sentinel's stop: %s", action, target, evidence)
+            return
         self.store.finish_remediation(incident, now, outcome)
         self.store.audit(now, "outcome", incident, action=action, target=target, outcome=outcome,
                          evidence=evidence, duration_s=round(now - t0, 3),
@@ -250,13 +272,13 @@ class Remediator:
         says which. Returns the incidents found."""
         found = self.store.unfinished_remediations()
         for r in found:
-            self._pool.submit(self._recover, r)
+            (self._capacity_pool if r.action in SCALE else self._pool).submit(self._recover, r)
         return [r.incident for r in found]
 
     def _recover(self, r: Remediation) -> None:
         try:
-            healthy = bool(r.target) and r.target in self.actuator.targets() and \
-                self.actuator.verify(r.target, self.verify_timeout_s, r.action)
+            known = r.target in self.actuator.targets() or (r.action in SCALE and r.target == self.service)
+            healthy = bool(r.target) and known and self.actuator.verify(r.target, self.verify_timeout_s, r.action)
         except Exception as exc:  # noqa: BLE001 - audited as not verified
             log.warning("verifying interrupted %s on %s failed: %s", r.action, r.target, exc)
             healthy = False
@@ -276,3 +298,4 @@ class Remediator:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
+        self._capacity_pool.shutdown(wait=True, cancel_futures=False)

@@ -72,7 +72,7 @@ def test_plan_sizes_the_pool_from_the_budget_and_caps_it() -> None:
     p = plan(memory_utilization=0.5)  # 12 GiB budget - 1.6 GiB used = 10.4 GiB for the KV cache
     assert p.kv_budget_bytes == int(0.5 * 24 * GiB) - GiB - GiB // 10 - GiB // 2  # type: ignore[attr-defined]
     assert p.num_blocks == p.kv_budget_bytes // (12288 * 16) and p.max_model_len == 32768  # type: ignore[attr-defined]
-    capped = plan()  # 0.9: more than 32 full-length sequences can use
+    capped = plan(memory_utilization=0.9)  # more than 32 full-length sequences can use
     assert capped.num_blocks == 32 * 32768 // 16 and "capped" in capped.describe()  # type: ignore[attr-defined]
 
 
@@ -89,8 +89,26 @@ def test_plan_lowers_the_default_length_and_refuses_an_explicit_one() -> None:
 
 
 def test_plan_respects_what_the_host_has_free() -> None:
-    p = plan(available_bytes=4 * GiB)
+    p = plan(available_bytes=4 * GiB, memory_utilization=0.9)
     assert p.kv_budget_bytes == 4 * GiB - GiB // 10 and "available now" in p.describe()  # type: ignore[attr-defined]
+    small = plan(available_bytes=GiB // 2)  # the CPU default, lowered to what is free
+    assert small.kv_budget_bytes == GiB // 2 - GiB // 10 and "available now" in small.describe()  # type: ignore
+
+
+@pytest.mark.parametrize(("bpt", "seqs", "context", "kv_bytes", "max_len"), [
+    (12288, 32, 32768, 32 * 2048 * 12288, 32768),        # 0.5B (Qwen2.5): 768 MiB, the full context still fits
+    (28672, 32, 131072, 32 * 2048 * 28672, 65536),       # 1.5B (R1-Distill-Qwen): 1.75 GiB, 128k lowered to 64k
+    (28672, 256, 131072, 4 * GiB, 131072),              # many sequences: the 4 GiB cap
+])
+def test_a_cpu_host_gets_a_kv_cache_sized_for_its_sequences_not_the_host(bpt: int, seqs: int, context: int,
+                                                                       kv_bytes: int, max_len: int) -> None:
+    """vLLM's CPU backend: max_num_seqs sequences of a realistic length (2048 tokens), at most 4 GiB, never 90 %
+    of a 24 GiB host that also runs other replicas, Prometheus and sentinel. A GPU keeps the 0.9 share."""
+    p = plan(bytes_per_token=bpt, max_num_seqs=seqs, config_max_len=context)
+    assert p.kv_budget_bytes == kv_bytes and p.max_model_len == max_len  # type: ignore[attr-defined]
+    assert "CPU default" in p.describe()  # type: ignore[attr-defined]
+    gpu = plan(device="cuda:0", bytes_per_token=bpt, max_num_seqs=seqs, config_max_len=context)
+    assert gpu.kv_budget_bytes == int(0.9 * 24 * GiB) - GiB - GiB // 10 - GiB // 2 or "lowered" in gpu.describe()
 
 
 def test_parse_bytes() -> None:

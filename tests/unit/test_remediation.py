@@ -152,7 +152,7 @@ def test_the_concurrency_cap_is_persisted_across_restarts(tmp_path: Path) -> Non
     a = TwoReplicas()
     r = Remediator(store, a, Guardrails(cooldown_s=0, max_concurrent=1), clock=lambda: 100.0)
     d = r.consider("CudaError", "restart", firing(50.0))  # another replica, another incident
-    assert not d.act and "1 action(s) in flight (max_concurrent=1)" in d.reason
+    assert not d.act and "1 repair(s) in flight (max_concurrent=1)" in d.reason
     assert r.recover() == ["CudaError/old/1.000"]  # replica-1 verifies healthy: the action gets its outcome
     r.shutdown()
     assert store.in_flight_remediations() == 0
@@ -209,7 +209,7 @@ def test_the_scale_cooldown_counts_from_the_end_of_a_slow_scale_out(tmp_path: Pa
     busy1 = Alert({"alertname": "Busy", "replica": "replica-1"}, {}, 95.0, State.FIRING, 90.0, fired_at=95.0)
     r = Remediator(store, a, Guardrails(cooldown_s=5, max_concurrent=2), clock=lambda: now[0])
     d = r.consider("Busy", "scale_out", busy1)
-    assert not d.act and "cooldown for another 5s" in d.reason  # in flight, started 21 s ago
+    assert not d.act and "1 scale action(s) in flight (one at a time)" in d.reason  # started 21 s ago
     store.finish_remediation("Busy/a/1.000", 120.0, "succeeded")
     now[0] = 123.0
     d = r.consider("Busy", "scale_out", busy1)
@@ -218,7 +218,7 @@ def test_the_scale_cooldown_counts_from_the_end_of_a_slow_scale_out(tmp_path: Pa
     assert r.consider("Busy", "scale_out", busy1).act
     assert a.done.wait(5)
     r.shutdown()
-    assert a.calls == [("scale_out", "replica-1")]
+    assert a.calls == [("scale_out", "service")]
 
 
 HOSTILE = ["$(touch /tmp/sentinel-pwned)", "`touch /tmp/sentinel-pwned`", "replica-0; touch /tmp/sentinel-pwned",
@@ -388,7 +388,7 @@ def test_scale_in_waits_for_the_stabilization_window_and_a_scale_out_restarts_it
     assert r.consider("Idle", "scale_in", idle).act
     assert a.done.wait(5)
     r.shutdown()
-    assert a.calls == [("scale_in", "replica-0")]
+    assert a.calls == [("scale_in", "service")]  # the service, not the replica
     r2 = Remediator(Store(tmp_path / "s.db"), Three(), Guardrails(cooldown_s=0, scale_in_stabilization_s=300),
                     clock=lambda: 1400.0)  # a restarted sentinel: the last scale action is on disk
     again = Alert({"alertname": "Idle", "replica": "replica-1"}, {}, 5.0, State.FIRING, 800.0, fired_at=900.0)
