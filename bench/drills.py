@@ -256,7 +256,7 @@ def phase_faults(work: Path, n_clients: int) -> list[dict[str, Any]]:
 
 def phase_capacity(work: Path, n_clients: int) -> list[dict[str, Any]]:
     rows = []
-    with sentinel(work, "capacity", None, replicas={"min_count": 2, "max_count": 3},
+    with sentinel(work, "capacity", None, replicas={"min_count": 2, "max_count": 3, "cpu_sets": "shared"},
                   remediation={"cooldown": "30s", "scale_in_stabilization": "15s"}) as up:
         api = up["api"]
         clients = Clients(up["router"])

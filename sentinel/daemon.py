@@ -66,6 +66,7 @@ class Daemon:
         self.api_port = s.api.port or free_port(s.api.host)
         self.clock = Clock(s.alerting.max_concurrent_evaluations)
         self.started: list[Capability] = []  # in start order; stopped in reverse
+        self.keeper_pid: int | None = None
         self.services: list[Service] = []
         self.replicas: LocalReplicas | ClusterReplicas | None = None
         self.router: RouterEndpoint | None = None
@@ -89,7 +90,7 @@ class Daemon:
         (self.state_dir / "up.json").unlink(missing_ok=True)  # left by a sentinel killed with -9
         for leftover in self.children.reap_leftovers():
             log.warning("killed a leftover child of a previous sentinel: %s", leftover)
-        self.children.start_keeper()  # from here on, every child dies with this process, kill -9 included
+        self.keeper_pid = self.children.start_keeper()  # from here on, every child dies with this process
 
         replicas: LocalReplicas | ClusterReplicas
         if s.kubernetes.enabled:
@@ -228,7 +229,8 @@ class Daemon:
         self.services = self._services()  # pids change when a child is restarted
         path = self.state_dir / "up.json"
         tmp = path.with_suffix(".tmp")
-        doc = {"pid": os.getpid(), "services": [vars(x) for x in self.services], **self.status()}
+        doc = {"pid": os.getpid(), "keeper": self.keeper_pid, "services": [vars(x) for x in self.services],
+               **self.status()}
         tmp.write_text(json.dumps(doc, indent=2))
         tmp.replace(path)
 

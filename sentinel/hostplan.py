@@ -75,7 +75,8 @@ class HostPlan:
     def describe(self) -> str:
         kept = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.reserved.items())
         f = self.footprint
-        where = f"{self.cores_per_replica} core(s) each" if not self.host.gpus else "one GPU each"
+        where = "one GPU each" if self.host.gpus else \
+            (f"{self.cores_per_replica} core(s) each" if self.core_sets else "every core shared")
         return (f"host {fmt_bytes(self.host.memory_bytes)}, {len(self.host.cores)} cores"
                 + (f", {self.host.gpus} GPUs" if self.host.gpus else "") + f"; kept: {kept}. "
                 f"One replica needs {fmt_bytes(self.need_bytes)} (weights {fmt_bytes(f.weights)}, KV cache "
@@ -85,9 +86,11 @@ class HostPlan:
 
 
 def plan_host(host: Host, footprint: Footprint, *, count: int, max_count: int, local_elasticsearch: bool,
-              local_prometheus: bool = True, memory_limit: int | None = None) -> HostPlan:
+              local_prometheus: bool = True, memory_limit: int | None = None, shared_cores: bool = False) -> HostPlan:
     """How many replicas fit and what each gets; ``ServiceError`` naming the numbers when not even the
-    ``count`` replicas asked for fit (one, when a single replica is more than the host can hold)."""
+    ``count`` replicas asked for fit (one, when a single replica is more than the host can hold).
+    ``shared_cores`` (``replicas.cpu_sets: shared``): every replica may run on every core, and memory alone
+    bounds the plan — for models too small to keep a core busy."""
     reserved = {"sentinel": SENTINEL_BYTES}
     if local_prometheus:
         reserved["prometheus"] = PROMETHEUS_BYTES
@@ -100,6 +103,8 @@ def plan_host(host: Host, footprint: Footprint, *, count: int, max_count: int, l
     by_memory = max(0, budget // need) if need > 0 else want
     if host.gpus:
         per, by_devices, unit = 0, host.gpus, f"{host.gpus} GPU(s), one per replica"
+    elif shared_cores:
+        per, by_devices, unit = len(host.cores), want, "cores shared"
     else:
         # cores for every replica asked for at the start; a replica more gets cores of its own, or none
         per = max(1, len(host.cores) // max(count, 1))
@@ -121,5 +126,5 @@ def plan_host(host: Host, footprint: Footprint, *, count: int, max_count: int, l
                            f"{numbers}")
     share = memory_limit if memory_limit is not None else max(need, budget // max(slots, 1))
     cores = host.cores
-    core_sets = () if host.gpus else tuple(tuple(cores[i * per:(i + 1) * per]) for i in range(slots))
+    core_sets = () if host.gpus or shared_cores else tuple(tuple(cores[i * per:(i + 1) * per]) for i in range(slots))
     return HostPlan(host, footprint, need, reserved, slots, limited_by, share, per, core_sets)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -90,6 +90,10 @@ class ReplicaSettings(Section):
     rate_limit: float = Field(10.0, ge=0, description="requests/s per client on each replica's /v1/* (the seed: 10; "
                               "0: none)")
     rate_burst: int = Field(20, ge=1, description="bursts of this many requests (the seed: 20)")
+    cpu_sets: Literal["disjoint", "shared"] = Field(
+        "disjoint", description="on a CPU host, each replica runs on cores of its own (count replicas split the "
+        "cores; a scale-out needs free cores, else it is refused: 'host full'), or every replica may use every core "
+        "and memory alone bounds scale-out (for models too small to keep a core busy)")
     engine_args: list[str] = Field(
         default_factory=list, description="more flags for every replica's inference server, as a list, e.g. "
         "['--memory-utilization', '0.2', '--quantization', 'int8'] (replicas sharing a host share its memory)")

@@ -240,6 +240,8 @@ class Supervisor:
         """A slot of the plan whose cores (or GPU) no running replica uses."""
         if self.plan is None:
             return None
+        if not self.plan.host.gpus and not self.plan.core_sets:  # cores shared: memory alone bounds the plan
+            return len(self.replicas) if len(self.replicas) < self.plan.slots else None
         used = {r.spec.cores for r in self.replicas.values()} | {r.spec.gpu for r in self.replicas.values()}
         for i in range(self.plan.slots):
             key: object = self.plan.cores_for(i) if not self.plan.host.gpus else i
@@ -376,6 +378,7 @@ class Supervisor:
             placement: dict[str, Any] = {}
             if self.plan is not None and slot is not None:
                 placement = {"gpu": slot} if self.plan.host.gpus else {"cores": self.plan.cores_for(slot)}
+                placement = {k: v for k, v in placement.items() if v != ()}
             spec = dataclasses.replace(like, name=name, port=free_port(like.host),
                                        log_dir=like.log_dir.parent.parent / name / "logs", **placement)
             replica = Replica(spec, self.run_dir, self.children, self._stopping)

@@ -65,7 +65,7 @@ def host_plan(settings: Settings, model_dir: Path, gpus: int) -> HostPlan:
     local_es = es is not None and (urlsplit(es).hostname or "") in ("127.0.0.1", "localhost", "::1")
     return plan_host(Host.read(gpus=gpus), footprint, count=r.count, max_count=r.max_count,
                      local_elasticsearch=local_es, local_prometheus=settings.prometheus.url is None,
-                     memory_limit=limit)
+                     memory_limit=limit, shared_cores=r.cpu_sets == "shared")
 
 
 def log_source(spec: ReplicaSpec) -> LogSource:

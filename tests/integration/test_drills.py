@@ -201,8 +201,10 @@ def test_scale_out_under_load_then_in_past_the_window(tmp_path: Path, receiver: 
     EngineBusyScaleOut starts replica-2, which Prometheus scrapes and the router sends work to. When the load
     drops, the idle rule scales in only after the stabilization window (15 s here, 300 s by default), removes
     the newest replica, and never goes below replicas.min_count (2). Clients see no failure throughout."""
+    # the toy model never keeps a core busy: its replicas share the cores, and memory alone bounds scale-out
+    # (at real size, the default, disjoint core sets, refuses this scale-out: test_realsize.py)
     replicas = {"count": 2, "min_count": 2, "max_count": 3, "enable_faults": True, "admin_token": ADMIN_TOKEN,
-                "model_dir": str(tiny_model_dir)}
+                "model_dir": str(tiny_model_dir), "cpu_sets": "shared"}
     remediation = {"verify_timeout": "60s", "cooldown": "5s", "scale_in_stabilization": "15s"}
     with run_sentinel(tmp_path, receiver, tiny_model_dir, extra_rules={"scale.yaml": scale_rules()},
                       replicas=replicas, remediation=remediation) as (proc, up, log):

@@ -62,12 +62,23 @@ def test_sigterm_kill9_and_external_prometheus(tmp_path: Path, tiny_model_dir: P
             if r["name"] == "InferenceReplicaDown" and r["health"] == "ok"], 30, proc, log)
         assert rules
 
-        # kill -9: the replica is orphaned; the next start reaps it before starting anew.
+        # kill -9: the children die with sentinel (its keeper kills them the moment it exits)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        assert not gone(replica_pid)
+        t0 = time.monotonic()
+        wait_for("the replica to die with sentinel", lambda: gone(replica_pid), 5)
+        assert time.monotonic() - t0 < 5
+        assert gone(up["keeper"])
+
+        # kill -9 of sentinel and its keeper together: the replica is orphaned; the next start reaps it
+        proc1, up1, log1 = start(state, "--prometheus-url", external.url, "--model-dir", str(tiny_model_dir))
+        orphan = up1["replicas"][0]["pid"]
+        subprocess.run(["kill", "-9", str(up1["keeper"]), str(proc1.pid)], check=True)
+        proc1.wait(10)
+        time.sleep(1)
+        assert not gone(orphan)
         proc2, up2, log2 = start(state, "--prometheus-url", external.url, "--model-dir", str(tiny_model_dir))
-        assert gone(replica_pid)
+        assert gone(orphan)
         assert "killed a leftover child of a previous sentinel: replica-0" in log2.read_text()
 
         # SIGTERM: a clean stop, every child gone.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from inference_core.sizing import GiB, Footprint, replica_footprint
+from inference_core.sizing import Footprint, GiB, replica_footprint
 from sentinel.alerts.state import Alert, State
 from sentinel.alerts.store import Remediation, Store
 from sentinel.errors import ServiceError
@@ -204,3 +204,13 @@ def test_room_follows_the_plan_the_free_cores_and_memory_now(tmp_path: Path) -> 
     two = [spec, ReplicaSpec("replica-1", 2, tmp_path, tmp_path, cores=(1,))]
     sup = Supervisor(two, tmp_path, ChildRegistry(tmp_path / "c.json"), plan=plan, mem_available=lambda: 20 * GiB)
     assert sup.room() == "2 replicas running and this host holds 2 (2 core(s), 1 per replica)"
+
+
+def test_shared_cores_leave_memory_as_the_only_bound(tmp_path: Path) -> None:
+    """replicas.cpu_sets: shared (a toy model that never keeps a core busy): no affinity, and a scale-out
+    needs only memory."""
+    p = plan_host(Host(24 * GiB, (0, 1)), HALF_B, count=2, max_count=3, local_elasticsearch=False, shared_cores=True)
+    assert p.slots == 3 and p.limited_by == "replicas.max_count=3" and p.core_sets == ()
+    specs = [ReplicaSpec(f"replica-{i}", i + 1, tmp_path, tmp_path) for i in range(2)]
+    sup = Supervisor(specs, tmp_path, ChildRegistry(tmp_path / "c.json"), plan=p, mem_available=lambda: 20 * GiB)
+    assert sup.room() is None and sup._free_slot() == 2
