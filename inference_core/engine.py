@@ -32,6 +32,7 @@ from inference_core.model import Attention, CausalLM, device_of
 from inference_core.redaction import redact_text
 from inference_core.sampling import SamplingParams, TokenLogprob, sample_batch, token_logprobs
 from inference_core.scheduler import FinishReason, Request, ScheduledChunk, Scheduler, SchedulerConfig
+from inference_core.sizing import activation_estimate
 from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
 from inference_core.tokenizer import IncrementalDetokenizer, TextTokenizer
 from inference_core.tp_worker import Peers
@@ -159,12 +160,22 @@ class Engine:
         self.kv_heads, self.head_dim = attns[0].k, attns[0].d  # a tensor-parallel shard holds fewer heads
         self.plan: KVPlan | None = None
         self.graphs: DecodeGraphs | None = None  # set once the KV cache exists (the memory profile runs eagerly)
+        self.startup: dict[str, float] = {}  # seconds per start-up stage, for the server's one-line breakdown
+        mark = time.monotonic()
+
+        def lap(stage: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            self.startup[stage] = now - mark
+            mark = now
+
         if cfg.hugepage_weights and all(d.type == "cpu" for d in self.devices):
             moved = move_to_hugepages(model)
             log.info("weights in transparent huge pages: %.1f MiB", moved / 2**20)
         if cfg.cpu_kernels and self.dtype == torch.bfloat16 and torch.device("cpu") in self.devices:
             n = kernels.accelerate(model)
             log.info("cpu kernels: %s (%d linear layers)", kernels.status(), n)
+        lap("layout")
         if cfg.num_kv_blocks is not None:  # an explicit pool (tests, benchmarks)
             num_blocks = cfg.num_kv_blocks
             self.max_model_len = min(cfg.max_model_len or model.config.max_position_embeddings,
@@ -173,6 +184,7 @@ class Engine:
             self.plan = self._plan_memory()
             num_blocks, self.max_model_len = self.plan.num_blocks, self.plan.max_model_len
             log.info("%s", self.plan.describe())
+        lap("memory profile")
         self.scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
                                                    num_blocks, cfg.block_size, cfg.mode == "static",
                                                    cfg.enable_prefix_caching))
@@ -186,6 +198,7 @@ class Engine:
                                            self.dtype, self.devices)
         self.graphs = DecodeGraphs(model, self.cache, num_blocks * cfg.block_size, cfg.max_num_seqs) \
             if graphs else None
+        lap("KV pool")
         metrics.kv_cache_blocks.set(num_blocks)
         metrics.kv_cache_block_size.set(cfg.block_size)
         metrics.kv_cache_bytes.set(self.cache.nbytes)
@@ -216,7 +229,9 @@ class Engine:
             runtime = max(0, rss_bytes() - weights) if device.type == "cpu" else 0
         want = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         n = max(1, min(cfg.max_num_batched_tokens, want - 1))
-        activation = self._profile(n, device)
+        # On a CPU host with the default KV cache the budget does not depend on the activation peak: the
+        # engine estimates it rather than running a full-size prefill at start (seconds on one core)
+        activation = self._profile(n, device, measure=device.type != "cpu" or cfg.memory_utilization is not None)
         total, available = device_memory(device, limit=cfg.memory_limit)
         if self.peers is not None and device.type == "cpu":  # the ranks share this host's memory
             total, available = total // self.peers.world, available // self.peers.world
@@ -230,8 +245,9 @@ class Engine:
                              memory_utilization=cfg.memory_utilization, kv_cache_memory=cfg.kv_cache_memory)
 
     @torch.inference_mode()
-    def _profile(self, num_tokens: int, device: torch.device) -> int:
-        """Peak memory of one prefill of ``num_tokens`` (after a one-token warm-up that pages the weights in)."""
+    def _profile(self, num_tokens: int, device: torch.device, measure: bool = True) -> int:
+        """Peak memory of one prefill of ``num_tokens`` (after a one-token warm-up that pages the weights in);
+        without ``measure``, the warm-up and an upper-bound estimate."""
         bs = self.config.block_size
         blocks = -(-num_tokens // bs)
         tmp = PagedKVCache.allocate(blocks, bs, self.kv_heads, self.head_dim, self.dtype, self.devices)
@@ -239,13 +255,14 @@ class Engine:
             self.peers.send("alloc", blocks, bs)
         table = list(range(blocks))
         self._run_forward([SeqChunk([0], 0, table, True)], tmp)
-        with PeakMemory(device) as peak:
-            self._run_forward([SeqChunk([0] * num_tokens, 0, table, True)], tmp)
-        if peak.bytes is not None:
-            return peak.bytes
-        mc = self.model.config  # the kernel would not reset the high-water mark: estimate in float32
-        return num_tokens * 4 * (3 * mc.intermediate_size + 6 * mc.hidden_size) + \
-            4 * mc.num_attention_heads * num_tokens * num_tokens + 4 * mc.vocab_size
+        if measure:
+            with PeakMemory(device) as peak:
+                self._run_forward([SeqChunk([0] * num_tokens, 0, table, True)], tmp)
+            if peak.bytes is not None:
+                return peak.bytes
+        mc = self.model.config  # not measured, or the kernel would not reset the high-water mark: in float32
+        return activation_estimate(num_tokens, mc.hidden_size, mc.intermediate_size, mc.num_attention_heads,
+                                   mc.vocab_size)
 
     # -- health --------------------------------------------------------------------------------------------
     @property

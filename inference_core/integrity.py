@@ -2,6 +2,13 @@
 
 ``python -m inference_core.integrity write DIR`` writes ``DIR/integrity.json``;
 ``python -m inference_core.integrity verify DIR`` checks it (exit 1 on any problem).
+
+A restart is the floor of every recovery, and hashing a 1 GB checkpoint costs two seconds of one core.
+``verify_cached`` therefore remembers a verification that passed, with each file's identity (device, inode,
+size, modification and status-change times, as git's index does), and skips the hashes when nothing
+changed since. Any write to a file changes its status-change time, which user space cannot set back, so a
+file damaged or replaced in place is hashed again. Bit rot underneath an unchanged inode is not seen by a
+restart; ``sentinel diagnose model-load-failure`` (and ``--no-integrity-cache``) always hash in full.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +94,49 @@ def verify_manifest(model_dir: Path) -> list[str]:
     extra = sorted({p.name for p in manifest_files(model_dir)} - set(expected))
     problems += [f"{name}: not in the manifest" for name in extra]
     return problems
+
+
+def _identity(model_dir: Path) -> dict[str, list[int]]:
+    out = {}
+    for p in [model_dir / MANIFEST, *manifest_files(model_dir)]:
+        st = p.stat()
+        out[p.name] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return out
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "inference_core" / "integrity"
+
+
+def verify_cached(model_dir: Path, cache_dir: Path | None) -> tuple[list[str], bool]:
+    """``verify_manifest``, skipped when every file (and the manifest) is the one a previous verification
+    passed on. Returns (problems, whether the hashes were skipped). ``cache_dir`` None: always hash."""
+    if cache_dir is None:
+        return verify_manifest(model_dir), False
+    key = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:32]
+    stamp = cache_dir / f"{key}.json"
+    try:
+        before: dict[str, list[int]] | None = _identity(model_dir)
+    except OSError:
+        before = None  # a file vanished: the full check says which
+    try:
+        if before is not None and json.loads(stamp.read_text()) == {"dir": str(model_dir.resolve()),
+                                                                     "files": before}:
+            return [], True
+    except (OSError, ValueError):
+        pass
+    problems = verify_manifest(model_dir)
+    if before is not None and not [p for p in problems if not p.endswith("not in the manifest")]:
+        try:  # only a verification that passed is remembered, and only if nothing changed while it ran
+            if _identity(model_dir) == before:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"dir": str(model_dir.resolve()), "files": before}))
+                tmp.replace(stamp)
+        except OSError:
+            pass  # no cache: the next start hashes again
+    return problems, False
 
 
 def main(argv: list[str] | None = None) -> int:

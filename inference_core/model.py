@@ -318,6 +318,7 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.forward_hooks: list[ForwardHook] = []
         self.mmaps: list[Any] = []  # memory maps the loaded weights are views of
+        self.mmap_paths: dict[int, Any] = {}  # id(map) -> the file it maps (read straight into huge pages)
         self.placement: Any = None  # set by inference_core.placement.apply
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,

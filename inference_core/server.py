@@ -43,7 +43,7 @@ from inference_core.engine import (
     Result,
 )
 from inference_core.faults import FaultSwitch
-from inference_core.integrity import MANIFEST, verify_manifest
+from inference_core.integrity import MANIFEST, default_cache_dir, verify_cached
 from inference_core.memory import KVCacheTooSmall, parse_bytes
 from inference_core.openai_format import chat_logprobs, completion_logprobs, echo_entries, entries
 from inference_core.placement import apply, parse_budgets, plan
@@ -584,6 +584,16 @@ class IntegrityError(RuntimeError):
     """A model file does not match the directory's integrity manifest."""
 
 
+def process_age(proc_root: Path = Path("/proc")) -> float:
+    """Seconds since this process started (its imports included), from /proc; 0.0 where unreadable."""
+    try:
+        start_ticks = int((proc_root / "self" / "stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float((proc_root / "uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _exit_soon(reason: str) -> None:
     """The engine's step loop died: /health already answers 503; leave so a supervisor restarts us."""
     print(f"engine failed, exiting: {reason}", file=sys.stderr, flush=True)
@@ -593,7 +603,8 @@ def _exit_soon(reason: str) -> None:
 def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_token: str | None,
           served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False,
           max_memory: str | None = None, offload_folder: Path | None = None, verify_integrity: bool = True,
-          quantization: str | None = None, tensor_parallel_size: int = 1, guard: Guard | None = None) -> FastAPI:
+          quantization: str | None = None, tensor_parallel_size: int = 1, guard: Guard | None = None,
+          integrity_cache: Path | None = None) -> FastAPI:
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
@@ -605,15 +616,27 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
     def load() -> None:
         t0 = time.monotonic()
         runtime = rss_bytes()  # the process before the weights: part of the memory plan
+        stages: dict[str, float] = {"process start": process_age()}
+        mark = t0
+
+        def lap(stage: str) -> None:
+            nonlocal mark
+            stages[stage] = time.monotonic() - mark
+            mark = time.monotonic()
+
         try:
             if verify_integrity and (model_dir / MANIFEST).exists():  # the seed's MD5 check, before serving
-                problems = verify_manifest(model_dir)
+                problems, unchanged = verify_cached(model_dir, integrity_cache)
+                if unchanged:
+                    print(f"integrity: {model_dir} unchanged since its last verification (inode, size, mtime, "
+                          "ctime); hashes skipped", file=sys.stderr, flush=True)
                 mismatched = [p for p in problems if not p.endswith("not in the manifest")]
                 for p in problems:
                     print(f"integrity: {model_dir}/{p}", file=sys.stderr, flush=True)
                 if mismatched:
                     raise IntegrityError(f"{model_dir}/{MANIFEST}: {'; '.join(mismatched)} "
                                          "(--skip-integrity-check serves it anyway)")
+            lap("integrity")
             peers = None
             if tensor_parallel_size > 1:  # start ranks 1..N-1, then keep this rank's shard
                 peers = Peers(model_dir, tensor_parallel_size, quantization)
@@ -628,7 +651,9 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
                                  offload=offload_folder is not None)
                 print(f"device map for {model_dir}:\n{placement.describe()}", file=sys.stderr, flush=True)
                 apply(model, placement, offload_folder)
+            lap("weights")
             tokenizer = TextTokenizer.from_dir(model_dir)
+            lap("tokenizer")
             cfg = dataclasses.replace(config or EngineConfig(), runtime_bytes=runtime)
             engine = Engine(model, tokenizer, metrics, request_logger(log_dir), busy, faults, cfg, log_text,
                             on_fatal=_exit_soon, peers=peers)
@@ -644,6 +669,10 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
             return
         if engine.plan is not None:
             print(engine.plan.describe(), file=sys.stderr, flush=True)
+        stages |= engine.startup
+        total = stages["process start"] + time.monotonic() - t0
+        print(f"ready {total:.1f}s after the process started: " + ", ".join(
+            f"{k} {v:.2f}s" for k, v in stages.items()), file=sys.stderr, flush=True)
         metrics.model_load.set(time.monotonic() - t0)
         metrics.model_info.info({"model": served_name or model_dir.name, "model_type": model.config.model_type,
                                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -689,6 +718,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="shard every layer over N processes (gloo on a CPU, nccl on GPUs)")
     p.add_argument("--skip-integrity-check", action="store_true",
                    help="serve even if files differ from the model directory's integrity.json (MD5/SHA-256)")
+    p.add_argument("--integrity-cache", type=Path, default=default_cache_dir(),
+                   help="remember a passed verification here and skip the hashes while the files are unchanged "
+                   "(inode, size, mtime, ctime): a restart does not rehash the checkpoint (default: %(default)s)")
+    p.add_argument("--no-integrity-cache", dest="integrity_cache", action="store_const", const=None,
+                   help="hash every file at every start")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run decode steps eagerly (default: replay them as CUDA graphs, padded to captured "
@@ -758,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
                   os.environ.get(PROXY_TOKEN_ENV) or None)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
                 args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization,
-                args.tensor_parallel_size, guard)
+                args.tensor_parallel_size, guard, args.integrity_cache)
     try:
         config = server_config(app, args.host, args.port, args.tls_cert, args.tls_key, args.tls_client_ca,
                                log_level="warning", access_log=False, timeout_graceful_shutdown=10)
