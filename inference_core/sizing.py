@@ -65,7 +65,8 @@ class Footprint:
         return self.weights + self.kv_cache + self.activation + self.runtime
 
 
-def _flag(args: list[str] | tuple[str, ...], name: str) -> str | None:
+def flag_value(args: list[str] | tuple[str, ...], name: str) -> str | None:
+    """The value of ``name`` in an argument list (``--flag VALUE`` or ``--flag=VALUE``), or None."""
     for i, a in enumerate(args):
         if a == name and i + 1 < len(args):
             return args[i + 1]
@@ -85,14 +86,14 @@ def replica_footprint(model_dir: Path, engine_args: list[str] | tuple[str, ...] 
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    if _flag(engine_args, "--quantization") == "int8":
+    if flag_value(engine_args, "--quantization") == "int8":
         weights = weights * 6 // 10  # the linear layers at one byte (plus scales); embeddings stay bf16
     bpt = kv_bytes_per_token(layers, kv_heads, head_dim, 2)
     reserve = -(-2 * bpt // layers)  # a decode step's gather of one layer (as the engine reserves)
-    seqs = int(_flag(engine_args, "--max-num-seqs") or 32)
-    tokens = int(_flag(engine_args, "--max-num-batched-tokens") or 512)
-    max_len = int(_flag(engine_args, "--max-model-len") or cfg.get("max_position_embeddings") or 4096)
-    explicit = _flag(engine_args, "--kv-cache-memory")
+    seqs = int(flag_value(engine_args, "--max-num-seqs") or 32)
+    tokens = int(flag_value(engine_args, "--max-num-batched-tokens") or 512)
+    max_len = int(flag_value(engine_args, "--max-model-len") or cfg.get("max_position_embeddings") or 4096)
+    explicit = flag_value(engine_args, "--kv-cache-memory")
     kv = parse_bytes(explicit) if explicit else default_cpu_kv_bytes(bpt + reserve, seqs, max_len)
     act = activation_estimate(min(tokens, max_len), hidden, int(cfg["intermediate_size"]), heads,
                               int(cfg["vocab_size"]))

@@ -217,6 +217,8 @@ class Daemon:
         }
         if self.router is not None and self.router.url is not None:
             out["router"] = f"{self.router.url}/v1"
+        if isinstance(self.replicas, LocalReplicas) and self.replicas.plan is not None:
+            out["hostPlan"] = self.replicas.plan.as_dict()
         if self.leadership is not None and (leader := self.leadership.status()) is not None:
             out["leader"] = leader
         return out

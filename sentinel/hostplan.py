@@ -64,6 +64,7 @@ class HostPlan:
     share_bytes: int                  # each replica's memory limit (its share of what the replicas get)
     cores_per_replica: int
     core_sets: tuple[tuple[int, ...], ...] = field(default=())  # slot i runs on core_sets[i] (CPU hosts)
+    memory_limit: int | None = None   # the --memory-limit the replicas were given by hand, if any
 
     @property
     def replica_budget(self) -> int:
@@ -71,6 +72,13 @@ class HostPlan:
 
     def cores_for(self, slot: int) -> tuple[int, ...]:
         return self.core_sets[slot] if slot < len(self.core_sets) else ()
+
+    def as_dict(self) -> dict[str, object]:
+        """For ``/api/v1/status`` and ``up.json``."""
+        return {"memoryBytes": self.host.memory_bytes, "cores": list(self.host.cores), "gpus": self.host.gpus,
+                "reservedBytes": dict(self.reserved), "replicaNeedBytes": self.need_bytes,
+                "footprintBytes": vars(self.footprint), "slots": self.slots, "limitedBy": self.limited_by,
+                "replicaMemoryLimitBytes": self.share_bytes, "coreSets": [list(c) for c in self.core_sets]}
 
     def describe(self) -> str:
         kept = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.reserved.items())
@@ -127,4 +135,4 @@ def plan_host(host: Host, footprint: Footprint, *, count: int, max_count: int, l
     share = memory_limit if memory_limit is not None else max(need, budget // max(slots, 1))
     cores = host.cores
     core_sets = () if host.gpus or shared_cores else tuple(tuple(cores[i * per:(i + 1) * per]) for i in range(slots))
-    return HostPlan(host, footprint, need, reserved, slots, limited_by, share, per, core_sets)
+    return HostPlan(host, footprint, need, reserved, slots, limited_by, share, per, core_sets, memory_limit)

@@ -51,14 +51,15 @@ def bundled_model_dir(state_dir: Path) -> Path:
 def host_plan(settings: Settings, model_dir: Path, gpus: int) -> HostPlan:
     """The plan of this host for ``replicas.count`` .. ``replicas.max_count`` replicas of ``model_dir``
     (``sentinel/hostplan.py``); ServiceError, naming the numbers, when they do not fit."""
-    from inference_core.sizing import parse_bytes, replica_footprint
+    from inference_core.sizing import flag_value, parse_bytes, replica_footprint
     from sentinel.hostplan import Host, plan_host
 
     r = settings.replicas
     args = list(r.engine_args)
     try:
         footprint = replica_footprint(model_dir, args)
-        limit = next((parse_bytes(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "--memory-limit"), None)
+        given = flag_value(args, "--memory-limit")
+        limit = parse_bytes(given) if given else None
     except (OSError, ValueError, KeyError) as exc:
         raise ServiceError(f"cannot plan replicas of {model_dir}: {type(exc).__name__}: {exc}") from exc
     es = settings.logs.elasticsearch_url
@@ -114,7 +115,7 @@ class LocalReplicas:
         limits: tuple[str, ...] = ("--rate-limit", f"{r.rate_limit:g}", "--rate-burst", str(r.rate_burst))
         plan = self.plan = host_plan(s, model_dir, self.gpus())
         log.info("host plan: %s", plan.describe())
-        if "--memory-limit" not in " ".join(r.engine_args):  # each replica plans its memory within its share
+        if plan.memory_limit is None:  # each replica plans its memory within its share
             limits += ("--memory-limit", str(plan.share_bytes))
 
         def placement(i: int) -> dict[str, Any]:

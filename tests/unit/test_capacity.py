@@ -155,6 +155,8 @@ def test_a_24_gib_two_core_host_holds_two_half_b_replicas_by_its_cores() -> None
                           "free floor (10%)": int(0.1 * 24 * GiB)}
     assert p.share_bytes == p.replica_budget // 2 and p.share_bytes >= HALF_B.total
     assert "holds 2 replica(s) (2 core(s), 1 per replica)" in p.describe()
+    doc = p.as_dict()
+    assert doc["slots"] == 2 and doc["coreSets"] == [[0], [1]] and doc["footprintBytes"]["weights"] == HALF_B.weights
 
 
 def test_memory_bounds_the_plan_and_a_replica_that_cannot_fit_is_refused_with_the_numbers() -> None:
@@ -186,6 +188,7 @@ def test_the_footprint_of_a_checkpoint_is_read_from_its_config_and_files(tmp_pat
     f = replica_footprint(tmp_path)
     assert f.weights == 1000 and f.kv_cache == 32 * 2048 * (12288 + 1024)  # the engine's default, with its reserve
     assert replica_footprint(tmp_path, ["--kv-cache-memory", "1GiB"]).kv_cache == GiB
+    assert replica_footprint(tmp_path, ["--kv-cache-memory=512MiB"]).kv_cache == GiB // 2
     assert replica_footprint(tmp_path, ["--max-num-seqs", "256"]).kv_cache == 4 * GiB  # the cap
     assert replica_footprint(tmp_path, ["--quantization", "int8"]).weights == 600
 
