@@ -201,7 +201,7 @@ def _until(fn: Callable[[], Any], timeout_s: float) -> float | None:
     while time.monotonic() - t0 < timeout_s:
         if fn():
             return time.monotonic() - t0
-        time.sleep(0.1)
+        time.sleep(0.25)  # within sentinel's API rate limit (10 requests/s per client)
     return None
 
 

@@ -82,7 +82,7 @@ def _audited_outcome(http: httpx.Client, api: str, since: float, wait_s: float,
     is the oldest match, not whatever a still-firing alert asked for after it."""
     deadline = time.monotonic() + wait_s
     while True:
-        for e in reversed(http.get(f"{api}/api/v1/actions", params={"limit": 100}).json()["data"]["audit"]):
+        for e in reversed(_data(http, f"{api}/api/v1/actions", params={"limit": 100})["audit"]):
             if e["kind"] == "outcome" and e["ts"] >= since and match(e):
                 return str(e["outcome"])
         if time.monotonic() >= deadline:
@@ -118,12 +118,24 @@ def leak_fault(url: str, reach_limit_s: float, max_leak_bytes: float) -> tuple[d
                                      f"{limit / 2**20:.0f} MiB limit in {reach_limit_s:.0f}s")
 
 
+def _data(http: httpx.Client, url: str, params: dict[str, Any] | None = None) -> Any:
+    """``data`` of a sentinel API read; a 429 (its rate limit per client) waits ``Retry-After`` and asks again."""
+    for _ in range(10):
+        r = http.get(url, params=params)
+        if r.status_code != 429:
+            break
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+    if not r.is_success:
+        raise ChaosError(f"GET {url}: {r.status_code} {r.text[:200]}")
+    return r.json()["data"]
+
+
 def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = None, timeout_s: float = 120.0,
               model: str | None = None, reach_limit_s: float = 600.0, max_leak_bytes: float = 4 * GiB
               ) -> DrillResult:
     """Arm ``drill`` on ``replica`` (default: the first), trigger it, wait for sentinel to detect and recover."""
     http = httpx.Client(timeout=10.0)
-    status = http.get(f"{api}/api/v1/status").json()["data"]
+    status = _data(http, f"{api}/api/v1/status")
     reps = {r["name"]: r for r in status.get("replicas", [])}
     if not reps:
         raise ChaosError("sentinel reports no local replicas (chaos drills run against `sentinel up`)")
@@ -176,15 +188,15 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
     while time.monotonic() < deadline and (detect is None or recover is None):
         now = time.monotonic()
         if detect is None:
-            alerts = http.get(f"{api}/api/v1/alerts").json()["data"]["alerts"]
+            alerts = _data(http, f"{api}/api/v1/alerts")["alerts"]
             if any(a["labels"].get("alertname") == drill.alert and a["labels"].get("replica") == name
                    and a["state"] == "firing" for a in alerts):
                 detect = now - t0
         if recover is None:
-            st = {r["name"]: r for r in http.get(f"{api}/api/v1/status").json()["data"]["replicas"]}.get(name, {})
+            st = {r["name"]: r for r in _data(http, f"{api}/api/v1/status")["replicas"]}.get(name, {})
             if st.get("pid") not in (None, old_pid) and st.get("healthy"):
                 recover = now - t0
-        time.sleep(0.1)
+        time.sleep(0.25)  # two reads a round: within sentinel's API rate limit (10/s per client)
     done.set()
     if drill.load and recover is None:  # not recovered in time: stop the fault rather than leave it running
         try:
@@ -194,7 +206,7 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
             pass
     outcome = _audited_outcome(http, api, started, 30.0 if recover is not None else 0.0, lambda e: e.get(
         "target") == name and e["subject"].startswith(drill.alert + "/"))
-    new = {r["name"]: r for r in http.get(f"{api}/api/v1/status").json()["data"]["replicas"]}.get(name, {})
+    new = {r["name"]: r for r in _data(http, f"{api}/api/v1/status")["replicas"]}.get(name, {})
     return DrillResult(drill.name, name, detect, recover, outcome, old_pid, new.get("pid"), detail)
 
 
@@ -208,7 +220,7 @@ def run_scale_out(api: str, clients: int = 8, max_tokens: int = 160, timeout_s: 
     a scale-out alert firing; recover: the new replica ready. No fault switch is involved, so this drill runs
     against any ``sentinel up`` with the router on and a scale-out rule in its pack."""
     http = httpx.Client(timeout=10.0)
-    status = http.get(f"{api}/api/v1/status").json()["data"]
+    status = _data(http, f"{api}/api/v1/status")
     router = status.get("router")
     if not router:
         raise ChaosError("sentinel runs no router (router.enabled): the scale-out drill loads replicas through it")
@@ -237,10 +249,10 @@ def run_scale_out(api: str, clients: int = 8, max_tokens: int = 160, timeout_s: 
         while time.monotonic() - t0 < timeout_s and recover is None:
             now = time.monotonic()
             if detect is None:
-                alerts = http.get(f"{api}/api/v1/alerts").json()["data"]["alerts"]
+                alerts = _data(http, f"{api}/api/v1/alerts")["alerts"]
                 if any(a["labels"].get("alertname") in SCALE_OUT_ALERTS and a["state"] == "firing" for a in alerts):
                     detect = now - t0
-            reps = http.get(f"{api}/api/v1/status").json()["data"]["replicas"]
+            reps = _data(http, f"{api}/api/v1/status")["replicas"]
             added = [r for r in reps if r["name"] not in before]
             if added and added[0].get("healthy"):
                 new, recover = added[0], now - t0

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,49 @@ def test_scale_out_under_load_then_in_past_the_window(tmp_path: Path, receiver: 
                    and not e["act"]]
         assert any("stabilization window" in r or "scale action ran within" in r for r in refused), refused
         print(f"scale-out {t_out:.1f}s after heavy load began; scale-in {t_in:.1f}s after it ended")
+
+
+def test_a_repair_is_never_held_up_by_a_scale_out_in_flight(tmp_path: Path, receiver: Receiver,
+                                                             tiny_model_dir: Path) -> None:
+    """What real size showed: a scale-out asked for by replica-0's busy alert held the repair of replica-0 (one
+    cooldown per target, one concurrency slot). Here Alertmanager's webhook brings EngineBusyScaleOut for
+    replica-0; the replica the scale-out starts is frozen (SIGSTOP) while it loads, so the scale-out stays in
+    flight; then replica-0 gets a CUDA error. With max_concurrent=1 and a 300 s cooldown the restart is decided
+    and done at once, the scale-out still in flight; the scale-out is recorded against the service, and
+    finishes once its replica runs again. Clients see no failure."""
+    token = "operate-token-0123456789abcdef"
+    replicas = {"count": 2, "max_count": 3, "enable_faults": True, "admin_token": ADMIN_TOKEN,
+                "model_dir": str(tiny_model_dir), "cpu_sets": "shared"}
+    remediation = {"verify_timeout": "60s", "cooldown": "300s", "max_concurrent": 1}
+    with run_sentinel(tmp_path, receiver, tiny_model_dir, replicas=replicas, remediation=remediation,
+                      api={"token": token}) as (proc, up, log), loaded(up["router"], clients=2) as load:
+        api = up["api"]
+        started = datetime.now(UTC).isoformat()
+        payload = {"version": "4", "status": "firing", "receiver": "sentinel", "groupKey": "{}:{}", "alerts": [
+            {"status": "firing", "labels": {"alertname": "EngineBusyScaleOut", "replica": "replica-0",
+                                            "severity": "warning"}, "startsAt": started}]}
+        r = httpx.post(f"{api}/api/v1/alertmanager/webhook", json=payload,
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["data"]["matched"] == 1, r.text
+        children = tmp_path / "state" / "children.json"
+        pid = wait_for("the scale-out to start replica-2", lambda: json.loads(children.read_text()).get("replica-2"),
+                       30, proc, log)
+        os.kill(pid, signal.SIGSTOP)  # loading, frozen: the scale-out waits for it to become ready
+        try:
+            res = run_drill(api, DRILLS["cuda-error"], ADMIN_TOKEN, "replica-0", timeout_s=60)
+            assert res.outcome == "succeeded" and res.recover_s is not None and res.recover_s <= 30, res
+            assert [o for o in outcomes(api) if o[1] == "scale_out"] == []  # still in flight
+            assert [r["name"] for r in status(api)["replicas"]] == ["replica-0", "replica-1"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for("the scale-out to finish", lambda: ("EngineBusyScaleOut", "scale_out", "succeeded")
+                 in outcomes(api), 90, proc, log)
+        decided = [e for e in audit(api) if e["kind"] == "decision" and e["act"]]
+        assert [(e["action"], e["target"]) for e in decided] == [("scale_out", "local-replicas"),
+                                                                 ("restart", "replica-0")], decided
+        assert decided[0]["asked_by"] == "replica-0"
+    assert load.failed == [], load.failed[:5]
+    print(f"restart of replica-0 {res.recover_s:.1f}s after its CUDA error, with a scale-out in flight")
 
 
 def test_corrupted_weights_page_a_human_without_a_restart_loop(tmp_path: Path, receiver: Receiver,

@@ -68,7 +68,7 @@ def test_sigterm_kill9_and_external_prometheus(tmp_path: Path, tiny_model_dir: P
         t0 = time.monotonic()
         wait_for("the replica to die with sentinel", lambda: gone(replica_pid), 5)
         assert time.monotonic() - t0 < 5
-        assert gone(up["keeper"])
+        wait_for("the keeper to exit once it has killed them", lambda: gone(up["keeper"]), 5)
 
         # kill -9 of sentinel and its keeper together: the replica is orphaned; the next start reaps it
         proc1, up1, log1 = start(state, "--prometheus-url", external.url, "--model-dir", str(tiny_model_dir))
