@@ -4,7 +4,8 @@
 24 layers, GQA 14/2, vocab 151,936, 32,768-token context, tied embeddings), written by transformers
 itself with a fixed seed, plus a byte-level BPE tokenizer that covers every id of the vocabulary (each id
 decodes to one to three ASCII letters, so every generated token streams as text; benchmarks send
-token ids). Cached under ``var/bench-models/`` (ignored by
+token ids). ``r1_distill_qwen_1_5b_shape()`` is DeepSeek-R1-Distill-Qwen-1.5B's geometry the same way
+(``python bench/checkpoints.py 1.5b``). Cached under ``var/bench-models/`` (ignored by
 git): the first call takes about a minute, later ones return at once.
 """
 
@@ -31,8 +32,23 @@ QWEN2_0_5B = {
 }
 
 
+# DeepSeek-R1-Distill-Qwen-1.5B's geometry (1.78 B parameters, untied lm_head, 128k context)
+R1_DISTILL_QWEN_1_5B = {
+    **QWEN2_0_5B, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 131072, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "bos_token_id": 151646, "eos_token_id": 151643,
+}
+
+
 def qwen2_0_5b_shape(seed: int = 0) -> Path:
     return _write("qwen2.5-0.5b-shape-bf16", QWEN2_0_5B, seed)
+
+
+def r1_distill_qwen_1_5b_shape(seed: int = 0) -> Path:
+    return _write("r1-distill-qwen-1.5b-shape-bf16", R1_DISTILL_QWEN_1_5B, seed)
+
+
+SHAPES = {"0.5b": qwen2_0_5b_shape, "1.5b": r1_distill_qwen_1_5b_shape}
 
 
 def _write(name: str, config: dict[str, object], seed: int) -> Path:
@@ -58,4 +74,4 @@ def _write(name: str, config: dict[str, object], seed: int) -> Path:
 
 
 if __name__ == "__main__":
-    print(qwen2_0_5b_shape())
+    print(SHAPES[sys.argv[1] if len(sys.argv) > 1 else "0.5b"]())

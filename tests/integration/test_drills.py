@@ -274,8 +274,12 @@ def test_a_repair_is_never_held_up_by_a_scale_out_in_flight(tmp_path: Path, rece
     replicas = {"count": 2, "max_count": 3, "enable_faults": True, "admin_token": ADMIN_TOKEN,
                 "model_dir": str(tiny_model_dir), "cpu_sets": "shared"}
     remediation = {"verify_timeout": "60s", "cooldown": "300s", "max_concurrent": 1}
-    with run_sentinel(tmp_path, receiver, tiny_model_dir, replicas=replicas, remediation=remediation,
-                      api={"token": token}) as (proc, up, log), loaded(up["router"], clients=2) as load:
+    doc = yaml.safe_load((ROOT / "rules" / "capacity.yaml").read_text())
+    busy = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == "EngineBusyScaleOut"]
+    rules = {"scale.yaml": yaml.safe_dump({"groups": [{"name": "scale", "rules": busy}]}, sort_keys=False)}
+    with run_sentinel(tmp_path, receiver, tiny_model_dir, extra_rules=rules, replicas=replicas,
+                      remediation=remediation, api={"token": token}) as (proc, up, log), \
+            loaded(up["router"], clients=2) as load:
         api = up["api"]
         started = datetime.now(UTC).isoformat()
         payload = {"version": "4", "status": "firing", "receiver": "sentinel", "groupKey": "{}:{}", "alerts": [
