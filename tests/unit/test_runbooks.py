@@ -236,6 +236,24 @@ def test_service_reads_cuda_errors_from_logs(tmp_path: Path) -> None:
     assert run_check("service", Context()).status == Status.SKIPPED
 
 
+def test_checks_that_found_nothing_to_check_say_skipped_never_ok(tmp_path: Path) -> None:
+    """`sentinel diagnose --all` with nothing running said ok: "0 replica(s) healthy". Zero replicas, zero
+    GPUs: skipped, with the reason; a cuda_error line in the logs still fails."""
+    from sentinel.logstore.local import LocalLogStore
+
+    quiet = run_check("service", Context(logs=LocalLogStore(tmp_path / "logs.db")))  # a state dir, nothing running
+    assert quiet.status == Status.SKIPPED and quiet.summary.startswith("no replica to check"), quiet
+    no_gpu = tmp_path / "no-gpu.json"  # a driver loaded, no device (a GPU node whose GPU fell off the bus)
+    no_gpu.write_text(json.dumps({"driver_version": "550.54.15", "cuda_driver_version": 12040, "devices": []}))
+    none = run_check("gpu", Context(nvml=FakeNvml(no_gpu)))
+    assert none.status == Status.SKIPPED and "reports no GPU" in none.summary, none
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexit 0\n")
+    smi.chmod(0o755)
+    empty = run_check("nvidia_smi", Context(nvidia_smi=str(smi)))
+    assert empty.status == Status.SKIPPED and empty.summary == "nvidia-smi lists no GPU", empty
+
+
 # -- the CLI and reports --------------------------------------------------------------------------------
 def test_diagnose_cli_all_json_and_reports(tmp_path: Path) -> None:
     cfg = tmp_path / "s.yaml"

@@ -126,6 +126,8 @@ def gpu_check(p: GpuParams, ctx: Context) -> Finding:
             fails.append(f"XID events: {sorted({x.code for x in xids})}; recommended: {recommend(xids)}")
     finally:
         _try(nv.nvmlShutdown)
+    if count == 0:  # a driver without a GPU: nothing was checked
+        return Finding(Status.SKIPPED, f"NVML (driver {ev['driver_version']}) reports no GPU", ev)
     if fails:
         return Finding(Status.FAIL, "; ".join(fails), ev, "follow the recovery action / XID recommendation; "
                        "repeated faults on one GPU need hardware inspection")
@@ -181,6 +183,8 @@ def nvidia_smi_check(p: SmiParams, ctx: Context) -> Finding:
     warns = [f"GPU {r['index']}: {r['temperature.gpu']} °C" for r in rows
              if (_num(r.get("temperature.gpu", "")) or 0) > p.max_temperature_c]
     ev = {"argv": argv, "gpus": rows}
+    if not rows:
+        return Finding(Status.SKIPPED, "nvidia-smi lists no GPU", ev)
     if fails:
         return Finding(Status.FAIL, "; ".join(fails), ev, "ECC workflow: drain the GPU, reset it, check retired "
                        "pages/remapped rows; repeated → hardware inspection")

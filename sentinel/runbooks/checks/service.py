@@ -112,6 +112,10 @@ def service_check(p: ServiceParams, ctx: Context) -> Finding:
     if fails:
         return Finding(Status.FAIL, "; ".join(fails + warns), ev,
                        "restart the affected replica (sentinel does this for CudaError) and run the cuda-error runbook")
+    if not replicas:  # nothing was checked: never "0 replica(s) healthy" (a down service is not an ok one)
+        return Finding(Status.SKIPPED, "no replica to check: no running `sentinel up` lists one (no up.json in the "
+                       f"state directory); no cuda_error in the {source}" + (f"; {'; '.join(warns)}" if warns else ""),
+                       ev)
     if warns:
         return Finding(Status.WARN, "; ".join(warns), ev, "see the inference-latency runbook: batch size, GPU load")
     return Finding(Status.OK, f"{len(replicas)} replica(s) healthy" + (", latency and errors within SLO"
