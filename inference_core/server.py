@@ -77,6 +77,7 @@ class _Common(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM: each choice carries prompt_token_ids and token_ids
+    return_tokens_as_token_ids: bool | None = None  # vLLM: tokens as "token_id:N" (default: the server's flag)
 
     def params(self, i: int, default_max: int, logprobs: int | None = None,
                prompt_logprobs: int | None = None) -> SamplingParams:
@@ -127,6 +128,7 @@ class _Shape:
     echo: bool
     prompt_text: str
     return_token_ids: bool = False
+    tokens_as_ids: bool = False  # logprobs' tokens as "token_id:N"
 
 
 def openai_error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -283,8 +285,12 @@ class GuardMiddleware:
 
 def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRegistry,
                faults: FaultSwitch | None = None, admin_token: str | None = None,
-               lifespan: Any = None, guard: Guard | None = None) -> FastAPI:
+               lifespan: Any = None, guard: Guard | None = None, tokens_as_token_ids: bool = False) -> FastAPI:
     holder = slot if isinstance(slot, EngineSlot) else EngineSlot(slot)
+
+    def as_ids(body: _Common) -> bool:
+        return tokens_as_token_ids if body.return_tokens_as_token_ids is None else body.return_tokens_as_token_ids
+
     engine: Any = _Proxy(holder)
     app = FastAPI(title="inference_core", version="0.2.0", lifespan=lifespan)
     gate = guard or Guard()
@@ -420,7 +426,8 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
 
         if out.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                        "logprobs": chat_logprobs(tok, r.logprobs) if out.logprobs is not None else None,
+                        "logprobs": chat_logprobs(tok, r.logprobs, out.tokens_as_ids) if out.logprobs is not None
+                        else None,
                         "finish_reason": r.finish_reason, **ids_of(r.token_ids)} for i, r in enumerate(results)]
             return JSONResponse({"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created,
                                  "model": model_name, "choices": choices, "usage": usage})
@@ -430,7 +437,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             lp = None
             if out.logprobs is not None:
                 items = (echo_entries(ids, res.prompt_logprobs) if out.echo else []) + entries(res.logprobs)
-                lp = completion_logprobs(tok, items, 0)
+                lp, _ = completion_logprobs(tok, items, 0, out.tokens_as_ids)
             texts.append({"index": i, "text": head + res.text, "logprobs": lp, "finish_reason": res.finish_reason,
                           **ids_of(res.token_ids)})
         return JSONResponse({"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model_name,
@@ -459,15 +466,14 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
                     {"content": text} if text is not None else {})
                 if out.logprobs is not None and lps:
-                    lp = chat_logprobs(tok, lps)
+                    lp = chat_logprobs(tok, lps, out.tokens_as_ids)
                 choice: dict[str, Any] = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
                 if out.logprobs is not None and (lps or echo is not None):
                     items = entries(lps or [])
                     if echo is not None:
                         items = echo_entries(prompt_ids, echo.prompt_logprobs) + items
-                    lp = completion_logprobs(tok, items, offsets[i])
-                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                    lp, offsets[i] = completion_logprobs(tok, items, offsets[i], out.tokens_as_ids)
                 choice = {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
             if out.return_token_ids and token_ids is not None:
                 choice["token_ids"] = token_ids
@@ -529,7 +535,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             return bad
         if body.echo and not isinstance(body.prompt, str):
             text = engine.tokenizer.decode(ids, skip_special_tokens=False)
-        shape = _Shape(False, body.logprobs, body.echo, text, body.return_token_ids)
+        shape = _Shape(False, body.logprobs, body.echo, text, body.return_token_ids, as_ids(body))
         return await run(body, ids, body.max_tokens or 16, shape, raw)
 
     @app.post("/v1/chat/completions")
@@ -543,7 +549,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
         if body.top_logprobs is not None and not body.logprobs:
             return openai_error(400, "top_logprobs needs logprobs: true", "invalid_request_error", "top_logprobs")
         return await run(body, ids, max_tokens or min(256, engine.max_model_len - len(ids)),
-                         _Shape(True, logprobs, False, "", body.return_token_ids), raw)
+                         _Shape(True, logprobs, False, "", body.return_token_ids, as_ids(body)), raw)
 
     def authorize(authorization: str | None) -> None:
         expected = f"Bearer {admin_token}" if admin_token else None
@@ -604,7 +610,7 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
           served_name: str | None = None, config: EngineConfig | None = None, log_text: bool = False,
           max_memory: str | None = None, offload_folder: Path | None = None, verify_integrity: bool = True,
           quantization: str | None = None, tensor_parallel_size: int = 1, guard: Guard | None = None,
-          integrity_cache: Path | None = None) -> FastAPI:
+          integrity_cache: Path | None = None, tokens_as_token_ids: bool = False) -> FastAPI:
     """The app starts serving at once; the model loads in the background (/ready is 503 until then)."""
     registry = CollectorRegistry()
     busy = BusyTracker()
@@ -685,7 +691,8 @@ def build(model_dir: Path, log_dir: Path | None, enable_faults: bool, admin_toke
         threading.Thread(target=load, name="model-load", daemon=True).start()
         yield
 
-    return create_app(slot, served_name or model_dir.name, registry, faults, admin_token, lifespan, guard)
+    return create_app(slot, served_name or model_dir.name, registry, faults, admin_token, lifespan, guard,
+                      tokens_as_token_ids)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -723,6 +730,9 @@ def main(argv: list[str] | None = None) -> None:
                    "(inode, size, mtime, ctime): a restart does not rehash the checkpoint (default: %(default)s)")
     p.add_argument("--no-integrity-cache", dest="integrity_cache", action="store_const", const=None,
                    help="hash every file at every start")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens 'token_id:N' (vLLM's flag; a request's return_tokens_as_token_ids "
+                   "overrides it): byte tokens that are parts of one character all read as U+FFFD otherwise")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run decode steps eagerly (default: replay them as CUDA graphs, padded to captured "
@@ -792,7 +802,7 @@ def main(argv: list[str] | None = None) -> None:
                   os.environ.get(PROXY_TOKEN_ENV) or None)
     app = build(args.model_dir, args.log_dir, args.enable_faults, token, args.served_model_name, cfg, args.log_text,
                 args.max_memory, args.offload_folder, not args.skip_integrity_check, args.quantization,
-                args.tensor_parallel_size, guard, args.integrity_cache)
+                args.tensor_parallel_size, guard, args.integrity_cache, args.return_tokens_as_token_ids)
     try:
         config = server_config(app, args.host, args.port, args.tls_cert, args.tls_key, args.tls_client_ca,
                                log_level="warning", access_log=False, timeout_graceful_shutdown=10)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import re
 import string
 from importlib import resources
 from pathlib import Path
@@ -111,6 +113,35 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
+    @functools.cached_property
+    def _byte_decoder(self) -> dict[str, int] | None:
+        """Byte-level BPE (GPT-2, Qwen2, Llama 3): each vocabulary character stands for one byte."""
+        doc = json.loads(self.tokenizer.to_str())
+        dec = doc.get("decoder") or {}
+        kinds = {dec.get("type")} | {d.get("type") for d in dec.get("decoders") or []}
+        return {ch: b for b, ch in _bytes_to_unicode().items()} if "ByteLevel" in kinds else None
+
+    @functools.cached_property
+    def _added(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.get_added_tokens_decoder())
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes, as OpenAI's ``bytes`` field gives them: a token that is part of a multi-byte
+        character has its part, not U+FFFD, so a client can join a character split across tokens. Byte-level
+        vocabularies map each character back to its byte; SentencePiece's byte fallback ``<0xNN>`` is that
+        byte and its ``▁`` a space; added tokens are their text."""
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added:
+            return piece.encode()
+        table = self._byte_decoder
+        if table is not None and all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
@@ -122,6 +153,17 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self._chat.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 bytes to printable characters (what byte-level BPE vocabularies use)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
 
 
 class IncrementalDetokenizer:

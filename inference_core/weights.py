@@ -209,9 +209,10 @@ def fit_to_corpus(model: CausalLM, ids: torch.Tensor, steps: int, seed: int, seq
         torch.set_num_threads(threads)
 
 
-def make_tiny_checkpoint(out_dir: Path, seed: int = 0, preset: str = "tiny", train_steps: int = 150) -> Path:
-    """Write the bundled model (fixed seed, fitted to the bundled corpus) in Hugging Face layout;
-    idempotent for a given seed."""
+def make_tiny_checkpoint(out_dir: Path, seed: int = 0, preset: str = "tiny", train_steps: int = 150,
+                         corpus: str | None = None) -> Path:
+    """Write the bundled model (fixed seed, fitted to the bundled corpus, or to ``corpus``: the tokenizer is
+    the bundled one either way) in Hugging Face layout; idempotent for a given seed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = PRESETS[preset]
     tok = train_bundled_tokenizer(base.vocab_size)
@@ -227,7 +228,7 @@ def make_tiny_checkpoint(out_dir: Path, seed: int = 0, preset: str = "tiny", tra
                 continue
             p.normal_(0.0, 0.08)
     if train_steps:
-        fit_to_corpus(model, torch.tensor(tok.encode(corpus_text()).ids), train_steps, seed)
+        fit_to_corpus(model, torch.tensor(tok.encode(corpus or corpus_text()).ids), train_steps, seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / SINGLE_FILE),
               metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -298,3 +298,64 @@ def test_int8_quantization_serves_a_quarter_of_the_weights(tiny_model_dir: Path,
     weights = next(line for line in err.splitlines() if "weights" in line and "activation peak" in line)
     mib = float(weights.split("weights ")[1].split(" MiB")[0])
     assert mib < 0.35 * (tiny_model_dir / "model.safetensors").stat().st_size / 2**20, weights
+
+
+ZH = "监控告警：推理服务的延迟超过五百毫秒，请检查显卡。"
+
+
+def zh_prompt() -> str:
+    """The chat template's rendering of a user turn with the sentence's first seven characters."""
+    from tokenizers import Tokenizer, models
+
+    from inference_core.tokenizer import TextTokenizer
+
+    return TextTokenizer(Tokenizer(models.BPE()), {}).apply_chat_template([{"role": "user", "content": ZH[:7]}])
+
+
+@pytest.fixture(scope="module")
+def zh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The bundled tokenizer and model shape, fitted to a chat whose answer is one Chinese sentence: greedy
+    decoding gives that answer, each character split over three byte tokens (the tokenizer learned no Chinese
+    merges)."""
+    from inference_core.weights import make_tiny_checkpoint
+
+    corpus = (zh_prompt() + ZH[7:] + "<|im_end|>\n") * 30
+    d = make_tiny_checkpoint(tmp_path_factory.mktemp("zh") / "model", seed=0, corpus=corpus)
+    s = Server(d, tmp_path_factory.mktemp("zh-logs"))
+    yield s
+    s.close()
+
+
+def test_chat_logprob_bytes_join_a_character_split_across_tokens(zh_server: Server) -> None:
+    c = zh_server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": ZH[:7]}], max_tokens=12, temperature=0, logprobs=True,
+        top_logprobs=5, extra_body={"ignore_eos": True})
+    text = c.choices[0].message.content
+    content = c.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert text and any(ord(ch) > 0x2E80 for ch in text), text  # greedy output with Chinese characters
+    assert content is not None and any(t.token == "\ufffd" for t in content)  # some token is part of one
+    assert bytes(b for t in content for b in (t.bytes or [])).decode() == text
+    assert all(t.bytes != [239, 191, 189] for t in content)
+
+
+def test_completion_top_logprobs_never_lose_an_entry_and_token_ids_on_request(zh_server: Server) -> None:
+    """Byte tokens that are parts of characters all read U+FFFD: five asked, five given at every position
+    (vLLM gives fewer), the likelier token under the text; `return_tokens_as_token_ids` keys them by id."""
+    c = zh_server.client.completions.create(model=MODEL, prompt=zh_prompt(), max_tokens=9, temperature=0, logprobs=5,
+                                            extra_body={"ignore_eos": True})
+    lp = c.choices[0].logprobs
+    assert lp is not None and lp.top_logprobs is not None and lp.tokens is not None
+    assert all(len(top) == 5 for top in lp.top_logprobs), lp.top_logprobs
+    assert any(k.startswith("token_id:") for top in lp.top_logprobs for k in top)  # a collision happened
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs or [], lp.top_logprobs, strict=True):
+        assert top[token] == pytest.approx(chosen)  # greedy: the chosen token is the best, under its text
+    ids = zh_server.client.completions.create(model=MODEL, prompt=zh_prompt(), max_tokens=9, temperature=0, logprobs=5,
+                                              extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    got = ids.choices[0].logprobs
+    assert got is not None and got.tokens is not None and got.top_logprobs is not None
+    assert all(t.startswith("token_id:") for t in got.tokens)
+    assert [int(t.split(":")[1]) for t in got.tokens] == \
+        zh_server.client.completions.create(model=MODEL, prompt=zh_prompt(), max_tokens=9, temperature=0,
+                                            extra_body={"ignore_eos": True, "return_token_ids": True}
+                                            ).choices[0].model_extra["token_ids"]  # type: ignore[index]
+    assert all(len(top) == 5 and all(k.startswith("token_id:") for k in top) for top in got.top_logprobs)
