@@ -130,8 +130,10 @@ def plan_host(host: Host, footprint: Footprint, *, count: int, max_count: int, l
                            "(--quantization int8 in replicas.engine_args), a smaller --kv-cache-memory, or a "
                            "bigger host")
     if slots < count:
+        hint = "; replicas.cpu_sets: shared lets replicas share the cores" if limited_by == unit and not host.gpus \
+            and not shared_cores else ""
         raise ServiceError(f"replicas.count={count} does not fit this host, which holds {slots} ({limited_by}): "
-                           f"{numbers}")
+                           f"{numbers}{hint}")
     share = memory_limit if memory_limit is not None else max(need, budget // max(slots, 1))
     cores = host.cores
     core_sets = () if host.gpus or shared_cores else tuple(tuple(cores[i * per:(i + 1) * per]) for i in range(slots))

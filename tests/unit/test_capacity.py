@@ -217,3 +217,11 @@ def test_shared_cores_leave_memory_as_the_only_bound(tmp_path: Path) -> None:
     specs = [ReplicaSpec(f"replica-{i}", i + 1, tmp_path, tmp_path) for i in range(2)]
     sup = Supervisor(specs, tmp_path, ChildRegistry(tmp_path / "c.json"), plan=p, mem_available=lambda: 20 * GiB)
     assert sup.room() is None and sup._free_slot() == 2
+
+
+def test_more_replicas_than_cores_is_refused_with_the_way_out() -> None:
+    with pytest.raises(ServiceError, match=r"replicas.count=3 does not fit this host, which holds 2 \(2 core\(s\), 1 "
+                                           r"per replica\).*replicas.cpu_sets: shared lets replicas share the cores"):
+        plan_host(Host(24 * GiB, (0, 1)), HALF_B, count=3, max_count=4, local_elasticsearch=False)
+    p = plan_host(Host(24 * GiB, (0, 1)), HALF_B, count=3, max_count=4, local_elasticsearch=False, shared_cores=True)
+    assert p.slots == 4
