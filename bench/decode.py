@@ -2,9 +2,10 @@
 driven over HTTP, against transformers' ``generate`` on the same weights in the same dtype, and against
 the memory-bandwidth bound (every weight read once per token) — all measured in one run.
 
-Usage: .venv/bin/python bench/decode.py [--tokens 64] [--runs 3] [--prompt-len 32]
-The checkpoint is Qwen2.5-0.5B's geometry in bf16 (494 M parameters; ``bench/checkpoints.py``, made
-locally once). Decode rate = tokens after the first / time from the first to the last token (prefill
+Usage: .venv/bin/python bench/decode.py [--tokens 64] [--runs 3] [--prompt-len 32] [--shape 0.5b|1.5b]
+The checkpoint is Qwen2.5-0.5B's geometry in bf16 (494 M parameters), or with ``--shape 1.5b``
+DeepSeek-R1-Distill-Qwen-1.5B's (1.78 B; ``bench/checkpoints.py``, made locally once).
+Decode rate = tokens after the first / time from the first to the last token (prefill
 excluded on both sides). Bandwidth is the read rate of summing a 512 MiB tensor, measured just before
 each of our runs (the machine is shared: its bandwidth drifts over minutes).
 Also printed: time to /ready, the server's peak RSS and the memory plan it printed at start.
@@ -24,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from checkpoints import qwen2_0_5b_shape  # noqa: E402
+from checkpoints import SHAPES  # noqa: E402
 from served import Served, stream_completion  # noqa: E402
 
 
@@ -74,10 +75,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b",
+                    help="0.5b: Qwen2.5-0.5B's geometry; 1.5b: DeepSeek-R1-Distill-Qwen-1.5B's")
     args = ap.parse_args()
     import transformers
 
-    model_dir = qwen2_0_5b_shape()
+    model_dir = SHAPES[args.shape]()
     weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     srv = Served(model_dir)
     try:
