@@ -80,6 +80,14 @@ class HostPlan:
                 "footprintBytes": vars(self.footprint), "slots": self.slots, "limitedBy": self.limited_by,
                 "replicaMemoryLimitBytes": self.share_bytes, "coreSets": [list(c) for c in self.core_sets]}
 
+    def summary(self) -> str:
+        """One short line for ``sentinel up``'s table (``describe`` has the whole plan, for the log)."""
+        each = "one GPU" if self.host.gpus else (f"{self.cores_per_replica} core(s)" if self.core_sets
+                                                 else "shared cores")
+        kept = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.reserved.items())
+        return (f"holds {self.slots} replica(s) ({self.limited_by}); each needs {fmt_bytes(self.need_bytes)}, "
+                f"gets {fmt_bytes(self.share_bytes)} and {each}; kept: {kept}")
+
     def describe(self) -> str:
         kept = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.reserved.items())
         f = self.footprint

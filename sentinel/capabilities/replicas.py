@@ -162,7 +162,7 @@ class LocalReplicas:
         out = []
         if self.plan is not None:
             p = self.plan
-            out.append(Service("host-plan", "-", None, p.describe()))
+            out.append(Service("host-plan", "-", None, p.summary()))
         for x in list(sup.replicas.values()):
             where = f"GPU {x.spec.gpu}" if x.spec.gpu is not None else \
                 (f"cores {','.join(map(str, x.spec.cores))}" if x.spec.cores else "any core")

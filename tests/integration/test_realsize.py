@@ -39,7 +39,7 @@ def test_sentinel_up_at_real_size_repairs_refuses_to_overcommit_and_leaves_no_or
     print(json.dumps(doc, indent=1)[:6000])
 
     plan = rows["host-plan"]["outcome"]
-    assert "The host holds 2 replica(s)" in plan and "1 core(s) each" in plan, plan
+    assert plan.startswith("holds 2 replica(s) (2 core(s), 1 per replica)") and "and 1 core(s)" in plan, plan
 
     cuda = rows["cuda-error"]
     assert cuda["outcome"] == "succeeded" and cuda["failed"] == 0, cuda

@@ -155,6 +155,8 @@ def test_a_24_gib_two_core_host_holds_two_half_b_replicas_by_its_cores() -> None
                           "free floor (10%)": int(0.1 * 24 * GiB)}
     assert p.share_bytes == p.replica_budget // 2 and p.share_bytes >= HALF_B.total
     assert "holds 2 replica(s) (2 core(s), 1 per replica)" in p.describe()
+    assert p.summary() == ("holds 2 replica(s) (2 core(s), 1 per replica); each needs 2.53 GiB, gets 10.30 GiB and "
+                           "1 core(s); kept: sentinel 0.50 GiB, prometheus 0.50 GiB, free floor (10%) 2.40 GiB")
     doc = p.as_dict()
     assert doc["slots"] == 2 and doc["coreSets"] == [[0], [1]] and doc["footprintBytes"]["weights"] == HALF_B.weights
 
