@@ -107,6 +107,11 @@ def _rules(dst: Path, phase: str) -> None:
         (dst / p.name).write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
+def f(v: float | None, fmt: str = "{:.2f}s") -> str:
+    """A figure for the table, '-' where there is none."""
+    return fmt.format(v) if v is not None else "-"
+
+
 def _p99(xs: list[float]) -> float | None:
     if not xs:
         return None
@@ -501,9 +506,6 @@ def main() -> int:
         print(f"{'drill':17} {'replica':9} {'detect':>7} {'recover':>8} {'outcome':20} {'requests':>8} {'failed':>6} "
               f"{'p99':>7} {'p99/base':>8}")
 
-        def f(v: float | None, fmt: str = "{:.2f}s") -> str:
-            return fmt.format(v) if v is not None else "-"
-
         for r in rows:
             print(f"{r['drill']:17} {r['replica']:9} {f(r['detect_s']):>7} {f(r['recover_s']):>8} "
                   f"{str(r['outcome']):20} {r['requests']:>8} {r['failed']:>6} {f(r['p99_s'], '{:.3f}s'):>7} "
@@ -537,9 +539,6 @@ def main_realsize(args: argparse.Namespace) -> int:
           "baseline)")
     print(f"{'drill':17} {'replica':9} {'detect':>7} {'recover':>8} {'requests':>8} {'failed':>6} {'p99':>7} "
           f"{'p99/base':>8}  outcome")
-
-    def f(v: float | None, fmt: str = "{:.2f}s") -> str:
-        return fmt.format(v) if v is not None else "-"
 
     for r in rows:
         if r["drill"] in ("host-plan", "host-memory"):
