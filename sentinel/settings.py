@@ -96,7 +96,8 @@ class ReplicaSettings(Section):
         "and memory alone bounds scale-out (for models too small to keep a core busy)")
     engine_args: list[str] = Field(
         default_factory=list, description="more flags for every replica's inference server, as a list, e.g. "
-        "['--memory-utilization', '0.2', '--quantization', 'int8'] (replicas sharing a host share its memory)")
+        "['--quantization', 'int8', '--max-num-seqs', '16'] (each replica gets --memory-limit from the host plan "
+        "unless one is given here)")
     _token = field_validator("admin_token")(_no_placeholder)
 
 
