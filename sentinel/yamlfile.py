@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from sentinel.errors import FileFormatError
 
@@ -31,7 +31,61 @@ def _lines(node: yaml.Node, loc: Loc, out: dict[Loc, int], seen: dict[int, int])
             _lines(item, (*loc, i), out, seen)
 
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it: ~10x faster
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it: ~10x faster
+
+
+class ScalarInt(int):
+    """An int that remembers the scalar it was written as (``010``, ``1_000``, ``0x1f``)."""
+
+    text: str
+
+
+class ScalarFloat(float):
+    """A float that remembers the scalar it was written as (``1e3``, ``.5``, ``1.50``)."""
+
+    text: str
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """The safe loader, with numbers that keep their source text: Prometheus's Go YAML decoders put the
+    scalar's text into a string field whatever it resolves to (``values: 1``, ``expr: 1``), and so does
+    ``YamlStr`` here."""
+
+
+def _construct_int(loader: Any, node: yaml.ScalarNode) -> int:
+    out = ScalarInt(loader.construct_yaml_int(node))
+    out.text = node.value
+    return out
+
+
+def _construct_float(loader: Any, node: yaml.ScalarNode) -> float:
+    out = ScalarFloat(loader.construct_yaml_float(node))
+    out.text = node.value
+    return out
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+for _dumper in {yaml.SafeDumper, getattr(yaml, "CSafeDumper", yaml.SafeDumper)}:
+    _dumper.add_representer(ScalarInt, yaml.representer.SafeRepresenter.represent_int)
+    _dumper.add_representer(ScalarFloat, yaml.representer.SafeRepresenter.represent_float)
+
+
+def scalar_text(value: Any) -> Any:
+    """A YAML number or boolean read as the string it was written as (as Go's YAML decoders do for a
+    string field); anything else unchanged, for the string validation to judge."""
+    if isinstance(value, bool):
+        return "true" if value else "false"  # YAML 1.1's yes/on are lost by then; Go's YAML 1.2 has no such bools
+    text = getattr(value, "text", None)
+    if isinstance(value, int | float) and isinstance(text, str):
+        return text
+    if isinstance(value, int | float):
+        return repr(value)
+    return value
+
+
+YamlStr = Annotated[str, BeforeValidator(scalar_text)]
+"""A string field that also takes an unquoted number or boolean, as Prometheus's file formats do."""
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_NODES = 2_000_000  # nodes after alias expansion: a billion-laughs file is refused, not expanded
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

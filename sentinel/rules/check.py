@@ -27,8 +27,10 @@ def check_file(path: Path, promtool: str = "promtool", runbooks: Collection[str]
         loc = ("groups", gi, "rules", ri, *field)
         return f"{path}:{line_of(lines, loc)}: {'.'.join(map(str, loc))}"
 
+    # duplicates as promtool's lint finds them: the same name and labels anywhere in the file, across groups
+    # (one lint per duplicated name and label set, however many copies, as promtool counts them)
+    seen: dict[tuple[str, tuple[tuple[str, str], ...]], list[tuple[int, int]]] = {}
     for gi, lg in enumerate(groups):
-        seen: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         for ri, rule in enumerate(lg.group.rules):
             for kind in ("annotations", "labels"):
                 for key, text in getattr(rule, kind).items():
@@ -40,9 +42,12 @@ def check_file(path: Path, promtool: str = "promtool", runbooks: Collection[str]
                 errors.append(f"{at(gi, ri, 'sentinel', 'runbook')}: unknown runbook {book!r}; known: "
                               f"{', '.join(sorted(runbooks)) or '(none)'}")
             ident = (rule.name, tuple(sorted(rule.labels.items())))
-            if ident in seen:
-                lints.append(f"{at(gi, ri)}: duplicate rule {rule.name} with the same labels as rule {seen[ident]}")
-            seen[ident] = ri
+            seen.setdefault(ident, []).append((gi, ri))
+    for (name, _), places in seen.items():
+        if len(places) > 1:
+            others = ", ".join(f"groups.{g}.rules.{r}" for g, r in places[:1] + places[2:])
+            lints.append(f"{at(*places[1])}: duplicate rule {name}: {len(places)} rules with this name and these "
+                         f"labels (also {others})")
     errors += _promql(path, groups, lines, promtool, lints)
     return errors, lints, sum(len(g.group.rules) for g in groups)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from sentinel.durations import Duration
 from sentinel.errors import FileFormatError, RuleFileError
 from sentinel.rules import querystring
-from sentinel.yamlfile import line_of, load_model_file_lines
+from sentinel.yamlfile import YamlStr, line_of, load_model_file_lines
 
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 FIELD_NAME = re.compile(r"^[A-Za-z_@][A-Za-z0-9_.@-]*$")
@@ -289,26 +289,20 @@ class LogQuery(Strict):
 
 
 class Rule(Strict):
-    alert: str | None = None
-    record: str | None = None
-    expr: str | None = None
+    # YamlStr: an unquoted number is taken as the text it was written as (`expr: 1`, `severity: 2`), as rulefmt
+    alert: YamlStr | None = None
+    record: YamlStr | None = None
+    expr: YamlStr | None = None
     log: LogQuery | None = None
     for_: Duration = Field(0.0, alias="for")
     keep_firing_for: Duration = 0.0
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, YamlStr] = Field(default_factory=dict)
+    annotations: dict[str, YamlStr] = Field(default_factory=dict)
     sentinel: Extension = Field(default_factory=Extension)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     _labels = field_validator("labels")(_check_labels)
-
-    @field_validator("labels", "annotations", mode="before")
-    @classmethod
-    def _stringify(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: v2 if isinstance(v2, str) else str(v2) for k, v2 in v.items()}
-        return v
 
     @model_validator(mode="after")
     def _shape(self) -> Rule:
@@ -355,7 +349,7 @@ class Group(Strict):
     interval: Duration | None = None
     limit: int = Field(0, ge=0)
     query_offset: Duration | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, YamlStr] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
 
     _labels = field_validator("labels")(_check_labels)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import httpx
 
 from sentinel.alerts.state import Sample
-from sentinel.errors import EvaluationError
+from sentinel.errors import DatasourceError, EvaluationError
 
 # Prometheus's staleness marker: a NaN with this exact bit pattern (model/value.StaleNaN)
 STALE_NAN = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
@@ -87,12 +87,17 @@ class RemoteWriter:
         self.client = client or httpx.Client(timeout=30)
 
     def write(self, series: Iterable[Series]) -> None:
+        """Raises DatasourceError when the receiver cannot be reached or refuses the samples (a sample
+        outside its out-of-order window, say)."""
         body = snappy_block(encode(series))
-        r = self.client.post(self.url, content=body, headers={
-            "Content-Encoding": "snappy", "Content-Type": "application/x-protobuf",
-            "X-Prometheus-Remote-Write-Version": "0.1.0"})
+        try:
+            r = self.client.post(self.url, content=body, headers={
+                "Content-Encoding": "snappy", "Content-Type": "application/x-protobuf",
+                "X-Prometheus-Remote-Write-Version": "0.1.0"})
+        except httpx.HTTPError as exc:
+            raise DatasourceError(f"remote write to {self.url} failed: {type(exc).__name__}: {exc}") from exc
         if r.status_code >= 300:
-            raise RuntimeError(f"remote write to {self.url} refused: HTTP {r.status_code}: {r.text[:300]}")
+            raise DatasourceError(f"remote write to {self.url} refused: HTTP {r.status_code}: {r.text.strip()[:300]}")
 
 
 def recorded_series(name: str, labels: Mapping[str, str], samples: Sequence[Sample]

@@ -18,14 +18,14 @@ def parse_series(text: str) -> dict[str, str]:
     """``name{a="b"}`` or ``{__name__="name", a="b"}`` → labels including ``__name__``."""
     m = _SERIES.match(text)
     if m is None or (m["name"] is None and m["labels"] is None):
-        raise SeriesError(f"cannot parse series {text!r}")
+        raise SeriesError(f"parse error: not a series: {text!r}")
     labels: dict[str, str] = {}
     body = (m["labels"] or "").strip().rstrip(",")
     pos = 0
     while pos < len(body):
         lm = _LABEL.match(body, pos)
         if lm is None or lm.end() == pos:
-            raise SeriesError(f"cannot parse labels in {text!r} at {body[pos:]!r}")
+            raise SeriesError(f"parse error: bad labels in {text!r} at {body[pos:]!r}")
         labels[lm["k"]] = bytes(lm["v"], "utf-8").decode("unicode_escape")
         pos = lm.end()
     if m["name"]:
@@ -62,7 +62,7 @@ def expand_values(text: str) -> list[float | str | None]:
             try:
                 out.append(_num(tok))
             except ValueError as exc:
-                raise SeriesError(f"cannot parse value {tok!r} in {text!r}") from exc
+                raise SeriesError(f"parse error: bad value {tok!r} in {text!r}") from exc
     return out
 
 

@@ -55,10 +55,12 @@ class PromQLSource:
                 raise DatasourceError(f"Prometheus at {self.url} rejected the query: {error}")
             raise DatasourceError(f"Prometheus at {self.url} failed the query (HTTP {resp.status_code}): {error}")
         data = body.get("data") or {}
+        if data.get("resultType") == "scalar":  # as Prometheus's rule engine: one sample without labels
+            return [Sample({}, float(data["result"][1]))]
         if data.get("resultType") != "vector":
-            kind = {"matrix": "a range vector", "scalar": "a scalar", "string": "a string"}.get(
+            kind = {"matrix": "a range vector", "string": "a string"}.get(
                 str(data.get("resultType")), repr(data.get("resultType")))
-            raise EvaluationError(f"the expression returns {kind}, not an instant vector: {expr}")
+            raise EvaluationError(f"rule result is not a vector or scalar (it is {kind}): {expr}")
         return [Sample(dict(r.get("metric", {})), float(r["value"][1])) for r in data.get("result") or []]
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[tuple[dict[str, str], list[float]]]:

@@ -15,6 +15,7 @@ Log rules are skipped (promtool has no log store).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -34,42 +35,45 @@ from sentinel.errors import DatasourceError, EvaluationError, FileFormatError
 from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry
 from sentinel.promserver import PrometheusServer
-from sentinel.rules.export import render
+from sentinel.rules.export import promtool_problems, render
 from sentinel.rules.model import LoadedGroup, Rule, load_rule_file
 from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
 from sentinel.rules.series import expand_values, parse_series
 from sentinel.rules.sources import PromQLSource
-from sentinel.yamlfile import load_model_file
+from sentinel.yamlfile import YamlStr, load_model_file
 
 
 class _M(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# YamlStr: an unquoted number is the text it was written as (`values: 1`, `expr: 1`), as promtool reads them
+
+
 class InputSeries(_M):
-    series: str
-    values: str = ""
+    series: YamlStr
+    values: YamlStr = ""
 
 
 class ExpAlert(_M):
-    exp_labels: dict[str, str] = Field(default_factory=dict)
-    exp_annotations: dict[str, str] = Field(default_factory=dict)
+    exp_labels: dict[str, YamlStr] = Field(default_factory=dict)
+    exp_annotations: dict[str, YamlStr] = Field(default_factory=dict)
 
 
 class AlertTest(_M):
-    eval_time: Duration
-    alertname: str
+    eval_time: Duration = 0.0  # promtool's zero value
+    alertname: YamlStr
     exp_alerts: list[ExpAlert] = Field(default_factory=list)
 
 
 class ExpSample(_M):
-    labels: str
+    labels: YamlStr = ""  # none: a sample without labels (a scalar's, or one whose labels were all removed)
     value: float
 
 
 class ExprTest(_M):
-    expr: str
-    eval_time: Duration
+    expr: YamlStr
+    eval_time: Duration = 0.0
     exp_samples: list[ExpSample] = Field(default_factory=list)
 
 
@@ -126,7 +130,9 @@ class TemporaryTsdb:
         self.server = PrometheusServer(
             work, free_port(), [], 3600.0, ChildRegistry(work / "children.json"), prometheus,
             extra_args=["--storage.tsdb.retention.time=100y", "--web.enable-remote-write-receiver"],
-            extra_config={"storage": {"tsdb": {"out_of_order_time_window": "100y"}}})
+            # the widest window Prometheus takes (a Go time.Duration: 2^63 ns, 106751 days): a test's series may
+            # run to the year 2262 (promtool's long-period.yml) and results are still written back at time 0
+            extra_config={"storage": {"tsdb": {"out_of_order_time_window": "106751d"}}})
 
     def __enter__(self) -> tuple[PromQLSource, RemoteWriter]:
         self.server.start()
@@ -154,13 +160,28 @@ def run_test_file(path: Path, promtool: str = "promtool", prometheus: str = "pro
         groups.extend(load_rule_file((path.parent / rf).resolve()))
     groups = ordered_groups(groups, tf.group_eval_order)
     outcome = Outcome(path)
+    # as promtool, a rule whose PromQL does not parse fails the file when the rules load, before any test runs
+    for lg in groups:
+        try:
+            problems = promtool_problems([lg], promtool)
+        except FileNotFoundError:
+            break  # no promtool: Prometheus rejects the expression at its first evaluation instead
+        outcome.failures += [f"{Path(lg.file).name}: group {_quote(group)}, rule {ri + 1}, "
+                             f"{_quote(lg.group.rules[ri].name)}: {msg}" if ri is not None else msg
+                             for group, ri, msg in problems]
+    if outcome.failures:
+        return outcome
     for ti, tg in enumerate(tf.tests):
         label = tg.name or f"tests[{ti}]"
         interval = tg.interval or tf.evaluation_interval
         with tempfile.TemporaryDirectory(prefix="sentinel-rules-test-") as tmp, \
                 TemporaryTsdb(Path(tmp), prometheus) as (src, writer):
-            writer.write(input_series(tg, interval))
-            outcome.failures += [f"{label}: {f}" for f in _run_group(tg, groups, tf.evaluation_interval, src, writer)]
+            try:
+                writer.write(input_series(tg, interval))
+                failures = _run_group(tg, groups, tf.evaluation_interval, src, writer)
+            except DatasourceError as exc:  # the temporary Prometheus refused samples: the test cannot run
+                failures = [f"the test's samples were not stored: {exc}"]
+            outcome.failures += [f"{label}: {f}" for f in failures]
     return outcome
 
 
@@ -246,25 +267,49 @@ def _compare_alerts(c: AlertTest, rules: list[tuple[int, int, LoadedGroup, Rule]
             f"        exp:{_show(exp)},\n        got:{_show(got)}"]
 
 
+def _quote(text: str) -> str:
+    """Go's %q for the printable text rules hold: double quotes, backslash escapes."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _labels_text(labels: Mapping[str, str]) -> str:
+    """A label set as Prometheus prints one: ``{a="1", b="2"}``, sorted by name."""
+    return "{" + ", ".join(f"{k}={_quote(v)}" for k, v in sorted(labels.items())) + "}"
+
+
+def _go_float(v: float) -> str:
+    """A value as promtool prints it (Go's ``strconv.FormatFloat(v, 'E', -1, 64)``): ``1E+00``, ``9.21888E+09``."""
+    if math.isnan(v) or math.isinf(v):
+        return {True: "NaN"}.get(math.isnan(v), "+Inf" if v > 0 else "-Inf")
+    for digits in range(17):
+        text = f"{v:.{digits}E}"
+        if float(text) == v:
+            return text
+    return f"{v:.17E}"
+
+
 def _compare_expr(et: ExprTest, src: PromQLSource) -> list[str]:
     try:
         got = src.query(et.expr, et.eval_time)
-    except DatasourceError as exc:
-        return [f"expr: {et.expr!r}, time: {format_duration(et.eval_time)}: {exc}"]
+    except (DatasourceError, EvaluationError) as exc:
+        return [f"expr: {_quote(et.expr)}, time: {format_duration(et.eval_time)}, err: {exc}"]
     exp = [Sample(parse_series(e.labels) if e.labels else {}, e.value) for e in et.exp_samples]
     key = lambda s: sorted(s.labels.items())  # noqa: E731
     g, e = sorted(got, key=key), sorted(exp, key=key)
     if len(g) == len(e) and all(a.labels == b.labels and math.isclose(a.value, b.value, rel_tol=1e-9, abs_tol=1e-12)
                                 for a, b in zip(g, e, strict=True)):
         return []
-    exp_s = [(dict(s.labels), s.value) for s in e]
-    got_s = [(dict(s.labels), s.value) for s in g]
-    return [f"expr: {et.expr!r}, time: {format_duration(et.eval_time)},\n        exp: {exp_s}\n        got: {got_s}"]
+    exp_s = ", ".join(f"{_labels_text(s.labels)} {_go_float(s.value)}" for s in e)
+    got_s = ", ".join(f"{_labels_text(s.labels)} {_go_float(s.value)}" for s in g)
+    return [f"expr: {_quote(et.expr)}, time: {format_duration(et.eval_time)},\n        exp: {exp_s}\n"
+            f"        got: {got_s}"]
 
 
 def _show(alerts: list[dict[str, Any]]) -> str:
-    return "[" + ", ".join(f"\n            0:\n              Labels:{a['labels']}\n              Annotations:"
-                           f"{a['annotations']}" for a in alerts) + "]"
+    """Alerts as promtool lists them: index, labels and annotations, each set sorted by name."""
+    return "[" + "".join(f"\n            {i}:\n              Labels:{_labels_text(a['labels'])}\n"
+                         f"              Annotations:{_labels_text(a['annotations'])}"
+                         for i, a in enumerate(alerts)) + ("\n            ]" if alerts else "]")
 
 
 def promtool_copy(path: Path, out_dir: Path) -> Path:

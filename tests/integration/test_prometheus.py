@@ -47,29 +47,36 @@ def test_instant_queries_and_errors(prometheus: PrometheusServer) -> None:
     assert s.labels == {"replica": "r1"} and s.value == 2
     with pytest.raises(DatasourceError, match="rejected the query"):
         src.query("sum(", at=0)
-    with pytest.raises(EvaluationError, match="a scalar, not an instant vector"):
-        src.query("1", at=0)  # a scalar cannot become alerts
-    with pytest.raises(EvaluationError, match="a range vector, not an instant vector"):
+    # a scalar is one sample without labels, as in Prometheus's rule engine (rules/manager.go EngineQueryFunc)
+    assert [(s.labels, s.value) for s in src.query("1", at=0)] == [({}, 1.0)]
+    assert [(s.labels, s.value) for s in src.query("scalar(vector(3)) * 2", at=0)] == [({}, 6.0)]
+    with pytest.raises(EvaluationError, match=r"not a vector or scalar \(it is a range vector\)"):
         src.query("up[1m]", at=time.time())
+    with pytest.raises(EvaluationError, match=r"not a vector or scalar \(it is a string\)"):
+        src.query('"text"', at=0)
     with pytest.raises(DatasourceError, match="unreachable"):
         PromQLSource(f"http://127.0.0.1:{free_port()}", timeout_s=1).query("up", at=0)
 
 
 def test_one_failing_rule_does_not_stop_its_group(prometheus: PrometheusServer, tmp_path: Path) -> None:
-    """A rule whose expression returns a range vector (or fails in any other way) is marked unhealthy with its
-    error, raises SentinelRuleEvaluationFailing, and the rules after it in the group are still evaluated."""
+    """A rule whose expression returns a range vector or a string (or fails in any other way) is marked
+    unhealthy with its error, raises SentinelRuleEvaluationFailing, and the rules after it in the group are
+    still evaluated. A scalar is a one-sample vector without labels, as in Prometheus: its alert fires."""
     rules = [Rule.model_validate({"alert": "Range", "expr": "up[1m]"}),
+             Rule.model_validate({"alert": "Text", "expr": '"text"'}),
              Rule.model_validate({"alert": "Scalar", "expr": "time()"}),
              Rule.model_validate({"alert": "After", "expr": 'label_replace(vector(1), "replica", "r", "", "")'})]
     group = LoadedGroup(file="f.yaml", group=Group(name="g", rules=rules))
     ev = Evaluator(Store(tmp_path / "s.db"), PromQLSource(prometheus.url, 5), None, meta_for=0)
     ev.load([group])
     ev.eval_group(group.key)
-    rng, scalar, after = ev.all_runtimes()
+    rng, text, scalar, after = ev.all_runtimes()
     assert rng.health == "err" and "range vector" in (rng.last_error or "")
-    assert scalar.health == "err" and "scalar" in (scalar.last_error or "")
+    assert text.health == "err" and "a string" in (text.last_error or "")
+    assert scalar.health == "ok" and [(dict(a.labels), a.state) for a in scalar.machine.active.values()] == [
+        ({"alertname": "Scalar"}, State.FIRING)]
     assert after.health == "ok" and [a.state for a in after.machine.active.values()] == [State.FIRING]
-    assert sorted(a.labels["rule"] for a in ev.meta.machine.firing()) == ["Range", "Scalar"]
+    assert sorted(a.labels["rule"] for a in ev.meta.machine.firing()) == ["Range", "Text"]
 
 
 def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path: Path) -> None:
