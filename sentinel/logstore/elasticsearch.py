@@ -43,7 +43,7 @@ MAPPINGS: dict[str, Any] = {
         "request_id": {"type": "keyword"},
         "inference_time": {"type": "float"},
         "ttft_ms": {"type": "float"},
-        "batch_size": {"type": "integer"},
+        "batch_size": {"type": "float"},  # the mean number of sequences per step: not a whole number
         "cuda_error": {"type": "keyword"},
         "error": {"type": "keyword", "ignore_above": 8191, "fields": {"text": {"type": "text"}}},
         "finish_reason": {"type": "keyword"},
@@ -154,10 +154,11 @@ class ElasticsearchLogStore:
         return [dict(h["_source"]) for h in r["hits"]["hits"]]
 
     def aggregate(self, filters: Iterable[LogFilter], since: float, until: float, query_key: Sequence[str],
-                  field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]:
+                  field: str, agg: str, percentile: float | None = None, method: str = "tdigest"
+                  ) -> list[tuple[dict[str, str], float]]:
         """As ``LocalLogStore.aggregate``: a metric aggregation per ``query_key`` group."""
         query = self._query([*filters, LogFilter(exists=field)], since, until)
-        metric = _metric(agg, field, percentile)
+        metric = _metric(agg, field, percentile, method)
         out: list[tuple[dict[str, str], float]] = []
         groups: list[tuple[dict[str, str], float | None]]
         try:
@@ -212,10 +213,13 @@ class ElasticsearchLogStore:
                 return
 
 
-def _metric(agg: str, field: str, percentile: float | None) -> dict[str, Any]:
-    if agg == "percentiles":  # HDR at 3 digits: the local store takes the value at the same rank
-        return {"percentiles": {"field": field, "percents": [percentile], "keyed": False,
-                                "hdr": {"number_of_significant_value_digits": 3}}}
+def _metric(agg: str, field: str, percentile: float | None, method: str = "tdigest") -> dict[str, Any]:
+    if agg == "percentiles":
+        # t-digest, Elasticsearch's (and so ElastAlert2's) default; or HDR at 3 digits, as the rule asks
+        spec: dict[str, Any] = {"field": field, "percents": [percentile], "keyed": False}
+        if method == "hdr":
+            spec["hdr"] = {"number_of_significant_value_digits": 3}
+        return {"percentiles": spec}
     return {agg: {"field": field}}
 
 

@@ -23,6 +23,25 @@ def json_path(field: str) -> str:
     return '$."' + field.replace('"', '') + '"'
 
 
+def percentile_of(values: Sequence[float], percentile: float, method: str = "tdigest") -> float:
+    """The ``percentile`` of sorted ``values`` as Elasticsearch computes it.
+
+    ``tdigest`` (the default there): up to 2,000 values a t-digest keeps them all (``HybridDigest`` is a
+    ``SortingDigest`` below 20 × compression 100) and interpolates linearly between the two ranks around
+    p/100 × (n - 1) (``Dist.quantile``); past that Elasticsearch approximates (within ~1 %) and this stays exact.
+    ``hdr``: HdrHistogram's rank, p/100 × n rounded, at least 1."""
+    n = len(values)
+    if method == "hdr":
+        return values[max(1, int(percentile / 100 * n + 0.5)) - 1]
+    index = percentile / 100 * (n - 1)
+    if index <= 0:
+        return values[0]
+    if index >= n - 1:
+        return values[n - 1]
+    low = int(index)
+    return values[low] + (index - low) * (values[low + 1] - values[low])
+
+
 class LocalLogStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,11 +108,12 @@ class LocalLogStore:
         return out
 
     def aggregate(self, filters: Iterable[LogFilter], since: float, until: float, query_key: Sequence[str],
-                  field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]:
+                  field: str, agg: str, percentile: float | None = None, method: str = "tdigest"
+                  ) -> list[tuple[dict[str, str], float]]:
         """``agg`` of ``field`` over matching events per ``query_key`` group, as Elasticsearch's metric
         aggregations: only events whose field is a number count (any non-null value for
-        ``cardinality``); groups without one are left out. ``percentiles`` takes the value at HdrHistogram's
-        rank (p/100 * n rounded, at least 1), as Elasticsearch's ``hdr`` percentiles do."""
+        ``cardinality``); groups without one are left out. ``percentiles`` as the ``method`` says (see
+        ``percentile_of``)."""
         where, params = self._where(filters, since, until)
         fp = json_path(field)
         if agg == "cardinality":
@@ -123,8 +143,7 @@ class LocalLogStore:
                 if not values:
                     continue
                 assert percentile is not None
-                # HdrHistogram's rank, as Elasticsearch's hdr percentiles: p/100 * n rounded, at least 1
-                value = values[max(1, int(percentile / 100 * len(values) + 0.5)) - 1]
+                value = percentile_of(values, percentile, method)
             elif agg in ("value_count", "cardinality") and value == 0:
                 continue
             labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}

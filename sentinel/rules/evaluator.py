@@ -232,7 +232,7 @@ class Evaluator:
         if rt.rule.log is not None:
             if self.logs is None:
                 raise DatasourceError("no log store is configured for log rules")
-            return self.logs.query(rt.rule.log, now - offset, replay)
+            return self.logs.query(rt.rule.log, now - offset, replay, rule=rt.key)
         if self.promql is None:
             raise DatasourceError("no Prometheus is configured for PromQL rules")
         samples = self.promql.query(rt.rule.expr or "", now - offset)

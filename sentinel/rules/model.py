@@ -190,7 +190,8 @@ class LogQuery(Strict):
     within ``timeframe`` for the same ``query_key`` group; ``metric_aggregation``: ``metric_agg_type`` of the
     numeric field ``metric_agg_key`` over the matching events in ``timeframe`` is above
     ``max_threshold`` or below ``min_threshold`` (ElastAlert2's names; ``percentiles`` at
-    ``percentile_range``, HdrHistogram's rank, e.g. the seed's P99 of ``inference_time`` > 500 ms). Each
+    ``percentile_range``, e.g. the seed's P99 of ``inference_time`` > 500 ms; ``percentiles_method``
+    ``tdigest``, Elasticsearch's default, or ``hdr``). Each
     ``query_key`` value is its own alert."""
 
     type: Literal["any", "frequency", "flatline", "spike", "percentage_match", "new_term", "change",
@@ -201,6 +202,7 @@ class LogQuery(Strict):
     num_events: int = Field(1, ge=1)
     query_key: list[str] = Field(default_factory=list)
     threshold: int | None = Field(None, ge=1)                     # flatline: fewer events than this
+    forget_keys: bool = False  # flatline: drop a group once it has alerted, until it logs again (ElastAlert2)
     spike_height: float | None = Field(None, gt=1)                # spike: current / reference window
     spike_type: Literal["up", "down", "both"] = "both"
     threshold_ref: int | None = Field(None, ge=0)                 # spike: minimum events in the reference window
@@ -214,6 +216,9 @@ class LogQuery(Strict):
     metric_agg_key: str | None = None
     metric_agg_type: Literal["min", "max", "avg", "sum", "value_count", "cardinality", "percentiles"] | None = None
     percentile_range: float | None = Field(None, gt=0, le=100)
+    # how percentiles are computed: Elasticsearch's default (t-digest; exact, interpolated between ranks, up
+    # to 2,000 values a group), or HdrHistogram (the value at the rank, rounded up to 3 significant digits)
+    percentiles_method: Literal["tdigest", "hdr"] = "tdigest"
     max_threshold: float | None = None
     min_threshold: float | None = None
     # ElastAlert's notification options. realert: the least time between two firing notifications of one
@@ -246,6 +251,8 @@ class LogQuery(Strict):
             raise ValueError("min_percentage, max_percentage: only for type percentage_match")
         if self.type != "spike" and (self.threshold_ref is not None or self.threshold_cur is not None):
             raise ValueError("threshold_ref, threshold_cur: only for type spike")
+        if self.type != "flatline" and self.forget_keys:
+            raise ValueError("forget_keys: only for type flatline")
         if self.aggregation_key and self.aggregation is None:
             raise ValueError("aggregation_key needs aggregation (the period)")
         return self._metric()
@@ -263,6 +270,8 @@ class LogQuery(Strict):
             raise ValueError("metric_aggregation needs metric_agg_type")
         if (self.metric_agg_type == "percentiles") != (self.percentile_range is not None):
             raise ValueError("percentile_range goes with metric_agg_type percentiles, and only with it")
+        if self.metric_agg_type != "percentiles" and self.percentiles_method != "tdigest":
+            raise ValueError("percentiles_method: only for metric_agg_type percentiles")
         if self.max_threshold is None and self.min_threshold is None:
             raise ValueError("metric_aggregation needs max_threshold or min_threshold")
         return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 from urllib.parse import urlencode
@@ -89,7 +90,24 @@ class LogCounter(Protocol):
               query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]: ...
 
     def aggregate(self, filters: Iterable[LogFilter], since: float, until: float, query_key: Sequence[str],
-                  field: str, agg: str, percentile: float | None = None) -> list[tuple[dict[str, str], float]]: ...
+                  field: str, agg: str, percentile: float | None = None, method: str = "tdigest"
+                  ) -> list[tuple[dict[str, str], float]]: ...
+
+
+Key = tuple[tuple[str, str], ...]
+SEED_LOOKBACK_S = 86400.0  # a flatline or spike rule's first evaluation learns the groups of the last day
+
+
+@dataclass
+class KeyMemory:
+    """What a flatline or spike rule remembers between evaluations, as ElastAlert2's rule objects do: the
+    ``query_key`` groups it has seen and when it first saw each (to one evaluation step), and for
+    ``forget_keys`` when a group was forgotten. Seeded from the store at the rule's first evaluation, so a
+    restart of sentinel neither forgets a dead replica nor takes every group for new."""
+
+    first_seen: dict[Key, float] = field(default_factory=dict)
+    forgotten: dict[Key, float] = field(default_factory=dict)
+    seeded: bool = False
 
 
 class LogRuleSource:
@@ -99,6 +117,15 @@ class LogRuleSource:
     ``frequency``: only groups with at least ``num_events`` matching events.
     ``flatline``, ``spike``, ``percentage_match``: from the counts of two windows or two filters;
     ``metric_aggregation``: groups whose aggregate crosses a threshold (see ``LogQuery``).
+
+    flatline and spike follow ElastAlert2's ``ruletypes.py``:
+    - flatline watches every group it has seen (not only the recent ones) until the group reports again;
+      with ``forget_keys`` a group is dropped once it has alerted, until it logs again. A group is judged
+      once it has been seen for a ``timeframe``.
+    - spike judges a group once it has been seen for two ``timeframe``s; an empty reference window is a
+      spike when the current one has events (``threshold_ref`` has no default); after a spike the group
+      starts over, as ElastAlert2 clears its windows: a spike is one evaluation's match, and the group is
+      judged again two timeframes later.
     """
 
     def __init__(self, store: LogCounter, shipped_until: Callable[[], float] | None = None,
@@ -109,6 +136,7 @@ class LogRuleSource:
         self.store = store
         self.shipped_until = shipped_until
         self.slack_s = slack_s
+        self.memory: dict[tuple[str, str], KeyMemory] = {}
 
     @property
     def lag_s(self) -> float:
@@ -132,7 +160,9 @@ class LogRuleSource:
                 return True
         return False
 
-    def query(self, q: LogQuery, at: float, replay: bool = False) -> list[Sample]:
+    def query(self, q: LogQuery, at: float, replay: bool = False, rule: str = "") -> list[Sample]:
+        """The samples of ``q`` at ``at``. ``rule`` names the rule, whose flatline or spike memory this
+        evaluation reads and updates (evaluations of one rule come in time order)."""
         at -= q.query_delay
         if self.shipped_until is not None:  # a window whose lines are still on their way is not judged yet
             shipped = self.shipped_until()
@@ -169,20 +199,60 @@ class LogRuleSource:
                     group = key[:-1]
                     values[group] = values.get(group, 0) + 1
             return [Sample(dict(k), float(n)) for k, n in values.items() if n > 1]
-        ref = self._counts(q.filter, at - 2 * tf, at - tf, q.query_key)  # the window before
-        if q.type == "flatline":  # without a query_key: the whole stream; with one: the groups seen lately
-            assert q.threshold is not None
-            keys = set(cur) | set(ref) if q.query_key else {()}
-            return [Sample(dict(k), float(cur.get(k, 0))) for k in keys if cur.get(k, 0) < q.threshold]
-        assert q.spike_height is not None  # spike: no reference (0 events before) is no spike
+        mem = self._memory(q, rule, at)
+        if q.type == "flatline":
+            return self._flatline(q, mem, cur, at)
+        return self._spike(q, mem, cur, self._counts(q.filter, at - 2 * tf, at - tf, q.query_key), at)
+
+    def _memory(self, q: LogQuery, rule: str, at: float) -> KeyMemory:
+        mem = self.memory.setdefault((rule, q.model_dump_json()), KeyMemory())
+        if not mem.seeded:  # groups seen before the judged windows count as seen long enough
+            horizon = at - (q.timeframe if q.type == "flatline" else 2 * q.timeframe)
+            if q.query_key:
+                for k in self._counts(q.filter, horizon - SEED_LOOKBACK_S, horizon, q.query_key):
+                    mem.first_seen[k] = -math.inf
+            elif self._counts(q.filter, horizon - SEED_LOOKBACK_S, horizon, ()):
+                mem.first_seen[()] = -math.inf
+            mem.seeded = True
+        return mem
+
+    def _flatline(self, q: LogQuery, mem: KeyMemory, cur: dict[Key, int], at: float) -> list[Sample]:
+        assert q.threshold is not None
+        if not q.query_key:  # the whole stream: watched from the first evaluation (seen before it, or now)
+            mem.first_seen.setdefault((), at)
+        for since in sorted(set(mem.forgotten.values())):  # a forgotten group comes back when it logs again
+            back = self._counts(q.filter, since, at, q.query_key)
+            for k in [k for k, t in mem.forgotten.items() if t == since and back.get(k)]:
+                del mem.forgotten[k]
+        for k in cur:
+            if k not in mem.forgotten:
+                mem.first_seen.setdefault(k, at)
+        out = []
+        for k, first in list(mem.first_seen.items()):
+            n = cur.get(k, 0)
+            if n >= q.threshold or at - first < q.timeframe - 1e-9:
+                continue
+            out.append(Sample(dict(k), float(n)))
+            if q.forget_keys:
+                del mem.first_seen[k]
+                mem.forgotten[k] = at
+        return out
+
+    def _spike(self, q: LogQuery, mem: KeyMemory, cur: dict[Key, int], ref: dict[Key, int], at: float
+               ) -> list[Sample]:
+        assert q.spike_height is not None
         out = []
         for k in set(cur) | set(ref):
+            first = mem.first_seen.setdefault(k, at)
+            if at - first < 2 * q.timeframe - 1e-9:  # no baseline yet (ElastAlert2: two timeframes)
+                continue
             c, r = cur.get(k, 0), ref.get(k, 0)
-            if r == 0 or c < (q.threshold_cur or 0) or r < (q.threshold_ref or 0):
+            if c < (q.threshold_cur or 0) or r < (q.threshold_ref or 0):
                 continue
             up, down = c >= q.spike_height * r, c * q.spike_height <= r
             if (up and q.spike_type in ("up", "both")) or (down and q.spike_type in ("down", "both")):
-                out.append(Sample(dict(k), c / r))
+                out.append(Sample(dict(k), c / r if r else float(c)))  # an empty reference: the count
+                mem.first_seen[k] = at  # the windows start over: the next judgement is two timeframes on
         return out
 
     def _counts(self, filters: Sequence[LogFilter], since: float, until: float, query_key: Sequence[str]
@@ -199,7 +269,7 @@ class LogRuleSource:
         assert q.metric_agg_key is not None and q.metric_agg_type is not None
         try:
             groups = self.store.aggregate(q.filter, at - q.timeframe, at, q.query_key, q.metric_agg_key,
-                                          q.metric_agg_type, q.percentile_range)
+                                          q.metric_agg_type, q.percentile_range, q.percentiles_method)
         except Exception as exc:  # translated at the boundary, as above
             raise DatasourceError(f"log store aggregation failed: {exc}") from exc
         hi, lo = q.max_threshold, q.min_threshold
