@@ -54,3 +54,16 @@ if [ ! -x "$ROOT/var/elasticsearch/elasticsearch-$ES_VERSION/bin/elasticsearch" 
     -DoutputDirectory="$ROOT/var/elasticsearch"
   (cd "$ROOT/var/elasticsearch" && unzip -q -o "elasticsearch-$ES_VERSION.zip" && rm -f "elasticsearch-$ES_VERSION.zip")
 fi
+
+# ElastAlert2, the peer in the log rules' parity test (tests/integration/test_elastalert_parity.py), in a
+# virtual environment of its own: it pins an older elasticsearch client than sentinel's. 2.19.0 is the newest
+# release that installs on Python 3.11; pytz is imported by it but not declared.
+EA_VERSION="${EA_VERSION:-2.19.0}"
+EA="$ROOT/var/elastalert2"
+if [ "$(cat "$EA/.version" 2>/dev/null)" != "$EA_VERSION" ]; then
+  echo "setup: installing ElastAlert2 $EA_VERSION into var/elastalert2"
+  rm -rf "$EA"
+  python3.11 -m venv "$EA" 2>/dev/null || python3 -m venv "$EA"
+  "$EA/bin/python" -m pip install -q "elastalert2==$EA_VERSION" pytz
+  echo "$EA_VERSION" > "$EA/.version"
+fi
