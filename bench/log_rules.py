@@ -1,10 +1,16 @@
 """Log-rule evaluation at scale: 200 rules over N indexed lines, the total query time of one evaluation
-cycle from Elasticsearch and from the local store, same lines, same rules, same instant.
+cycle from Elasticsearch and from the local store's two query paths, same lines, same rules, same instant.
 
 Usage: .venv/bin/python bench/log_rules.py [--lines 1000000] [--rules 200]
 Starts its own Elasticsearch node (scripts/elasticsearch.sh on a free port) and stops it after. Lines
 are bulk-indexed directly (the shipper's throughput is bench/shipping.py's business); the rules mix
 every rule type with filters and query keys, over 5- to 30-minute windows.
+
+The candidates for the local store, side by side: SQLite alone (JSON rows, a time index: what a process
+other than sentinel's reads) and SQLite with the DuckDB column index beside it (what sentinel answers log
+rules from). Printed: insertion rate, the cycle's time per rule, the ratio to Elasticsearch, size on disk.
+A cycle is timed after one untimed cycle over every rule (flatline and spike learn their groups on their
+first evaluation), as every evaluation after sentinel's first.
 """
 
 from __future__ import annotations
@@ -95,23 +101,38 @@ def main() -> None:
         es.indices.refresh(index="deepseek-inference-*")
         es.indices.forcemerge(index="deepseek-inference-*", max_num_segments=1)
         t_index = time.perf_counter() - t0
-        local = LocalLogStore(work / "logs.db")
-        t0 = time.perf_counter()
-        for i in range(0, len(data), 50_000):
-            local.add(data[i:i + 50_000])
-        t_local = time.perf_counter() - t0
+        es_bytes = int(es.indices.stats(index="deepseek-inference-*")["_all"]["primaries"]["store"]["size_in_bytes"])
+        stores = {}
+        for name, indexed in (("sqlite", False), ("sqlite+duckdb", True)):
+            db = work / f"{name}.db"
+            store = LocalLogStore(db, column_index=indexed)
+            t0 = time.perf_counter()
+            for i in range(0, len(data), 50_000):
+                store.add(data[i:i + 50_000])
+            size = db.stat().st_size + sum(p.stat().st_size for p in work.glob(f"{name}.db-wal")) + \
+                (db.with_suffix(".duckdb").stat().st_size if indexed else 0)
+            stores[name] = (store, time.perf_counter() - t0, size)
         qs = rules(args.rules)
-        es_src, local_src = LogRuleSource(ElasticsearchLogStore(es, 60)), LogRuleSource(local)
-        cycle(es_src, qs[:10])  # warm caches
-        cycle(local_src, qs[:10])
-        es_t, es_fired = cycle(es_src, qs)
-        lo_t, lo_fired = cycle(local_src, qs)
-        print(f"{args.lines:,} lines (indexed in {t_index:.0f} s into Elasticsearch, {t_local:.0f} s into the local "
-              f"store), {args.rules} rules of 9 kinds:")
-        print(f"  one evaluation cycle: Elasticsearch {es_t:.2f} s ({1000 * es_t / args.rules:.0f} ms/rule), "
-              f"local store {lo_t:.2f} s ({1000 * lo_t / args.rules:.0f} ms/rule); samples {es_fired} vs {lo_fired}")
-        print(json.dumps({"lines": args.lines, "rules": args.rules, "es_cycle_s": round(es_t, 3),
-                          "local_cycle_s": round(lo_t, 3)}))
+        sources = {"elasticsearch": LogRuleSource(ElasticsearchLogStore(es, 60)),
+                   **{name: LogRuleSource(store) for name, (store, _, _) in stores.items()}}
+        times, fired = {}, {}
+        for name, src in sources.items():
+            cycle(src, qs)  # untimed: warms caches, and flatline and spike rules learn their groups
+            times[name], fired[name] = cycle(src, qs)
+        n = args.rules
+        print(f"{args.lines:,} lines, {n} rules of 9 kinds; one evaluation cycle, per rule:")
+        print(f"  elasticsearch   {1000 * times['elasticsearch'] / n:7.1f} ms/rule  indexed at "
+              f"{args.lines / t_index:9,.0f} lines/s  {es_bytes / 2**20:6.0f} MiB  samples {fired['elasticsearch']}")
+        for name, (_, t_add, size) in stores.items():
+            print(f"  {name:15s} {1000 * times[name] / n:7.1f} ms/rule  added at {args.lines / t_add:9,.0f} "
+                  f"lines/s  {size / 2**20:6.0f} MiB  samples {fired[name]}  "
+                  f"{times[name] / times['elasticsearch']:.2f}x Elasticsearch's time")
+        print(json.dumps({"lines": args.lines, "rules": n, "es_cycle_s": round(times["elasticsearch"], 3),
+                          "sqlite_cycle_s": round(times["sqlite"], 3),
+                          "duckdb_cycle_s": round(times["sqlite+duckdb"], 3),
+                          "duckdb_vs_es": round(times["sqlite+duckdb"] / times["elasticsearch"], 2),
+                          "sizes_mib": {"elasticsearch": round(es_bytes / 2**20),
+                                        **{k: round(v[2] / 2**20) for k, v in stores.items()}}}))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -25,7 +25,7 @@ from sentinel.errors import ServiceError
 MiB, GiB = 2**20, 2**30
 PROMETHEUS_BYTES = 512 * MiB      # a single-node Prometheus scraping a few targets every few seconds
 ELASTICSEARCH_BYTES = int(1.5 * GiB)  # the 1 GiB heap the test distribution runs with, plus its native memory
-SENTINEL_BYTES = 512 * MiB        # the daemon, its router and log shipper (no torch)
+SENTINEL_BYTES = 512 * MiB        # the daemon, router, shipper, and the log store's DuckDB index (128 MiB cap)
 FREE_FLOOR = 0.10                 # of the host's memory, never planned away: MemAvailable stays above it
 
 

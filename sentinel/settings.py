@@ -184,7 +184,8 @@ class DiagnosticsSettings(Section):
 
 class LogSettings(Section):
     ship_interval: Duration = 1.0
-    retention: Duration = 86400.0
+    retention: Duration = Field(7 * 86400.0, gt=0, description="the local store keeps lines this long (pruned every "
+                                "10 minutes); Elasticsearch's retention is the cluster's (ILM)")
     elasticsearch_url: str | None = Field(
         None, description="ship logs to this Elasticsearch (8.x) and answer log rules from it; "
         "default: the local store")

@@ -53,7 +53,8 @@ class LogShipping:
             sink = self.es_sink = ElasticsearchSink(es, self.state_dir / "shipper.db")
             self.counter = self.reader = ElasticsearchLogStore(es, lg.elasticsearch_timeout)
         else:
-            local = self.local = LocalLogStore(self.state_dir / "logs.db")
+            # the column index (DuckDB) answers log rules; this process is the one that writes the store
+            local = self.local = LocalLogStore(self.state_dir / "logs.db", column_index=True)
             sink = self.counter = self.reader = local
             # Elasticsearch's retention is the cluster's business (ILM, curator); the local store's is ours
             clock.every(600, lambda: local.prune(time.time() - lg.retention), "prune")

@@ -7,13 +7,21 @@ reach the SQL.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
+from sentinel.logstore.columns import ColumnIndex
+from sentinel.logstore.labels import label_of
 from sentinel.rules.model import FilterNode, LogFilter
+
+log = logging.getLogger(__name__)
 
 RANGE_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}  # fixed SQL text; the bounds are bound parameters
 
@@ -43,7 +51,10 @@ def percentile_of(values: Sequence[float], percentile: float, method: str = "tdi
 
 
 class LocalLogStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, column_index: bool = False) -> None:
+        """``column_index``: keep the DuckDB column index beside the file (``logs.duckdb``) and answer
+        counts and aggregations from it (``columns.py``); for the one process that ships. Others read the
+        SQLite file alone, as they may while sentinel runs."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -54,19 +65,49 @@ class LocalLogStore:
             "CREATE INDEX IF NOT EXISTS events_ts ON events (ts);"
             "CREATE TABLE IF NOT EXISTS checkpoints (source TEXT PRIMARY KEY, value TEXT NOT NULL);")
         self._lock = threading.Lock()
+        self.index: ColumnIndex | None = None
+        if column_index:
+            self.index = self._open_index(path.with_suffix(".duckdb"))
+
+    def _open_index(self, path: Path) -> ColumnIndex | None:
+        """The column index, caught up with this store by id; None (answers from SQLite) if it cannot open."""
+        try:
+            index = ColumnIndex(path)
+        except duckdb.Error as exc:  # held by another process, or unreadable: the SQLite path still answers
+            log.warning("log store: column index %s unavailable (%s); log rules are answered from SQLite, "
+                        "slower", path, exc)
+            return None
+        last = index.max_id()
+        t0 = time.monotonic()
+        copied = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute("SELECT id, ts, doc FROM events WHERE id > ? ORDER BY id LIMIT 50000",
+                                        (last,)).fetchall()
+            if not rows:
+                break
+            index.add(rows)
+            last = rows[-1][0]
+            copied += len(rows)
+        if copied:
+            log.info("log store: column index caught up with %d event(s) in %.1f s", copied, time.monotonic() - t0)
+        return index
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self.index is not None:
+            self.index.close()
 
     def add(self, events: Sequence[tuple[float, Mapping[str, Any]]],
             checkpoint: tuple[str, Mapping[str, Any]] | None = None) -> None:
         """Insert events and (optionally) the shipper's checkpoint in one transaction: exactly once."""
+        rows = [(ts, json.dumps(doc)) for ts, doc in events]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT INTO events (ts, doc) VALUES (?, ?)",
-                                     [(ts, json.dumps(doc)) for ts, doc in events])
+                before = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+                self._db.executemany("INSERT INTO events (ts, doc) VALUES (?, ?)", rows)
                 if checkpoint is not None:
                     self._db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?)",
                                      (checkpoint[0], json.dumps(checkpoint[1])))
@@ -74,6 +115,14 @@ class LocalLogStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+        if self.index is not None and rows:
+            # one writer under the lock: the batch took the ids after the sequence's value before it
+            first = (before[0] if before else 0) + 1
+            try:
+                self.index.add([(first + i, ts, doc) for i, (ts, doc) in enumerate(rows)])
+            except duckdb.Error as exc:  # the store has the lines; the index is rebuilt from it on the next open
+                log.error("log store: column index write failed (%s); answering from SQLite until restart", exc)
+                self.index = None
 
     def checkpoint(self, source: str) -> dict[str, Any] | None:
         with self._lock:
@@ -92,6 +141,8 @@ class LocalLogStore:
     def count(self, filters: Iterable[LogFilter], since: float, until: float,
               query_key: Sequence[str] = ()) -> list[tuple[dict[str, str], int]]:
         """Matching events in (since, until], grouped by the ``query_key`` fields."""
+        if self.index is not None:
+            return self.index.count(filters, since, until, query_key)
         where, params = self._where(filters, since, until)
         keys = ["json_extract(doc, ?)" for _ in query_key]
         sql = f"SELECT {', '.join([*keys, 'COUNT(*)'])} FROM events WHERE {' AND '.join(where)}"
@@ -103,7 +154,7 @@ class LocalLogStore:
         for row in rows:
             if row[-1] == 0:
                 continue
-            labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}
+            labels = {k: label_of(v) for k, v in zip(query_key, row[:-1], strict=True)}
             out.append((labels, int(row[-1])))
         return out
 
@@ -114,6 +165,8 @@ class LocalLogStore:
         aggregations: only events whose field is a number count (any non-null value for
         ``cardinality``); groups without one are left out. ``percentiles`` as the ``method`` says (see
         ``percentile_of``)."""
+        if self.index is not None:
+            return self.index.aggregate(filters, since, until, query_key, field, agg, percentile, method)
         where, params = self._where(filters, since, until)
         fp = json_path(field)
         if agg == "cardinality":
@@ -146,7 +199,7 @@ class LocalLogStore:
                 value = percentile_of(values, percentile, method)
             elif agg in ("value_count", "cardinality") and value == 0:
                 continue
-            labels = {k: "" if v is None else str(v) for k, v in zip(query_key, row[:-1], strict=True)}
+            labels = {k: label_of(v) for k, v in zip(query_key, row[:-1], strict=True)}
             out.append((labels, float(value)))
         return out
 
@@ -161,6 +214,8 @@ class LocalLogStore:
         return where, params
 
     def prune(self, before: float) -> int:
+        if self.index is not None:
+            self.index.prune(before)
         with self._lock:
             return self._db.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
 

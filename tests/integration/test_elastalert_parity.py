@@ -50,6 +50,9 @@ from sentinel.cli import app
 from sentinel.logstore.elasticsearch import ElasticsearchSink
 from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper
+from sentinel.rules.logtest import evaluations
+from sentinel.rules.model import load_rule_file
+from sentinel.rules.sources import LogRuleSource
 from tests.conftest import ROOT, ElasticsearchNode
 
 EA_PYTHON = ROOT / "var" / "elastalert2" / "bin" / "python"
@@ -204,10 +207,24 @@ def runs(elasticsearch: ElasticsearchNode, tmp_path_factory: pytest.TempPathFact
     Shipper(ElasticsearchSink(es, work / "ship.db"), sources).run_once()  # sentinel's own shipper, both stores
     es.indices.refresh(index="deepseek-inference-*")
     Shipper(LocalLogStore(work / "logs.db"), sources).run_once()
+    indexed = LocalLogStore(work / "indexed.db", column_index=True)  # the daemon's local store: DuckDB columns
+    Shipper(indexed, sources).run_once()
     yield (elastalert(work, elasticsearch.url),
            sentinel(work, "--store", "es", "--elasticsearch-url", elasticsearch.url),
-           sentinel(work, "--store", "local", "--db", str(work / "logs.db")))
+           sentinel(work, "--store", "local", "--db", str(work / "logs.db")),
+           with_column_index(work, indexed))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def with_column_index(work: Path, store: LocalLogStore) -> Matches:
+    """The same evaluations as ``logs test-rule``, from the column-indexed store the daemon uses."""
+    queries = {name: q for name, q, _ in RULES}
+    out: Matches = defaultdict(set)
+    for name, at, matches in evaluations(load_rule_file(work / "sentinel-rules.yml"), LogRuleSource(store),
+                                         T0 + STEP, T0 + HOUR):
+        for m in matches:
+            out[name].add((_key(queries[name], m.labels), round(at - T0)))
+    return out
 
 
 def episodes(found: set[tuple[str, int]]) -> list[tuple[str, int, int]]:
@@ -223,15 +240,16 @@ def episodes(found: set[tuple[str, int]]) -> list[tuple[str, int, int]]:
 
 def test_sentinel_gives_the_same_matches_from_elasticsearch_and_from_its_local_store(
         runs: tuple[Matches, ...]) -> None:
-    _, from_es, from_local = runs
+    _, from_es, from_local, from_columns = runs
     assert {n: sorted(v) for n, v in from_local.items()} == {n: sorted(v) for n, v in from_es.items()}
+    assert {n: sorted(v) for n, v in from_columns.items()} == {n: sorted(v) for n, v in from_es.items()}
 
 
 @pytest.mark.parametrize("rule", [name for name, _, _ in RULES])
 def test_the_rule_matches_what_elastalert2_matches(rule: str, runs: tuple[Matches, ...]) -> None:
     """Every ElastAlert2 match has a sentinel match of the same key within one step, and every sentinel
     episode holds an ElastAlert2 match within one step of it (see the module's docstring)."""
-    ea, ours, _ = runs[0][rule], runs[1][rule], runs[2]
+    ea, ours = runs[0][rule], runs[1][rule]
     assert ea, f"ElastAlert2 found nothing for {rule}: the data no longer exercises it"
     missed = sorted((k, d) for k, d in ea if not any(k == k2 and abs(t - d) <= STEP for k2, t in ours))
     extra = [(k, a, b) for k, a, b in episodes(ours) if not any(k == k2 and a - STEP <= d <= b + STEP for k2, d in ea)]

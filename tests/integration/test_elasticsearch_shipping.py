@@ -163,10 +163,12 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
         sources.append(LogSource(f"replica-{r}", path, {"replica": f"replica-{r}", "host.name": "h"}))
     local = LocalLogStore(tmp_path / "logs.db")
     Shipper(local, sources).run_once()
+    indexed = LocalLogStore(tmp_path / "indexed.db", column_index=True)  # the daemon's: DuckDB columns
+    Shipper(indexed, sources).run_once()
     es = Elasticsearch(elasticsearch.url)
     Shipper(ElasticsearchSink(es, tmp_path / "ship.db"), sources).run_once()
     es.indices.refresh(index="deepseek-inference-*")
-    a, b = LogRuleSource(local), LogRuleSource(ElasticsearchLogStore(es))
+    a, b, c = LogRuleSource(local), LogRuleSource(ElasticsearchLogStore(es)), LogRuleSource(indexed)
     rules = [LogQuery(type="any", filter=[{"exists": "cuda_error"}], timeframe=60, query_key=["replica"]),
              LogQuery(type="frequency", filter=[{"term": {"level": "error"}}], timeframe=120, num_events=2,
                       query_key=["replica", "host.name"]),
@@ -209,6 +211,7 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
         for at in [t0 + k * 17.5 for k in range(20)] + [t0 + 60.0, t0 + 61.0]:  # on and off the line times
             want = sorted((sorted(s.labels.items()), s.value) for s in a.query(q, at))
             assert sorted((sorted(s.labels.items()), s.value) for s in b.query(q, at)) == want, (q, at)
+            assert sorted((sorted(s.labels.items()), s.value) for s in c.query(q, at)) == want, (q, at)
             checked += bool(want)
             hits[id(q)] = hits.get(id(q), 0) + bool(want)
     assert checked > 30  # most evaluations found something: the comparison is not of empty sets
@@ -244,6 +247,9 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
         for at in [t0 + k * 17.5 for k in range(20)]:
             want = {tuple(sorted(s.labels.items())): s.value for s in a.query(q, at)}
             got = {tuple(sorted(s.labels.items())): s.value for s in b.query(q, at)}
+            columns = {tuple(sorted(s.labels.items())): s.value for s in c.query(q, at)}
+            assert columns.keys() == want.keys() and all(columns[k] == pytest.approx(v, rel=1e-12)
+                                                         for k, v in want.items()), (q, at)
             assert set(got) == set(want), (q, at, want, got)
             for k, v in want.items():
                 # t-digest: exact below 2,000 values; HDR percentiles: 3 significant digits
