@@ -20,11 +20,22 @@ from inference_core.model import CausalLM
 INT8_MM_MAX_ROWS = 4  # up to here torch's int8 kernel beats dequantizing (measured by bench/quantize.py)
 
 
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in blocks of about this many elements (16 MiB of fp32)
+
+
 def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """int8 rows and their fp16 scales (the scale is rounded to fp16 before quantizing, so the stored
-    scale is exactly the one the int8 values were computed with)."""
-    scale = (w.detach().float().abs().amax(dim=1) / 127.0).clamp(min=1e-6).half()  # [rows]
-    q = torch.round(w.detach().float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    scale is exactly the one the int8 values were computed with). Block by block: the fp32 temporaries
+    stay ~16 MiB whatever the matrix (a 151,936-row vocabulary is 0.9 GiB in fp32)."""
+    rows = w.shape[0]
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(rows, dtype=torch.float16, device=w.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, w[0].numel()))
+    for i in range(0, rows, step):
+        block = w[i:i + step].detach().float()
+        s = (block.abs().amax(dim=1) / 127.0).clamp(min=1e-6).half()  # [rows]
+        q[i:i + step] = torch.round(block / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[i:i + step] = s
     return q, scale
 
 
@@ -105,24 +116,52 @@ class Int8Embedding(nn.Module):
 
 def quantize_int8(model: CausalLM) -> CausalLM:
     """Replace every linear layer and the embedding in place; returns the model. A tied output head and
-    embedding keep sharing one int8 matrix (the rows are quantized the same way for both)."""
+    embedding share one int8 matrix (the rows are quantized the same way for both, once).
+
+    Layer by layer, from the checkpoint's memory maps: each weight's file pages are dropped from this
+    process as soon as its int8 copy exists, and q, k, v and gate, up are stacked as each block is done,
+    so the load peaks near the int8 model plus one layer, not the full-precision model plus the int8 one."""
+    maps = [(torch.frombuffer(mm, dtype=torch.uint8).data_ptr(), len(mm), mm)
+            for mm in getattr(model, "mmaps", []) if len(mm)]
     tied = model.lm_head.weight is model.model.embed_tokens.weight
+    if tied:  # the head first; the embedding then views its int8 rows (no second quantization)
+        head = Int8Linear(model.lm_head)
+        emb = Int8Embedding.__new__(Int8Embedding)
+        nn.Module.__init__(emb)
+        emb.register_buffer("qweight", head.qweight)
+        emb.register_buffer("scale", head.scale)
+        emb.dtype = model.model.embed_tokens.weight.dtype
+        source = model.lm_head.weight
+        model.lm_head, model.model.embed_tokens = head, emb  # type: ignore[assignment]
+        _release(maps, source)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(child))
+                _release(maps, child.weight)
             elif isinstance(child, nn.Embedding):
                 setattr(module, name, Int8Embedding(child))
-    if tied:
-        head, emb = model.lm_head, model.model.embed_tokens
-        assert isinstance(head, Int8Linear) and isinstance(emb, Int8Embedding)
-        emb.qweight, emb.scale = head.qweight, head.scale
-    for module in model.modules():  # q, k, v and gate, up: one call each (as weights.move_to_hugepages does)
+                _release(maps, child.weight)
+        # q, k, v and gate, up: one call each (as weights.move_to_hugepages does)
         for name, group in getattr(module, "fusion_groups", dict)().items():
             if all(isinstance(m, Int8Linear) for m in group) and (fused := Int8Linear.stacked(group)) is not None:
                 vars(module)[name] = fused  # not a submodule: the state dict keeps the layers' names
     release_mapped_pages(model)
     return model
+
+
+def _release(maps: list[tuple[int, int, mmap.mmap]], t: Tensor) -> None:
+    """Drop the whole pages of ``t``'s bytes from this process where ``t`` views a checkpoint map (read-only
+    file pages: they come back from the file if anything reads them again)."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    for base, size, mm in maps:
+        if base <= start < base + size:
+            first = -(-(start - base) // page) * page
+            last = min(end - base, size) // page * page
+            if last > first:
+                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return
 
 
 def release_mapped_pages(model: CausalLM) -> None:
