@@ -1,8 +1,10 @@
 """Serving benchmark on the served path, in the style of vLLM's benchmark_serving: the server
-(``python -m inference_core.server``, default flags) on the 0.5B-shaped bf16 checkpoint, driven over
-HTTP, against transformers' batched ``generate`` on the same weights, all measured in one run.
+(``python -m inference_core.server``, default flags) on the 0.5B-shaped bf16 checkpoint (or, with
+``--shape 1.5b``, DeepSeek-R1-Distill-Qwen-1.5B's geometry), driven over HTTP, against transformers'
+batched ``generate`` on the same weights, all measured in one run.
 
 Usage: .venv/bin/python bench/serving.py [--requests 32] [--concurrency 16,32] [--rounds 5] [--seed 0]
+                                         [--shape 0.5b|1.5b]
 
 1. Throughput: N requests of mixed prompt (16-128 tokens) and output (8-64 tokens) lengths sent with
    16 and with 32 in flight; transformers runs the same requests in left-padded batches of 16 / 32
@@ -46,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from checkpoints import qwen2_0_5b_shape  # noqa: E402
+from checkpoints import SHAPES  # noqa: E402
 from served import Served  # noqa: E402
 
 TTFT_SLO, TPOT_SLO = 10.0, 1.0
@@ -192,10 +194,12 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16,32")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b",
+                    help="0.5b: Qwen2.5-0.5B's geometry; 1.5b: DeepSeek-R1-Distill-Qwen-1.5B's")
     args = ap.parse_args()
     import transformers
 
-    model_dir = qwen2_0_5b_shape()
+    model_dir = SHAPES[args.shape]()
     prompts, out_lens = workload(args.requests, args.seed)  # the first round's, and the shapes printed
 
     def fresh(tag: int) -> tuple[list[list[int]], list[int]]:  # a phase's own prompts: no prefix-cache hits
