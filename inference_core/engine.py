@@ -36,9 +36,15 @@ from inference_core.sizing import activation_estimate
 from inference_core.telemetry import BusyTracker, Metrics, rss_bytes
 from inference_core.tokenizer import IncrementalDetokenizer, TextTokenizer
 from inference_core.tp_worker import Peers
-from inference_core.weights import move_to_hugepages
+from inference_core.weights import HugePageMove
 
 log = logging.getLogger(__name__)
+
+
+def _accelerate_all(modules: list[torch.nn.Module]) -> None:
+    """Layers fused after the start (a block moved into huge pages) onto the CPU kernels too."""
+    for m in modules:
+        kernels.accelerate(m)
 
 
 class EngineError(RuntimeError):
@@ -169,10 +175,14 @@ class Engine:
             self.startup[stage] = now - mark
             mark = now
 
+        accelerate = cfg.cpu_kernels and self.dtype == torch.bfloat16 and torch.device("cpu") in self.devices
+        # the weights move into huge pages block by block from the step thread, while serving (HugePageMove)
+        self.relayout: HugePageMove | None = None
         if cfg.hugepage_weights and all(d.type == "cpu" for d in self.devices):
-            moved = move_to_hugepages(model)
-            log.info("weights in transparent huge pages: %.1f MiB", moved / 2**20)
-        if cfg.cpu_kernels and self.dtype == torch.bfloat16 and torch.device("cpu") in self.devices:
+            self.relayout = HugePageMove.plan(model)
+            if self.relayout is not None and accelerate:
+                self.relayout.on_fused = _accelerate_all
+        if accelerate:
             n = kernels.accelerate(model)
             log.info("cpu kernels: %s (%d linear layers)", kernels.status(), n)
         lap("layout")
@@ -366,17 +376,34 @@ class Engine:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self.scheduler.has_work:
+                    while not self._stop and not self.scheduler.has_work and self.relayout is None:
                         self._cv.wait()
                         self.last_step_at = time.monotonic()  # idle is not stalled
                     if self._stop:
                         return
-                if self.config.mode == "static" and not self.scheduler.running:
-                    self._wait_for_batch()
-                self._step()
-                self.last_step_at = time.monotonic()
+                    work = self.scheduler.has_work
+                if work:
+                    if self.config.mode == "static" and not self.scheduler.running:
+                        self._wait_for_batch()
+                    self._step()
+                    self.last_step_at = time.monotonic()
+                if self.relayout is not None:  # one block between steps; block after block while idle
+                    self._relayout_step(self.relayout)
         except BaseException as exc:  # a bug in the bookkeeping: fail loudly, never hang
             self._die(exc)
+
+    def _relayout_step(self, move: HugePageMove) -> None:
+        move.step()
+        self.last_step_at = time.monotonic()
+        if move.done:
+            self.relayout = None
+            log.info("weights in transparent huge pages: %.1f MiB, moved in %.1f s while serving",
+                     move.moved_bytes / 2**20, move.seconds)
+
+    @property
+    def layout_pending(self) -> bool:
+        """Weights are still moving into huge pages (decode runs ~15 % slower until they have)."""
+        return self.relayout is not None
 
     def _die(self, exc: BaseException) -> None:
         """Every request gets an error now, /health fails, and the owner is told (the server exits)."""

@@ -324,8 +324,9 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
             if holder.load_error:
                 return JSONResponse({"status": "unhealthy", "load_error": holder.load_error}, status_code=503)
             return JSONResponse({"status": "loading", "pid": os.getpid()})
-        if engine.healthy:
-            return JSONResponse({"status": "ok", "pid": os.getpid()})
+        if engine.healthy:  # layout: "moving" while the weights move into huge pages after ready, then "done"
+            return JSONResponse({"status": "ok", "pid": os.getpid(),
+                                 "layout": "moving" if engine.layout_pending else "done"})
         return JSONResponse({"status": "unhealthy", "cuda_error": engine.cuda_error, "stalled": engine.stalled,
                              "pid": os.getpid()}, status_code=503)
 

@@ -359,3 +359,14 @@ def test_completion_top_logprobs_never_lose_an_entry_and_token_ids_on_request(zh
                                             extra_body={"ignore_eos": True, "return_token_ids": True}
                                             ).choices[0].model_extra["token_ids"]  # type: ignore[index]
     assert all(len(top) == 5 and all(k.startswith("token_id:") for k in top) for top in got.top_logprobs)
+
+
+def test_ready_before_the_weights_move_into_huge_pages_and_they_move_while_idle(server: Server) -> None:
+    """The replica is ready as soon as the weights are mapped; the copy into huge pages happens after, from
+    the step thread, and /health says when it is done ("done" at once where there is nothing to move)."""
+    deadline = time.monotonic() + 30
+    while (layout := httpx.get(f"{server.url}/health").json()["layout"]) == "moving" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert layout == "done", "the weights did not finish moving within 30 s of idle time"
+    assert server.client.completions.create(model=MODEL, prompt="GPU", max_tokens=3).usage.completion_tokens >= 1
+    # (the bundled model's ~1 MB arena is under one 2 MiB page: test_paged.py checks the move itself)

@@ -538,3 +538,53 @@ def test_int8_projections_reading_one_input_are_stacked(tmp_path: Path) -> None:
             assert torch.equal(got, want)
         else:
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@torch.inference_mode()
+def test_blocks_move_into_huge_pages_one_at_a_time_while_the_model_serves(tmp_path: Path) -> None:
+    """The engine moves the weights block by block between steps (HugePageMove.step): after every block
+    the model gives the same logits (bit for bit in bf16 on the CPU kernels), each moved block's q, k, v
+    and gate, up are fused and switched to the kernels, and at the end nothing views the file."""
+    from inference_core.model import _fused
+    from inference_core.weights import HugePageMove, hugepages_available
+
+    if not hugepages_available():
+        pytest.skip("transparent huge pages are off on this machine: no move, no fusion")
+    cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=3, attention_bias=True)
+    model = load_model(_checkpoint(tmp_path / "m", cfg, torch.bfloat16))
+    exact = kernels.load() is not None
+    if exact:
+        kernels.accelerate(model)
+    rows = [SeqChunk([5, 6, 7, 8, 9, 10], 0, [0], True), SeqChunk([30, 31, 32], 0, [2], True)]
+    want = model.forward_flat(FlatBatch(rows, 16), _pool(model, 8, 16))
+    move = HugePageMove.plan(model)
+    assert move is not None and len(move.blocks) >= 3 + 2  # embedding, 3 layers, norm (and the head)
+    from inference_core.engine import _accelerate_all
+
+    fused: list[torch.nn.Module] = []
+
+    def on_fused(modules: list[torch.nn.Module]) -> None:  # as the engine: onto the kernels
+        fused.extend(modules)
+        if exact:
+            _accelerate_all(modules)
+
+    move.on_fused = on_fused
+    file_map = torch.frombuffer(model.mmaps[0], dtype=torch.uint8)
+    lo, hi = file_map.data_ptr(), file_map.data_ptr() + file_map.numel()
+    layers = list(model.model.layers)
+    while not move.done:
+        assert move.step() > 0
+        got = model.forward_flat(FlatBatch(rows, 16), _pool(model, 8, 16))
+        if exact:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        for layer in layers:  # a layer is fused exactly when its block has moved
+            moved = not lo <= layer.mlp.gate_proj.weight.data_ptr() < hi
+            assert (_fused(layer.mlp, "fused_gate_up", layer.mlp.gate_proj) is not None) == moved
+    assert move.step() == 0 and move.moved_bytes >= sum(p.nbytes for p in model.parameters()) // 2
+    assert not any(lo <= p.data_ptr() < hi for p in model.parameters())
+    assert len(fused) == 2 * len(layers)
+    if exact:
+        assert all(type(f) is kernels.FastLinear for f in fused)
