@@ -95,7 +95,7 @@ def main() -> None:
             ours_r.append(rate(stream_completion(srv.url, srv.name, prompt, args.tokens)))
             theirs_r.append(rate(theirs(ref, prompt, args.tokens)))
         del ref
-        peak, ready, plan = srv.peak_rss(), srv.ready_s, srv.plan()
+        peak, ready, layout, plan = srv.peak_rss(), srv.ready_s, srv.layout_s, srv.plan()
         srv.close()
         def served_rates(*flags: str) -> tuple[list[float], int]:
             nonlocal srv
@@ -115,7 +115,8 @@ def main() -> None:
         print(f"checkpoint: {model_dir.name}, {weight_bytes / 2**20:.0f} MiB of bf16 weights; memory read bandwidth "
               f"{bw / 1e9:.1f} GB/s -> bound {bound:.1f} tok/s (median; measured just before each of our runs: "
               f"{', '.join(f'{b / 1e9:.1f}' for b in bw_r)} GB/s)")
-        print(f"server (default flags): ready in {ready:.1f} s; peak RSS {peak / 2**30:.2f} GiB")
+        print(f"server (default flags): ready in {ready:.1f} s (weights in huge pages {layout:.1f} s after the "
+              f"start, while serving); peak RSS {peak / 2**30:.2f} GiB")
         print(plan)
         print(f"single-stream decode over HTTP: ours {o:.1f} tok/s, transformers generate {t:.1f} tok/s "
               f"(median of {args.runs}; ours {', '.join(f'{x:.1f}' for x in ours_r)}; "
