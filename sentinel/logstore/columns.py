@@ -26,8 +26,8 @@ from typing import Any
 import duckdb
 
 from sentinel.logstore.elasticsearch import MAPPINGS
-from sentinel.logstore.labels import label_of
-from sentinel.rules.model import FilterNode, LogFilter
+from sentinel.logstore.sql import label_of, tree_sql
+from sentinel.rules.model import LogFilter
 
 # type codes: what SQLite's json_type says of a value, in the classes the queries need
 MISSING, TEXT, INTEGER, REAL, BOOLEAN, OTHER = 0, 1, 2, 3, 4, 5
@@ -248,7 +248,7 @@ def _filter_sql(f: LogFilter) -> tuple[str, list[Any]]:
     """One filter as a condition that is true or false, never NULL (a missing field fails every
     condition, so NOT of it holds), clause for clause as ``local._filter_sql``."""
     if f.tree is not None:
-        return _node_sql(f.tree)
+        return tree_sql(f.tree, _filter_sql)
     where: list[str] = []
     params: list[Any] = []
     if f.exists is not None:
@@ -289,15 +289,3 @@ def _equals(fd: _Field, value: Any) -> tuple[str, list[Any]]:
         return head + "?)", [*fd.params(head), value]
     head = f"({fd.t} IN ({INTEGER}, {REAL}, {BOOLEAN}) AND {fd.n} = "
     return head + "?)", [*fd.params(head), float(value)]
-
-
-def _node_sql(node: FilterNode) -> tuple[str, list[Any]]:
-    kind, arg = node
-    if kind == "leaf":
-        return _filter_sql(arg)
-    if kind == "not":
-        sql, params = _node_sql(arg)
-        return f"(NOT {sql})", params
-    parts = [_node_sql(n) for n in arg]
-    joiner = " AND " if kind == "and" else " OR "
-    return "(" + joiner.join(sql for sql, _ in parts) + ")", [p for _, ps in parts for p in ps]

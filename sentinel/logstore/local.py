@@ -18,8 +18,8 @@ from typing import Any
 import duckdb
 
 from sentinel.logstore.columns import ColumnIndex
-from sentinel.logstore.labels import label_of
-from sentinel.rules.model import FilterNode, LogFilter
+from sentinel.logstore.sql import label_of, tree_sql
+from sentinel.rules.model import LogFilter
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def _filter_sql(f: LogFilter) -> tuple[str, list[Any]]:
     """One filter as a SQL condition that is 0 or 1, never NULL: a missing field fails every condition,
     so NOT of it holds, as Elasticsearch's ``must_not`` on a missing field."""
     if f.tree is not None:
-        return _node_sql(f.tree)
+        return tree_sql(f.tree, _filter_sql)
     where: list[str] = []
     params: list[Any] = []
     if f.exists is not None:
@@ -246,15 +246,3 @@ def _filter_sql(f: LogFilter) -> tuple[str, list[Any]]:
         where.append("json_type(doc, ?) = 'text' AND json_extract(doc, ?) GLOB ?")
         params += [json_path(name), json_path(name), pattern]
     return f"COALESCE(({' AND '.join(where)}), 0)", params
-
-
-def _node_sql(node: FilterNode) -> tuple[str, list[Any]]:
-    kind, arg = node
-    if kind == "leaf":
-        return _filter_sql(arg)
-    if kind == "not":
-        sql, params = _node_sql(arg)
-        return f"NOT {sql}", params
-    parts = [_node_sql(n) for n in arg]
-    joiner = " AND " if kind == "and" else " OR "
-    return "(" + joiner.join(sql for sql, _ in parts) + ")", [p for _, ps in parts for p in ps]
