@@ -149,7 +149,8 @@ def _close(got: Tensor, ref: Tensor) -> bool:
 
 
 @needs_kernel
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 101, 77), (3, 64, 896), (4, 130, 64), (16, 33, 1000), (7, 5, 31)])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 101, 77), (3, 64, 896), (4, 130, 64), (16, 33, 1000), (7, 5, 31),
+                                           (1, 1003, 896), (2, 515, 300)])
 def test_bf16_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
     mod, x, w, b, _ = _kernel_case(m, n, k)
     got = mod.linear_bf16(x, w, b).float()
