@@ -45,9 +45,11 @@ def _quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
 class Int8Linear(nn.Module):
     # the CPU kernels' module (inference_core.kernels.accelerate sets it): one bf16 row multiplies the int8
     # weights directly with AVX512 (linear_int8), and where AMX can take this layer's shape, rows up to its
-    # AMX_MAX_ROWS do too, widened to bf16 tile by tile (linear_int8_amx)
+    # AMX_MAX_ROWS do too, widened to bf16 tile by tile (linear_int8_amx); without AMX, linear_int8 takes
+    # up to kernels.MAX_ROWS rows
     int8_kernel: Any = None
     int8_kernel_rows = 0
+    int8_tiles = False
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -88,7 +90,7 @@ class Int8Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if self.int8_kernel is not None and x.dtype == torch.bfloat16 and rows <= self.int8_kernel_rows \
                 and x.device.type == "cpu":
-            if rows == 1:
+            if rows == 1 or not self.int8_tiles:
                 return self.int8_kernel.linear_int8(x, self.qweight, self.scale, self.bias)
             return self.int8_kernel.linear_int8_amx(x, self.qweight, self.scale, self.bias)
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and rows <= INT8_MM_MAX_ROWS:

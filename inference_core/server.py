@@ -32,6 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, StringConstraints
 
 from inference_core.apidoc import AllowHeader, document
+from inference_core.client import Drain, Health, Load, Ready
 from inference_core.engine import (
     Delta,
     Engine,
@@ -322,34 +323,34 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
     async def health() -> JSONResponse:
         if holder.engine is None:  # alive while loading; a failed load is not healthy
             if holder.load_error:
-                return JSONResponse({"status": "unhealthy", "load_error": holder.load_error}, status_code=503)
-            return JSONResponse({"status": "loading", "pid": os.getpid()})
+                return JSONResponse(Health(status="unhealthy", load_error=holder.load_error).body(), status_code=503)
+            return JSONResponse(Health(status="loading", pid=os.getpid()).body())
         if engine.healthy:  # layout: "moving" while the weights move into huge pages after ready, then "done"
-            return JSONResponse({"status": "ok", "pid": os.getpid(),
-                                 "layout": "moving" if engine.layout_pending else "done"})
-        return JSONResponse({"status": "unhealthy", "cuda_error": engine.cuda_error, "stalled": engine.stalled,
-                             "pid": os.getpid()}, status_code=503)
+            return JSONResponse(Health(status="ok", pid=os.getpid(),
+                                       layout="moving" if engine.layout_pending else "done").body())
+        return JSONResponse(Health(status="unhealthy", cuda_error=engine.cuda_error, stalled=engine.stalled,
+                                   pid=os.getpid()).body(), status_code=503)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if holder.engine is None:
-            return JSONResponse({"ready": False, "loading": holder.loading, "load_error": holder.load_error},
+            return JSONResponse(Ready(ready=False, loading=holder.loading, load_error=holder.load_error).body(),
                                 status_code=503)
         if not engine.healthy or engine.draining:
-            return JSONResponse({"ready": False, "draining": engine.draining, "healthy": engine.healthy},
+            return JSONResponse(Ready(ready=False, draining=engine.draining, healthy=engine.healthy).body(),
                                 status_code=503)
-        return JSONResponse({"ready": True})
+        return JSONResponse(Ready(ready=True).body())
 
     @app.get("/load")
     async def load() -> JSONResponse:
         """What a load balancer needs, cheaply: whether to send anything, and the work outstanding here
         (tokens still to compute: prompts not yet prefilled plus completions not yet generated)."""
         if holder.engine is None:
-            return JSONResponse({"ready": False, "loading": holder.loading, "load_error": holder.load_error},
+            return JSONResponse(Load(ready=False, loading=holder.loading, load_error=holder.load_error).body(),
                                 status_code=503)
-        body = {"ready": engine.healthy and not engine.draining, "healthy": engine.healthy,
-                "draining": engine.draining, **engine.load()}
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+        doc = Load(ready=engine.healthy and not engine.draining, healthy=engine.healthy,
+                   draining=engine.draining, **engine.load())
+        return JSONResponse(doc.body(), status_code=200 if doc.ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -561,7 +562,7 @@ def create_app(slot: EngineSlot | Engine, model_name: str, registry: CollectorRe
     async def drain(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
         authorize(authorization)
         engine.draining = True  # new requests get 503 (and /ready 503, so balancers stop sending)
-        return {"draining": True, "in_flight": engine.in_flight}
+        return Drain(draining=True, in_flight=engine.in_flight).body()
 
     if faults is not None:
         @app.post("/admin/faults")

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from inference_core.client import ReplicaClient, ReplicaError, ReplicaUnreachable
 from sentinel.errors import SentinelError
 
 GiB = 2**30
@@ -92,7 +93,10 @@ def _audited_outcome(http: httpx.Client, api: str, since: float, wait_s: float,
 
 def memory(url: str) -> tuple[float, float]:
     """(memory_usage_bytes, memory_limit_bytes) a replica reports (its first device)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    try:
+        text = ReplicaClient(url, timeout_s=10).metrics_text()
+    except ReplicaError as exc:
+        raise ChaosError(f"cannot read the replica's memory: {exc}") from exc
     found: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         if fam.name in ("memory_usage_bytes", "memory_limit_bytes") and fam.samples:
@@ -148,12 +152,12 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
     fault, detail = drill.fault, ""
     if drill.name == "memory-leak":
         fault, detail = leak_fault(target["url"], reach_limit_s, max_leak_bytes)
+    replica_api = ReplicaClient(target["url"], timeout_s=10.0, admin_token=admin_token, http=http)
     t0 = time.monotonic()
     started = time.time()
     try:
-        armed = http.post(f"{target['url']}/admin/faults", json=fault,
-                          headers={"Authorization": f"Bearer {admin_token}"})
-    except httpx.TransportError:
+        armed = replica_api.arm_fault(fault)
+    except ReplicaUnreachable:
         if drill.name != "crash":
             raise
         # under load the crash can fire (the next forward pass, another client's) before the answer is written
@@ -166,20 +170,20 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
 
     def trigger() -> None:  # the fault fires in the next forward pass: give it one, straight to the replica
         try:
-            httpx.post(f"{target['url']}/v1/completions", timeout=timeout_s,
-                       json={"model": served, "prompt": "chaos drill", "max_tokens": 4})
-        except httpx.HTTPError:
+            ReplicaClient(target["url"]).complete({"model": served, "prompt": "chaos drill", "max_tokens": 4},
+                                                  timeout_s=timeout_s)
+        except ReplicaUnreachable:
             pass
 
     done = threading.Event()
 
     def busy() -> None:  # steady work on the target until it is replaced (errors: it is being restarted)
         with httpx.Client(timeout=30) as c:
+            busy_api = ReplicaClient(target["url"], timeout_s=30, http=c)
             while not done.is_set():
                 try:
-                    c.post(f"{target['url']}/v1/completions",
-                           json={"model": served, "prompt": "chaos drill load", "max_tokens": 16})
-                except httpx.HTTPError:
+                    busy_api.complete({"model": served, "prompt": "chaos drill load", "max_tokens": 16})
+                except ReplicaUnreachable:
                     time.sleep(0.2)
 
     threading.Thread(target=busy if drill.load else trigger, daemon=True).start()
@@ -200,9 +204,8 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
     done.set()
     if drill.load and recover is None:  # not recovered in time: stop the fault rather than leave it running
         try:
-            http.post(f"{target['url']}/admin/faults", json={"leak_mb_per_s": 0},
-                      headers={"Authorization": f"Bearer {admin_token}"})
-        except httpx.HTTPError:
+            replica_api.arm_fault({"leak_mb_per_s": 0})
+        except ReplicaUnreachable:
             pass
     outcome = _audited_outcome(http, api, started, 30.0 if recover is not None else 0.0, lambda e: e.get(
         "target") == name and e["subject"].startswith(drill.alert + "/"))

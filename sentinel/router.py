@@ -48,6 +48,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from inference_core.client import AsyncReplicaClient, ReplicaError
+
 log = logging.getLogger(__name__)
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
@@ -139,11 +141,9 @@ class Router:
         async def one(up: Upstream) -> None:
             sent = up.pending
             try:
-                r = await client.get(f"{up.url}/load", timeout=timeout)
-                doc = r.json()
-                up.ready = r.status_code == 200 and bool(doc.get("ready"))
-                up.tokens = int(doc.get("tokens", 0))
-            except (httpx.HTTPError, ValueError, TypeError):
+                load = await AsyncReplicaClient(up.url, client).load(timeout)
+                up.ready, up.tokens = load.ready, load.tokens
+            except ReplicaError:
                 up.ready = False
             up.pending = max(0, up.pending - sent)  # what was sent before the poll is in its answer
             up.polled_at = time.monotonic()

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from inference_core.client import ReplicaClient, ReplicaError
 from sentinel.errors import RemediationError, ServiceError
 from sentinel.hostplan import FREE_FLOOR, HostPlan, fmt_bytes, mem_available
 from sentinel.netutil import free_port
@@ -77,6 +76,11 @@ class Replica:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def client(self) -> ReplicaClient:
+        """This replica's operational API (its spec, so its address, may be replaced on a restart)."""
+        return ReplicaClient(self.spec.url, timeout_s=2.0, admin_token=self.spec.admin_token)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -114,20 +118,20 @@ class Replica:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.alive() and not self.stopping.is_set():
             try:
-                r = httpx.get(f"{self.spec.url}/ready", timeout=2.0)
-                if r.is_success:
+                ready = self.client.ready()
+                if ready.ready:
                     return True
-                if r.status_code == 503 and (r.json() or {}).get("load_error"):
+                if ready.load_error:
                     return False
-            except (httpx.HTTPError, ValueError, AttributeError):
+            except ReplicaError:
                 pass
             time.sleep(0.1)
         return False
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.spec.url}/ready", timeout=2.0).is_success
-        except httpx.HTTPError:
+            return self.client.ready().ready
+        except ReplicaError:
             return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -142,19 +146,18 @@ class Replica:
         nothing, so waiting would only delay the restart."""
         if not self.spec.admin_token or not self.alive():
             return "not drained (no admin token)" if self.alive() else "not drained (not running)"
-        headers = {"Authorization": f"Bearer {self.spec.admin_token}"}
         try:
-            if httpx.get(f"{self.spec.url}/health", timeout=2).status_code != 200:
+            if self.client.health().status != "ok":
                 return "not drained (unhealthy: nothing in flight can finish)"
             t0 = time.monotonic()
             while True:
-                left = int(httpx.post(f"{self.spec.url}/admin/drain", headers=headers, timeout=5).json()["in_flight"])
+                left = self.client.drain(timeout_s=5).in_flight
                 if left == 0:
                     return f"drained in {time.monotonic() - t0:.1f}s"
                 if time.monotonic() - t0 > timeout_s:
                     return f"drain timed out after {timeout_s:.0f}s with {left} request(s) in flight"
                 time.sleep(0.2)
-        except (httpx.HTTPError, KeyError, ValueError) as exc:
+        except ReplicaError as exc:
             return f"not drained ({type(exc).__name__}: {exc})"
 
     def restart(self, timeout_s: float, drain_timeout_s: float = 30.0) -> str:
@@ -176,10 +179,10 @@ class Replica:
     def failure(self) -> str | None:
         """Why the replica is not healthy, in its own words (a failed load names the file that did not match)."""
         try:
-            doc = httpx.get(f"{self.spec.url}/health", timeout=3).json()
-        except (httpx.HTTPError, ValueError):
+            health = self.client.health(timeout_s=3)
+        except ReplicaError:
             return None if self.alive() else f"{self.spec.name} is not running"
-        return str(doc.get("load_error") or doc.get("cuda_error") or "") or None
+        return health.load_error or health.cuda_error or None
 
 
 class Supervisor:

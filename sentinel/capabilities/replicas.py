@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
-
+from inference_core.client import ReplicaError
 from inference_core.telemetry import open_nvml
 from sentinel.alerts.state import Sample
 from sentinel.capabilities import Clock, Service
@@ -201,11 +200,9 @@ class LocalReplicas:
                 problem = "has exited"
             else:
                 try:
-                    resp = httpx.get(f"{r.spec.url}/health", timeout=2.0)
-                    doc = resp.json() if resp.status_code == 503 else {}
-                    if doc.get("stalled"):
+                    if r.client.health().stalled:
                         problem = "is not making progress (engine stalled)"
-                except (httpx.HTTPError, ValueError):
+                except ReplicaError:
                     problem = "does not answer /health"
             if problem is None:
                 failures.pop(name, None)

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from inference_core.client import ReplicaClient, ReplicaError
 from sentinel.netutil import free_port, wait_http_ok
 
 pytestmark = pytest.mark.integration
@@ -103,6 +104,22 @@ def test_fault_switch_needs_the_token(server: tuple[str, Path]) -> None:
     assert r.status_code == 400
 
 
+def test_replica_client_reads_the_documents_the_server_answers_with(client: openai.OpenAI,
+                                                                    server: tuple[str, Path]) -> None:
+    """inference_core.client's types are the ones the server answers with: what sentinel's supervisor,
+    router, liveness probe and runbooks read."""
+    api = ReplicaClient(server[0])
+    health = api.health()
+    assert health.status == "ok" and health.pid is not None and health.problem is None
+    assert health.layout in ("moving", "done")
+    assert api.ready().ready is True
+    load = api.load()
+    assert load.ready and load.healthy and not load.draining and load.in_flight == 0 and load.tokens == 0
+    assert "inference_requests_total" in api.metrics_text()
+    with pytest.raises(ReplicaError, match="no admin token"):
+        api.drain()
+
+
 def test_cuda_fault_turns_the_replica_unhealthy(client: openai.OpenAI, server: tuple[str, Path]) -> None:
     # Runs last in this module: the replica stays unhealthy until restarted.
     r = httpx.post(f"{server[0]}/admin/faults", json={"cuda_error": True}, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -116,6 +133,13 @@ def test_cuda_fault_turns_the_replica_unhealthy(client: openai.OpenAI, server: t
     last = json.loads((server[1] / "inference.log").read_text().splitlines()[-1])
     assert last["cuda_error"].startswith("CUDA error") and last["level"] == "error"
     assert 'cuda_errors_total 1.0' in httpx.get(f"{server[0]}/metrics").text
+    api = ReplicaClient(server[0], admin_token=TOKEN)
+    health = api.health()
+    assert health.status == "unhealthy" and health.stalled is False
+    assert health.cuda_error and health.problem == health.cuda_error and health.problem.startswith("CUDA error")
+    ready, load = api.ready(), api.load()
+    assert not ready.ready and ready.healthy is False and not load.ready
+    assert api.drain().in_flight == 0 and api.load().draining is True
 
 
 def test_ready_is_false_while_loading_and_after_a_failed_load(tmp_path: Path) -> None:
@@ -134,6 +158,9 @@ def test_ready_is_false_while_loading_and_after_a_failed_load(tmp_path: Path) ->
         r = httpx.get(f"{url}/ready")
         assert r.status_code == 503 and "'deepseek_v3' is not supported" in r.json()["load_error"]
         assert httpx.get(f"{url}/health").status_code == 503
+        api = ReplicaClient(url)
+        assert api.health().problem == api.ready().load_error == api.load().load_error
+        assert "'deepseek_v3' is not supported" in (api.health().problem or "")
         c = httpx.post(f"{url}/v1/completions", json={"model": "bad", "prompt": "x"})
         assert c.status_code == 503 and "failed to load" in c.text
     finally:

@@ -7,9 +7,9 @@ import json
 import time
 from collections import deque
 
-import httpx
 from pydantic import Field
 
+from inference_core.client import ReplicaClient, ReplicaError
 from sentinel.durations import parse_duration
 from sentinel.errors import DatasourceError
 from sentinel.rules.sources import PromQLSource
@@ -79,14 +79,18 @@ def service_check(p: ServiceParams, ctx: Context) -> Finding:
     replicas = []
     for name, url in ctx.replicas:
         entry: dict[str, object] = {"name": name, "url": url}
-        for ep in ("health", "ready"):
-            try:
-                r = httpx.get(f"{url}/{ep}", timeout=p.timeout_s)
-                entry[ep] = r.status_code
-            except httpx.HTTPError as exc:
-                entry[ep] = f"unreachable: {type(exc).__name__}"
-        if entry["health"] != 200:
-            fails.append(f"{name} unhealthy ({entry['health']})")
+        client = ReplicaClient(url, timeout_s=p.timeout_s)
+        problem: str | None = None
+        try:  # the documents themselves are the evidence: a failed load or a CUDA error says so in its words
+            health = client.health()
+            entry["health"] = health.model_dump(exclude_unset=True)
+            problem = health.problem
+            entry["ready"] = client.ready().model_dump(exclude_unset=True)
+        except ReplicaError as exc:
+            problem = str(exc)
+            entry.setdefault("health", f"no answer: {exc}")
+        if problem is not None:
+            fails.append(f"{name} unhealthy ({problem})")
         replicas.append(entry)
     ev: dict[str, object] = {"replicas": replicas}
     if ctx.prometheus_url is not None:
