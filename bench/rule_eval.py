@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT))
 
 from sentinel.alerts.store import Store  # noqa: E402
 from sentinel.netutil import free_port  # noqa: E402
+from sentinel.prometheus import PromQLSource  # noqa: E402
 from sentinel.promserver import PrometheusServer, ScrapeTarget  # noqa: E402
 from sentinel.rules.evaluator import Evaluator  # noqa: E402
 from sentinel.rules.export import render  # noqa: E402
 from sentinel.rules.model import Group, LoadedGroup, Rule, load_rules  # noqa: E402
-from sentinel.rules.sources import PromQLSource  # noqa: E402
 from sentinel.supervisor import ChildRegistry  # noqa: E402
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sentinel import logstore
 from sentinel.errors import FileFormatError, SentinelError
 from sentinel.rules.model import load_rule_file
 
@@ -836,24 +837,7 @@ def logs_test_rule(
         every = parse_duration(step) if step else None
         groups = [g for f in files for g in load_rule_file(f)]
         kind = store or ("es" if s.logs.elasticsearch_url else "local")
-        counter: LogCounter
-        if kind == "es":
-            if not s.logs.elasticsearch_url:
-                raise ValueError("--store es needs logs.elasticsearch_url (or --elasticsearch-url)")
-            from elasticsearch import Elasticsearch
-
-            from sentinel.logstore.elasticsearch import ElasticsearchLogStore
-
-            counter = ElasticsearchLogStore(Elasticsearch(s.logs.elasticsearch_url), s.logs.elasticsearch_timeout)
-        elif kind == "local":
-            from sentinel.logstore.local import LocalLogStore
-
-            path = db or s.state_dir / "logs.db"
-            if not path.exists():
-                raise ValueError(f"no local log store at {path} (--db, or the state_dir of a running sentinel)")
-            counter = LocalLogStore(path)
-        else:
-            raise ValueError(f"--store {kind!r}: expected local or es")
+        counter: LogCounter = logstore.open(s, kind=kind, db=db)
         found = 0
         for name, at, matches in evaluations(groups, LogRuleSource(counter), t0, t1, every, only=rule):
             found += len(matches)
@@ -935,22 +919,11 @@ def logs_query(
         raise typer.Exit(2) from exc
     now = time.time()
     try:
-        if s.logs.elasticsearch_url:
-            from elasticsearch import Elasticsearch
-
-            from sentinel.logstore.elasticsearch import ElasticsearchLogStore
-
-            docs = ElasticsearchLogStore(Elasticsearch(s.logs.elasticsearch_url), s.logs.elasticsearch_timeout
-                                         ).search(filters, now - window, now, limit)
-        else:
-            from sentinel.logstore.local import LocalLogStore
-
-            db = s.state_dir / "logs.db"
-            if not db.exists():
-                typer.echo(f"error: no local log store at {db} (is sentinel running with state_dir "
-                           f"{s.state_dir}?)", err=True)
-                raise typer.Exit(2)
-            docs = LocalLogStore(db).search(filters, now - window, now, limit)
+        try:
+            docs = logstore.open(s).search(filters, now - window, now, limit)
+        except logstore.NoLogStore as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
     except LogStoreUnavailable as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

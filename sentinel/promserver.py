@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 from sentinel.durations import format_duration
 from sentinel.errors import MissingBinaryError, ServiceError
 from sentinel.netutil import wait_http_ok
 from sentinel.process import ChildRegistry, stop_process
+from sentinel.prometheus import PromQLSource
 
 INSTALL_HINT = "install it with: apt-get install prometheus (or pass --prometheus-url to use an existing one)"
 
@@ -97,10 +98,8 @@ class PrometheusServer:
         """Rewrite the config and reload Prometheus (``/-/reload``; started with --web.enable-lifecycle)."""
         self.targets = targets
         self._write_config()
-        try:
-            httpx.post(f"{self.url}/-/reload", timeout=30).raise_for_status()
-        except httpx.HTTPError as exc:
-            raise ServiceError(f"Prometheus at {self.url} did not reload its config: {exc}") from exc
+        with contextlib.closing(PromQLSource(self.url)) as api:
+            api.reload()
 
     def start(self, timeout_s: float = 60.0) -> None:
         binary = find_binary(self.binary, INSTALL_HINT)

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from elasticsearch import Elasticsearch
-
+from sentinel import logstore
 from sentinel.capabilities import Clock
 from sentinel.capabilities.replicas import log_source
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, LogStoreUnavailable
@@ -48,13 +47,13 @@ class LogShipping:
     def start(self, clock: Clock) -> None:
         lg = self.settings.logs
         sink: Sink
-        if lg.elasticsearch_url:  # Elasticsearch: shipped there, log rules answered from it
-            es = Elasticsearch(lg.elasticsearch_url)
-            sink = self.es_sink = ElasticsearchSink(es, self.state_dir / "shipper.db")
-            self.counter = self.reader = ElasticsearchLogStore(es, lg.elasticsearch_timeout)
+        store = logstore.open(self.settings, db=self.state_dir / "logs.db", writer=True)
+        if isinstance(store, ElasticsearchLogStore):  # Elasticsearch: shipped there, log rules answered from it
+            sink = self.es_sink = ElasticsearchSink(store.client, self.state_dir / "shipper.db")
+            self.counter = self.reader = store
         else:
             # the column index (DuckDB) answers log rules; this process is the one that writes the store
-            local = self.local = LocalLogStore(self.state_dir / "logs.db", column_index=True)
+            local = self.local = store
             sink = self.counter = self.reader = local
             # Elasticsearch's retention is the cluster's business (ILM, curator); the local store's is ours
             clock.every(600, lambda: local.prune(time.time() - lg.retention), "prune")

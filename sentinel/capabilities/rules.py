@@ -18,10 +18,11 @@ from sentinel.alerts.store import Store
 from sentinel.capabilities import Audit, Clock, now_dt
 from sentinel.errors import FileFormatError
 from sentinel.metrics import SentinelMetrics
+from sentinel.prometheus import PromQLSource
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import LoadedGroup, load_rules, rule_files
 from sentinel.rules.remote_write import RemoteWriter
-from sentinel.rules.sources import LogRuleSource, PromQLSource
+from sentinel.rules.sources import LogRuleSource
 from sentinel.runbooks.model import Runbook, check_runbook_references, load_runbooks
 from sentinel.settings import Settings
 

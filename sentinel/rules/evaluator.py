@@ -18,10 +18,11 @@ from sentinel.alerts.store import AlertEvent, Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import ActiveAlerts, SentinelMetrics
+from sentinel.prometheus import PromQLSource
 from sentinel.rules.learned import LearnedThresholds
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
-from sentinel.rules.sources import LogRuleSource, PromQLSource
+from sentinel.rules.sources import LogRuleSource
 
 log = logging.getLogger(__name__)
 META_ALERT = "SentinelRuleEvaluationFailing"

@@ -34,12 +34,12 @@ from sentinel.durations import Duration, format_duration
 from sentinel.errors import DatasourceError, EvaluationError, FileFormatError
 from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry
+from sentinel.prometheus import PromQLSource
 from sentinel.promserver import PrometheusServer
 from sentinel.rules.export import promtool_problems, render
 from sentinel.rules.model import LoadedGroup, Rule, load_rule_file
 from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
 from sentinel.rules.series import expand_values, parse_series
-from sentinel.rules.sources import PromQLSource
 from sentinel.yamlfile import YamlStr, load_model_file
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sentinel import logstore
 from sentinel.runbooks.base import Context
 from sentinel.settings import Settings
 
@@ -27,17 +28,10 @@ def running_sentinel(state_dir: Path) -> dict[str, Any] | None:
 
 def log_store(settings: Settings) -> Any:
     """The configured log store for reading (Elasticsearch, else the local store if it exists), or None."""
-    if settings.logs.elasticsearch_url:
-        from elasticsearch import Elasticsearch
-
-        from sentinel.logstore.elasticsearch import ElasticsearchLogStore
-        return ElasticsearchLogStore(Elasticsearch(settings.logs.elasticsearch_url),
-                                     settings.logs.elasticsearch_timeout)
-    db = settings.state_dir / "logs.db"
-    if db.exists():
-        from sentinel.logstore.local import LocalLogStore
-        return LocalLogStore(db)
-    return None
+    try:
+        return logstore.open(settings)
+    except logstore.NoLogStore:
+        return None
 
 
 def build_context(settings: Settings, alert_labels: dict[str, str] | None = None,

@@ -19,10 +19,10 @@ from sentinel.alerts.store import Store
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry
+from sentinel.prometheus import PromQLSource
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.rules.evaluator import Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
-from sentinel.rules.sources import PromQLSource
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration

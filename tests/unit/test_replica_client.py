@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from inference_core.client import Health, Load, ReplicaClient, ReplicaError, ReplicaUnreachable, Ready
+from inference_core.client import Health, Load, Ready, ReplicaClient, ReplicaError, ReplicaUnreachable
 from sentinel.netutil import free_port
 
 ANSWERS: dict[str, tuple[int, str]] = {

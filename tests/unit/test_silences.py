@@ -118,7 +118,7 @@ def test_a_datasource_down_is_one_page_not_one_per_rule(tmp_path: Path) -> None:
     """Prometheus unreachable: every PromQL rule fails. SentinelDatasourceDown fires, and the default
     inhibition mutes the per-rule SentinelRuleEvaluationFailing alerts it explains."""
     from sentinel.netutil import free_port
-    from sentinel.rules.sources import PromQLSource
+    from sentinel.prometheus import PromQLSource
 
     store = Store(tmp_path / "s.db")
     rules = [Rule.model_validate({"alert": f"R{i}", "expr": "up == 0"}) for i in range(3)]

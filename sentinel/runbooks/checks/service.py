@@ -12,7 +12,7 @@ from pydantic import Field
 from inference_core.client import ReplicaClient, ReplicaError
 from sentinel.durations import parse_duration
 from sentinel.errors import DatasourceError
-from sentinel.rules.sources import PromQLSource
+from sentinel.prometheus import PromQLSource
 from sentinel.runbooks.base import Context, Finding, Params, Status, check
 
 P99 = 'histogram_quantile(0.99, sum by (le, replica) (rate(model_inference_latency_seconds_bucket[{w}])))'
