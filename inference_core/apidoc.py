@@ -57,6 +57,16 @@ def document(app: FastAPI, scope_of: Callable[[str, str], list[dict[str, list[st
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def flat_routes(routes: list[Any]) -> list[Any]:
+    """The routes themselves, with each included router's (FastAPI includes routers lazily, as one entry
+    that holds the router: ``original_router``). Included routers here take no prefix."""
+    out: list[Any] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out.extend(flat_routes(list(inner.routes)) if inner is not None else [route])
+    return out
+
+
 class AllowHeader:
     """ASGI middleware: a 405 answer's ``Allow`` names every method the path supports."""
 
@@ -72,7 +82,7 @@ class AllowHeader:
         async def send_allow(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
                 methods: set[str] = set()
-                for route in self.routes_of():
+                for route in flat_routes(self.routes_of()):
                     match, _ = route.matches({**scope, "method": "GET"})
                     if match != Match.NONE and getattr(route, "methods", None):
                         methods |= set(route.methods)

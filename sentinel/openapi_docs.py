@@ -27,7 +27,8 @@ def sentinel_spec() -> dict[str, Any]:
 
 
 def inference_spec() -> dict[str, Any]:
-    from inference_core.server import EngineSlot, create_app
+    from inference_core.api.app import create_app
+    from inference_core.api.slot import EngineSlot
 
     spec: dict[str, Any] = create_app(EngineSlot(), "deepseek-tiny", CollectorRegistry()).openapi()
     return spec
