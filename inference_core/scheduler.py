@@ -81,6 +81,11 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    @property
+    def tokens_outstanding(self) -> int:
+        """Still to compute: prompt tokens not yet prefilled plus completion tokens not yet generated."""
+        return max(0, len(self.prompt_ids) - self.num_computed) + max(0, self.max_tokens - len(self.output_ids))
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:

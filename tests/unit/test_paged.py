@@ -561,7 +561,7 @@ def test_blocks_move_into_huge_pages_one_at_a_time_while_the_model_serves(tmp_pa
     want = model.forward_flat(FlatBatch(rows, 16), _pool(model, 8, 16))
     move = HugePageMove.plan(model)
     assert move is not None and len(move.blocks) >= 3 + 2  # embedding, 3 layers, norm (and the head)
-    from inference_core.engine import _accelerate_all
+    from inference_core.engine import accelerate_all as _accelerate_all
 
     fused: list[torch.nn.Module] = []
 
