@@ -8,11 +8,12 @@ started (and stops first, so no job runs while the capabilities below it are bei
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 from apscheduler.executors.pool import ThreadPoolExecutor as APThreadPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -47,10 +48,29 @@ class Clock:
             executors={"default": APThreadPool(4), "eval": APThreadPool(max_concurrent_evaluations)})
 
     def every(self, seconds: float, fn: Callable[..., Any], job_id: str, *, now: bool = False,
-              executor: str = "default") -> None:
-        """Run ``fn`` every ``seconds`` (the first time at once when ``now``)."""
-        self.scheduler.add_job(fn, "interval", seconds=seconds, id=job_id, executor=executor,
-                               **({"next_run_time": now_dt()} if now else {}))
+              executor: str = "default", first: float | None = None, args: Sequence[Any] = ()) -> None:
+        """Run ``fn(*args)`` every ``seconds``: the first time at once when ``now``, at the Unix time
+        ``first`` when given, else one interval from now. ``executor="eval"``: the bounded rule pool."""
+        start = now_dt() if now else datetime.fromtimestamp(first, UTC) if first is not None else None
+        self.scheduler.add_job(fn, "interval", seconds=seconds, id=job_id, executor=executor, args=list(args),
+                               **({"next_run_time": start} if start is not None else {}))
+
+    def jobs(self, prefix: str = "") -> dict[str, float]:
+        """The jobs whose id starts with ``prefix``, with their intervals in seconds."""
+        return {job.id: job.trigger.interval.total_seconds() for job in self.scheduler.get_jobs()
+                if job.id.startswith(prefix)}
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a job (a no-op when there is none)."""
+        if self.scheduler.get_job(job_id) is not None:
+            self.scheduler.remove_job(job_id)
+
+    def reschedule(self, job_id: str, seconds: float) -> None:
+        self.scheduler.reschedule_job(job_id, trigger="interval", seconds=seconds)
+
+    def on_missed(self, callback: Callable[[str], None]) -> None:
+        """``callback(job_id)`` when a run is skipped: its previous run still running, or past its grace time."""
+        self.scheduler.add_listener(lambda ev: callback(ev.job_id), EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
 
     def start(self) -> None:
         self.scheduler.start()

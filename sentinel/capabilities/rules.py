@@ -9,16 +9,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
 
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
-from sentinel.capabilities import Audit, Clock, now_dt
+from sentinel.capabilities import Audit, Clock
+from sentinel.capabilities.replicas import liveness_rule
 from sentinel.errors import FileFormatError
 from sentinel.metrics import SentinelMetrics
 from sentinel.prometheus import PromQLSource
+from sentinel.remediation.internal import remediation_rules
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import LoadedGroup, load_rules, rule_files
 from sentinel.rules.remote_write import RemoteWriter
@@ -66,7 +65,7 @@ class RuleEvaluation:
             store, PromQLSource(prometheus_url, settings.prometheus.query_timeout), logs,
             a.evaluation_interval, a.resend_delay, api_url, metrics, meta_for=a.meta_for,
             catch_up_max=settings.logs.catch_up_max, writer=RemoteWriter(prometheus_url),
-            relay_inbound=a.relay_inbound)
+            relay_inbound=a.relay_inbound, internal_rules=[*remediation_rules(store), liveness_rule()])
         self.clock: Clock | None = None
         self._lock = threading.Lock()
         self._signature: Signature = ()
@@ -86,37 +85,34 @@ class RuleEvaluation:
         self.metrics.reload_time.set(time.time())
         self._sync_jobs()
         clock.every(self.settings.alerting.reload_interval, self.maybe_reload, "reload")
-        clock.scheduler.add_listener(self._missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        clock.on_missed(self._missed)
 
     def stop(self) -> None:
         pass  # its jobs stop with the clock; its state is in the store
 
-    def _missed(self, ev: JobExecutionEvent) -> None:
-        if ev.job_id.startswith("eval:"):
-            rts = self.evaluator.runtimes.get(ev.job_id[5:])
+    def _missed(self, job_id: str) -> None:
+        if job_id.startswith("eval:"):
+            rts = self.evaluator.runtimes.get(job_id[5:])
             if rts:
                 self.metrics.missed.labels(rts[0].group.group.name).inc()
 
     def _sync_jobs(self) -> None:
         """One interval job per group; added, removed or rescheduled to match the loaded rules."""
         assert self.clock is not None
-        sched, ev = self.clock.scheduler, self.evaluator
+        clock, ev = self.clock, self.evaluator
         want = {f"eval:{k}": ev.interval(rts[0].group) for k, rts in ev.runtimes.items() if rts}
         learned = {f"refit:{rt.key}": rt for rt in ev.all_runtimes() if rt.rule.sentinel.learned is not None}
-        for job in sched.get_jobs():
-            if (job.id.startswith("eval:") and job.id not in want) or (job.id.startswith("refit:")
-                                                                       and job.id not in learned):
-                job.remove()
+        for job_id in [*clock.jobs("eval:"), *clock.jobs("refit:")]:
+            if job_id not in want and job_id not in learned:
+                clock.cancel(job_id)
         for job_id, rt in learned.items():
             spec = rt.rule.sentinel.learned
             assert spec is not None
-            if sched.get_job(job_id) is not None:
-                sched.remove_job(job_id)  # the rule object changed: refit now with the new spec
-            sched.add_job(ev.refit, "interval", args=[rt], id=job_id, seconds=spec.refit, executor="eval",
-                          next_run_time=now_dt())
+            clock.cancel(job_id)  # the rule object may have changed: refit now with the new spec
+            clock.every(spec.refit, ev.refit, job_id, now=True, executor="eval", args=[rt])
+        running = clock.jobs("eval:")
         for job_id, seconds in want.items():
-            job = sched.get_job(job_id)
-            if job is None:
+            if job_id not in running:
                 # spread over the interval by a hash of the group, as Prometheus offsets its groups: groups do not
                 # all query at once, and a group keeps its slot across restarts
                 offset = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16) % max(1, int(seconds * 1000)) / 1000
@@ -124,10 +120,9 @@ class RuleEvaluation:
                 first = now - now % seconds + offset
                 if first < now:
                     first += seconds
-                sched.add_job(ev.eval_group, "interval", args=[job_id[5:]], id=job_id, seconds=seconds,
-                              executor="eval", next_run_time=datetime.fromtimestamp(first, UTC))
-            elif job.trigger.interval.total_seconds() != seconds:
-                job.reschedule("interval", seconds=seconds)
+                clock.every(seconds, ev.eval_group, job_id, executor="eval", first=first, args=[job_id[5:]])
+            elif running[job_id] != seconds:
+                clock.reschedule(job_id, seconds)
 
     def maybe_reload(self) -> None:
         if file_signature(self.settings) != self._signature:
