@@ -31,7 +31,7 @@ from sentinel.capabilities.leadership import Leadership
 from sentinel.capabilities.logs import LogShipping
 from sentinel.capabilities.monitoring import Monitoring
 from sentinel.capabilities.notifications import Notifications
-from sentinel.capabilities.replicas import ClusterReplicas, LocalReplicas, bundled_model_dir
+from sentinel.capabilities.replicas import UNRESPONSIVE_ALERT, ClusterReplicas, LocalReplicas, bundled_model_dir
 from sentinel.capabilities.rules import RuleEvaluation, load_checked
 from sentinel.capabilities.state import State
 from sentinel.inbound import WebhookPayload, inbound_events, match
@@ -155,7 +155,7 @@ class Daemon:
 
     def _liveness(self, now: float, samples: list[Any]) -> None:
         if self.rules is not None:
-            self.rules.evaluator.eval_liveness(now, samples)
+            self.rules.evaluator.push(UNRESPONSIVE_ALERT, now, samples)
 
     def _set_books(self, books: Mapping[str, Runbook]) -> None:
         if self.healing is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -15,7 +15,17 @@ from sentinel.alerts.state import Alert, State
 
 if TYPE_CHECKING:
     from sentinel.alerts.store import Store
-    from sentinel.logstore.shipper import Shipper
+
+
+class ShippingStatus(Protocol):
+    """What the backlog metrics read of log shipping (``sentinel.logstore.shipper.Shipper`` has it; named
+    here as a protocol so that metrics, which the rules import, does not import the log store)."""
+
+    @property
+    def synced_at(self) -> float: ...
+
+    @property
+    def backlog(self) -> Mapping[str, int]: ...
 
 
 class SentinelMetrics:
@@ -63,7 +73,7 @@ class BacklogCollector(Collector):
     of the oldest), and log shipping's lag (seconds since every line was last handed to the store) and
     backlog (bytes written to a replica's log but not shipped yet)."""
 
-    def __init__(self, store: Store, shipper: Callable[[], Shipper | None],
+    def __init__(self, store: Store, shipper: Callable[[], ShippingStatus | None],
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.shipper = shipper

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from inference_core.client import ReplicaError
 from inference_core.telemetry import open_nvml
+from sentinel.alerts.internal import InternalRule
 from sentinel.alerts.state import Sample
 from sentinel.capabilities import Clock, Service
 from sentinel.errors import ServiceError
@@ -70,6 +71,22 @@ def host_plan(settings: Settings, model_dir: Path, gpus: int) -> HostPlan:
 
 def log_source(spec: ReplicaSpec) -> LogSource:
     return LogSource(spec.name, spec.log_dir / "inference.log", {"replica": spec.name})
+
+
+UNRESPONSIVE_ALERT = "InferenceReplicaUnresponsive"
+
+
+def liveness_rule() -> InternalRule:
+    """A local replica that exited or whose engine stopped making progress (sentinel's own probe of /health,
+    the engine's liveness, not the HTTP thread's): restarted as a crash is, through the remediator. Its
+    samples are pushed by the probe (``LocalReplicas.probe``)."""
+    return InternalRule("sentinel-liveness-internal", {
+        "alert": UNRESPONSIVE_ALERT, "labels": {"severity": "page"},
+        "annotations": {"summary": "{{ $labels.replica }} {{ $labels.problem }} ({{ $value }} probes in a row): "
+                        "sentinel restarts it",
+                        "description": "sentinel probes each replica's /health; an engine whose step loop has "
+                        "work but made no step for --stall-timeout, or a process that exited, is restarted"},
+        "sentinel": {"remediation": "restart"}})
 
 
 class LocalReplicas:

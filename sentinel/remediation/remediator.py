@@ -15,6 +15,7 @@ from sentinel.alerts.store import Remediation, Store
 from sentinel.errors import RemediationError
 from sentinel.metrics import SentinelMetrics
 from sentinel.remediation import ladder
+from sentinel.remediation.internal import ladder_key
 from sentinel.remediation.policy import SCALE, ActionRequest, Decision, Guardrails, History, decide, kind_of
 from sentinel.rules.evaluator import RuleRuntime
 
@@ -105,7 +106,7 @@ class Remediator:
     def _climb(self, rule: str, target: str, a: Alert, incident: str, now: float) -> tuple[str | None, str]:
         """The action the ladder takes for this incident now, or None and why not (a human is needed, or an
         approval is pending)."""
-        key = f"ladder:{rule}/{target}"
+        key = ladder_key(rule, target)
         findings = self.store.findings(rule, a.fingerprint, a.active_at)
         before = ladder.Ladder.from_json(self.store.get(key))
         state = ladder.next_step(before, findings, self._available(), now, self.ladder_window_s)
@@ -132,7 +133,7 @@ class Remediator:
         return state.rung, state.why
 
     def _climbed(self, rule: str, target: str, action: str, outcome: str) -> None:
-        key = f"ladder:{rule}/{target}"
+        key = ladder_key(rule, target)
         state = ladder.Ladder.from_json(self.store.get(key)) or ladder.Ladder()
         reason = getattr(self.actuator, "failure_reason", None)
         failure = reason(target) if reason is not None and outcome != "succeeded" else None

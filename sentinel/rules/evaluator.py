@@ -13,26 +13,21 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from sentinel.alerts.internal import UNDELIVERABLE_ALERT, InternalRule, undeliverable
 from sentinel.alerts.state import Alert, AlertingRule, Sample, State, ends_at
 from sentinel.alerts.store import AlertEvent, Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import ActiveAlerts, SentinelMetrics
 from sentinel.prometheus import PromQLSource
+from sentinel.rules.internal import DATASOURCE_DOWN_ALERT, META_ALERT, health_rules
 from sentinel.rules.learned import LearnedThresholds
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.remote_write import RemoteWriter, Series, recorded_series
 from sentinel.rules.sources import LogRuleSource
 
 log = logging.getLogger(__name__)
-META_ALERT = "SentinelRuleEvaluationFailing"
-UNDELIVERABLE_ALERT = "SentinelNotificationUndeliverable"
-DATASOURCE_DOWN_ALERT = "SentinelDatasourceDown"
-ESCALATED_ALERT = "SentinelRemediationEscalated"
-APPROVAL_ALERT = "SentinelRemediationAwaitingApproval"
-UNRESPONSIVE_ALERT = "InferenceReplicaUnresponsive"
-ESCALATION_FRESH_S = 120.0  # a ladder at "page" seen by a firing alert this recently is a live escalation
-UNDELIVERABLE_WINDOW_S = 3600.0
+__all__ = ["DATASOURCE_DOWN_ALERT", "META_ALERT", "UNDELIVERABLE_ALERT", "Evaluator", "FiringHook", "RuleRuntime"]
 
 
 def _iso(ts: float) -> str:
@@ -89,51 +84,19 @@ class Evaluator:
     learned: LearnedThresholds = field(default_factory=LearnedThresholds)
     active: ActiveAlerts = field(default_factory=ActiveAlerts)  # sentinel_active_alerts (ALERTS-shaped)
     relay_inbound: bool = False  # findings of inbound alerts are handed to delivery with them
+    internal_rules: Sequence[InternalRule] = ()  # sentinel's own alerts that other packages own
 
     def __post_init__(self) -> None:
-        self.meta = self._internal("sentinel-meta-internal", {
-            "alert": META_ALERT, "for": self.meta_for, "labels": {"severity": "warning"},
-            "annotations": {"summary": "rule {{ $labels.rule }} (group {{ $labels.rule_group }}) cannot be evaluated: "
-                            "its {{ $labels.datasource }} query fails; its alerts keep their last state"}})
-        self.undeliverable = self._internal("sentinel-delivery-internal", {
-            "alert": UNDELIVERABLE_ALERT, "labels": {"severity": "page"},
-            "annotations": {"summary": "{{ $value }} notification(s) to receiver {{ $labels.receiver }} could not be "
-                            "delivered in the last hour (refused, or expired undelivered)",
-                            "description": "`sentinel alerts` shows each receiver's queue and its last error"}})
-        # one cause, one page: when every rule of a datasource fails, this alert says so, and the default
-        # inhibition mutes the per-rule SentinelRuleEvaluationFailing alerts it explains
-        self.datasource_down = self._internal("sentinel-datasource-internal", {
-            "alert": DATASOURCE_DOWN_ALERT, "for": self.meta_for, "labels": {"severity": "page"},
-            "annotations": {"summary": "every {{ $labels.datasource }} rule fails ({{ $value }} rules): the "
-                            "{{ $labels.datasource }} datasource is down or unreachable; alerts keep their last state",
-                            "description": "`sentinel alerts` and /api/v1/rules show each rule's last error"}})
+        # sentinel's own alerts, as data (sentinel.alerts.internal): the rules' health and undeliverable
+        # notifications always; others (remediation's, the replicas' liveness) from their owners, ``internal``
+        rules = [*health_rules(self.all_runtimes, self.meta_for), undeliverable(self.store), *self.internal_rules]
+        self.internal = {r.alert: self._internal(r) for r in rules}
+        self._sources = {r.alert: r.source for r in rules}
 
-        # the escalation ladder's last rung, and actions waiting for a human (sentinel/remediation/ladder.py)
-        self.escalated = self._internal("sentinel-escalation-internal", {
-            "alert": ESCALATED_ALERT, "labels": {"severity": "page"},
-            "annotations": {"summary": "{{ $labels.rule }} on {{ $labels.replica }}: automatic remediation is "
-                            "exhausted, a human is needed: {{ $labels.reason }}",
-                            "description": "`sentinel remediate log` shows the attempts; the problem's own alert "
-                            "carries the runbook's findings"}})
-        self.awaiting = self._internal("sentinel-approval-internal", {
-            "alert": APPROVAL_ALERT, "labels": {"severity": "page"},
-            "annotations": {"summary": "{{ $labels.action }} on {{ $labels.replica }} ({{ $labels.rule }}) waits for "
-                            "approval: sentinel remediate approve {{ $labels.approval }} (or reject)"}})
-
-        # a local replica that exited or whose engine stopped making progress (sentinel's own probe of /health,
-        # the engine's liveness, not the HTTP thread's): restarted as a crash is, through the remediator
-        self.unresponsive = self._internal("sentinel-liveness-internal", {
-            "alert": UNRESPONSIVE_ALERT, "labels": {"severity": "page"},
-            "annotations": {"summary": "{{ $labels.replica }} {{ $labels.problem }} ({{ $value }} probes in a row): "
-                            "sentinel restarts it",
-                            "description": "sentinel probes each replica's /health; an engine whose step loop has "
-                            "work but made no step for --stall-timeout, or a process that exited, is restarted"},
-            "sentinel": {"remediation": "restart"}})
-
-    def _internal(self, group_name: str, spec: dict[str, Any]) -> RuleRuntime:
+    def _internal(self, spec: InternalRule) -> RuleRuntime:
         """One of sentinel's own alerting rules, evaluated from its own samples, its state restored."""
-        rule = Rule.model_validate({**spec, "expr": "(sentinel internal)"})
-        group = LoadedGroup(file="(sentinel)", group=Group(name=group_name, rules=[rule]))
+        rule = Rule.model_validate({**spec.spec, "expr": "(sentinel internal)"})
+        group = LoadedGroup(file="(sentinel)", group=Group(name=spec.group, rules=[rule]))
         rt = RuleRuntime(group, rule, self._machine(group, rule))
         for a in self.store.load_rule_state(rt.key):
             rt.machine.active[a.fingerprint] = a
@@ -428,39 +391,19 @@ class Evaluator:
         return out, {f"held:{rt.key}": None}
 
     def eval_meta(self, now: float) -> None:
-        """The meta-alert: one alert per rule whose datasource query is failing."""
-        failing = [Sample({"rule_group": rt.group.group.name, "rule": rt.rule.name,
-                           "datasource": "logs" if rt.rule.log is not None else "prometheus"}, 1.0)
-                   for rt in self.all_runtimes() if rt.health == "err"]
-        self._eval_internal(self.meta, now, failing)
-        by_source: dict[str, list[bool]] = {}
-        for rt in self.all_runtimes():
-            by_source.setdefault("logs" if rt.rule.log is not None else "prometheus", []).append(rt.health == "err")
-        down = [Sample({"datasource": ds}, float(len(errs))) for ds, errs in by_source.items() if errs and all(errs)]
-        self._eval_internal(self.datasource_down, now, down)
-        # notifications that could not be delivered are said to the receivers that can still hear it
-        lost = [Sample({"receiver": rcv}, float(n))
-                for rcv, (n, _) in self.store.undelivered(now - UNDELIVERABLE_WINDOW_S).items()]
-        self._eval_internal(self.undeliverable, now, lost)
-        escalated = []
-        for key, doc in self.store.items("ladder:").items():
-            rule, _, target = key.removeprefix("ladder:").rpartition("/")
-            if doc.get("rung") == "page" and now - float(doc.get("last_at", 0)) < ESCALATION_FRESH_S:
-                escalated.append(Sample({"rule": rule, "replica": target, "reason": str(doc.get("why", ""))[:200]},
-                                        float(len(doc.get("history", [])))))
-        self._eval_internal(self.escalated, now, escalated)
-        waiting = [Sample({"approval": str(doc.get("id")), "action": str(doc.get("action")),
-                           "replica": str(doc.get("target")), "rule": str(doc.get("rule"))}, 1.0)
-                   for doc in self.store.items("approval:").values()
-                   if doc.get("status") == "pending" and now - float(doc.get("requested_at", 0)) < 86400]
-        self._eval_internal(self.awaiting, now, waiting)
+        """sentinel's own alerts whose samples it reads (the rules' health, delivery, the ladder)."""
+        for name, source in self._sources.items():
+            if source is not None:
+                self._eval_internal(self.internal[name], now, source(now))
 
-    def eval_liveness(self, now: float, samples: list[Sample]) -> None:
-        """The replicas that failed enough liveness probes in a row (labels ``replica``, ``problem``)."""
-        self._eval_internal(self.unresponsive, now, samples)
-        firing = self.unresponsive.machine.firing()
+    def push(self, alert: str, now: float, samples: list[Sample]) -> None:
+        """Evaluate an internal alert whose owner pushes its samples (the replicas' liveness probe); its firing
+        alerts go to remediation as a rule's do."""
+        rt = self.internal[alert]
+        self._eval_internal(rt, now, samples)
+        firing = rt.machine.firing()
         if firing and self.on_firing is not None:
-            self.on_firing(self.unresponsive, firing)
+            self.on_firing(rt, firing)
 
     def _events(self, rt: RuleRuntime, due: list[Alert], extra: dict[str, dict[str, Any]] | None = None
                 ) -> list[AlertEvent]:
@@ -502,8 +445,7 @@ class Evaluator:
             self.store.save_rule_state(rt.key, list(rt.machine.active.values()), entries, now)
 
     def _generator_url(self, rt: RuleRuntime) -> str:
-        internal = rt in (self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting,
-                          self.unresponsive)
+        internal = any(rt is x for x in self.internal.values())
         if rt.rule.expr is not None and self.promql is not None and not internal:
             q = urllib.parse.urlencode({"g0.expr": rt.rule.expr, "g0.tab": "1"})
             return f"{self.promql.url}/graph?{q}"
@@ -519,5 +461,4 @@ class Evaluator:
 
     def all_runtimes(self, include_meta: bool = False) -> list[RuleRuntime]:
         return [rt for rts in self.runtimes.values() for rt in rts] + (
-            [self.meta, self.undeliverable, self.datasource_down, self.escalated, self.awaiting, self.unresponsive]
-            if include_meta else [])
+            list(self.internal.values()) if include_meta else [])

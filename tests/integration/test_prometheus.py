@@ -21,7 +21,7 @@ from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry
 from sentinel.prometheus import PromQLSource
 from sentinel.promserver import PrometheusServer, ScrapeTarget
-from sentinel.rules.evaluator import Evaluator
+from sentinel.rules.evaluator import META_ALERT, Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from tests.conftest import ROOT
 
@@ -76,7 +76,7 @@ def test_one_failing_rule_does_not_stop_its_group(prometheus: PrometheusServer, 
     assert scalar.health == "ok" and [(dict(a.labels), a.state) for a in scalar.machine.active.values()] == [
         ({"alertname": "Scalar"}, State.FIRING)]
     assert after.health == "ok" and [a.state for a in after.machine.active.values()] == [State.FIRING]
-    assert sorted(a.labels["rule"] for a in ev.meta.machine.firing()) == ["Range", "Text"]
+    assert sorted(a.labels["rule"] for a in ev.internal[META_ALERT].machine.firing()) == ["Range", "Text"]
 
 
 def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path:
     assert rt.health == "err" and "unreachable" in (rt.last_error or "")
     assert [a.state for a in rt.machine.active.values()] == [State.FIRING]  # nothing resolved
     ev.eval_meta(now + 60)  # ... and a meta-alert names the failing rule and its datasource
-    [meta] = ev.meta.machine.firing()
+    [meta] = ev.internal[META_ALERT].machine.firing()
     assert meta.labels == {"alertname": "SentinelRuleEvaluationFailing", "rule": "Always", "rule_group": "g",
                            "datasource": "prometheus", "severity": "warning"}
     assert "cannot be evaluated" in meta.annotations["summary"]

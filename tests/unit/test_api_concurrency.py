@@ -14,13 +14,14 @@ from prometheus_client import CollectorRegistry
 from sentinel.alerts.state import Sample
 from sentinel.alerts.store import Store
 from sentinel.api import create_app
+from sentinel.capabilities.replicas import UNRESPONSIVE_ALERT, liveness_rule
 from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator
 
 
 def test_reads_never_fail_while_alerts_churn(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
-    ev = Evaluator(store, None, None)
+    ev = Evaluator(store, None, None, internal_rules=[liveness_rule()])
     app = create_app(ev, store, CollectorRegistry(), lambda: {}, Guardrails, lambda paused: None, None)
     stop = threading.Event()
     now = [1000.0]
@@ -30,7 +31,8 @@ def test_reads_never_fail_while_alerts_churn(tmp_path: Path) -> None:
         while not stop.is_set():
             i += 1
             n = 100 if i % 2 else 5
-            ev.eval_liveness(now[0], [Sample({"replica": f"r{k}", "problem": "has exited"}, 3.0) for k in range(n)])
+            exited = [Sample({"replica": f"r{k}", "problem": "has exited"}, 3.0) for k in range(n)]
+            ev.push(UNRESPONSIVE_ALERT, now[0], exited)
             now[0] += 1.0
 
     workers = [threading.Thread(target=churn) for _ in range(2)]

@@ -15,9 +15,10 @@ from sentinel.alerts.state import Alert, State
 from sentinel.alerts.store import Store
 from sentinel.cli import app
 from sentinel.remediation import ladder
+from sentinel.remediation.internal import APPROVAL_ALERT, ESCALATED_ALERT, remediation_rules
 from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Remediator
-from sentinel.rules.evaluator import APPROVAL_ALERT, ESCALATED_ALERT, Evaluator
+from sentinel.rules.evaluator import Evaluator
 
 LOCAL = frozenset({"restart", "scale_out", "scale_in", "reset_gpu"})
 K8S = frozenset({"restart", "rollout_restart", "scale_out", "scale_in", "cordon"})
@@ -113,9 +114,9 @@ def test_the_ladder_through_the_remediator_with_approval_and_escalation(tmp_path
     d = r.consider("CudaError", "restart", _incident(1200.0))  # the third time within the hour: GPU reset, asked
     assert not d.act and "needs a human's approval: sentinel remediate approve" in d.reason
     approval_id = d.reason.split("approve ")[1].split()[0]
-    ev = Evaluator(store, None, None, clock=lambda: now[0])
+    ev = Evaluator(store, None, None, clock=lambda: now[0], internal_rules=remediation_rules(store))
     ev.eval_meta(now[0])
-    waiting = [x for x in ev.awaiting.machine.active.values() if x.state == State.FIRING]
+    waiting = [x for x in ev.internal[APPROVAL_ALERT].machine.active.values() if x.state == State.FIRING]
     assert [x.labels["approval"] for x in waiting] == [approval_id] and waiting[0].labels["action"] == "reset_gpu"
     # a human approves it from the CLI, against the same state database; sentinel acts at its next evaluation
     cfg = tmp_path / "s.yaml"
@@ -132,11 +133,11 @@ def test_the_ladder_through_the_remediator_with_approval_and_escalation(tmp_path
     d = r2.consider("CudaError", "restart", _incident(1300.0))  # nothing automatic left
     assert not d.act and "escalated to a human" in d.reason
     ev.eval_meta(now[0])
-    [esc] = [x for x in ev.escalated.machine.active.values() if x.state == State.FIRING]
+    [esc] = [x for x in ev.internal[ESCALATED_ALERT].machine.active.values() if x.state == State.FIRING]
     assert esc.labels["alertname"] == ESCALATED_ALERT and esc.labels["replica"] == "replica-0"
     assert "reset_gpu ended failed-verification" in esc.labels["reason"]
     ev.eval_meta(now[0] + 600)  # the problem stopped firing: the escalation resolves
-    assert not [x for x in ev.escalated.machine.active.values() if x.state == State.FIRING]
+    assert not [x for x in ev.internal[ESCALATED_ALERT].machine.active.values() if x.state == State.FIRING]
     out = CliRunner().invoke(app, ["remediate", "log", "--json", "-c", str(cfg)])
     doc = json.loads(out.output)
     assert doc["ladders"]["CudaError/replica-0"]["rung"] == "page"

@@ -17,10 +17,14 @@ FORBIDDEN = {
 
 
 def imports(path: object) -> set[str]:
+    """The sentinel units (a package or a top-level module) a file imports: ``import sentinel.x.y``,
+    ``from sentinel.x import y`` and ``from sentinel import x``, type-only imports included."""
     tree = ast.parse(open(str(path)).read())
     out: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sentinel."):
+        if isinstance(node, ast.ImportFrom) and node.module == "sentinel":
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sentinel."):
             out.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
             out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("sentinel."))
@@ -37,3 +41,30 @@ def test_no_package_imports_a_layer_above_it() -> None:
             if bad:
                 problems.append(f"{f.relative_to(ROOT)} imports sentinel.{', sentinel.'.join(sorted(bad))}")
     assert problems == []
+
+
+def test_no_import_cycles_between_packages_and_top_level_modules() -> None:
+    """Every unit of sentinel (each package and each top-level module) against every other: the import graph
+    between units has no cycle, type-only imports (under TYPE_CHECKING) counted, so that a module like
+    metrics.py cannot tie two packages into a loop that the package rules above do not see."""
+    units: dict[str, set[str]] = {}
+    for f in sorted((ROOT / "sentinel").rglob("*.py")):
+        unit = f.relative_to(ROOT / "sentinel").parts[0].removesuffix(".py")
+        if unit != "__init__":
+            units.setdefault(unit, set()).update(imports(f) - {unit})
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(unit: str, path: list[str]) -> None:
+        state[unit] = 1
+        for dep in sorted(units.get(unit, ())):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[unit] = 2
+
+    for unit in sorted(units):
+        if unit not in state:
+            visit(unit, [unit])
+    assert cycles == [], " ; ".join(" -> ".join(c) for c in cycles)

@@ -12,7 +12,7 @@ from sentinel.alerts.notify import rfc3339
 from sentinel.alerts.store import Store
 from sentinel.errors import DatasourceError
 from sentinel.logstore.local import LocalLogStore
-from sentinel.rules.evaluator import Evaluator
+from sentinel.rules.evaluator import META_ALERT, Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 from sentinel.rules.sources import LogRuleSource
 
@@ -148,7 +148,7 @@ def test_an_outage_is_replayed_when_the_store_returns(tmp_path: Path) -> None:
     run(ev, group, clock, T0 + 200)
     assert len(sent(ev)) == 1  # nothing resolved by silence while the store was down
     [rt] = ev.runtimes[group.key]
-    assert rt.health == "err" and [a.labels["rule"] for a in ev.meta.machine.firing()] == ["CudaError"]
+    assert rt.health == "err" and [a.labels["rule"] for a in ev.internal[META_ALERT].machine.firing()] == ["CudaError"]
     flaky.down = False
     run(ev, group, clock, T0 + 210)
     out = [(t - T0, a) for t, a in sent(ev)][1:]

@@ -14,7 +14,7 @@ from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule, inhibit
 from sentinel.alerts.state import Sample, State
 from sentinel.alerts.store import Store
 from sentinel.cli import app
-from sentinel.rules.evaluator import Evaluator
+from sentinel.rules.evaluator import DATASOURCE_DOWN_ALERT, META_ALERT, Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 
 
@@ -127,8 +127,8 @@ def test_a_datasource_down_is_one_page_not_one_per_rule(tmp_path: Path) -> None:
     ev = Evaluator(store, PromQLSource(f"http://127.0.0.1:{free_port()}", 1), None, meta_for=0, clock=lambda: now)
     ev.load([g])
     ev.eval_group(g.key)  # evaluates the meta-alerts too
-    assert len(ev.meta.machine.firing()) == 3
-    [down] = ev.datasource_down.machine.firing()
+    assert len(ev.internal[META_ALERT].machine.firing()) == 3
+    [down] = ev.internal[DATASOURCE_DOWN_ALERT].machine.firing()
     assert down.labels == {"alertname": "SentinelDatasourceDown", "datasource": "prometheus", "severity": "page"}
     delivery = Delivery(store, build(default_tree(["oncall"])), {"oncall": ReceiverOptions()},
                         inhibit_rules=DEFAULT_INHIBIT_RULES)

@@ -326,7 +326,7 @@ def test_an_undeliverable_notification_expires_and_the_other_receivers_hear_of_i
     silently dropped): SentinelNotificationUndeliverable{receiver="dead"} fires and goes to the live one."""
     from sentinel.alerts.delivery import Delivery, ReceiverOptions
     from sentinel.alerts.routing import RouteConfig, build
-    from sentinel.rules.evaluator import Evaluator
+    from sentinel.rules.evaluator import UNDELIVERABLE_ALERT, Evaluator
 
     clock = Clock()
     store = Store(tmp_path / "s.db")
@@ -341,7 +341,7 @@ def test_an_undeliverable_notification_expires_and_the_other_receivers_hear_of_i
         d.run_once()  # past its maximum age: expired
         assert store.outbox_counts() == {"expired": 1}
         ev.eval_meta(clock.t)
-        [alert] = ev.undeliverable.machine.firing()
+        [alert] = ev.internal[UNDELIVERABLE_ALERT].machine.firing()
         assert alert.labels == {"alertname": "SentinelNotificationUndeliverable", "receiver": "dead",
                                 "severity": "page"}
         assert delivery.tick() == 1
@@ -351,7 +351,7 @@ def test_an_undeliverable_notification_expires_and_the_other_receivers_hear_of_i
         page["alerts"][0]["annotations"]["summary"]
     clock.t += 3700
     ev.eval_meta(clock.t)  # an hour without losses: resolved
-    assert ev.undeliverable.machine.firing() == []
+    assert ev.internal[UNDELIVERABLE_ALERT].machine.firing() == []
 
 
 def test_backlog_metrics_read_the_queue_and_the_shipper(tmp_path: Path) -> None:
