@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.fingerprint import fingerprint
 from sentinel.alerts.state import Alert, State
-from sentinel.alerts.store import AlertEvent
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 
 
@@ -53,10 +53,9 @@ def inbound_events(payload: WebhookPayload) -> list[AlertEvent]:
         ends = a.endsAt.timestamp() if a.endsAt is not None and a.endsAt.year > 1 else 0.0
         if a.status == "resolved" and not ends:
             ends = a.startsAt.timestamp()
-        out.append({"labels": dict(a.labels), "annotations": dict(a.annotations),
-                    "starts_at": a.startsAt.timestamp(), "ends_at": ends if a.status == "resolved" else 0.0,
-                    "generator_url": str(getattr(a, "generatorURL", "") or ""),
-                    "fingerprint": fingerprint(a.labels)})
+        out.append(AlertEvent(dict(a.labels), dict(a.annotations), a.startsAt.timestamp(),
+                              ends if a.status == "resolved" else 0.0, str(getattr(a, "generatorURL", "") or ""),
+                              fingerprint(a.labels)))
     return out
 
 

@@ -40,11 +40,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sentinel.alerts.fingerprint import fingerprint
+from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.notify import ZERO_TIME, common_labels, rfc3339
 from sentinel.alerts.routing import Route, labels_string
 from sentinel.alerts.silences import InhibitRule, inhibited, matches_all, parse_matcher
-from sentinel.alerts.store import AlertEvent, OutboxEntry, Store
+from sentinel.alerts.store import OutboxEntry, Store
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,15 @@ class AggGroup:
     def saved(self) -> dict[str, Any]:
         return {"id": self.id, "route": self.route.id, "labels": self.labels, "created_at": self.created_at,
                 "next_flush": self.next_flush, "flushed": self.flushed,
-                "alerts": {"alerts": self.alerts, "news": sorted(self.news)}}
+                "alerts": {"alerts": {fp: e.to_json() for fp, e in self.alerts.items()}, "news": sorted(self.news)}}
 
 
 def event_fingerprint(e: AlertEvent) -> str:
-    fp = e.get("fingerprint")
-    return str(fp) if fp else fingerprint(e["labels"])
+    return e.fp
 
 
 def resolved(e: AlertEvent, now: float) -> bool:
-    ends = float(e.get("ends_at") or 0.0)
-    return bool(ends) and ends <= now
+    return e.resolved(now)
 
 
 def _before(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
@@ -102,7 +100,7 @@ def _before(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
 
 def _alert_order(x: AlertEvent, y: AlertEvent) -> int:
     """``types.AlertSlice``: by ``job``, then ``instance`` (alerts with the label first), then all labels."""
-    a, b = x["labels"], y["labels"]
+    a, b = x.labels, y.labels
     for key in ("job", "instance"):
         if key not in a and key not in b:
             continue
@@ -122,13 +120,13 @@ def group_payload(receiver: str, group_key: str, group_labels: Mapping[str, str]
     for e in alerts:
         done = resolved(e, now)
         item: dict[str, Any] = {
-            "status": "resolved" if done else "firing", "labels": dict(e["labels"]),
-            "annotations": dict(e.get("annotations") or {}), "startsAt": rfc3339(float(e["starts_at"])),
-            "endsAt": rfc3339(float(e["ends_at"])) if done else ZERO_TIME,
-            "generatorURL": e.get("generator_url", ""), "fingerprint": event_fingerprint(e),
+            "status": "resolved" if done else "firing", "labels": dict(e.labels),
+            "annotations": dict(e.annotations), "startsAt": rfc3339(e.starts_at),
+            "endsAt": rfc3339(e.ends_at) if done else ZERO_TIME,
+            "generatorURL": e.generator_url, "fingerprint": e.fp,
         }
-        if e.get("sentinel"):
-            item["sentinel"] = e["sentinel"]
+        if e.sentinel:
+            item["sentinel"] = e.sentinel
         items.append(item)
     truncated = max(0, len(items) - max_alerts) if max_alerts else 0
     return {
@@ -145,10 +143,10 @@ def alertmanager_body(events: Sequence[AlertEvent]) -> list[dict[str, Any]]:
     """The body of Alertmanager's ``POST /api/v2/alerts``, as Prometheus's notifier sends it."""
     out = []
     for e in events:
-        item = {"labels": dict(e["labels"]), "annotations": dict(e.get("annotations") or {}),
-                "startsAt": rfc3339(float(e["starts_at"])), "generatorURL": e.get("generator_url", "")}
-        if e.get("ends_at"):
-            item["endsAt"] = rfc3339(float(e["ends_at"]))
+        item = {"labels": dict(e.labels), "annotations": dict(e.annotations),
+                "startsAt": rfc3339(e.starts_at), "generatorURL": e.generator_url}
+        if e.ends_at:
+            item["endsAt"] = rfc3339(e.ends_at)
         out.append(item)
     return out
 
@@ -205,8 +203,9 @@ class Delivery:
             if r is None:  # its route is no longer configured: dropped, as Alertmanager does on a reload
                 gone.append(g["id"])
                 continue
+            alerts = {fp: AlertEvent.from_json(doc) for fp, doc in g["alerts"]["alerts"].items()}
             self.groups[g["id"]] = AggGroup(g["id"], r, g["labels"], g["created_at"], g["next_flush"], g["flushed"],
-                                            g["alerts"]["alerts"], set(g["alerts"]["news"]))
+                                            alerts, set(g["alerts"]["news"]))
         self.cursor = int(store.get("delivery:cursor") or 0)
         if gone:
             log.warning("dropping %d alert group(s) whose route is no longer configured", len(gone))
@@ -250,7 +249,7 @@ class Delivery:
         if rnd.silences is None:
             now = rnd.now
             rnd.silences = [[parse_matcher(m) for m in s["matchers"]] for s in self.store.silences(now)]
-            rnd.firing = list({fp: e["labels"] for grp in self.groups.values() for fp, e in grp.alerts.items()
+            rnd.firing = list({fp: e.labels for grp in self.groups.values() for fp, e in grp.alerts.items()
                                if not resolved(e, now)}.values()) if self.inhibit_rules else []
         rnd.touched.add(g.id)
         self._flush(g, rnd.now, rnd.silences, rnd.firing, rnd.outbox, rnd.nflog)
@@ -261,13 +260,13 @@ class Delivery:
                 del self.nflog[k]
 
     def _insert(self, e: AlertEvent, at: float, rnd: _Round) -> None:
-        labels = e["labels"]
-        fp = event_fingerprint(e)
+        labels = e.labels
+        fp = e.fp
         for r in self.route.match(labels):
             if not r.receiver:
                 continue  # the implicit root route: every alert is taken by a receiver's route below it
             gl = r.group_labels(labels)
-            for k in e.get("group_by") or ():  # a log rule's aggregation_key: more labels to group by
+            for k in e.group_by:  # a log rule's aggregation_key: more labels to group by
                 if k in labels:
                     gl[k] = labels[k]
             gid = f"{r.id}:{labels_string(gl)}"
@@ -280,9 +279,9 @@ class Delivery:
                 g = self.groups[gid] = AggGroup(gid, r, gl, at, at + r.group_wait)
             prev = g.alerts.get(fp)
             g.alerts[fp] = e
-            if prev is not None and e.get("sentinel") and prev.get("sentinel") != e.get("sentinel"):
+            if prev is not None and e.sentinel and prev.sentinel != e.sentinel:
                 g.news.add(fp)
-            if (not g.flushed and float(e["starts_at"]) + r.group_wait < at) or e.get("flush"):
+            if (not g.flushed and e.starts_at + r.group_wait < at) or e.flush:
                 g.next_flush = min(g.next_flush, at)
             rnd.touched.add(gid)
 
@@ -298,7 +297,7 @@ class Delivery:
         done = [event_fingerprint(e) for e in alerts if resolved(e, now)]
         shown = []
         for e in alerts:
-            labels = e["labels"]
+            labels = e.labels
             if any(matches_all(ms, labels) for ms in silences):
                 continue
             if not resolved(e, now) and firing_labels and inhibited(labels, firing_labels, self.inhibit_rules):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.state import Alert, State
 
 SCHEMA = """
@@ -65,9 +66,6 @@ _ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at
 
 # (idempotency key, receiver name, url, JSON payload); url "" means the receiver's URL at send time
 OutboxEntry = tuple[str, str, str, Any]
-# An alert handed to delivery: labels, annotations, starts_at, ends_at (0: no end known), generator_url,
-# fingerprint, and sentinel's own data (runbook findings) under "sentinel"
-AlertEvent = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -155,7 +153,7 @@ class Store:
     @staticmethod
     def _log_alerts(db: sqlite3.Connection, events: Iterable[AlertEvent], now: float) -> None:
         db.executemany("INSERT INTO alert_log (alert, created_at) VALUES (?, ?)",
-                       [(json.dumps(e, separators=(",", ":")), now) for e in events])
+                       [(json.dumps(e.to_json(), separators=(",", ":")), now) for e in events])
 
     def log_alerts(self, events: Iterable[AlertEvent], now: float) -> None:
         """Hand alerts to delivery (e.g. those that arrived on the inbound webhook)."""
@@ -167,7 +165,7 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT id, created_at, alert FROM alert_log WHERE id > ? ORDER BY id LIMIT ?",
                                     (after, limit)).fetchall()
-        return [(int(i), float(t), json.loads(a)) for i, t, a in rows]
+        return [(int(i), float(t), AlertEvent.from_json(json.loads(a))) for i, t, a in rows]
 
     def delivery_state(self) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
         """The aggregation groups (with their alerts) and the notification log, as last saved."""

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.internal import UNDELIVERABLE_ALERT, InternalRule, undeliverable
 from sentinel.alerts.state import Alert, AlertingRule, Sample, State, ends_at
-from sentinel.alerts.store import AlertEvent, Store
+from sentinel.alerts.store import Store
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import ActiveAlerts, SentinelMetrics
@@ -344,8 +345,7 @@ class Evaluator:
             due, kv = self._aggregate(rt, due, now, agg)
         outbox = self._events(rt, due)
         if sent_at is not None:  # replayed: delivery tells the episode even if it is already over
-            for e in outbox:
-                e["flush"] = True
+            outbox = [replace(e, flush=True) for e in outbox]
         snapshot = _persisted_state(rt.machine.active.values())
         changed = bool(outbox) or snapshot != rt.persisted or bool(kv)
         if rt.rule.log is not None:
@@ -410,20 +410,16 @@ class Evaluator:
         """The alerts to hand to delivery, with the episode's runbook findings (they travel with every later
         notification of the episode)."""
         out: list[AlertEvent] = []
+        # a log rule's aggregation_key: ElastAlert's split, as extra group_by labels
+        group_by = tuple(rt.rule.log.aggregation_key or ()) if rt.rule.log is not None else ()
         for a in due:
-            e: AlertEvent = {"labels": dict(a.labels), "annotations": dict(a.annotations),
-                             "starts_at": a.fired_at or a.active_at, "ends_at": ends_at(a),
-                             "generator_url": self._generator_url(rt), "fingerprint": a.fingerprint}
             data = (extra or {}).get(a.fingerprint)
             if data is None:
                 found = self.store.findings(rt.key, a.fingerprint, a.active_at)
                 if found is not None:
                     data = {"findings": {k: v for k, v in found.items() if k != "report"}}
-            if data is not None:
-                e["sentinel"] = data
-            if rt.rule.log is not None and rt.rule.log.aggregation_key:
-                e["group_by"] = list(rt.rule.log.aggregation_key)  # ElastAlert's split, as extra group_by labels
-            out.append(e)
+            out.append(AlertEvent(dict(a.labels), dict(a.annotations), a.fired_at or a.active_at, ends_at(a),
+                                  self._generator_url(rt), a.fingerprint, data, group_by))
         return out
 
     def notify_findings(self, rt: RuleRuntime, alert: Alert, findings: dict[str, Any]) -> None:
@@ -434,8 +430,7 @@ class Evaluator:
                 # an alert that arrived on the inbound webhook (this rule's name, another system's evaluation):
                 # its findings go with it as relayed, with no end known, as the relay handed it over
                 e = self._events(rt, [alert], {alert.fingerprint: {"findings": findings}})[0]
-                e["ends_at"] = 0.0
-                self.store.log_alerts([e], self.clock())
+                self.store.log_alerts([replace(e, ends_at=0.0)], self.clock())
                 return
             if a is None or a.state != State.FIRING or a.active_at != alert.active_at:
                 return

@@ -17,9 +17,10 @@ import httpx
 import pytest
 
 from sentinel.alerts.delivery import Delivery, ReceiverOptions, alertmanager_body
+from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.routing import RouteConfig, build
-from sentinel.alerts.store import AlertEvent, Store
+from sentinel.alerts.store import Store
 from sentinel.amserver import AlertmanagerServer
 from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry
@@ -107,8 +108,7 @@ def test_the_same_notifications_as_alertmanager(tmp_path: Path, capture: Capture
             assert r.status_code == 200, r.text
 
         def alert(t0: float, ends: float, **labels: str) -> AlertEvent:
-            return {"labels": labels, "annotations": {"summary": "s"}, "starts_at": t0, "ends_at": ends,
-                    "generator_url": "http://gen"}
+            return AlertEvent(labels, {"summary": "s"}, t0, ends, "http://gen")
 
         thread = threading.Thread(target=loop, daemon=True)
         thread.start()

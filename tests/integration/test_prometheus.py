@@ -104,7 +104,7 @@ def test_a_failed_query_changes_no_state(prometheus: PrometheusServer, tmp_path:
     ev2.load([group])
     assert [a.state for a in ev2.all_runtimes()[0].machine.active.values()] == [State.FIRING]
     # its only PromQL rule failing is its datasource down: both meta-alerts (delivery's inhibition mutes the first)
-    assert sorted(e["labels"]["alertname"] for _, _, e in store.alert_log_after(0)) == [
+    assert sorted(e.labels["alertname"] for _, _, e in store.alert_log_after(0)) == [
         "Always", "SentinelDatasourceDown", "SentinelRuleEvaluationFailing"]
 
 
@@ -173,7 +173,7 @@ def test_recording_rules_write_back_and_reloads_forget_removed_rules(tmp_path: P
         ev.load([LoadedGroup(file="f.yaml", group=Group(name="g", rules=[]))])
         assert store.load_rule_state(rt_alert.key) == []
         resolved = [e for _, t, e in store.alert_log_after(0) if is_resolved(e, t)]
-        assert resolved and resolved[-1]["labels"]["alertname"] == "Recorded"
+        assert resolved and resolved[-1].labels["alertname"] == "Recorded"
         assert "sentinel_alerts{alertname=\"Recorded\"" not in generate_latest(metrics.registry).decode()
         assert src.query("job:up:count", time.time() + 0.001) == []  # stale now, not in 5 minutes
     finally:

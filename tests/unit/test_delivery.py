@@ -5,22 +5,25 @@ semantics side by side with a real Alertmanager are in tests/integration/test_gr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sentinel.alerts.delivery import Delivery, ReceiverOptions, needs_update
+from sentinel.alerts.event import AlertEvent
+from sentinel.alerts.fingerprint import fingerprint
 from sentinel.alerts.routing import RouteConfig, build
-from sentinel.alerts.store import AlertEvent, Store
+from sentinel.alerts.store import Store
 from sentinel.settings import AlertingSettings
 
 T0 = 1_800_000_000.0
 
 
 def ev(labels: dict[str, str], starts: float = T0, ends: float = T0 + 86400, **extra: Any) -> AlertEvent:
-    return {"labels": labels, "annotations": {}, "starts_at": starts, "ends_at": ends, "generator_url": "",
-            **extra}
+    return AlertEvent.from_json({"labels": labels, "annotations": {}, "starts_at": starts, "ends_at": ends,
+                                 "generator_url": "", **extra})
 
 
 def sent(store: Store) -> list[tuple[float, str, str, list[tuple[str, str]]]]:
@@ -186,7 +189,7 @@ def test_inbound_alerts_are_relayed_with_their_times(tmp_path: Path) -> None:
 
     store, d = make(tmp_path, {**ROUTE, "group_wait": "0s"})
     [e] = inbound_events(hook("firing", "0001-01-01T00:00:00Z"))
-    assert e["ends_at"] == 0.0 and e["starts_at"] == T0
+    assert e.ends_at == 0.0 and e.starts_at == T0
     store.log_alerts([e], T0 + 10)
     d.tick(T0 + 10)
     d.tick(T0 + 5000)  # no end known: still firing, not resolved by time
@@ -216,8 +219,25 @@ def test_findings_of_an_inbound_alert_go_with_it(tmp_path: Path) -> None:
     d.tick(T0 + 300)
     last = store.due(float("inf"))[-1].payload["alerts"][0]
     assert last["sentinel"]["findings"]["summary"] == "Xid 79 on GPU 0" and last["status"] == "firing"
-    assert relayed["ends_at"] == 0.0 and len(store.due(float("inf"))) == 2  # the page, then the evidence
+    assert relayed.ends_at == 0.0 and len(store.due(float("inf"))) == 2  # the page, then the evidence
 
 
 def ev_alert(labels: dict[str, str]) -> AlertEvent:
-    return {"labels": labels, "annotations": {}, "starts_at": T0, "ends_at": 0.0, "generator_url": ""}
+    return AlertEvent(labels, {}, T0, 0.0)
+
+
+def test_alert_events_round_trip_the_store_in_the_shape_rows_had_before(tmp_path: Path) -> None:
+    """AlertEvent is typed in memory and the same JSON in the store as the untyped dicts were: a row written
+    before reads back, and what is written now reads back equal."""
+    store = Store(tmp_path / "s.db")
+    old = {"labels": {"alertname": "A"}, "annotations": {"summary": "s"}, "starts_at": T0, "ends_at": 0.0,
+           "generator_url": "http://g", "fingerprint": "", "sentinel": {"findings": {"status": "ok"}},
+           "group_by": ["replica"], "flush": True}
+    with store.tx() as db:  # a row as an earlier version wrote it
+        db.execute("INSERT INTO alert_log (alert, created_at) VALUES (?, ?)", (json.dumps(old), T0))
+    e = AlertEvent(labels={"alertname": "B"}, starts_at=T0, ends_at=T0 + 5)
+    store.log_alerts([e], T0)
+    [(_, _, got_old), (_, _, got_new)] = store.alert_log_after(0)
+    assert got_old.to_json() == old and got_old.group_by == ("replica",) and got_old.flush
+    assert got_new == e and got_new.fp == fingerprint({"alertname": "B"}) and got_new.resolved(T0 + 5)
+    assert "sentinel" not in e.to_json() and "flush" not in e.to_json()

@@ -64,11 +64,11 @@ def sent(ev: Evaluator) -> list[tuple[float, list[tuple[str, str, str]]]]:
     value): (when, [(replica, status, startsAt)])."""
     out: dict[tuple[float, tuple[str, ...]], list[tuple[str, str, str]]] = {}
     for _, created, e in ev.store.alert_log_after(0, limit=10_000):
-        if e["labels"]["alertname"] != "CudaError":
+        if e.labels["alertname"] != "CudaError":
             continue  # SentinelRuleEvaluationFailing (the store down), asserted where it matters
         status = "resolved" if resolved(e, created) else "firing"
-        key = (created, tuple(e["labels"].get(k, "") for k in e.get("group_by", [])))
-        out.setdefault(key, []).append((e["labels"]["replica"], status, rfc3339(e["starts_at"])))
+        key = (created, tuple(e.labels.get(k, "") for k in e.group_by))
+        out.setdefault(key, []).append((e.labels["replica"], status, rfc3339(e.starts_at)))
     return [(t, alerts) for (t, _), alerts in out.items()]
 
 
@@ -161,8 +161,8 @@ def test_an_outage_is_replayed_when_the_store_returns(tmp_path: Path) -> None:
     assert out[1][1][0][2] == fmt.format("1:40")  # startsAt: when it really fired, not when the store came back
     # the firing one was queued for the evaluation at +100 but went out at +210: its endsAt counts from then,
     # or Alertmanager would take it as already over
-    [ends] = [rfc3339(e["ends_at"]) for _, t, e in ev.store.alert_log_after(0)
-              if not resolved(e, t) and e["labels"].get("replica") == "r1"]
+    [ends] = [rfc3339(e.ends_at) for _, t, e in ev.store.alert_log_after(0)
+              if not resolved(e, t) and e.labels.get("replica") == "r1"]
     assert ends == fmt.format("7:30")  # +210 + 4 x the 60 s resend delay
     assert rt.health == "ok"
 

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from sentinel.alerts.delivery import group_payload
+from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.state import AlertingRule, Sample, ends_at
 from sentinel.alerts.store import Store
@@ -25,8 +26,8 @@ class Clock:
 
 
 def webhook(receiver: str, rule: AlertingRule, due: list, now: float) -> dict:  # type: ignore[type-arg]
-    events = [{"labels": a.labels, "annotations": a.annotations, "starts_at": a.fired_at or a.active_at,
-               "ends_at": ends_at(a), "generator_url": "http://gen", "fingerprint": a.fingerprint} for a in due]
+    events = [AlertEvent(a.labels, a.annotations, a.fired_at or a.active_at, ends_at(a), "http://gen", a.fingerprint)
+              for a in due]
     return group_payload(receiver, '{}:{alertname="CudaError"}', {"alertname": "CudaError"}, events, now,
                          "http://sentinel")
 
