@@ -60,6 +60,28 @@ def check_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int
         raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens: must be 1..{max_model_len - 1}")
 
 
+class SchedulerGauges:
+    """The scheduler's state as metrics: requests running and waiting, KV cache use, prefix-cache hits."""
+
+    def __init__(self, metrics: Metrics, scheduler: Scheduler) -> None:
+        self.metrics, self.scheduler = metrics, scheduler
+        self._seen = (0, 0)  # prefix-cache (queried, hit) tokens already counted in the metrics
+
+    def update(self, prefix: bool = False) -> None:
+        m, sched = self.metrics, self.scheduler
+        m.requests_running.set(len(sched.running))
+        m.requests_waiting.set(len(sched.waiting))
+        if not prefix:
+            m.kv_cache_usage.set(sched.kv_usage)
+            return
+        q, h = sched.blocks.num_queried_tokens, sched.blocks.num_hit_tokens
+        m.prefix_cache_queries.inc(q - self._seen[0])
+        m.prefix_cache_hits.inc(h - self._seen[1])
+        self._seen = (q, h)
+        if q:
+            m.prefix_cache_hit_rate.set(h / q)
+
+
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: TextTokenizer, metrics: Metrics, logger: logging.Logger,
                  busy: BusyTracker, faults: FaultSwitch | None = None, config: EngineConfig | None = None,
@@ -106,7 +128,7 @@ class Engine:
         self.last_step_at = time.monotonic()
         self._cv = threading.Condition()
         self._stop = False
-        self._seen = (0, 0)  # prefix-cache (queried, hit) tokens already counted in the metrics
+        self.gauges = SchedulerGauges(metrics, self.scheduler)
         metrics.healthy.set(1)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -186,12 +208,7 @@ class Engine:
             live = self.live.pop(request_id, None)
             if req is not None and live is not None:
                 self.output.log(live, FinishReason.ABORT.value, None)
-            self._gauges()
-
-    def _gauges(self) -> None:
-        self.metrics.requests_running.set(len(self.scheduler.running))
-        self.metrics.requests_waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_cache_usage.set(self.scheduler.kv_usage)
+            self.gauges.update()
 
     def shutdown(self) -> None:
         with self._cv:
@@ -262,9 +279,7 @@ class Engine:
                     self.metrics.queue_time.observe(t0 - live.arrival)
                 rows.append((ch, live, live.req.tokens(ch.start, ch.start + ch.num_tokens),
                              list(self.scheduler.blocks.tables[ch.request_id])))
-            self._prefix_metrics()
-            self.metrics.requests_running.set(len(self.scheduler.running))
-            self.metrics.requests_waiting.set(len(self.scheduler.waiting))
+            self.gauges.update(prefix=True)
         if not rows:
             return
         rows.sort(key=lambda r: len(r[2]) > 1)  # decodes first, then prefill chunks (stable)
@@ -283,16 +298,7 @@ class Engine:
             finished = self.scheduler.update(out, {rid: tok for rid, (tok, _) in sampled.items()}, stopped)
             for req in finished:
                 self._finish(req)
-            self._gauges()
-
-    def _prefix_metrics(self) -> None:
-        b = self.scheduler.blocks
-        q, h = b.num_queried_tokens, b.num_hit_tokens
-        self.metrics.prefix_cache_queries.inc(q - self._seen[0])
-        self.metrics.prefix_cache_hits.inc(h - self._seen[1])
-        self._seen = (q, h)
-        if q:
-            self.metrics.prefix_cache_hit_rate.set(h / q)
+            self.gauges.update()
 
     def _finish(self, req: Request) -> None:
         live = self.live.pop(req.request_id, None)
@@ -320,4 +326,4 @@ class Engine:
                 self.output.fail(live, RequestFailed(msg), msg if is_cuda else None)
             # The failed pass may have written some of its keys: cached blocks can no longer be trusted.
             self.scheduler.blocks.reset_prefix_cache()
-            self._gauges()
+            self.gauges.update()
