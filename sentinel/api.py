@@ -9,9 +9,10 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -57,30 +58,100 @@ def authenticator(token: SecretStr | None, api: Any = None) -> Authenticator:
                                     api.jwt_audience, api.jwt_issuer)
 
 
-def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, status: Callable[[], dict[str, Any]],
-               guardrails: Callable[[], Guardrails], set_paused: Callable[[bool], None],
-               token: SecretStr | None, on_startup: Callable[[], None] = lambda: None,
-               reload: Callable[[], list[str]] = lambda: [],
-               inbound: Callable[[WebhookPayload], dict[str, Any]] | None = None,
-               auth: Authenticator | None = None, limiter: RateLimiter | None = None,
-               protect_reads: bool = False) -> FastAPI:
+class Controls(Protocol):
+    """What the API asks of the running daemon, as one object (``sentinel.daemon.Daemon`` is one)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def guardrails(self) -> Guardrails: ...
+
+    def set_paused(self, paused: bool) -> None: ...
+
+    def reload_rules(self) -> list[str]:
+        """Load rules and runbooks again; the problems (none: the new set is in)."""
+        ...
+
+    def inbound(self, payload: WebhookPayload) -> dict[str, Any]:
+        """Alertmanager's webhook in; raise ``NotWired`` where this process takes none."""
+        ...
+
+    def on_serving(self) -> None:
+        """The API is serving."""
+        ...
+
+
+class NotWired(RuntimeError):
+    """This process has no such control (the inbound webhook in a process that evaluates nothing)."""
+
+
+@dataclass
+class FixedControls:
+    """Controls with fixed answers: for the OpenAPI document, tests, and a process that runs no daemon."""
+
+    status_doc: dict[str, Any] = field(default_factory=dict)
+    paused: list[bool] = field(default_factory=list)  # every set_paused, in order
+    problems: list[str] = field(default_factory=list)
+    on_inbound: Callable[[WebhookPayload], dict[str, Any]] | None = None
+
+    def status(self) -> dict[str, Any]:
+        return self.status_doc
+
+    def guardrails(self) -> Guardrails:
+        return Guardrails()
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused.append(paused)
+
+    def reload_rules(self) -> list[str]:
+        return list(self.problems)
+
+    def inbound(self, payload: WebhookPayload) -> dict[str, Any]:
+        if self.on_inbound is None:
+            raise NotWired("inbound alerts are not wired in this process")
+        return self.on_inbound(payload)
+
+    def on_serving(self) -> None:
+        pass
+
+
+def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, controls: Controls,
+               auth: Authenticator, limiter: RateLimiter | None = None, protect_reads: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        on_startup()
+        controls.on_serving()
         yield
 
     app = FastAPI(title="sentinel", version="0.1.0", lifespan=lifespan)
-    auth = auth or authenticator(token)
+    app.middleware("http")(Gate(auth, limiter, protect_reads))
+    app.include_router(read_routes(evaluator, store, registry, controls))
+    app.include_router(write_routes(store, controls))
 
-    @app.middleware("http")
-    async def authenticate_first(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                                 ) -> Response:
-        """Every mutating request is authenticated (scope ``operate``) before its body is read or validated:
-        a stranger learns nothing about the schema (401, not 422), and a malformed body costs nothing.
-        Reads under /api/ need the ``read`` scope when ``protect_reads`` is on. Then the client's rate."""
+    def scope_of(method: str, path: str) -> list[dict[str, list[str]]] | None:
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            return [{"bearer": ["operate"]}]
+        if path.startswith("/api/"):
+            return [{"bearer": ["read"]}] if protect_reads else [{}, {"bearer": ["read"]}]
+        return None
+
+    document(app, scope_of, media={("GET", "/metrics"): ["text/plain"]},
+             description="sentinel's API: alerts, rules, silences, remediation, the Alertmanager webhook")
+    app.add_middleware(AllowHeader, routes_of=lambda: app.routes)
+    return app
+
+
+class Gate:
+    """Every mutating request is authenticated (scope ``operate``) before its body is read or validated: a
+    stranger learns nothing about the schema (401, not 422), and a malformed body costs nothing. Reads
+    under /api/ need the ``read`` scope when ``protect_reads`` is on. Then the client's rate."""
+
+    def __init__(self, auth: Authenticator, limiter: RateLimiter | None, protect_reads: bool) -> None:
+        self.auth, self.limiter, self.protect_reads = auth, limiter, protect_reads
+
+    async def __call__(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        auth, limiter = self.auth, self.limiter
         path, mutating = request.url.path, request.method not in ("GET", "HEAD", "OPTIONS")
         who = f"addr:{request.client.host if request.client else '?'}"
-        if mutating or (protect_reads and path.startswith("/api/")):
+        if mutating or (self.protect_reads and path.startswith("/api/")):
             if mutating and not auth.enabled:
                 return JSONResponse({"status": "error", "error": "mutating endpoints are disabled: set api.token "
                                      "(SENTINEL_API__TOKEN) or api.jwt_*"}, status_code=403)
@@ -96,34 +167,28 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
                                     status_code=429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return await call_next(request)
 
-    @app.get("/healthz")
+
+def read_routes(evaluator: Evaluator, store: Store, registry: CollectorRegistry, controls: Controls) -> APIRouter:
+    """Health, metrics, and Prometheus-shaped views of rules and alerts; the audit log; silences."""
+    router = APIRouter()
+
+    @router.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @router.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/api/v1/status")
+    @router.get("/api/v1/status")
     def get_status() -> dict[str, Any]:
-        return {"status": "success", "data": status()}
+        return {"status": "success", "data": controls.status()}
 
-    @app.get("/api/v1/alerts")
+    @router.get("/api/v1/alerts")
     def alerts() -> dict[str, Any]:
-        out = []
-        for rt, active in evaluator.view(include_meta=True):
-            for a in active:
-                if a.state == State.INACTIVE:
-                    continue
-                item = {"labels": a.labels, "annotations": a.annotations, "state": a.state.value,
-                        "activeAt": rfc3339(a.active_at), "value": f"{a.value:g}", "fingerprint": a.fingerprint}
-                found = store.findings(rt.key, a.fingerprint, a.active_at)
-                if found is not None:  # the runbook's result for this episode (the full report stays in the store)
-                    item["findings"] = {k: v for k, v in found.items() if k != "report"}
-                out.append(item)
-        return {"status": "success", "data": {"alerts": out}}
+        return {"status": "success", "data": {"alerts": _alerts_json(evaluator, store)}}
 
-    @app.get("/api/v1/rules")
+    @router.get("/api/v1/rules")
     def rules() -> dict[str, Any]:
         groups: dict[str, dict[str, Any]] = {}
         for rt, active in evaluator.view():
@@ -133,31 +198,39 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
             group["rules"].append(_rule_json(rt, active))
         return {"status": "success", "data": {"groups": list(groups.values())}}
 
-    @app.get("/api/v1/actions")
+    @router.get("/api/v1/actions")
     def actions(limit: int = 100) -> dict[str, Any]:
         return {"status": "success", "data": {"audit": store.audit_log(min(max(limit, 1), 1000)),
-                                              "guardrails": vars(guardrails())}}
+                                              "guardrails": vars(controls.guardrails())}}
 
-    @app.post("/api/v1/alertmanager/webhook")
+    @router.get("/api/v1/silences")
+    def list_silences() -> dict[str, Any]:
+        return {"status": "success", "data": {"silences": store.silences()}}
+
+    return router
+
+
+def write_routes(store: Store, controls: Controls) -> APIRouter:
+    """The mutating endpoints (scope ``operate``): the inbound webhook, rule reload, silences, the pause."""
+    router = APIRouter()
+
+    @router.post("/api/v1/alertmanager/webhook")
     def alertmanager_webhook(payload: WebhookPayload) -> dict[str, Any]:
         """Alertmanager's webhook in: firing alerts named like a sentinel rule get its runbook and remedy."""
-        if inbound is None:
-            raise HTTPException(503, "inbound alerts are not wired in this process")
-        return {"status": "success", "data": inbound(payload)}
+        try:
+            return {"status": "success", "data": controls.inbound(payload)}
+        except NotWired as exc:
+            raise HTTPException(503, str(exc)) from exc
 
-    @app.post("/api/v1/rules/reload")
+    @router.post("/api/v1/rules/reload")
     def reload_rules() -> JSONResponse:
-        problems = reload()
+        problems = controls.reload_rules()
         if problems:
             return JSONResponse({"status": "error", "errorType": "bad_data", "error": "\n".join(problems)},
                                 status_code=400)
         return JSONResponse({"status": "success", "data": {}})
 
-    @app.get("/api/v1/silences")
-    def list_silences() -> dict[str, Any]:
-        return {"status": "success", "data": {"silences": store.silences()}}
-
-    @app.post("/api/v1/silences")
+    @router.post("/api/v1/silences")
     def add_silence(body: SilenceIn) -> dict[str, Any]:
         now = time.time()
         starts = body.startsAt.timestamp() if body.startsAt else now
@@ -167,34 +240,39 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
         store.audit(now, "silence", sid, matchers=body.matchers, by=body.createdBy, comment=body.comment)
         return {"status": "success", "data": {"silenceID": sid}}
 
-    @app.delete("/api/v1/silence/{sid}")
+    @router.delete("/api/v1/silence/{sid}")
     def expire_silence(sid: str) -> dict[str, Any]:
         if not store.expire_silence(sid, time.time()):
             raise HTTPException(404, f"no active silence {sid}")
         store.audit(time.time(), "silence-expired", sid)
         return {"status": "success", "data": {"silenceID": sid}}
 
-    @app.post("/api/v1/remediation/pause")
+    @router.post("/api/v1/remediation/pause")
     def pause() -> dict[str, Any]:
-        set_paused(True)
+        controls.set_paused(True)
         return {"status": "success", "data": {"paused": True}}
 
-    @app.post("/api/v1/remediation/resume")
+    @router.post("/api/v1/remediation/resume")
     def resume() -> dict[str, Any]:
-        set_paused(False)
+        controls.set_paused(False)
         return {"status": "success", "data": {"paused": False}}
 
-    def scope_of(method: str, path: str) -> list[dict[str, list[str]]] | None:
-        if method not in ("GET", "HEAD", "OPTIONS"):
-            return [{"bearer": ["operate"]}]
-        if path.startswith("/api/"):
-            return [{"bearer": ["read"]}] if protect_reads else [{}, {"bearer": ["read"]}]
-        return None
+    return router
 
-    document(app, scope_of, media={("GET", "/metrics"): ["text/plain"]},
-             description="sentinel's API: alerts, rules, silences, remediation, the Alertmanager webhook")
-    app.add_middleware(AllowHeader, routes_of=lambda: app.routes)
-    return app
+
+def _alerts_json(evaluator: Evaluator, store: Store) -> list[dict[str, Any]]:
+    out = []
+    for rt, active in evaluator.view(include_meta=True):
+        for a in active:
+            if a.state == State.INACTIVE:
+                continue
+            item = {"labels": a.labels, "annotations": a.annotations, "state": a.state.value,
+                    "activeAt": rfc3339(a.active_at), "value": f"{a.value:g}", "fingerprint": a.fingerprint}
+            found = store.findings(rt.key, a.fingerprint, a.active_at)
+            if found is not None:  # the runbook's result for this episode (the full report stays in the store)
+                item["findings"] = {k: v for k, v in found.items() if k != "report"}
+            out.append(item)
+    return out
 
 
 def _query_text(rule: Rule) -> str:

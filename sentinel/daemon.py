@@ -39,6 +39,7 @@ from sentinel.metrics import BacklogCollector, SentinelMetrics
 from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry
 from sentinel.promserver import ScrapeTarget
+from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import RuleRuntime
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.context import build_context
@@ -122,9 +123,7 @@ class Daemon:
         self.leadership = self._run(Leadership(s, replicas.api if isinstance(replicas, ClusterReplicas) else None,
                                                self.audit))
         self.clock.start()
-        self.app = create_app(rules.evaluator, state.store, self.registry, self.status,
-                              lambda: self._healing().guardrails, self._set_paused, s.api.token, self._ready,
-                              rules.reload, self._inbound, auth=authenticator(s.api.token, s.api),
+        self.app = create_app(rules.evaluator, state.store, self.registry, self, authenticator(s.api.token, s.api),
                               limiter=RateLimiter(s.api.rate_limit, s.api.rate_burst) if s.api.rate_limit else None,
                               protect_reads=s.api.protect_reads)
         self.services = self._services()
@@ -161,10 +160,18 @@ class Daemon:
         if self.healing is not None:
             self.healing.set_books(books)
 
-    def _set_paused(self, paused: bool) -> None:
+    # -- sentinel.api.Controls: what the API asks of the running daemon ---------------------------------
+    def guardrails(self) -> Guardrails:
+        return self._healing().guardrails
+
+    def set_paused(self, paused: bool) -> None:
         self._healing().set_paused(paused)
 
-    def _inbound(self, payload: WebhookPayload) -> dict[str, Any]:
+    def reload_rules(self) -> list[str]:
+        assert self.rules is not None
+        return self.rules.reload()
+
+    def inbound(self, payload: WebhookPayload) -> dict[str, Any]:
         assert self.rules is not None and self.state is not None
         matched, skipped = match(self.rules.evaluator, payload)
         for rt, alert in matched:
@@ -223,7 +230,8 @@ class Daemon:
             out["leader"] = leader
         return out
 
-    def _ready(self) -> None:
+    def on_serving(self) -> None:
+        """The API serves: up.json is written and the caller told what runs where."""
         self._write_up_file()
         self.on_ready(self.services)
 

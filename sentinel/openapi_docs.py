@@ -13,14 +13,13 @@ from prometheus_client import CollectorRegistry
 
 def sentinel_spec() -> dict[str, Any]:
     from sentinel.alerts.store import Store
-    from sentinel.api import create_app
-    from sentinel.remediation.policy import Guardrails
+    from sentinel.api import FixedControls, authenticator, create_app
     from sentinel.rules.evaluator import Evaluator
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "s.db")
-        app = create_app(Evaluator(store, None, None), store, CollectorRegistry(), dict, Guardrails,
-                         lambda paused: None, None)
+        app = create_app(Evaluator(store, None, None), store, CollectorRegistry(), FixedControls(),
+                         authenticator(None))
         spec: dict[str, Any] = app.openapi()
         store.close()
     return spec

@@ -88,9 +88,8 @@ def test_alertmanager_webhook_in(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry
     from pydantic import SecretStr
 
-    from sentinel.api import create_app
+    from sentinel.api import FixedControls, authenticator, create_app
     from sentinel.inbound import WebhookPayload, match
-    from sentinel.remediation.policy import Guardrails
 
     token = "inbound-token-0123456789"
     store = Store(tmp_path / "s.db")
@@ -105,8 +104,7 @@ def test_alertmanager_webhook_in(tmp_path: Path) -> None:
         seen.extend((rt.rule.name, a.labels) for rt, a in matched)
         return {"matched": len(matched), "skipped": skipped}
 
-    app = create_app(ev, store, CollectorRegistry(), dict, Guardrails, lambda p: None, SecretStr(token),
-                     inbound=inbound)
+    app = create_app(ev, store, CollectorRegistry(), FixedControls(on_inbound=inbound), authenticator(SecretStr(token)))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

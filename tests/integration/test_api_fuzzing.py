@@ -32,9 +32,8 @@ from pydantic import SecretStr
 
 from inference_core.security import hash_key, issue_token
 from sentinel.alerts.store import Store
-from sentinel.api import authenticator, create_app
+from sentinel.api import FixedControls, authenticator, create_app
 from sentinel.netutil import free_port
-from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator
 from sentinel.settings import ApiSettings
 from tests.conftest import ROOT
@@ -52,9 +51,9 @@ def sentinel_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("fuzz-sentinel")
     settings = ApiSettings(token=SecretStr(STATIC), jwt_secret=SecretStr(SECRET))
     store = Store(work / "s.db")
-    app = create_app(Evaluator(store, None, None), store, CollectorRegistry(), lambda: {}, Guardrails,
-                     lambda paused: None, settings.token, auth=authenticator(settings.token, settings),
-                     inbound=lambda payload: {"matched": 0, "skipped": []})
+    app = create_app(Evaluator(store, None, None), store, CollectorRegistry(),
+                     FixedControls(on_inbound=lambda payload: {"matched": 0, "skipped": []}),
+                     authenticator(settings.token, settings))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

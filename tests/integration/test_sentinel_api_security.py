@@ -20,10 +20,9 @@ from typer.testing import CliRunner
 
 from inference_core.security import RateLimiter, hash_key, server_config
 from sentinel.alerts.store import Store
-from sentinel.api import authenticator, create_app
+from sentinel.api import FixedControls, authenticator, create_app
 from sentinel.cli import app as cli
 from sentinel.netutil import free_port
-from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator
 from sentinel.settings import ApiSettings
 
@@ -43,9 +42,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ssl.SSL
                            api_key_hashes=[hash_key(KEY)], protect_reads=True)
     store = Store(work / "s.db")
     paused: list[bool] = []
-    app = create_app(Evaluator(store, None, None), store, CollectorRegistry(), lambda: {}, Guardrails,
-                     paused.append, settings.token, auth=authenticator(settings.token, settings),
-                     limiter=RateLimiter(0.001, 30), protect_reads=True)
+    app = create_app(Evaluator(store, None, None), store, CollectorRegistry(), FixedControls(paused=paused),
+                     authenticator(settings.token, settings), limiter=RateLimiter(0.001, 30), protect_reads=True)
     port = free_port()
     server = uvicorn.Server(server_config(app, "127.0.0.1", port, work / "server.pem", work / "server.pem",
                                           log_level="warning"))

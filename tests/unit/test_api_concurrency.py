@@ -13,16 +13,15 @@ from prometheus_client import CollectorRegistry
 
 from sentinel.alerts.state import Sample
 from sentinel.alerts.store import Store
-from sentinel.api import create_app
+from sentinel.api import FixedControls, authenticator, create_app
 from sentinel.capabilities.replicas import UNRESPONSIVE_ALERT, liveness_rule
-from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator
 
 
 def test_reads_never_fail_while_alerts_churn(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
     ev = Evaluator(store, None, None, internal_rules=[liveness_rule()])
-    app = create_app(ev, store, CollectorRegistry(), lambda: {}, Guardrails, lambda paused: None, None)
+    app = create_app(ev, store, CollectorRegistry(), FixedControls(), authenticator(None))
     stop = threading.Event()
     now = [1000.0]
 
