@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference_core.weights import make_tiny_checkpoint  # noqa: E402
+from inference_core.model.weights import make_tiny_checkpoint  # noqa: E402
 
 
 def main() -> None:

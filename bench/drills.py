@@ -299,7 +299,7 @@ def phase_capacity(work: Path, n_clients: int) -> list[dict[str, Any]]:
 
 
 def phase_weights(work: Path, n_clients: int) -> list[dict[str, Any]]:
-    from inference_core.weights import make_tiny_checkpoint
+    from inference_core.model.weights import make_tiny_checkpoint
 
     model = make_tiny_checkpoint(work / "deepseek-tiny", seed=0)
     with sentinel(work, "weights", model) as up:

@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference_core.config import PRESETS  # noqa: E402
-from inference_core.model import CausalLM  # noqa: E402
-from inference_core.quantize import quantize_int8, weight_bytes  # noqa: E402
+from inference_core.model.config import PRESETS  # noqa: E402
+from inference_core.model.quantize import quantize_int8, weight_bytes  # noqa: E402
+from inference_core.model.transformer import CausalLM  # noqa: E402
+from inference_core.model.weights import load_model, make_tiny_checkpoint  # noqa: E402
 from inference_core.tokenizer import TextTokenizer  # noqa: E402
-from inference_core.weights import load_model, make_tiny_checkpoint  # noqa: E402
 
 
 def weight_bytes_meta(model: torch.nn.Module, force_size: int | None) -> int:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk, _OnDevice
-from inference_core.model import CausalLM
+from inference_core.model.transformer import CausalLM
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from inference_core.model import CausalLM
-from inference_core.weights import load_model
+from inference_core.model.transformer import CausalLM
+from inference_core.model.weights import load_model
 
 
 class LogitsModel(nn.Module):

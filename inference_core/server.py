@@ -29,14 +29,14 @@ from inference_core.engine import Engine, EngineConfig
 from inference_core.faults import FaultSwitch
 from inference_core.integrity import MANIFEST, default_cache_dir, verify_cached
 from inference_core.memory import KVCacheTooSmall, parse_bytes
-from inference_core.model import CausalLM
-from inference_core.placement import apply, parse_budgets, plan
-from inference_core.quantize import quantize_int8
+from inference_core.model.placement import apply, parse_budgets, plan
+from inference_core.model.quantize import quantize_int8
+from inference_core.model.transformer import CausalLM
+from inference_core.model.weights import load_model
 from inference_core.security import Authenticator, RateLimiter, server_config
 from inference_core.telemetry import BusyTracker, Metrics, request_logger, rss_bytes
 from inference_core.tokenizer import TextTokenizer
 from inference_core.tp_worker import Peers, load_shard
-from inference_core.weights import load_model
 
 ADMIN_TOKEN_ENV = "INFERENCE_ADMIN_TOKEN"
 PROXY_TOKEN_ENV = "INFERENCE_PROXY_TOKEN"  # a trusted load balancer's token (X-Sentinel-Proxy)

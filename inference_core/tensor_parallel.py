@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from inference_core.model import Attention, CausalLM, DecoderLayer
+from inference_core.model.transformer import Attention, CausalLM, DecoderLayer
 
 
 class RowParallelLinear(nn.Module):

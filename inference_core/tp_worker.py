@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 
 from inference_core.kv_cache import FlatBatch, PagedKVCache
-from inference_core.model import Attention, CausalLM, device_of
-from inference_core.quantize import quantize_int8, release_mapped_pages
+from inference_core.model.quantize import quantize_int8, release_mapped_pages
+from inference_core.model.transformer import Attention, CausalLM, device_of
+from inference_core.model.weights import load_model
 from inference_core.tensor_parallel import init_process_group, shard_model
-from inference_core.weights import load_model
 
 
 def threads_per_rank(world: int) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from inference_core.weights import make_tiny_checkpoint
+from inference_core.model.weights import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -38,7 +38,7 @@ from inference_core.engine.types import (
     Row,
 )
 from inference_core.faults import FaultSwitch
-from inference_core.model import CausalLM
+from inference_core.model.transformer import CausalLM
 from inference_core.sampling import SamplingParams
 from inference_core.scheduler import FinishReason, Request, Scheduler, SchedulerConfig
 from inference_core.telemetry import BusyTracker, Metrics

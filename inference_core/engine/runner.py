@@ -14,12 +14,12 @@ from inference_core.engine.types import EngineConfig, Live, Row, Sampled
 from inference_core.faults import FaultSwitch
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
 from inference_core.memory import KVPlan, PeakMemory, device_memory, kv_bytes_per_token, plan_kv_cache
-from inference_core.model import Attention, CausalLM, device_of
+from inference_core.model.transformer import Attention, CausalLM, device_of
+from inference_core.model.weights import HugePageMove
 from inference_core.sampling import sample_batch, token_logprobs
 from inference_core.sizing import activation_estimate
 from inference_core.telemetry import rss_bytes
 from inference_core.tp_worker import Peers
-from inference_core.weights import HugePageMove
 
 log = logging.getLogger(__name__)
 

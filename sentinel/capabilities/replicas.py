@@ -40,7 +40,7 @@ def bundled_model_dir(state_dir: Path) -> Path:
     itself never loads torch (it would hold some 700 MiB more for its whole life)."""
     d = state_dir / "models" / "deepseek-tiny"
     if not (d / "config.json").exists():
-        code = "import sys; from pathlib import Path; from inference_core.weights import make_tiny_checkpoint; " \
+        code = "import sys; from pathlib import Path; from inference_core.model.weights import make_tiny_checkpoint; " \
                "make_tiny_checkpoint(Path(sys.argv[1]), seed=0)"
         p = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, check=False)
         if p.returncode != 0 or not (d / "config.json").exists():

@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from prometheus_client import CollectorRegistry, generate_latest
 
+from inference_core.model.weights import load_model
 from inference_core.telemetry import BusyTracker, DeviceCollector
 from inference_core.tensor_parallel import init_process_group, shard_model
-from inference_core.weights import load_model
 from sentinel.netutil import free_port
 from sentinel.runbooks.base import REGISTRY, Context, Status
 

@@ -317,7 +317,7 @@ def zh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The bundled tokenizer and model shape, fitted to a chat whose answer is one Chinese sentence: greedy
     decoding gives that answer, each character split over three byte tokens (the tokenizer learned no Chinese
     merges)."""
-    from inference_core.weights import make_tiny_checkpoint
+    from inference_core.model.weights import make_tiny_checkpoint
 
     corpus = (zh_prompt() + ZH[7:] + "<|im_end|>\n") * 30
     d = make_tiny_checkpoint(tmp_path_factory.mktemp("zh") / "model", seed=0, corpus=corpus)

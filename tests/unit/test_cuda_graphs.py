@@ -12,8 +12,8 @@ import torch
 from inference_core import kernels
 from inference_core.cuda_graphs import MAX_CAPTURE_LEN, DecodeGraphs, capture_sizes, capture_widths
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
-from inference_core.model import CausalLM
-from inference_core.weights import load_model
+from inference_core.model.transformer import CausalLM
+from inference_core.model.weights import load_model
 
 BS = 16
 

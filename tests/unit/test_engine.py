@@ -21,9 +21,9 @@ from inference_core.engine import (
     SamplingParams,
 )
 from inference_core.faults import FaultSwitch
+from inference_core.model.weights import load_model
 from inference_core.telemetry import BusyTracker, Metrics
 from inference_core.tokenizer import TextTokenizer
-from inference_core.weights import load_model
 
 PROMPTS = ["The cluster is", "Why did the alert fire? Because the error rate went over the threshold for five",
            "GPU", "Memory usage must keep twenty percent of headroom below the limit, or the next large",

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference_core.config import ModelConfig, ModelConfigError
-from inference_core.model import CausalLM, KVCache
+from inference_core.model.config import ModelConfig, ModelConfigError
+from inference_core.model.transformer import CausalLM, KVCache
+from inference_core.model.weights import WeightsError, load_model, make_tiny_checkpoint, validate_safetensors_header
 from inference_core.tokenizer import TextTokenizer
-from inference_core.weights import WeightsError, load_model, make_tiny_checkpoint, validate_safetensors_header
 
 
 def test_bundled_checkpoint_is_deterministic(tmp_path: Path, tiny_model_dir: Path) -> None:

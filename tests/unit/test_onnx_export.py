@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from inference_core.model.weights import load_model
 from inference_core.onnx_export import export_onnx
-from inference_core.weights import load_model
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a dev dependency (scripts/setup.sh)")
 

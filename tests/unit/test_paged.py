@@ -13,11 +13,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from inference_core import kernels
-from inference_core.config import ModelConfig
 from inference_core.kv_cache import FlatBatch, PagedKVCache, SeqChunk
 from inference_core.memory import GiB, KVCacheTooSmall, PeakMemory, parse_bytes, plan_kv_cache
-from inference_core.model import CausalLM
-from inference_core.weights import load_model
+from inference_core.model.config import ModelConfig
+from inference_core.model.transformer import CausalLM
+from inference_core.model.weights import load_model
 
 
 def _pool(model: CausalLM, blocks: int, bs: int) -> PagedKVCache:
@@ -130,7 +130,7 @@ needs_kernel = pytest.mark.skipif(kernels.load() is None, reason=f"no CPU kernel
 def _kernel_case(m: int, n: int, k: int, int8: bool = False) -> tuple[Any, Tensor, Tensor, Tensor, Tensor | None]:
     """The kernels' module and seeded operands: x [m, k] bf16, weights [n, k] (bf16, or int8 with their
     per-row scales), a bf16 bias."""
-    from inference_core.quantize import _quantize_rows
+    from inference_core.model.quantize import _quantize_rows
 
     gen = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=gen).bfloat16()
@@ -222,7 +222,7 @@ def test_int8_model_on_the_kernel_gives_the_library_paths_logits(tiny_model_dir:
     """The bundled model quantized to int8 in bf16: accelerated (one row on the int8 row kernel, more on the
     AMX kernel where the layer's shape fits its tiles) and not (torch's int8 kernel, dequantization) agree on
     a prefill, a batch of decodes and a single decode."""
-    from inference_core.quantize import Int8Linear, quantize_int8
+    from inference_core.model.quantize import Int8Linear, quantize_int8
 
     fast = quantize_int8(load_model(tiny_model_dir).bfloat16().eval())
     lib = quantize_int8(load_model(tiny_model_dir).bfloat16().eval())
@@ -263,7 +263,7 @@ def test_fast_linear_routes_rows_to_the_kernels_and_agrees_with_torch() -> None:
 def test_fused_rms_norm_gives_torchs_bits(hidden: int) -> None:
     """The one-pass RMSNorm against the module's torch ops in bf16 (float32 inside, rounded before the
     weight): bit for bit, including widths off the vector width; the model's RMSNorm takes it."""
-    from inference_core.model import RMSNorm
+    from inference_core.model.transformer import RMSNorm
 
     gen = torch.Generator().manual_seed(hidden)
     x = (torch.randn(37, hidden, generator=gen) * 3).bfloat16()
@@ -301,7 +301,7 @@ def test_fused_silu_mul_matches_torch(shape: tuple[int, int]) -> None:
 @needs_kernel
 @pytest.mark.parametrize(("tokens", "heads", "kv_heads", "dim"), [(16, 14, 2, 64), (5, 4, 4, 24), (3, 2, 1, 128)])
 def test_fused_rope_gives_torchs_bits(tokens: int, heads: int, kv_heads: int, dim: int) -> None:
-    from inference_core.model import _rotate
+    from inference_core.model.transformer import _rotate
 
     gen = torch.Generator().manual_seed(dim)
     q = torch.randn(tokens, heads, dim, generator=gen).bfloat16()
@@ -416,7 +416,7 @@ def test_decode_attention_kernel_in_the_model_is_as_close_to_fp32_as_the_gather(
 
 @torch.inference_mode()
 def test_weights_moved_to_huge_pages_give_the_same_logits(tiny_model_dir: Path) -> None:
-    from inference_core.weights import hugepages_available, move_to_hugepages
+    from inference_core.model.weights import hugepages_available, move_to_hugepages
 
     model = load_model(tiny_model_dir)
     ids, pos = torch.tensor([[5, 6, 7, 8, 9]]), torch.arange(5)[None]
@@ -457,8 +457,8 @@ def test_projections_reading_one_input_run_fused_after_the_move(tmp_path: Path, 
     one matrix: views of the same weights (no copy; the state dict keeps the checkpoint's names). A packed
     step (decodes and a prefill chunk) gives the unfused model's logits: bit for bit in bf16 (the CPU
     kernels, where built), to fp32 rounding in fp32. Layers that are not adjacent are never fused."""
-    from inference_core.model import _fused, fuse_linears
-    from inference_core.weights import hugepages_available, move_to_hugepages
+    from inference_core.model.transformer import _fused, fuse_linears
+    from inference_core.model.weights import hugepages_available, move_to_hugepages
 
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_attention_heads=4,
                       num_key_value_heads=2, num_hidden_layers=2, attention_bias=True)
@@ -507,8 +507,8 @@ def test_int8_projections_reading_one_input_are_stacked(tmp_path: Path) -> None:
     view (no second copy; the state dict keeps their names); a packed step gives the logits of the same
     model run layer by layer: bit for bit on the CPU kernels (each output row alone), to rounding on
     torch's paths."""
-    from inference_core.model import _fused
-    from inference_core.quantize import Int8Linear, quantize_int8
+    from inference_core.model.quantize import Int8Linear, quantize_int8
+    from inference_core.model.transformer import _fused
 
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_attention_heads=4,
                       num_key_value_heads=2, num_hidden_layers=2, attention_bias=True)
@@ -546,8 +546,8 @@ def test_blocks_move_into_huge_pages_one_at_a_time_while_the_model_serves(tmp_pa
     """The engine moves the weights block by block between steps (HugePageMove.step): after every block
     the model gives the same logits (bit for bit in bf16 on the CPU kernels), each moved block's q, k, v
     and gate, up are fused and switched to the kernels, and at the end nothing views the file."""
-    from inference_core.model import _fused
-    from inference_core.weights import HugePageMove, hugepages_available
+    from inference_core.model.transformer import _fused
+    from inference_core.model.weights import HugePageMove, hugepages_available
 
     if not hugepages_available():
         pytest.skip("transparent huge pages are off on this machine: no move, no fusion")

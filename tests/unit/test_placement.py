@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference_core.config import PRESETS
-from inference_core.model import CausalLM
-from inference_core.placement import (
+from inference_core.model.config import PRESETS
+from inference_core.model.placement import (
     DISK,
     PlacementError,
     apply,
@@ -19,7 +18,8 @@ from inference_core.placement import (
     parse_budgets,
     plan,
 )
-from inference_core.weights import load_model
+from inference_core.model.transformer import CausalLM
+from inference_core.model.weights import load_model
 
 DS = PRESETS["deepseek-r1-distill-qwen-1.5b"]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from inference_core.quantize import Int8Linear, quantize_int8, weight_bytes
+from inference_core.model.quantize import Int8Linear, quantize_int8, weight_bytes
+from inference_core.model.weights import load_model
 from inference_core.tokenizer import TextTokenizer, corpus_text
-from inference_core.weights import load_model
 
 
 def test_int8_linear_is_close_to_fp32() -> None:
@@ -38,7 +38,7 @@ def test_quantized_model_size_and_agreement(tiny_model_dir: Path) -> None:
 def test_block_by_block_quantization_is_the_whole_matrix_at_once(monkeypatch: object) -> None:
     """The fp32 temporaries are bounded by quantizing rows in blocks; the result is bit for bit the
     one-shot formula's."""
-    import inference_core.quantize as qz
+    import inference_core.model.quantize as qz
 
     torch.manual_seed(1)
     w = (torch.randn(1000, 96) * torch.rand(1000, 1) * 3).bfloat16()
@@ -52,7 +52,7 @@ def test_block_by_block_quantization_is_the_whole_matrix_at_once(monkeypatch: ob
 def test_a_tied_head_and_embedding_are_quantized_once_and_shared(tiny_model_dir: Path) -> None:
     import json
 
-    from inference_core.quantize import Int8Embedding
+    from inference_core.model.quantize import Int8Embedding
 
     model = load_model(tiny_model_dir)
     if not json.loads((tiny_model_dir / "config.json").read_text()).get("tie_word_embeddings"):

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from inference_core.model import KVCache
-from inference_core.weights import load_model
+from inference_core.model.transformer import KVCache
+from inference_core.model.weights import load_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency (scripts/setup.sh)")
 
@@ -90,7 +90,7 @@ def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
         assert (ours(ids, torch.arange(4)[None]) - ref(ids).logits).abs().max() <= 1e-4
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    from inference_core.checkpoint import WeightsError
+    from inference_core.model.checkpoint import WeightsError
 
     with pytest.raises(WeightsError, match=f"shard {shard.name} is missing"):
         load_model(tmp_path)

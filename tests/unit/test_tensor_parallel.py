@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from inference_core.model import KVCache
+from inference_core.model.transformer import KVCache
+from inference_core.model.weights import load_model
 from inference_core.tensor_parallel import init_process_group, shard_model
-from inference_core.weights import load_model
 from sentinel.netutil import free_port
 
 IDS = [[5, 17, 42, 7, 99, 3, 250, 11]]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from inference_core.checkpoint import INDEX_FILE, SINGLE_FILE, WeightsError, validate_safetensors_header
 from inference_core.integrity import ManifestError, verify_manifest
+from inference_core.model.checkpoint import INDEX_FILE, SINGLE_FILE, WeightsError, validate_safetensors_header
 from sentinel.runbooks.base import Context, Finding, Params, Status, check
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

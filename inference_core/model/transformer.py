@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from inference_core.config import ModelConfig
 from inference_core.kv_cache import FlatBatch, PagedKVCache
+from inference_core.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -325,7 +325,7 @@ class CausalLM(nn.Module):
         self.forward_hooks: list[ForwardHook] = []
         self.mmaps: list[Any] = []  # memory maps the loaded weights are views of
         self.mmap_paths: dict[int, Any] = {}  # id(map) -> the file it maps (read straight into huge pages)
-        self.placement: Any = None  # set by inference_core.placement.apply
+        self.placement: Any = None  # set by inference_core.model.placement.apply
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,
                 pad_mask: Tensor | None = None) -> Tensor:

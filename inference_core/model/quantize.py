@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from inference_core.model import CausalLM
+from inference_core.model.transformer import CausalLM
 
 # up to here torch's int8 kernel (one row at a time, from the int8 weights) beats dequantizing the matrix for
 # every call; past it dequantizing wins. Measured on AVX512-BF16 without AMX, 0.5B shape's layers (2 cores):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from inference_core.config import ModelConfig
-from inference_core.model import CausalLM, DecoderLayer
+from inference_core.model.config import ModelConfig
+from inference_core.model.transformer import CausalLM, DecoderLayer
 
 DISK = "disk"
 
@@ -100,7 +100,7 @@ def plan(cfg: ModelConfig, budgets: dict[str, int], itemsize: int = 4, offload: 
 
 
 def _offload_layer(layer: DecoderLayer, path: Path, owner: CausalLM) -> None:
-    from inference_core.weights import mmap_tensors
+    from inference_core.model.weights import mmap_tensors
 
     state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
     save_file(state, str(path))

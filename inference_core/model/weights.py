@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from inference_core.checkpoint import SINGLE_FILE, WeightsError, checkpoint_files, validate_safetensors_header
-from inference_core.config import PRESETS, ModelConfig
 from inference_core.integrity import write_manifest
-from inference_core.model import CausalLM, fuse_linears, rope_inv_freq
+from inference_core.model.checkpoint import SINGLE_FILE, WeightsError, checkpoint_files, validate_safetensors_header
+from inference_core.model.config import PRESETS, ModelConfig
+from inference_core.model.transformer import CausalLM, fuse_linears, rope_inv_freq
 from inference_core.tokenizer import DEFAULT_CHAT_TEMPLATE, corpus_text, train_bundled_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
