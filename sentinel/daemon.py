@@ -34,9 +34,10 @@ from sentinel.capabilities.notifications import Notifications
 from sentinel.capabilities.replicas import UNRESPONSIVE_ALERT, ClusterReplicas, LocalReplicas, bundled_model_dir
 from sentinel.capabilities.rules import RuleEvaluation, load_checked
 from sentinel.capabilities.state import State
+from sentinel.errors import ServiceError
 from sentinel.inbound import WebhookPayload, inbound_events, match
 from sentinel.metrics import BacklogCollector, SentinelMetrics
-from sentinel.netutil import free_port
+from sentinel.netutil import reserve_port
 from sentinel.process import ChildRegistry
 from sentinel.promserver import ScrapeTarget
 from sentinel.remediation.policy import Guardrails
@@ -64,7 +65,13 @@ class Daemon:
         self.state_dir = s.state_dir.resolve()
         self.children = ChildRegistry(self.state_dir / "children.json")
         self.metrics = SentinelMetrics(self.registry)
-        self.api_port = s.api.port or free_port(s.api.host)
+        # bound now, served on in serve(): the port is known to every part started before the API serves, and
+        # no child's outbound connection can take it meanwhile (a free_port() chosen here once lost that race)
+        try:
+            self.api_socket = reserve_port(s.api.host, s.api.port or 0)
+        except OSError as exc:
+            raise ServiceError(f"sentinel's API cannot listen on {s.api.host}:{s.api.port or 0}: {exc}") from exc
+        self.api_port = int(self.api_socket.getsockname()[1])
         self.clock = Clock(s.alerting.max_concurrent_evaluations)
         self.started: list[Capability] = []  # in start order; stopped in reverse
         self.keeper_pid: int | None = None
@@ -250,7 +257,7 @@ class Daemon:
         api = self.settings.api
         config = server_config(self.app, api.host, self.api_port, api.tls_cert, api.tls_key, api.tls_client_ca,
                                log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=10)
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[self.api_socket])
 
     def stop(self, timeout_s: float = 20.0) -> bool:
         """Stop within ``timeout_s``, however loaded the host: the clock first (no job runs while parts stop),

@@ -57,3 +57,19 @@ def test_the_clock_stops_before_any_part(tmp_path: Path) -> None:
     d.clock.start()
     d.stop()
     assert seen == [False]
+
+
+def test_the_api_port_is_held_from_the_start_and_a_taken_one_is_a_clear_error(tmp_path: Path) -> None:
+    """The API's port is bound when the daemon is built (nothing started after it, a child's outbound
+    connection included, can take it before the API serves); a configured port already in use is refused
+    with the address, before anything starts."""
+    import socket
+
+    from sentinel.errors import ServiceError
+
+    d = Daemon(Settings(state_dir=tmp_path / "a"))
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", d.api_port))  # held
+    with pytest.raises(ServiceError, match=rf"cannot listen on 127.0.0.1:{d.api_port}"):
+        Daemon(Settings(state_dir=tmp_path / "b", api={"port": d.api_port}))
+    d.api_socket.close()
