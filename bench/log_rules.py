@@ -33,7 +33,7 @@ from served import local_elasticsearch  # noqa: E402
 
 from sentinel.logstore.elasticsearch import ElasticsearchLogStore, ElasticsearchSink, index_for  # noqa: E402
 from sentinel.logstore.local import LocalLogStore  # noqa: E402
-from sentinel.rules.model import LogQuery  # noqa: E402
+from sentinel.rules.logtypes import LogRuleType, log_query  # noqa: E402
 from sentinel.rules.sources import LogRuleSource  # noqa: E402
 
 T_END = 1795900000.0
@@ -56,30 +56,30 @@ def events(n: int, seed: int = 0) -> list[tuple[float, dict[str, object]]]:
     return out
 
 
-def rules(n: int, seed: int = 1) -> list[LogQuery]:
+def rules(n: int, seed: int = 1) -> list[LogRuleType]:
     rng = random.Random(seed)
     kinds = [
-        lambda: LogQuery(type="any", filter=[{"exists": "cuda_error"}], timeframe=rng.choice([300, 600]),
+        lambda: log_query(type="any", filter=[{"exists": "cuda_error"}], timeframe=rng.choice([300, 600]),
                          query_key="replica"),
-        lambda: LogQuery(type="frequency", filter=[{"term": {"level": "error"}}], num_events=rng.randint(2, 20),
+        lambda: log_query(type="frequency", filter=[{"term": {"level": "error"}}], num_events=rng.randint(2, 20),
                          timeframe=rng.choice([600, 1800]), query_key="replica"),
-        lambda: LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+        lambda: log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                          percentile_range=99, max_threshold=rng.choice([500, 800]), timeframe=300, query_key="replica"),
-        lambda: LogQuery(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="avg",
+        lambda: log_query(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="avg",
                          min_threshold=rng.randint(5, 20), timeframe=600),
-        lambda: LogQuery(type="spike", filter=[{"range": {"inference_time": {"gt": rng.choice([300, 500])}}}],
+        lambda: log_query(type="spike", filter=[{"range": {"inference_time": {"gt": rng.choice([300, 500])}}}],
                          spike_height=2, timeframe=300, query_key="replica"),
-        lambda: LogQuery(type="flatline", threshold=rng.randint(10, 100), timeframe=300, query_key="replica"),
-        lambda: LogQuery(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "abort"}}],
+        lambda: log_query(type="flatline", threshold=rng.randint(10, 100), timeframe=300, query_key="replica"),
+        lambda: log_query(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "abort"}}],
                          max_percentage=rng.choice([20, 40]), timeframe=900, query_key="replica"),
-        lambda: LogQuery(type="new_term", fields=["finish_reason"], timeframe=300, terms_window_size=3000),
-        lambda: LogQuery(type="any", filter=[{"wildcard": {"message": "*failed"}},
+        lambda: log_query(type="new_term", fields=["finish_reason"], timeframe=300, terms_window_size=3000),
+        lambda: log_query(type="any", filter=[{"wildcard": {"message": "*failed"}},
                                              {"terms": {"replica": ["replica-1", "replica-2"]}}], timeframe=1800),
     ]
     return [kinds[i % len(kinds)]() for i in range(n)]
 
 
-def cycle(src: LogRuleSource, qs: list[LogQuery]) -> tuple[float, int]:
+def cycle(src: LogRuleSource, qs: list[LogRuleType]) -> tuple[float, int]:
     t0 = time.perf_counter()
     fired = sum(len(src.query(q, T_END)) for q in qs)
     return time.perf_counter() - t0, fired

@@ -41,7 +41,7 @@ from sentinel.netutil import reserve_port
 from sentinel.process import ChildRegistry
 from sentinel.promserver import ScrapeTarget
 from sentinel.remediation.policy import Guardrails
-from sentinel.rules.evaluator import RuleRuntime
+from sentinel.rules.evaluator import AlertingRuntime
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.context import build_context
 from sentinel.runbooks.model import Runbook
@@ -155,7 +155,7 @@ class Daemon:
         assert self.healing is not None
         return self.healing
 
-    def _on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
+    def _on_firing(self, rt: AlertingRuntime, alerts: list[Alert]) -> None:
         if self.leading and self.healing is not None:  # a follower evaluates, the leader acts
             self.healing.on_firing(rt, alerts)
 

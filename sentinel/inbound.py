@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.fingerprint import fingerprint
 from sentinel.alerts.state import Alert, State
-from sentinel.rules.evaluator import Evaluator, RuleRuntime
+from sentinel.rules.evaluator import AlertingRuntime, Evaluator
 
 
 def _text(v: object) -> object:
@@ -59,10 +59,10 @@ def inbound_events(payload: WebhookPayload) -> list[AlertEvent]:
     return out
 
 
-def match(evaluator: Evaluator, payload: WebhookPayload) -> tuple[list[tuple[RuleRuntime, Alert]], list[str]]:
+def match(evaluator: Evaluator, payload: WebhookPayload) -> tuple[list[tuple[AlertingRuntime, Alert]], list[str]]:
     """Firing alerts whose alertname is one of our rules (as episodes), and why the others were skipped."""
-    by_name = {rt.rule.name: rt for rt in evaluator.all_runtimes()}
-    matched: list[tuple[RuleRuntime, Alert]] = []
+    by_name = {rt.rule.name: rt for rt in evaluator.all_runtimes() if isinstance(rt, AlertingRuntime)}
+    matched: list[tuple[AlertingRuntime, Alert]] = []
     skipped: list[str] = []
     for a in payload.alerts:
         name = a.labels.get("alertname", "")

@@ -15,7 +15,7 @@ from sentinel.capabilities import Audit, Clock
 from sentinel.metrics import SentinelMetrics
 from sentinel.remediation.policy import Guardrails
 from sentinel.remediation.remediator import Actuator, Remediator
-from sentinel.rules.evaluator import RuleRuntime
+from sentinel.rules.evaluator import AlertingRuntime
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.model import Runbook
 from sentinel.runbooks.onalert import AlertRunbooks
@@ -29,8 +29,8 @@ class SelfHealing:
 
     def __init__(self, settings: Settings, store: Store, actuator: Actuator, metrics: SentinelMetrics,
                  books: Mapping[str, Runbook], context: Callable[[dict[str, str]], Context],
-                 on_findings: Callable[[RuleRuntime, Alert, dict[str, Any]], None],
-                 evidence: Callable[[RuleRuntime, Alert, float], bool | None], audit: Audit) -> None:
+                 on_findings: Callable[[AlertingRuntime, Alert, dict[str, Any]], None],
+                 evidence: Callable[[AlertingRuntime, Alert, float], bool | None], audit: Audit) -> None:
         r = settings.remediation
         self.settings = settings
         self.store = store
@@ -57,7 +57,7 @@ class SelfHealing:
     def set_books(self, books: Mapping[str, Runbook]) -> None:
         self.runbooks.books = books
 
-    def on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
+    def on_firing(self, rt: AlertingRuntime, alerts: list[Alert]) -> None:
         """Evidence first (the runbook), then the remedy; both off the evaluation thread."""
         self.runbooks.on_firing(rt, alerts)
         if self.settings.remediation.enabled:

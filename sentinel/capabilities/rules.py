@@ -18,7 +18,7 @@ from sentinel.errors import FileFormatError
 from sentinel.metrics import SentinelMetrics
 from sentinel.prometheus import PromQLSource
 from sentinel.remediation.internal import remediation_rules
-from sentinel.rules.evaluator import Evaluator, RuleRuntime
+from sentinel.rules.evaluator import AlertingRuntime, Evaluator
 from sentinel.rules.model import LoadedGroup, load_rules, rule_files
 from sentinel.rules.remote_write import RemoteWriter
 from sentinel.rules.sources import LogRuleSource
@@ -70,7 +70,7 @@ class RuleEvaluation:
         self._lock = threading.Lock()
         self._signature: Signature = ()
 
-    def evidence(self, rt: RuleRuntime, a: Alert, since: float) -> bool | None:
+    def evidence(self, rt: AlertingRuntime, a: Alert, since: float) -> bool | None:
         """For a log rule's alert: whether its events are still there counting only those after ``since``
         (the target's current incarnation)."""
         source = self.evaluator.logs
@@ -92,15 +92,15 @@ class RuleEvaluation:
 
     def _missed(self, job_id: str) -> None:
         if job_id.startswith("eval:"):
-            rts = self.evaluator.runtimes.get(job_id[5:])
-            if rts:
-                self.metrics.missed.labels(rts[0].group.group.name).inc()
+            group = self.evaluator.groups.get(job_id[5:])
+            if group is not None:
+                self.metrics.missed.labels(group.name).inc()
 
     def _sync_jobs(self) -> None:
         """One interval job per group; added, removed or rescheduled to match the loaded rules."""
         assert self.clock is not None
         clock, ev = self.clock, self.evaluator
-        want = {f"eval:{k}": ev.interval(rts[0].group) for k, rts in ev.runtimes.items() if rts}
+        want = {f"eval:{k}": ev.interval(g.loaded) for k, g in ev.groups.items() if g.rules}
         learned = {f"refit:{rt.key}": rt for rt in ev.all_runtimes() if rt.rule.sentinel.learned is not None}
         for job_id in [*clock.jobs("eval:"), *clock.jobs("refit:")]:
             if job_id not in want and job_id not in learned:

@@ -94,7 +94,8 @@ def logs_query(
     from sentinel.durations import parse_duration
     from sentinel.errors import SentinelError
     from sentinel.logstore.elasticsearch import LogStoreUnavailable
-    from sentinel.rules.model import LogFilter, load_rules
+    from sentinel.rules.filters import LogFilter
+    from sentinel.rules.model import load_rules
     from sentinel.settings import load_settings
 
     try:

@@ -37,7 +37,8 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as common_m
 from grafana_foundation_sdk.models import dashboard as dash_m
 
-from sentinel.rules.model import LoadedGroup, Rule, lucene
+from sentinel.rules.filters import lucene
+from sentinel.rules.model import LoadedGroup, Rule
 
 PROM = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
 LOGS = dash_m.DataSourceRef(type_val="elasticsearch", uid="${logs}")

@@ -27,7 +27,7 @@ import duckdb
 
 from sentinel.logstore.elasticsearch import MAPPINGS
 from sentinel.logstore.sql import label_of, tree_sql
-from sentinel.rules.model import LogFilter
+from sentinel.rules.filters import LogFilter
 
 # type codes: what SQLite's json_type says of a value, in the classes the queries need
 MISSING, TEXT, INTEGER, REAL, BOOLEAN, OTHER = 0, 1, 2, 3, 4, 5

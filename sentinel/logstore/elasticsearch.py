@@ -21,7 +21,7 @@ from typing import Any
 
 from elasticsearch import ApiError, Elasticsearch, TransportError, helpers
 
-from sentinel.rules.model import FilterNode, LogFilter
+from sentinel.rules.filters import FilterNode, LogFilter
 
 INDEX_PREFIX = "deepseek-inference"
 TEMPLATE_NAME = "deepseek-inference"

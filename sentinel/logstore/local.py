@@ -19,7 +19,7 @@ import duckdb
 
 from sentinel.logstore.columns import ColumnIndex
 from sentinel.logstore.sql import label_of, tree_sql
-from sentinel.rules.model import LogFilter
+from sentinel.rules.filters import LogFilter
 
 log = logging.getLogger(__name__)
 

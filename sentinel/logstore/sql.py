@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sentinel.rules.model import FilterNode, LogFilter
+from sentinel.rules.filters import FilterNode, LogFilter
 
 Sql = tuple[str, list[Any]]
 

@@ -17,7 +17,7 @@ from sentinel.metrics import SentinelMetrics
 from sentinel.remediation import ladder
 from sentinel.remediation.internal import ladder_key
 from sentinel.remediation.policy import SCALE, ActionRequest, Decision, Guardrails, History, decide, kind_of
-from sentinel.rules.evaluator import RuleRuntime
+from sentinel.rules.evaluator import AlertingRuntime
 
 log = logging.getLogger(__name__)
 TARGET_LABEL = "replica"
@@ -55,9 +55,9 @@ class Remediator:
         self._last_reason: dict[str, str] = {}
         # for log rules: whether the alert's events are still there counting only those after a time (the
         # target's current incarnation); set by the daemon from the log rule source
-        self.evidence: Callable[[RuleRuntime, Alert, float], bool | None] | None = None
+        self.evidence: Callable[[AlertingRuntime, Alert, float], bool | None] | None = None
 
-    def on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
+    def on_firing(self, rt: AlertingRuntime, alerts: list[Alert]) -> None:
         action = rt.rule.sentinel.remediation
         if action is None:
             return
@@ -68,7 +68,7 @@ class Remediator:
                 continue
             self.consider(rt.rule.name, action, a)
 
-    def _stale(self, rt: RuleRuntime, action: str, a: Alert) -> str | None:
+    def _stale(self, rt: AlertingRuntime, action: str, a: Alert) -> str | None:
         """Why the alert's evidence says nothing about the target as it runs now, if it does not: every event
         behind a log rule's alert predates the target's current incarnation (say, a rule reload widened the
         window over a line from before the last restart). Never acts on a process that is already gone."""

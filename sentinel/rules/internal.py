@@ -11,25 +11,21 @@ from sentinel.alerts.internal import InternalRule
 from sentinel.alerts.state import Sample
 
 if TYPE_CHECKING:
-    from sentinel.rules.evaluator import RuleRuntime
+    from sentinel.rules.runtime import RuleRuntime
 
 META_ALERT = "SentinelRuleEvaluationFailing"
 DATASOURCE_DOWN_ALERT = "SentinelDatasourceDown"
 
 
-def _datasource(rt: RuleRuntime) -> str:
-    return "logs" if rt.rule.log is not None else "prometheus"
-
-
 def health_rules(runtimes: Callable[[], Iterable[RuleRuntime]], meta_for: float) -> list[InternalRule]:
     def failing(now: float) -> list[Sample]:
-        return [Sample({"rule_group": rt.group.group.name, "rule": rt.rule.name, "datasource": _datasource(rt)}, 1.0)
+        return [Sample({"rule_group": rt.group.group.name, "rule": rt.rule.name, "datasource": rt.datasource}, 1.0)
                 for rt in runtimes() if rt.health == "err"]
 
     def down(now: float) -> list[Sample]:
         by_source: dict[str, list[bool]] = {}
         for rt in runtimes():
-            by_source.setdefault(_datasource(rt), []).append(rt.health == "err")
+            by_source.setdefault(rt.datasource, []).append(rt.health == "err")
         return [Sample({"datasource": ds}, float(len(errs))) for ds, errs in by_source.items() if errs and all(errs)]
 
     return [

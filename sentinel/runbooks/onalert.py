@@ -11,7 +11,7 @@ from typing import Any
 
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
-from sentinel.rules.evaluator import RuleRuntime
+from sentinel.rules.evaluator import AlertingRuntime
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.model import Runbook
 from sentinel.runbooks.runner import Report, run
@@ -28,7 +28,7 @@ def summary(report: Report, runbook: str) -> dict[str, Any]:
 
 class AlertRunbooks:
     def __init__(self, store: Store, books: Mapping[str, Runbook], context: Callable[[dict[str, str]], Context],
-                 on_done: Callable[[RuleRuntime, Alert, dict[str, Any]], None], max_parallel: int = 2,
+                 on_done: Callable[[AlertingRuntime, Alert, dict[str, Any]], None], max_parallel: int = 2,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.books = books
@@ -37,7 +37,7 @@ class AlertRunbooks:
         self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="runbook")
 
-    def on_firing(self, rt: RuleRuntime, alerts: list[Alert]) -> None:
+    def on_firing(self, rt: AlertingRuntime, alerts: list[Alert]) -> None:
         name = rt.rule.sentinel.runbook
         if name is None:
             return
@@ -45,7 +45,7 @@ class AlertRunbooks:
             if self.store.claim_findings(rt.key, a.fingerprint, a.active_at, self.clock()):
                 self._pool.submit(self._run, rt, a, name)
 
-    def _run(self, rt: RuleRuntime, a: Alert, name: str) -> None:
+    def _run(self, rt: AlertingRuntime, a: Alert, name: str) -> None:
         try:
             report = run([self.books[name]], self.context(dict(a.labels)), f"{rt.rule.name}: {name}")
             data = {**summary(report, name), "report": report.to_dict()}

@@ -143,7 +143,7 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
     at every evaluation time (ElastAlert's any and frequency, filters, query_key, window edges)."""
     from sentinel.logstore.elasticsearch import ElasticsearchLogStore
     from sentinel.logstore.local import LocalLogStore
-    from sentinel.rules.model import LogQuery
+    from sentinel.rules.logtypes import log_query
     from sentinel.rules.sources import LogRuleSource
 
     t0 = 1795900000.0  # 2026-11-28T...Z
@@ -169,40 +169,40 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
     Shipper(ElasticsearchSink(es, tmp_path / "ship.db"), sources).run_once()
     es.indices.refresh(index="deepseek-inference-*")
     a, b, c = LogRuleSource(local), LogRuleSource(ElasticsearchLogStore(es)), LogRuleSource(indexed)
-    rules = [LogQuery(type="any", filter=[{"exists": "cuda_error"}], timeframe=60, query_key=["replica"]),
-             LogQuery(type="frequency", filter=[{"term": {"level": "error"}}], timeframe=120, num_events=2,
+    rules = [log_query(type="any", filter=[{"exists": "cuda_error"}], timeframe=60, query_key=["replica"]),
+             log_query(type="frequency", filter=[{"term": {"level": "error"}}], timeframe=120, num_events=2,
                       query_key=["replica", "host.name"]),
-             LogQuery(type="any", filter=[{"term": {"batch_size": 3}}, {"term": {"finish_reason": "stop"}}],
+             log_query(type="any", filter=[{"term": {"batch_size": 3}}, {"term": {"finish_reason": "stop"}}],
                       timeframe=30),
-             LogQuery(type="frequency", timeframe=45, num_events=20, query_key=["batch_size"]),
-             LogQuery(type="any", filter=[{"exists": "no_such_field"}], timeframe=300),
-             LogQuery(type="frequency", filter=[{"range": {"inference_time": {"gt": 500}}}], timeframe=60,
+             log_query(type="frequency", timeframe=45, num_events=20, query_key=["batch_size"]),
+             log_query(type="any", filter=[{"exists": "no_such_field"}], timeframe=300),
+             log_query(type="frequency", filter=[{"range": {"inference_time": {"gt": 500}}}], timeframe=60,
                       num_events=2, query_key="replica"),
-             LogQuery(type="any", filter=[{"range": {"batch_size": {"gte": 2, "lt": 3.5}}},
+             log_query(type="any", filter=[{"range": {"batch_size": {"gte": 2, "lt": 3.5}}},
                                           {"terms": {"finish_reason": ["stop", "abort"]}}], timeframe=40),
-             LogQuery(type="any", filter=[{"wildcard": {"message": "*fail?d"}}], timeframe=90,
+             log_query(type="any", filter=[{"wildcard": {"message": "*fail?d"}}], timeframe=90,
                       query_key=["replica"]),
-             LogQuery(type="any", filter=[{"wildcard": {"message": "inference*"}}, {"term": {"level": "info"}}],
+             log_query(type="any", filter=[{"wildcard": {"message": "inference*"}}, {"term": {"level": "info"}}],
                       timeframe=20, query_key=["finish_reason"]),
-             LogQuery(type="flatline", filter=[{"term": {"level": "error"}}], threshold=2, timeframe=30,
+             log_query(type="flatline", filter=[{"term": {"level": "error"}}], threshold=2, timeframe=30,
                       query_key="replica"),
-             LogQuery(type="spike", filter=[{"range": {"inference_time": {"gt": 300}}}], spike_height=1.5,
+             log_query(type="spike", filter=[{"range": {"inference_time": {"gt": 300}}}], spike_height=1.5,
                       timeframe=25, query_key="replica"),
-             LogQuery(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "stop"}}],
+             log_query(type="percentage_match", match_bucket_filter=[{"term": {"finish_reason": "stop"}}],
                       max_percentage=30, timeframe=40, query_key="replica", query_delay=5),
-             LogQuery(type="new_term", fields=["batch_size", "finish_reason"], timeframe=30, terms_window_size=60),
-             LogQuery(type="change", compare_key="level", timeframe=35, query_key="replica"),
+             log_query(type="new_term", fields=["batch_size", "finish_reason"], timeframe=30, terms_window_size=60),
+             log_query(type="change", compare_key="level", timeframe=35, query_key="replica"),
              # query_string: the Lucene subset, the same in both stores (NOT on a missing field holds in both)
-             LogQuery(type="any", filter=[{"query_string": "cuda_error:* AND NOT replica:replica-1"}], timeframe=60,
+             log_query(type="any", filter=[{"query_string": "cuda_error:* AND NOT replica:replica-1"}], timeframe=60,
                       query_key="replica"),
-             LogQuery(type="frequency", filter=[{"query_string": {"query": "batch_size:3 OR (finish_reason:stop AND "
+             log_query(type="frequency", filter=[{"query_string": {"query": "batch_size:3 OR (finish_reason:stop AND "
                                                                         "inference_time:[100 TO 400})"}}],
                       timeframe=45, num_events=2, query_key="replica"),
-             LogQuery(type="any", filter=[{"query_string": "NOT _exists_:cuda_error AND batch_size:(0 OR 2) AND "
+             log_query(type="any", filter=[{"query_string": "NOT _exists_:cuda_error AND batch_size:(0 OR 2) AND "
                                                            "message:inference\\ request*"}], timeframe=30),
-             LogQuery(type="any", filter=[{"query_string": "-cuda_error:\"CUDA error: an illegal memory access\" AND "
+             log_query(type="any", filter=[{"query_string": "-cuda_error:\"CUDA error: an illegal memory access\" AND "
                                                            "inference_time:>=600"}], timeframe=60),
-             LogQuery(type="frequency",
+             log_query(type="frequency",
                       filter=[{"query_string": "level:error || (batch_size:<1 && !finish_reason:stop)"}],
                       timeframe=40, num_events=3, query_key=["replica"])]
     checked = 0
@@ -217,29 +217,29 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
     assert checked > 30  # most evaluations found something: the comparison is not of empty sets
     assert all(hits.get(id(q)) for q in rules if any(f.query_string for f in q.filter)), hits
     metric_rules = [
-        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+        log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                  percentile_range=99, max_threshold=500.7, timeframe=60, query_key="replica"),  # the seed's P99
-        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+        log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                  percentile_range=50, min_threshold=300.7, timeframe=90),
         # 16 lines per replica in 80 s: t-digest interpolates between ranks; HDR's rank rounds (p/100 * n + 0.5)
         # where a ceiling would not
-        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+        log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                  percentile_range=90, min_threshold=10_000, timeframe=80, query_key="replica"),
-        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+        log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                  percentile_range=90, min_threshold=10_000, timeframe=80, query_key="replica",
                  percentiles_method="hdr"),
-        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+        log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                  percentile_range=99, max_threshold=500.7, timeframe=60, query_key="replica",
                  percentiles_method="hdr"),
-        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="avg",
+        log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="avg",
                  max_threshold=300.0, timeframe=45, query_key=["replica", "finish_reason"]),
-        LogQuery(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="max",
+        log_query(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="max",
                  min_threshold=3, timeframe=30, query_key="replica"),
-        LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="sum",
+        log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="sum",
                  max_threshold=1000, timeframe=20, filter=[{"term": {"level": "info"}}]),
-        LogQuery(type="metric_aggregation", metric_agg_key="cuda_error", metric_agg_type="cardinality",
+        log_query(type="metric_aggregation", metric_agg_key="cuda_error", metric_agg_type="cardinality",
                  max_threshold=0, timeframe=120),
-        LogQuery(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="value_count",
+        log_query(type="metric_aggregation", metric_agg_key="batch_size", metric_agg_type="value_count",
                  min_threshold=5, timeframe=60, query_key="replica"),
     ]
     fired = 0
@@ -260,7 +260,7 @@ def test_log_rules_answer_the_same_from_both_stores(elasticsearch: Elasticsearch
 
     # The Lucene query a dashboard's logs panel sends (sentinel.rules.model.lucene) finds exactly the lines the
     # rule's query DSL finds, in the real Elasticsearch, for every filter above and the escaping cases.
-    from sentinel.rules.model import LogFilter, lucene
+    from sentinel.rules.filters import LogFilter, lucene
     extra = [[{"wildcard": {"message": "inference request*"}}], [{"term": {"message": "inference request completed"}}],
              [{"terms": {"replica": ["replica-0", "replica-2"]}}, {"range": {"inference_time": {"lte": 77}}}],
              [{"range": {"batch_size": {"gt": 1}}}], [{"query_string": "-level:info"}, {"exists": "cuda_error"}],

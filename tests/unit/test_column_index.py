@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from sentinel.logstore.local import LocalLogStore
-from sentinel.rules.model import LogFilter
+from sentinel.rules.filters import LogFilter
 
 T0 = 1_800_000_000.0
 VALUES: dict[str, list[Any]] = {

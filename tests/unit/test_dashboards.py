@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from sentinel.cli import app
 from sentinel.generate.dashboards import render_all, threshold_steps
 from sentinel.generate.grafana import DashboardsFile, DatasourcesFile, render_provisioning
-from sentinel.rules.model import LogFilter, Rule, load_rules, lucene
+from sentinel.rules.filters import LogFilter, lucene
+from sentinel.rules.model import Rule, load_rules
 from sentinel.settings import load_settings
 from tests.conftest import ROOT
 

@@ -147,7 +147,7 @@ def test_an_outage_is_replayed_when_the_store_returns(tmp_path: Path) -> None:
     logs.add([(T0 + 25, {"cuda_error": "x", "replica": "r0"}), (T0 + 95, {"cuda_error": "x", "replica": "r1"})])
     run(ev, group, clock, T0 + 200)
     assert len(sent(ev)) == 1  # nothing resolved by silence while the store was down
-    [rt] = ev.runtimes[group.key]
+    [rt] = ev.groups[group.key].rules
     assert rt.health == "err" and [a.labels["rule"] for a in ev.internal[META_ALERT].machine.firing()] == ["CudaError"]
     flaky.down = False
     run(ev, group, clock, T0 + 210)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sentinel.logstore.local import LocalLogStore
-from sentinel.rules.model import LogQuery
+from sentinel.rules.logtypes import log_query
 from sentinel.rules.sources import LogRuleSource
 
 T0 = 1_000_000.0
@@ -22,14 +22,14 @@ def store(tmp_path: Path, events: list[tuple[float, dict[str, Any]]]) -> LogRule
 
 
 def got(src: LogRuleSource, at: float, **q: Any) -> dict[tuple[tuple[str, str], ...], float]:
-    return {tuple(sorted(s.labels.items())): s.value for s in src.query(LogQuery(**q), at)}
+    return {tuple(sorted(s.labels.items())): s.value for s in src.query(log_query(**q), at)}
 
 
 def run(src: LogRuleSource, start: float, end: float, step: float, **q: Any
         ) -> dict[float, dict[tuple[tuple[str, str], ...], float]]:
     """One rule evaluated every ``step`` from ``start`` to ``end`` (as the evaluator does): the times with
     samples, relative to T0."""
-    query = LogQuery(**q)
+    query = log_query(**q)
     out = {}
     t = start
     while t <= end + 1e-9:
@@ -110,6 +110,10 @@ def test_query_delay_evaluates_the_window_earlier(tmp_path: Path) -> None:
                                          "min_percentage or max_percentage"),
                                         ({"type": "frequency", "threshold_ref": 2}, "only for type spike"),
                                         ({"type": "any", "forget_keys": True}, "forget_keys: only for type flatline"),
+                                        ({"type": "flatline", "threshold": 2, "num_events": 3},
+                                         "num_events: only for type frequency"),
+                                        ({"type": "change"}, "change needs compare_key"),
+                                        ({"type": "new_term", "fields": []}, "new_term needs fields"),
                                         ({"type": "metric_aggregation", "metric_agg_key": "x", "metric_agg_type": "max",
                                           "max_threshold": 1, "percentiles_method": "hdr"},
                                          "percentiles_method: only for metric_agg_type percentiles")])
@@ -117,7 +121,7 @@ def test_rule_types_are_validated(q: dict[str, Any], msg: str) -> None:
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match=msg):
-        LogQuery(**q)
+        log_query(**q)
 
 
 def test_new_term_from_the_store_itself(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from sentinel.logstore.local import LocalLogStore
 from sentinel.logstore.shipper import LogSource, Shipper, redact
-from sentinel.rules.model import LogFilter, LogQuery
+from sentinel.rules.filters import LogFilter
+from sentinel.rules.logtypes import log_query
 from sentinel.rules.sources import LogRuleSource
 
 
@@ -43,9 +44,9 @@ def test_log_rule_source_any_and_frequency(tmp_path: Path) -> None:
     store.add([(100.0, {"cuda_error": "e", "replica": "a"}), (101.0, {"cuda_error": "e", "replica": "a"}),
                (102.0, {"cuda_error": "e", "replica": "b"}), (103.0, {"cuda_error": None, "replica": "c"})])
     src = LogRuleSource(store)
-    anyq = LogQuery(type="any", filter=[LogFilter(exists="cuda_error")], timeframe=60, query_key=["replica"])
+    anyq = log_query(type="any", filter=[LogFilter(exists="cuda_error")], timeframe=60, query_key=["replica"])
     assert sorted((s.labels["replica"], s.value) for s in src.query(anyq, 110)) == [("a", 2.0), ("b", 1.0)]
-    freq = anyq.model_copy(update={"type": "frequency", "num_events": 2})
+    freq = log_query({**anyq.model_dump(), "type": "frequency", "num_events": 2})
     assert [s.labels for s in src.query(freq, 110)] == [{"replica": "a"}]
     assert src.query(anyq, 200) == []  # outside the timeframe
 

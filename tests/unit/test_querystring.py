@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sentinel.logstore.local import LocalLogStore
-from sentinel.rules.model import LogFilter
+from sentinel.rules.filters import LogFilter
 from sentinel.rules.querystring import QueryStringError, parse
 
 

@@ -38,6 +38,14 @@ def write(tmp_path: Path, text: str) -> Path:
     ("groups:\n  - name: g\n    rules:\n      - alert: A\n        log:\n          filter:\n"
      "            - exists: 'a b'\n",
      "r.yaml:7: groups.0.rules.0.log.filter.0: Value error, invalid field name 'a b'"),
+    # one class per log rule type (a discriminated union on type): the path names no union member
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        log:\n          type: frequency\n"
+     "          num_events: 0\n",
+     "r.yaml:7: groups.0.rules.0.log.num_events: Input should be greater than or equal to 1"),
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        log:\n          type: frequence\n",
+     "r.yaml:5: groups.0.rules.0.log: type: not a log rule type; one of: any, frequency, flatline"),
+    ("groups:\n  - name: g\n    rules:\n      - alert: A\n        log:\n          threshold: 3\n",
+     "r.yaml:5: groups.0.rules.0.log: Value error, threshold: only for type flatline"),
     ("groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up\n        labels:\n          bad-name: x\n",
      "r.yaml:6: groups.0.rules.0.labels: Value error, invalid label name 'bad-name'"),
     ("groups:\n  - name: g\n   rules: []\n", "r.yaml:3: YAML syntax error"),
@@ -68,7 +76,7 @@ def test_rules_check_cli_exit_codes(tmp_path: Path) -> None:
 def test_log_filters_are_validated() -> None:
     from pydantic import ValidationError
 
-    from sentinel.rules.model import LogFilter
+    from sentinel.rules.filters import LogFilter
 
     assert LogFilter(range={"inference_time": {"gt": 500}}).range is not None
     assert LogFilter(terms={"finish_reason": ["stop", "length"]}).terms is not None
@@ -84,9 +92,9 @@ def test_log_filters_are_validated() -> None:
 def test_metric_aggregation_rules_are_validated() -> None:
     from pydantic import ValidationError
 
-    from sentinel.rules.model import LogQuery
+    from sentinel.rules.logtypes import log_query
 
-    ok = LogQuery(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
+    ok = log_query(type="metric_aggregation", metric_agg_key="inference_time", metric_agg_type="percentiles",
                   percentile_range=99, max_threshold=500, query_key="replica")
     assert ok.query_key == ["replica"]
     for bad, msg in [({"type": "metric_aggregation", "metric_agg_type": "avg", "max_threshold": 1}, "metric_agg_key"),
@@ -98,7 +106,7 @@ def test_metric_aggregation_rules_are_validated() -> None:
                      ({"type": "metric_aggregation", "metric_agg_key": "x", "metric_agg_type": "median",
                        "max_threshold": 1}, "metric_agg_type")]:
         with pytest.raises(ValidationError, match=msg):
-            LogQuery(**bad)
+            log_query(**bad)
 
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(

@@ -14,7 +14,7 @@ from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule, inhibit
 from sentinel.alerts.state import Sample, State
 from sentinel.alerts.store import Store
 from sentinel.cli import app
-from sentinel.rules.evaluator import DATASOURCE_DOWN_ALERT, META_ALERT, Evaluator
+from sentinel.rules.evaluator import DATASOURCE_DOWN_ALERT, META_ALERT, AlertingRuntime, Evaluator
 from sentinel.rules.model import Group, LoadedGroup, Rule
 
 
@@ -61,9 +61,8 @@ def setup(tmp_path: Path) -> tuple[Evaluator, LoadedGroup, Store]:
 
 def fire(ev: Evaluator, name: str, t: float, replicas: list[str]) -> None:
     rt = next(r for r in ev.all_runtimes() if r.rule.name == name)
-    before = {a.fingerprint for a in rt.machine.firing()}
-    rt.machine.eval(t, [Sample({"replica": r}, 1.0) for r in replicas])
-    ev._after_eval(rt, t, before)
+    assert isinstance(rt, AlertingRuntime)
+    ev.commit(rt, t, [Sample({"replica": r}, 1.0) for r in replicas])
 
 
 def notified(store: Store) -> list[tuple[str, str]]:

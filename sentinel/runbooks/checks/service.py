@@ -34,7 +34,7 @@ def _recent_cuda_errors(ctx: Context, n: int, window_s: float) -> tuple[list[dic
     else the tail of each replica's log file. The replica label is a term in a structured query, never
     part of a query string, a path or a command."""
     if ctx.logs is not None:
-        from sentinel.rules.model import LogFilter
+        from sentinel.rules.filters import LogFilter
 
         filters = [LogFilter(exists="cuda_error")]
         replica = ctx.alert_labels.get("replica")
