@@ -116,11 +116,10 @@ class Daemon:
         logs = self.logs = self._run(LogShipping(s, self.state_dir, self.metrics, replicas.specs,
                                                  ship=not s.kubernetes.enabled))
         rules = self.rules = RuleEvaluation(s, state.store, monitoring.url, logs.rule_source(), self.metrics,
-                                            self.api_url, self.audit, groups, self._set_books)
+                                            self.api_url, self.audit, groups, self._set_books, self._on_firing)
         self.healing = self._run(SelfHealing(s, state.store, replicas.actuator, self.metrics, books,
                                              self._runbook_context, rules.evaluator.notify_findings, rules.evidence,
                                              self.audit))
-        rules.evaluator.on_firing = self._on_firing
         self._run(rules)
         self.registry.register(rules.evaluator.learned)
         self.registry.register(rules.evaluator.active)

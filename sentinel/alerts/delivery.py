@@ -44,7 +44,8 @@ from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.notify import ZERO_TIME, common_labels, rfc3339
 from sentinel.alerts.routing import Route, labels_string
 from sentinel.alerts.silences import InhibitRule, inhibited, matches_all, parse_matcher
-from sentinel.alerts.store import OutboxEntry, Store
+from sentinel.alerts.store import Store
+from sentinel.state.outbox import OutboxEntry
 
 log = logging.getLogger(__name__)
 

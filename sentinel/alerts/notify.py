@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 
 from sentinel.alerts.fingerprint import fingerprint
-from sentinel.alerts.store import OutboxItem, Store
+from sentinel.alerts.store import Store
+from sentinel.state.outbox import OutboxItem
 
 log = logging.getLogger(__name__)
 ZERO_TIME = "0001-01-01T00:00:00Z"

@@ -40,8 +40,8 @@ class SelfHealing:
                                      max(settings.replicas.max_count, settings.replicas.count),
                                      r.scale_in_stabilization)
         self.remediator = Remediator(store, actuator, self.guardrails, metrics, verify_timeout_s=r.verify_timeout,
-                                     ladder_window_s=r.escalation_window, clear_deadline_s=r.clear_deadline)
-        self.remediator.evidence = evidence
+                                     ladder_window_s=r.escalation_window, clear_deadline_s=r.clear_deadline,
+                                     evidence=evidence)
         self.runbooks = AlertRunbooks(store, books, context, on_findings, settings.diagnostics.max_parallel_runbooks)
 
     def start(self, clock: Clock) -> None:

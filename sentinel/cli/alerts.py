@@ -118,8 +118,8 @@ def remediate_log(
     store = _state_store(config)
     kinds = {"decision", "outcome", "escalation", "approval", "recovery"}
     entries = [e for e in store.audit_log(limit * 4) if e["kind"] in kinds][:limit]
-    ladders = {k.removeprefix("ladder:"): v for k, v in store.items("ladder:").items()}
-    approvals = sorted(store.items("approval:").values(), key=lambda d: d.get("requested_at", 0), reverse=True)
+    ladders = {f"{rule}/{target}": v for (rule, target), v in store.ladders().items()}
+    approvals = store.approvals()
     if json_out:
         typer.echo(_json.dumps({"audit": entries, "ladders": ladders, "approvals": approvals}, default=str))
         return

@@ -4,8 +4,6 @@ records the remediator keeps in the store."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from sentinel.alerts.internal import InternalRule
 from sentinel.alerts.state import Sample
 from sentinel.alerts.store import Store
@@ -16,24 +14,10 @@ ESCALATION_FRESH_S = 120.0  # a ladder at "page" seen by a firing alert this rec
 APPROVAL_FRESH_S = 86400.0  # an approval request older than a day no longer pages
 
 
-def ladder_key(rule: str, target: str) -> str:
-    """The store key of a problem's ladder (one per rule and target)."""
-    return f"ladder:{rule}/{target}"
-
-
-def ladders(store: Store) -> dict[tuple[str, str], dict[str, Any]]:
-    """Every ladder by (rule, target)."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for key, doc in store.items("ladder:").items():
-        rule, _, target = key.removeprefix("ladder:").rpartition("/")
-        out[(rule, target)] = doc
-    return out
-
-
 def escalations(store: Store, now: float) -> list[Sample]:
     """Ladders at their last rung ("page"), seen by a firing alert within ESCALATION_FRESH_S."""
     out = []
-    for (rule, target), doc in ladders(store).items():
+    for (rule, target), doc in store.ladders().items():
         if doc.get("rung") == "page" and now - float(doc.get("last_at", 0)) < ESCALATION_FRESH_S:
             out.append(Sample({"rule": rule, "replica": target, "reason": str(doc.get("why", ""))[:200]},
                               float(len(doc.get("history", [])))))
@@ -44,7 +28,7 @@ def awaiting_approval(store: Store, now: float) -> list[Sample]:
     """Pending approval requests younger than APPROVAL_FRESH_S."""
     return [Sample({"approval": str(doc.get("id")), "action": str(doc.get("action")),
                     "replica": str(doc.get("target")), "rule": str(doc.get("rule"))}, 1.0)
-            for doc in store.items("approval:").values()
+            for doc in store.approvals()
             if doc.get("status") == "pending" and now - float(doc.get("requested_at", 0)) < APPROVAL_FRESH_S]
 
 

@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from sentinel.alerts.state import Alert
-from sentinel.alerts.store import Remediation, Store
+from sentinel.alerts.store import Store
 from sentinel.errors import RemediationError
 from sentinel.metrics import SentinelMetrics
 from sentinel.remediation import ladder
-from sentinel.remediation.internal import ladder_key
 from sentinel.remediation.policy import SCALE, ActionRequest, Decision, Guardrails, History, decide, kind_of
 from sentinel.rules.evaluator import AlertingRuntime
+from sentinel.state.remediation import Remediation
 
 log = logging.getLogger(__name__)
 TARGET_LABEL = "replica"
@@ -39,7 +39,8 @@ class Remediator:
     def __init__(self, store: Store, actuator: Actuator, guardrails: Guardrails,
                  metrics: SentinelMetrics | None = None, clock: Callable[[], float] = time.time,
                  verify_timeout_s: float = 120.0, ladder_window_s: float = 3600.0,
-                 clear_deadline_s: float = 600.0) -> None:
+                 clear_deadline_s: float = 600.0,
+                 evidence: Callable[[AlertingRuntime, Alert, float], bool | None] | None = None) -> None:
         self.store = store
         self.actuator = actuator
         self.guardrails = guardrails
@@ -54,8 +55,8 @@ class Remediator:
         self._lock = threading.Lock()
         self._last_reason: dict[str, str] = {}
         # for log rules: whether the alert's events are still there counting only those after a time (the
-        # target's current incarnation); set by the daemon from the log rule source
-        self.evidence: Callable[[AlertingRuntime, Alert, float], bool | None] | None = None
+        # target's current incarnation), from the log rule source
+        self.evidence = evidence
 
     def on_firing(self, rt: AlertingRuntime, alerts: list[Alert]) -> None:
         action = rt.rule.sentinel.remediation
@@ -106,18 +107,17 @@ class Remediator:
     def _climb(self, rule: str, target: str, a: Alert, incident: str, now: float) -> tuple[str | None, str]:
         """The action the ladder takes for this incident now, or None and why not (a human is needed, or an
         approval is pending)."""
-        key = ladder_key(rule, target)
         findings = self.store.findings(rule, a.fingerprint, a.active_at)
-        before = ladder.Ladder.from_json(self.store.get(key))
+        before = ladder.Ladder.from_json(self.store.ladder(rule, target))
         state = ladder.next_step(before, findings, self._available(), now, self.ladder_window_s)
         if before is not None and before.rung != state.rung:
             self.store.audit(now, "escalation", f"{rule}/{target}", rung=state.rung, previous=before.rung,
                              why=state.why, incident=incident)
         if state.rung == "page":
             state.last_at = now  # SentinelRemediationEscalated fires while the problem keeps firing
-            self.store.put(key, state.to_json())
+            self.store.save_ladder(rule, target, state.to_json())
             return None, f"escalated to a human: {state.why} (SentinelRemediationEscalated pages with the evidence)"
-        self.store.put(key, state.to_json())
+        self.store.save_ladder(rule, target, state.to_json())
         if state.rung in ladder.NEEDS_APPROVAL:
             approval_id = hashlib.sha256(f"{incident}/{state.rung}".encode()).hexdigest()[:12]
             doc = self.store.request_approval(approval_id, {"incident": incident, "rule": rule, "action": state.rung,
@@ -128,17 +128,16 @@ class Remediator:
             if doc["status"] == "rejected":
                 state = ladder.Ladder(ladder.climb(state.rung, self._available()), 0, now,
                                       f"{state.rung} rejected by {doc.get('decided_by')}", state.history)
-                self.store.put(key, state.to_json())
+                self.store.save_ladder(rule, target, state.to_json())
                 return (None, f"escalated: {state.why}") if state.rung == "page" else (state.rung, state.why)
         return state.rung, state.why
 
     def _climbed(self, rule: str, target: str, action: str, outcome: str) -> None:
-        key = ladder_key(rule, target)
-        state = ladder.Ladder.from_json(self.store.get(key)) or ladder.Ladder()
+        state = ladder.Ladder.from_json(self.store.ladder(rule, target)) or ladder.Ladder()
         reason = getattr(self.actuator, "failure_reason", None)
         failure = reason(target) if reason is not None and outcome != "succeeded" else None
         new = ladder.after(state, action, outcome, self.clock(), self._available(), failure)
-        self.store.put(key, new.to_json())
+        self.store.save_ladder(rule, target, new.to_json())
         if new.rung != state.rung:
             self.store.audit(self.clock(), "escalation", f"{rule}/{target}", rung=new.rung, previous=state.rung,
                              why=new.why)

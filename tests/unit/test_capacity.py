@@ -14,12 +14,13 @@ import pytest
 
 from inference_core.sizing import Footprint, GiB, replica_footprint
 from sentinel.alerts.state import Alert, State
-from sentinel.alerts.store import Remediation, Store
+from sentinel.alerts.store import Store
 from sentinel.errors import ServiceError
 from sentinel.hostplan import Host, plan_host
 from sentinel.process import ChildRegistry
 from sentinel.remediation.policy import ActionRequest, Guardrails, History, decide
 from sentinel.remediation.remediator import Remediator
+from sentinel.state.remediation import Remediation
 from sentinel.supervisor import ReplicaSpec, Supervisor
 
 RESTART = ActionRequest("CudaError", "restart", "replica-0", "fp", "CudaError/fp/1.000", firing=True)

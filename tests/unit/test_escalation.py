@@ -160,7 +160,7 @@ def test_corrupted_weights_page_instead_of_a_restart_loop(tmp_path: Path) -> Non
 
 def test_a_rejected_reset_climbs(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
-    store.put("ladder:CudaError/replica-0", ladder.Ladder("reset_gpu", 0, 900.0).to_json())
+    store.save_ladder("CudaError", "replica-0", ladder.Ladder("reset_gpu", 0, 900.0).to_json())
     a = Actuator()
     r = Remediator(store, a, Guardrails(cooldown_s=0), clock=lambda: 1000.0)
     d = r.consider("CudaError", "restart", _incident(1000.0))
@@ -245,6 +245,34 @@ def test_an_action_that_does_not_clear_the_condition_escalates(tmp_path: Path) -
     assert not d.act and "needs a human's approval" in d.reason  # the next rung, for the same episode
     [v] = [e for e in store.audit_log() if e["kind"] == "verification"]
     assert v["outcome"] == "not-cleared" and "still fires" in v["detail"]
-    assert ladder.Ladder.from_json(store.get("ladder:CudaError/replica-0")).rung == "reset_gpu"  # type: ignore[union-attr]
+    assert ladder.Ladder.from_json(store.ladder("CudaError", "replica-0")).rung == "reset_gpu"  # type: ignore[union-attr]
     d = r.consider("CudaError", "restart", episode)  # said once
     assert len([e for e in store.audit_log() if e["kind"] == "verification"]) == 1
+
+
+def test_ladders_and_approvals_kept_as_kv_entries_move_to_their_tables(tmp_path: Path) -> None:
+    """A state file from before the ladder and approval tables: its kv entries are moved over on open, once."""
+    import json
+    import sqlite3
+
+    from sentinel.alerts.store import Store
+
+    path = tmp_path / "state.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    old = {"rung": "reset_gpu", "attempts": 1, "since": 900.0, "why": "restart did not clear it", "history": []}
+    request = {"id": "ab12", "status": "pending", "requested_at": 950.0, "incident": "i", "action": "reset_gpu",
+               "rule": "CudaError", "target": "replica-0"}
+    with db:
+        db.execute("DROP TABLE ladders")
+        db.execute("DROP TABLE approvals")
+        db.execute("INSERT INTO kv VALUES ('ladder:CudaError/replica-0', ?)", (json.dumps(old),))
+        db.execute("INSERT INTO kv VALUES ('approval:ab12', ?)", (json.dumps(request),))
+    db.close()
+    store = Store(path)
+    assert store.ladders() == {("CudaError", "replica-0"): old} and store.approvals() == [request]
+    assert store.items("ladder:") == {} and store.items("approval:") == {}
+    decided = store.decide_approval("ab12", True, "oncall", 1_000.0)
+    assert decided is not None and decided["status"] == "approved"
+    store.close()
+    assert Store(path).approvals()[0]["decided_by"] == "oncall"  # and a second open changes nothing

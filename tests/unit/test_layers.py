@@ -9,6 +9,8 @@ from tests.conftest import ROOT
 
 # each package, and the sentinel packages it must not import
 FORBIDDEN = {
+    "state": ["alerts", "rules", "generate", "logstore", "runbooks", "remediation", "inbound", "api", "daemon", "cli",
+              "capabilities"],
     "alerts": ["rules", "generate", "logstore", "runbooks", "remediation", "inbound", "api", "daemon", "cli"],
     "rules": ["generate", "logstore", "runbooks", "remediation", "inbound", "api", "daemon", "cli"],
     "logstore": ["generate", "runbooks", "remediation", "inbound", "api", "daemon", "cli"],

@@ -137,7 +137,7 @@ def test_the_concurrency_cap_is_persisted_across_restarts(tmp_path: Path) -> Non
     """The in-flight count is the store's unfinished actions, not a counter in memory: an action that a
     sentinel killed with -9 left running still holds the cap (max_concurrent=1) in the next run, for any
     target, until recovery has given it an outcome."""
-    from sentinel.alerts.store import Remediation
+    from sentinel.state.remediation import Remediation
 
     store = Store(tmp_path / "s.db")
     assert store.start_remediation(Remediation("CudaError/old/1.000", "old", "CudaError", "restart", "replica-1",
@@ -191,7 +191,7 @@ def test_the_scale_cooldown_counts_from_the_end_of_a_slow_scale_out(tmp_path: Pa
     """A scale-out whose new replica took 20 s to start (longer than the 5 s cooldown): another replica's
     busy alert, still firing on metrics from before the new capacity, waits the cooldown out from when the
     scale-out finished, not from when it began; while one is in flight it waits too."""
-    from sentinel.alerts.store import Remediation
+    from sentinel.state.remediation import Remediation
 
     store = Store(tmp_path / "s.db")
     assert store.start_remediation(Remediation("Busy/a/1.000", "a", "Busy", "scale_out", "replica-0", 100.0,
@@ -350,8 +350,8 @@ def test_evidence_from_before_the_targets_restart_never_triggers_an_action(tmp_p
             return 900.0  # replica-0 was restarted at 900
 
     a = Restarted()
-    r = Remediator(store, a, Guardrails(cooldown_s=0), clock=lambda: now[0])
-    r.evidence = lambda rt_, alert, since: src.evidence_since(rt_.rule.log, alert.labels, since, now[0])
+    r = Remediator(store, a, Guardrails(cooldown_s=0), clock=lambda: now[0],
+                   evidence=lambda rt_, alert, since: src.evidence_since(rt_.rule.log, alert.labels, since, now[0]))
     logs.add([(850.0, {"cuda_error": "Xid 79", "replica": "replica-0"})])  # before the restart
     rt.machine.eval(now[0], src.query(rule.log, now[0]))  # type: ignore[arg-type]
     [alert] = rt.machine.firing()

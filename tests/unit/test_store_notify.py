@@ -65,7 +65,7 @@ def test_retention_prunes_what_is_old_and_nothing_that_is_live(tmp_path: Path) -
     older than their retention go; pending notifications, firing alerts and recent rows stay. The audit
     trigger still refuses to delete anything younger than the audit retention."""
     from sentinel.alerts.state import Alert, State
-    from sentinel.alerts.store import Remediation
+    from sentinel.state.remediation import Remediation
 
     day = 86400.0
     now = 100 * day
