@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints,
 
 from inference_core.apidoc import AllowHeader, document
 from inference_core.security import Authenticator, AuthError, RateLimiter, hash_key
-from sentinel.alerts.notify import rfc3339
+from sentinel.alerts.notification import rfc3339
 from sentinel.alerts.silences import MATCHER_PATTERN, parse_matcher
 from sentinel.alerts.state import Alert, State
 from sentinel.alerts.store import Store

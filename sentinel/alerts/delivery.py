@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sentinel.alerts.event import AlertEvent
-from sentinel.alerts.notify import ZERO_TIME, common_labels, rfc3339
+from sentinel.alerts.notification import Notification
 from sentinel.alerts.routing import Route, labels_string
 from sentinel.alerts.silences import InhibitRule, inhibited, matches_all, parse_matcher
 from sentinel.alerts.store import Store
@@ -77,14 +77,6 @@ class AggGroup:
                 "alerts": {"alerts": {fp: e.to_json() for fp, e in self.alerts.items()}, "news": sorted(self.news)}}
 
 
-def event_fingerprint(e: AlertEvent) -> str:
-    return e.fp
-
-
-def resolved(e: AlertEvent, now: float) -> bool:
-    return e.resolved(now)
-
-
 def _before(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
     """``model.LabelSet.Before``."""
     if len(a) != len(b):
@@ -112,44 +104,6 @@ def _alert_order(x: AlertEvent, y: AlertEvent) -> int:
         if a[key] != b[key]:
             return -1 if a[key] < b[key] else 1
     return -1 if _before(a, b) else (1 if _before(b, a) else 0)
-
-
-def group_payload(receiver: str, group_key: str, group_labels: Mapping[str, str], alerts: Sequence[AlertEvent],
-                  now: float, external_url: str, max_alerts: int = 0) -> dict[str, Any]:
-    """Alertmanager's webhook body (version "4") for one flush of a group."""
-    items = []
-    for e in alerts:
-        done = resolved(e, now)
-        item: dict[str, Any] = {
-            "status": "resolved" if done else "firing", "labels": dict(e.labels),
-            "annotations": dict(e.annotations), "startsAt": rfc3339(e.starts_at),
-            "endsAt": rfc3339(e.ends_at) if done else ZERO_TIME,
-            "generatorURL": e.generator_url, "fingerprint": e.fp,
-        }
-        if e.sentinel:
-            item["sentinel"] = e.sentinel
-        items.append(item)
-    truncated = max(0, len(items) - max_alerts) if max_alerts else 0
-    return {
-        "version": "4", "groupKey": group_key, "truncatedAlerts": truncated,
-        "status": "firing" if any(i["status"] == "firing" for i in items) else "resolved",
-        "receiver": receiver, "groupLabels": dict(group_labels),
-        "commonLabels": common_labels([i["labels"] for i in items]),
-        "commonAnnotations": common_labels([i["annotations"] for i in items]),
-        "externalURL": external_url, "alerts": items[:max_alerts] if max_alerts else items,
-    }
-
-
-def alertmanager_body(events: Sequence[AlertEvent]) -> list[dict[str, Any]]:
-    """The body of Alertmanager's ``POST /api/v2/alerts``, as Prometheus's notifier sends it."""
-    out = []
-    for e in events:
-        item = {"labels": dict(e.labels), "annotations": dict(e.annotations),
-                "startsAt": rfc3339(e.starts_at), "generatorURL": e.generator_url}
-        if e.ends_at:
-            item["endsAt"] = rfc3339(e.ends_at)
-        out.append(item)
-    return out
 
 
 def needs_update(entry: Mapping[str, Any] | None, firing: set[str], resolved_: set[str], repeat: float,
@@ -213,6 +167,10 @@ class Delivery:
             self.nflog = {k: v for k, v in self.nflog.items() if k[0] not in set(gone)}
             store.save_delivery(self.cursor, [], gone, [], [], self.clock())
 
+    def render(self, receiver: str, note: Notification) -> Any:
+        """A queued notification's body, with the receiver's options and the external URL of now."""
+        return note.render(receiver, self.external_url, self.receivers.get(receiver, ReceiverOptions()).max_alerts)
+
     def tick(self, now: float | None = None) -> int:
         """Consume what was handed over, flush the groups that are due; returns notifications queued."""
         with self._lock:
@@ -228,9 +186,8 @@ class Delivery:
             cursor = batch[-1][0]
             events = [e for _, _, e in batch]
             for name in self.alertmanagers:
-                body = alertmanager_body(events)
                 key = hashlib.sha256(json.dumps([name, batch[0][0], cursor]).encode()).hexdigest()[:32]
-                rnd.outbox.append((key, name, "", body))
+                rnd.outbox.append((key, name, "", Notification("alertmanager", tuple(events)).to_json()))
             for _, at, e in batch:  # a group's timers count from when its alert was handed over
                 self._insert(e, min(at, now), rnd)
             if len(batch) < 5000:
@@ -251,7 +208,7 @@ class Delivery:
             now = rnd.now
             rnd.silences = [[parse_matcher(m) for m in s["matchers"]] for s in self.store.silences(now)]
             rnd.firing = list({fp: e.labels for grp in self.groups.values() for fp, e in grp.alerts.items()
-                               if not resolved(e, now)}.values()) if self.inhibit_rules else []
+                               if not e.resolved(now)}.values()) if self.inhibit_rules else []
         rnd.touched.add(g.id)
         self._flush(g, rnd.now, rnd.silences, rnd.firing, rnd.outbox, rnd.nflog)
         if not g.alerts:
@@ -295,29 +252,29 @@ class Delivery:
             g.next_flush = now + g.route.group_interval
         g.flushed = True
         alerts = sorted(g.alerts.values(), key=functools.cmp_to_key(_alert_order))
-        done = [event_fingerprint(e) for e in alerts if resolved(e, now)]
+        done = [e.fp for e in alerts if e.resolved(now)]
         shown = []
         for e in alerts:
             labels = e.labels
             if any(matches_all(ms, labels) for ms in silences):
                 continue
-            if not resolved(e, now) and firing_labels and inhibited(labels, firing_labels, self.inhibit_rules):
+            if not e.resolved(now) and firing_labels and inhibited(labels, firing_labels, self.inhibit_rules):
                 continue
             shown.append(e)
         rcv = g.route.receiver
         opts = self.receivers.get(rcv, ReceiverOptions())
         if shown:
-            firing = {event_fingerprint(e) for e in shown if not resolved(e, now)}
-            res = {event_fingerprint(e) for e in shown if resolved(e, now)}
+            firing = {e.fp for e in shown if not e.resolved(now)}
+            res = {e.fp for e in shown if e.resolved(now)}
             entry = self.nflog.get((g.id, rcv))
             news = bool(g.news & firing)
             if needs_update(entry, firing, res, g.route.repeat_interval, opts.send_resolved, now) or news:
-                send = shown if opts.send_resolved else [e for e in shown if not resolved(e, now)]
+                send = shown if opts.send_resolved else [e for e in shown if not e.resolved(now)]
                 if send:
-                    payload = group_payload(rcv, g.key, g.labels, send, now, self.external_url, opts.max_alerts)
+                    note = Notification("webhook", tuple(send), now, g.key, dict(g.labels))
                     key = hashlib.sha256(json.dumps([rcv, g.id, sorted(firing), sorted(res), now]).encode()
                                          ).hexdigest()[:32]
-                    outbox.append((key, rcv, "", payload))
+                    outbox.append((key, rcv, "", note.to_json()))
                 self.nflog[(g.id, rcv)] = {"firing": sorted(firing), "resolved": sorted(res), "sent_at": now}
                 nflog.append((g.id, rcv, sorted(firing), sorted(res), now))
         g.news.clear()

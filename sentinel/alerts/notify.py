@@ -13,25 +13,19 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 
-from sentinel.alerts.fingerprint import fingerprint
+from sentinel.alerts.notification import Notification
 from sentinel.alerts.store import Store
 from sentinel.state.outbox import OutboxItem
 
 log = logging.getLogger(__name__)
-ZERO_TIME = "0001-01-01T00:00:00Z"
-
-
-def rfc3339(ts: float) -> str:
-    if not ts:
-        return ZERO_TIME
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+# what a receiver is sent for a queued notification: its body rendered with the configuration of the moment
+Renderer = Callable[[str, Notification], Any]
 
 
 def sign(key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
@@ -41,46 +35,6 @@ def sign(key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
     ts = str(int(now))
     mac = hmac.new(key, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
     return {"X-Sentinel-Timestamp": ts, "X-Sentinel-Signature": f"keyid={key_id},sha256={mac}"}
-
-
-def _alert_keys(payload: Any) -> list[tuple[str, str]]:
-    """The alerts of a queued payload, each with its group: a webhook body (``groupKey``, ``alerts``) or
-    Alertmanager's list of alerts (no group)."""
-    if isinstance(payload, dict):
-        group = str(payload.get("groupKey", ""))
-        return [(group, a.get("fingerprint") or fingerprint(a.get("labels", {}))) for a in payload.get("alerts", [])]
-    return [("", fingerprint(a.get("labels", {}))) for a in payload]
-
-
-def _lane(payload: Any) -> str:
-    """Notifications of one group go in order; different groups need not wait for each other."""
-    return str(payload.get("groupKey", "")) if isinstance(payload, dict) else ""
-
-
-def common_labels(maps: Sequence[Mapping[str, str]]) -> dict[str, str]:
-    if not maps:
-        return {}
-    out = dict(maps[0])
-    for m in maps[1:]:
-        out = {k: v for k, v in out.items() if m.get(k) == v}
-    return out
-
-
-def _without(payload: Any, drop: set[tuple[str, str]]) -> Any | None:
-    """``payload`` without the alerts in ``drop`` (None when nothing is left); a webhook body's status and
-    common labels are recomputed from what stays."""
-    if isinstance(payload, list):
-        kept = [a for a in payload if ("", fingerprint(a.get("labels", {}))) not in drop]
-        return kept or None
-    group = str(payload.get("groupKey", ""))
-    kept = [a for a in payload.get("alerts", []) if (group, a.get("fingerprint") or fingerprint(a.get("labels", {})))
-            not in drop]
-    if not kept:
-        return None
-    return {**payload, "alerts": kept,
-            "status": "firing" if any(a.get("status") == "firing" for a in kept) else "resolved",
-            "commonLabels": common_labels([a.get("labels", {}) for a in kept]),
-            "commonAnnotations": common_labels([a.get("annotations", {}) for a in kept])}
 
 
 class Dispatcher:
@@ -101,8 +55,9 @@ class Dispatcher:
                  max_backoff_s: float = 300.0, give_up_after_s: float = 3600.0,
                  on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16,
                  signing: Mapping[str, tuple[str, bytes]] | None = None, urls: Mapping[str, str] | None = None,
-                 lanes_per_receiver: int = 8) -> None:
+                 lanes_per_receiver: int = 8, render: Renderer | None = None) -> None:
         self.store = store
+        self.render: Renderer = render or (lambda receiver, n: n.render(receiver))
         self.urls = dict(urls or {})
         self.signing = dict(signing or {})  # receiver name -> (key id, key): from the settings, never stored
         self.client = client
@@ -145,7 +100,7 @@ class Dispatcher:
                     return sent
                 lanes: dict[str, list[tuple[OutboxItem, float]]] = {}
                 for item, next_at in queue:
-                    lanes.setdefault(_lane(item.payload), []).append((item, next_at))
+                    lanes.setdefault(Notification.from_json(item.payload).group_key, []).append((item, next_at))
                 if len(lanes) == 1:
                     results = [self._drain_lane(receiver, next(iter(lanes.values())))]
                 else:
@@ -168,30 +123,33 @@ class Dispatcher:
     def _drain_lane(self, receiver: str, queue: list[tuple[OutboxItem, float]]) -> tuple[int, bool]:
         """One group's notifications, in order: (sent, whether the head must wait)."""
         last: dict[tuple[str, str], int] = {}
+        notes = {item.id: Notification.from_json(item.payload) for item, _ in queue}
         for item, _ in queue:
-            for k in _alert_keys(item.payload):
+            for k in notes[item.id].keys():
                 last[k] = item.id
         sent = 0
         for item, next_at in queue:
-            drop = {k for k in _alert_keys(item.payload) if last[k] != item.id}
+            note: Notification | None = notes[item.id]
+            assert note is not None
+            drop = {k for k in note.keys() if last[k] != item.id}
             if drop:
-                kept = _without(item.payload, drop)
-                self.store.supersede(item.id, kept)
-                if kept is None:
+                note = note.without(drop)
+                self.store.supersede(item.id, None if note is None else note.to_json())
+                if note is None:
                     self.on_result(receiver, "superseded")
                     continue
-                item = OutboxItem(item.id, item.key, item.receiver, item.url, kept, item.attempts, item.created_at)
             if next_at > self.clock():
                 return sent, True  # the head is backing off: the rest of its group waits, in order
-            outcome = self._deliver(item)
+            outcome = self._deliver(item, note)
             if outcome == "retry":
                 return sent, True
             sent += outcome == "sent"
         return sent, False
 
-    def _deliver(self, item: OutboxItem) -> str:
-        """One POST: "sent", "retry" (5xx, 429, network; the queue waits) or "failed" (any other 4xx)."""
-        body = json.dumps(item.payload, separators=(",", ":")).encode()
+    def _deliver(self, item: OutboxItem, note: Notification) -> str:
+        """One POST of ``note`` rendered for its receiver: "sent", "retry" (5xx, 429, network; the queue waits)
+        or "failed" (any other 4xx)."""
+        body = json.dumps(self.render(item.receiver, note), separators=(",", ":")).encode()
         headers = {"Idempotency-Key": item.key, "Content-Type": "application/json"}
         if item.receiver in self.signing:
             key_id, key = self.signing[item.receiver]

@@ -44,14 +44,15 @@ class Notifications:
         urls = {r.name: r.url for r in a.receivers}
         if a.alertmanager_url:
             urls[AM_RECEIVER] = a.alertmanager_url.rstrip("/") + "/api/v2/alerts"
+        route = build_route(a.route or default_tree([r.name for r in a.receivers]))
+        self.delivery = delivery = Delivery(
+            self.store, route, {r.name: ReceiverOptions(r.send_resolved, r.max_alerts) for r in a.receivers},
+            [AM_RECEIVER] if a.alertmanager_url else [], self.api_url, a.inhibit_rules,
+            on_groups=self.metrics.alert_groups.set)
         self.dispatcher = Dispatcher(
             self.store, self.http, signing=signing, give_up_after_s=a.notification_max_age, urls=urls,
-            on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc())
-        route = build_route(a.route or default_tree([r.name for r in a.receivers]))
-        self.delivery = Delivery(self.store, route, {r.name: ReceiverOptions(r.send_resolved, r.max_alerts)
-                                                     for r in a.receivers},
-                                 [AM_RECEIVER] if a.alertmanager_url else [], self.api_url, a.inhibit_rules,
-                                 on_groups=self.metrics.alert_groups.set)
+            on_result=lambda rcv, outcome: self.metrics.notifications.labels(rcv, outcome).inc(),
+            render=delivery.render)
         clock.every(1.0, self.tick, "notify")
 
     def tick(self) -> None:

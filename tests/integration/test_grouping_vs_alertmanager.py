@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from sentinel.alerts.delivery import Delivery, ReceiverOptions, alertmanager_body
+from sentinel.alerts.delivery import Delivery, ReceiverOptions
 from sentinel.alerts.event import AlertEvent
+from sentinel.alerts.notification import alertmanager_body
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.routing import RouteConfig, build
 from sentinel.alerts.store import Store
@@ -94,7 +95,8 @@ def test_the_same_notifications_as_alertmanager(tmp_path: Path, capture: Capture
                         {n: ReceiverOptions(max_alerts=MAX_ALERTS.get(n, 0)) for n in names})
     stop = threading.Event()
     with httpx.Client() as client:
-        dispatcher = Dispatcher(store, client, urls={n: f"{capture.url}/us/{n}" for n in names})
+        dispatcher = Dispatcher(store, client, urls={n: f"{capture.url}/us/{n}" for n in names},
+                                render=delivery.render)
 
         def loop() -> None:
             while not stop.is_set():

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from sentinel.alerts.delivery import resolved as is_resolved
 from sentinel.alerts.state import State
 from sentinel.alerts.store import Store
 from sentinel.errors import DatasourceError, EvaluationError
@@ -172,7 +171,7 @@ def test_recording_rules_write_back_and_reloads_forget_removed_rules(tmp_path: P
         # the reload: both rules gone
         ev.load([LoadedGroup(file="f.yaml", group=Group(name="g", rules=[]))])
         assert store.load_rule_state(rt_alert.key) == []
-        resolved = [e for _, t, e in store.alert_log_after(0) if is_resolved(e, t)]
+        resolved = [e for _, t, e in store.alert_log_after(0) if e.resolved(t)]
         assert resolved and resolved[-1].labels["alertname"] == "Recorded"
         assert "sentinel_alerts{alertname=\"Recorded\"" not in generate_latest(metrics.registry).decode()
         assert src.query("job:up:count", time.time() + 0.001) == []  # stale now, not in 5 minutes

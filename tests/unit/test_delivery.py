@@ -14,9 +14,11 @@ import pytest
 from sentinel.alerts.delivery import Delivery, ReceiverOptions, needs_update
 from sentinel.alerts.event import AlertEvent
 from sentinel.alerts.fingerprint import fingerprint
+from sentinel.alerts.notification import Notification
 from sentinel.alerts.routing import RouteConfig, build
 from sentinel.alerts.store import Store
 from sentinel.settings import AlertingSettings
+from sentinel.state.outbox import OutboxItem
 
 T0 = 1_800_000_000.0
 
@@ -26,10 +28,14 @@ def ev(labels: dict[str, str], starts: float = T0, ends: float = T0 + 86400, **e
                                  "generator_url": "", **extra})
 
 
+def bodies(store: Store) -> list[tuple[OutboxItem, dict[str, Any]]]:
+    """The queued notifications, each with the webhook body it is sent as (rendered at send time)."""
+    return [(i, Notification.from_json(i.payload).render(i.receiver)) for i in store.due(float("inf"), 1000)]
+
+
 def sent(store: Store) -> list[tuple[float, str, str, list[tuple[str, str]]]]:
-    return [(i.created_at - T0, i.receiver, i.payload["groupKey"],
-             [(a["labels"].get("replica", ""), a["status"]) for a in i.payload["alerts"]])
-            for i in store.due(float("inf"), 1000)]
+    return [(i.created_at - T0, i.receiver, p["groupKey"], [(a["labels"].get("replica", ""), a["status"])
+                                                           for a in p["alerts"]]) for i, p in bodies(store)]
 
 
 def make(tmp_path: Path, route: dict[str, Any], **opts: ReceiverOptions) -> tuple[Store, Delivery]:
@@ -134,9 +140,9 @@ def test_findings_that_arrive_later_are_sent_at_the_next_flush(tmp_path: Path) -
     store.log_alerts([ev({"alertname": "A"}, sentinel={"findings": {"status": "ok", "summary": "xid 79"}})],
                      T0 + 40)
     d.tick(T0 + 330)
-    first, second = store.due(float("inf"))
-    assert "sentinel" not in first.payload["alerts"][0]
-    assert second.payload["alerts"][0]["sentinel"]["findings"]["summary"] == "xid 79"
+    (_, first), (_, second) = bodies(store)
+    assert "sentinel" not in first["alerts"][0]
+    assert second["alerts"][0]["sentinel"]["findings"]["summary"] == "xid 79"
 
 
 def test_group_by_all_labels_and_an_aggregation_key(tmp_path: Path) -> None:
@@ -217,7 +223,7 @@ def test_findings_of_an_inbound_alert_go_with_it(tmp_path: Path) -> None:
     alert = Alert(labels, {}, 0.0, State.FIRING, T0, fired_at=T0)
     ev.notify_findings(rt, alert, {"status": "ok", "summary": "Xid 79 on GPU 0"})
     d.tick(T0 + 300)
-    last = store.due(float("inf"))[-1].payload["alerts"][0]
+    last = bodies(store)[-1][1]["alerts"][0]
     assert last["sentinel"]["findings"]["summary"] == "Xid 79 on GPU 0" and last["status"] == "firing"
     assert relayed.ends_at == 0.0 and len(store.due(float("inf"))) == 2  # the page, then the evidence
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sentinel.alerts.delivery import resolved
-from sentinel.alerts.notify import rfc3339
+from sentinel.alerts.notification import rfc3339
 from sentinel.alerts.store import Store
 from sentinel.errors import DatasourceError
 from sentinel.logstore.local import LocalLogStore
@@ -66,7 +65,7 @@ def sent(ev: Evaluator) -> list[tuple[float, list[tuple[str, str, str]]]]:
     for _, created, e in ev.store.alert_log_after(0, limit=10_000):
         if e.labels["alertname"] != "CudaError":
             continue  # SentinelRuleEvaluationFailing (the store down), asserted where it matters
-        status = "resolved" if resolved(e, created) else "firing"
+        status = "resolved" if e.resolved(created) else "firing"
         key = (created, tuple(e.labels.get(k, "") for k in e.group_by))
         out.setdefault(key, []).append((e.labels["replica"], status, rfc3339(e.starts_at)))
     return [(t, alerts) for (t, _), alerts in out.items()]
@@ -162,7 +161,7 @@ def test_an_outage_is_replayed_when_the_store_returns(tmp_path: Path) -> None:
     # the firing one was queued for the evaluation at +100 but went out at +210: its endsAt counts from then,
     # or Alertmanager would take it as already over
     [ends] = [rfc3339(e.ends_at) for _, t, e in ev.store.alert_log_after(0)
-              if not resolved(e, t) and e.labels.get("replica") == "r1"]
+              if not e.resolved(t) and e.labels.get("replica") == "r1"]
     assert ends == fmt.format("7:30")  # +210 + 4 x the 60 s resend delay
     assert rt.health == "ok"
 

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sentinel.alerts.delivery import Delivery, ReceiverOptions
+from sentinel.alerts.notification import Notification
 from sentinel.alerts.routing import build, default_tree
 from sentinel.alerts.silences import DEFAULT_INHIBIT_RULES, InhibitRule, inhibited, parse_matcher
 from sentinel.alerts.state import Sample, State
@@ -67,7 +68,7 @@ def fire(ev: Evaluator, name: str, t: float, replicas: list[str]) -> None:
 
 def notified(store: Store) -> list[tuple[str, str]]:
     return [(a["labels"]["alertname"], a["labels"]["replica"]) for i in store.due(float("inf"), 1000)
-            for a in i.payload["alerts"]]
+            for a in Notification.from_json(i.payload).render(i.receiver)["alerts"]]
 
 
 def test_silences_and_inhibition_hold_back_notifications_not_state(tmp_path: Path) -> None:
@@ -91,7 +92,8 @@ def test_silences_and_inhibition_hold_back_notifications_not_state(tmp_path: Pat
     fire(ev, "InferenceReplicaDown", now + 300, ["replica-0"])  # the evaluator's resends keep them firing
     fire(ev, "InferenceLatencyP99High", now + 300, ["replica-0", "replica-1", "replica-2"])
     delivery.tick(now + 31 + 300)
-    last = store.due(float("inf"), 1000)[-1].payload
+    item = store.due(float("inf"), 1000)[-1]
+    last = Notification.from_json(item.payload).render(item.receiver)
     assert [(a["labels"]["replica"], a["status"]) for a in last["alerts"]] == [
         ("replica-1", "firing"), ("replica-2", "firing")]  # replica-0 stays inhibited
 
@@ -132,5 +134,6 @@ def test_a_datasource_down_is_one_page_not_one_per_rule(tmp_path: Path) -> None:
     delivery = Delivery(store, build(default_tree(["oncall"])), {"oncall": ReceiverOptions()},
                         inhibit_rules=DEFAULT_INHIBIT_RULES)
     delivery.tick(now + 31)
-    sent = [a["labels"]["alertname"] for i in store.due(float("inf"), 1000) for a in i.payload["alerts"]]
+    sent = [a["labels"]["alertname"] for i in store.due(float("inf"), 1000)
+            for a in Notification.from_json(i.payload).render(i.receiver)["alerts"]]
     assert sent == ["SentinelDatasourceDown"]

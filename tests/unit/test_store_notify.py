@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sentinel.alerts.delivery import group_payload
 from sentinel.alerts.event import AlertEvent
+from sentinel.alerts.notification import Notification, group_payload
 from sentinel.alerts.notify import Dispatcher
 from sentinel.alerts.state import AlertingRule, Sample, ends_at
 from sentinel.alerts.store import Store
@@ -28,8 +28,8 @@ class Clock:
 def webhook(receiver: str, rule: AlertingRule, due: list, now: float) -> dict:  # type: ignore[type-arg]
     events = [AlertEvent(a.labels, a.annotations, a.fired_at or a.active_at, ends_at(a), "http://gen", a.fingerprint)
               for a in due]
-    return group_payload(receiver, '{}:{alertname="CudaError"}', {"alertname": "CudaError"}, events, now,
-                         "http://sentinel")
+    return Notification("webhook", tuple(events), now, '{}:{alertname="CudaError"}', {"alertname": "CudaError"}
+                        ).to_json()
 
 
 def firing_payload(receiver: str, url: str, now: float) -> tuple[str, str, str, dict]:  # type: ignore[type-arg]
@@ -96,7 +96,9 @@ def test_retention_prunes_what_is_old_and_nothing_that_is_live(tmp_path: Path) -
 
 
 def test_webhook_payload_is_alertmanager_v4() -> None:
-    _, _, _, p = firing_payload("oncall", "", 1_000_000.0)
+    _, _, _, queued = firing_payload("oncall", "", 1_000_000.0)
+    p = Notification.from_json(queued).render("oncall", "http://sentinel")  # the outbox renders at send time
+    assert p["externalURL"] == "http://sentinel" and p["truncatedAlerts"] == 0
     assert p["version"] == "4" and p["status"] == "firing" and p["receiver"] == "oncall"
     assert p["groupKey"] == '{}:{alertname="CudaError"}'
     assert p["commonLabels"] == {"alertname": "CudaError", "replica": "replica-0", "severity": "page"}
@@ -402,3 +404,23 @@ def test_backlog_metrics_read_the_queue_and_the_shipper(tmp_path: Path) -> None:
     v = values()
     assert v[("sentinel_log_shipping_backlog_bytes", (("source", "replica-0"),))] == len('{"message": "c"}\n')
     assert v[("sentinel_log_shipping_lag_seconds", ())] == 200.0  # grows while the store is down
+
+
+def test_a_body_queued_before_notifications_were_typed_is_still_delivered(tmp_path: Path, receiver: Receiver) -> None:
+    """A state file from before the outbox kept typed alerts holds rendered webhook bodies: they are read back
+    into notifications and sent with the same alerts, status and times."""
+    now = 1_000_000.0
+    rule = AlertingRule("CudaError", labels={"severity": "page"})
+    rule.eval(now - 10, [Sample({"replica": r}, 1) for r in ("a", "b")])
+    rule.eval(now, [Sample({"replica": "a"}, 1)])
+    events = [AlertEvent(a.labels, a.annotations, a.fired_at or a.active_at, ends_at(a), "http://gen", a.fingerprint)
+              for a in rule.to_send(now, 60, 5)]
+    old = group_payload("oncall", "{}:{}", {}, events, now, "http://sentinel")
+    assert sorted(a["status"] for a in old["alerts"]) == ["firing", "resolved"]
+    store = Store(tmp_path / "s.db")
+    store.enqueue([("k-legacy", "oncall", receiver.url, old)], now)
+    with httpx.Client() as client:
+        assert Dispatcher(store, client, Clock(now), render=lambda r, n: n.render(r, "http://sentinel")
+                          ).run_once() == 1
+    [got] = receiver.snapshot()
+    assert got == old
