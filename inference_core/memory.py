@@ -141,21 +141,12 @@ class KVPlan:
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
-def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weights_bytes: int, activation_bytes: int,
-                  runtime_bytes: int, bytes_per_token: int, block_size: int, max_num_seqs: int,
-                  reserve_per_token: int = 0,
-                  config_max_len: int, max_model_len: int | None = None, memory_utilization: float | None = None,
-                  kv_cache_memory: int | None = None) -> KVPlan:
-    """Blocks for the KV cache within the budget; lowers the default max_model_len to what fits (with a
-    note) and refuses (``KVCacheTooSmall``) when not even one sequence of an asked-for length fits.
-    The pool never grows past what ``max_num_seqs`` full-length sequences can use."""
-    notes: list[str] = []
-    if max_model_len is not None and max_model_len > config_max_len:
-        raise KVCacheTooSmall(f"--max-model-len {max_model_len} exceeds the model's context length {config_max_len}")
-    want_len = max_model_len or config_max_len
-    used = weights_bytes + activation_bytes + runtime_bytes
+def _kv_budget(notes: list[str], device: str, total_bytes: int, available_bytes: int, used: int, activation_bytes: int,
+               per_token: int, max_num_seqs: int, want_len: int, memory_utilization: float | None,
+               kv_cache_memory: int | None) -> tuple[int, int]:
+    """(the memory budget, the part of it for the KV cache): the CPU default, ``--kv-cache-memory``, or vLLM's
+    ``--memory-utilization`` share of the device less what is resident; never past what is available now."""
     if kv_cache_memory is None and memory_utilization is None and device.startswith("cpu"):
-        per_token = bytes_per_token + reserve_per_token
         default = default_cpu_kv_bytes(per_token, max_num_seqs, want_len)
         headroom = max(0, available_bytes - activation_bytes)
         notes.append(f"CPU default: KV cache for {max_num_seqs} sequences of {default // per_token // max_num_seqs} "
@@ -181,6 +172,24 @@ def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weight
             notes.append(f"KV budget lowered from {fmt_bytes(kv_budget)} to the {fmt_bytes(max(headroom, 0))} "
                          "this host has available now")
             kv_budget = headroom
+    return budget, kv_budget
+
+
+def plan_kv_cache(*, device: str, total_bytes: int, available_bytes: int, weights_bytes: int, activation_bytes: int,
+                  runtime_bytes: int, bytes_per_token: int, block_size: int, max_num_seqs: int,
+                  reserve_per_token: int = 0,
+                  config_max_len: int, max_model_len: int | None = None, memory_utilization: float | None = None,
+                  kv_cache_memory: int | None = None) -> KVPlan:
+    """Blocks for the KV cache within the budget; lowers the default max_model_len to what fits (with a
+    note) and refuses (``KVCacheTooSmall``) when not even one sequence of an asked-for length fits.
+    The pool never grows past what ``max_num_seqs`` full-length sequences can use."""
+    notes: list[str] = []
+    if max_model_len is not None and max_model_len > config_max_len:
+        raise KVCacheTooSmall(f"--max-model-len {max_model_len} exceeds the model's context length {config_max_len}")
+    want_len = max_model_len or config_max_len
+    budget, kv_budget = _kv_budget(notes, device, total_bytes, available_bytes, weights_bytes + activation_bytes
+                                   + runtime_bytes, activation_bytes, bytes_per_token + reserve_per_token,
+                                   max_num_seqs, want_len, memory_utilization, kv_cache_memory)
     blocks = max(kv_budget, 0) // ((bytes_per_token + reserve_per_token) * block_size)
     flag = "--memory-utilization (or --kv-cache-memory)" if kv_cache_memory is None else "--kv-cache-memory"
     numbers = (f"budget {fmt_bytes(budget)} on {device} ({fmt_bytes(total_bytes)} total): weights "

@@ -134,6 +134,42 @@ def _data(http: httpx.Client, url: str, params: dict[str, Any] | None = None) ->
     return r.json()["data"]
 
 
+def _arm(replica_api: ReplicaClient, fault: dict[str, Any], drill: Drill, name: str) -> None:
+    try:
+        armed = replica_api.arm_fault(fault)
+    except ReplicaUnreachable:
+        if drill.name != "crash":
+            raise
+        # under load the crash can fire (the next forward pass, another client's) before the answer is written
+        armed = httpx.Response(200, request=httpx.Request("POST", f"{replica_api.url}/admin/faults"))
+    if armed.status_code == 404:
+        raise ChaosError(f"{name} has no fault switch: start sentinel with replicas.enable_faults: true")
+    if armed.status_code == 401:
+        raise ChaosError("the replica refused the admin token: pass the one in replicas.admin_token")
+    armed.raise_for_status()
+
+
+def _watch(http: httpx.Client, api: str, alert: str, name: str, old_pid: Any, t0: float, timeout_s: float
+           ) -> tuple[float | None, float | None]:
+    """Seconds from ``t0`` until sentinel's ``alert`` fired for the replica (detect), and until the replica runs
+    as a new, healthy process (recover); None for what did not happen within ``timeout_s``."""
+    detect = recover = None
+    deadline = t0 + timeout_s
+    while time.monotonic() < deadline and (detect is None or recover is None):
+        now = time.monotonic()
+        if detect is None:
+            alerts = _data(http, f"{api}/api/v1/alerts")["alerts"]
+            if any(a["labels"].get("alertname") == alert and a["labels"].get("replica") == name
+                   and a["state"] == "firing" for a in alerts):
+                detect = now - t0
+        if recover is None:
+            st = {r["name"]: r for r in _data(http, f"{api}/api/v1/status")["replicas"]}.get(name, {})
+            if st.get("pid") not in (None, old_pid) and st.get("healthy"):
+                recover = now - t0
+        time.sleep(0.25)  # two reads a round: within sentinel's API rate limit (10/s per client)
+    return detect, recover
+
+
 def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = None, timeout_s: float = 120.0,
               model: str | None = None, reach_limit_s: float = 600.0, max_leak_bytes: float = 4 * GiB
               ) -> DrillResult:
@@ -155,18 +191,7 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
     replica_api = ReplicaClient(target["url"], timeout_s=10.0, admin_token=admin_token, http=http)
     t0 = time.monotonic()
     started = time.time()
-    try:
-        armed = replica_api.arm_fault(fault)
-    except ReplicaUnreachable:
-        if drill.name != "crash":
-            raise
-        # under load the crash can fire (the next forward pass, another client's) before the answer is written
-        armed = httpx.Response(200, request=httpx.Request("POST", f"{target['url']}/admin/faults"))
-    if armed.status_code == 404:
-        raise ChaosError(f"{name} has no fault switch: start sentinel with replicas.enable_faults: true")
-    if armed.status_code == 401:
-        raise ChaosError("the replica refused the admin token: pass the one in replicas.admin_token")
-    armed.raise_for_status()
+    _arm(replica_api, fault, drill, name)
 
     def trigger() -> None:  # the fault fires in the next forward pass: give it one, straight to the replica
         try:
@@ -187,20 +212,7 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
                     time.sleep(0.2)
 
     threading.Thread(target=busy if drill.load else trigger, daemon=True).start()
-    detect = recover = None
-    deadline = t0 + timeout_s
-    while time.monotonic() < deadline and (detect is None or recover is None):
-        now = time.monotonic()
-        if detect is None:
-            alerts = _data(http, f"{api}/api/v1/alerts")["alerts"]
-            if any(a["labels"].get("alertname") == drill.alert and a["labels"].get("replica") == name
-                   and a["state"] == "firing" for a in alerts):
-                detect = now - t0
-        if recover is None:
-            st = {r["name"]: r for r in _data(http, f"{api}/api/v1/status")["replicas"]}.get(name, {})
-            if st.get("pid") not in (None, old_pid) and st.get("healthy"):
-                recover = now - t0
-        time.sleep(0.25)  # two reads a round: within sentinel's API rate limit (10/s per client)
+    detect, recover = _watch(http, api, drill.alert, name, old_pid, t0, timeout_s)
     done.set()
     if drill.load and recover is None:  # not recovered in time: stop the fault rather than leave it running
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +13,7 @@ from rich.table import Table
 from sentinel import logstore
 from sentinel.cli.base import app
 from sentinel.errors import SentinelError
+from sentinel.rules.filters import LogFilter
 from sentinel.rules.model import load_rule_file
 
 logs_app = typer.Typer(help="The log lines behind an alert, from the configured log store.", no_args_is_help=True)
@@ -68,6 +69,42 @@ def logs_test_rule(
         raise typer.Exit(code) from exc
 
 
+def _rule_filters(rule: str, rules_dir: Path) -> tuple[list[LogFilter], float]:
+    """A log rule's filters and timeframe, by its alert name."""
+    from sentinel.rules.model import load_rules
+
+    found = [r.log for g in load_rules(rules_dir) for r in g.group.rules if r.alert == rule and r.log is not None]
+    if not found:
+        raise typer.BadParameter(f"no log rule named {rule!r} in {rules_dir}", param_hint="--rule")
+    return list(found[0].filter), found[0].timeframe
+
+
+def _filters(where: list[str]) -> list[LogFilter]:
+    """``--filter`` values: FIELD=VALUE (a term) or a filter as JSON."""
+    import json as _json
+
+    filters: list[LogFilter] = []
+    for text in where:
+        if text.lstrip().startswith("{"):
+            filters.append(LogFilter.model_validate(_json.loads(text)))
+        elif "=" in text:
+            name, value = text.split("=", 1)
+            filters.append(LogFilter(term={name.strip(): value}))
+        else:
+            raise typer.BadParameter(f"{text!r}: expected FIELD=VALUE or a JSON filter", param_hint="--filter")
+    return filters
+
+
+def _show_lines(docs: list[dict[str, Any]]) -> None:
+    shown = ["@timestamp", "replica", "level", "request_id", "inference_time", "cuda_error", "message"]
+    table = Table(title=f"{len(docs)} line(s), newest first", show_lines=False)
+    for col in shown:
+        table.add_column(col, overflow="fold")
+    for d in docs:
+        table.add_row(*("" if d.get(c) is None else str(d.get(c)) for c in shown))
+    Console().print(table)
+
+
 @logs_app.command("query")
 def logs_query(
     rule: Annotated[str | None, typer.Option(help="a log rule's alert name: its filters (and timeframe)")] = None,
@@ -92,41 +129,18 @@ def logs_query(
     from pydantic import ValidationError
 
     from sentinel.durations import parse_duration
-    from sentinel.errors import SentinelError
     from sentinel.logstore.elasticsearch import LogStoreUnavailable
-    from sentinel.rules.filters import LogFilter
-    from sentinel.rules.model import load_rules
     from sentinel.settings import load_settings
 
     try:
         s = load_settings(config, {"logs": {"elasticsearch_url": elasticsearch_url}} if elasticsearch_url else None)
-        filters: list[LogFilter] = []
-        window = 900.0
-        if rule is not None:
-            found = [r for g in load_rules(rules_dir or s.rules_dir) for r in g.group.rules
-                     if r.alert == rule and r.log is not None]
-            if not found:
-                where_ = rules_dir or s.rules_dir
-                raise typer.BadParameter(f"no log rule named {rule!r} in {where_}", param_hint="--rule")
-            assert found[0].log is not None
-            filters += found[0].log.filter
-            window = found[0].log.timeframe
-        for text in where or []:
-            if text.lstrip().startswith("{"):
-                filters.append(LogFilter.model_validate(_json.loads(text)))
-            elif "=" in text:
-                name, value = text.split("=", 1)
-                filters.append(LogFilter(term={name.strip(): value}))
-            else:
-                raise typer.BadParameter(f"{text!r}: expected FIELD=VALUE or a JSON filter", param_hint="--filter")
+        filters, window = _rule_filters(rule, rules_dir or s.rules_dir) if rule is not None else ([], 900.0)
+        filters += _filters(where or [])
         if query is not None:
             filters.append(LogFilter(query_string=query))
         if since is not None:
             window = parse_duration(since)
-    except (ValidationError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    except SentinelError as exc:
+    except (ValidationError, ValueError, SentinelError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     now = time.time()
@@ -143,10 +157,4 @@ def logs_query(
         for d in docs:
             typer.echo(_json.dumps(d, sort_keys=True))
         return
-    shown = ["@timestamp", "replica", "level", "request_id", "inference_time", "cuda_error", "message"]
-    table = Table(title=f"{len(docs)} line(s), newest first", show_lines=False)
-    for col in shown:
-        table.add_column(col, overflow="fold")
-    for d in docs:
-        table.add_row(*("" if d.get(c) is None else str(d.get(c)) for c in shown))
-    Console().print(table)
+    _show_lines(docs)

@@ -22,24 +22,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-@app.command()
-def up(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
-    prometheus_url: Annotated[str | None, typer.Option(help="use an existing Prometheus")] = None,
-    elasticsearch_url: Annotated[str | None, typer.Option(
-        help="ship logs to this Elasticsearch and answer log rules from it (default: the local store)")] = None,
-    api_port: Annotated[int | None, typer.Option(help="sentinel API port (default: free)")] = None,
-    replicas: Annotated[int | None, typer.Option(help="number of inference replicas")] = None,
-    model_dir: Annotated[Path | None, typer.Option(help="model directory (default: bundled)")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="where state, logs and children live")] = None,
-    rules_dir: Annotated[Path | None, typer.Option(help="rule files directory")] = None,
-    receiver: Annotated[list[str] | None, typer.Option(help="NAME=URL of an alert webhook (repeatable)")] = None,
-    enable_faults: Annotated[bool, typer.Option(help="start replicas with the fault switch (drills)")] = False,
-) -> None:
-    """Start replicas, Prometheus and the daemon; print what runs where; stop all on Ctrl-C."""
-    from sentinel.daemon import Daemon, Service
-    from sentinel.settings import load_settings
-
+def _daemon_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("apscheduler", "httpx", "httpcore"):
@@ -47,6 +30,12 @@ def up(
     # the Elasticsearch client logs every request, and every retry with a traceback; sentinel says once per
     # outage that the store is unreachable, and why
     logging.getLogger("elastic_transport").setLevel(logging.ERROR)
+
+
+def _up_overrides(prometheus_url: str | None, elasticsearch_url: str | None, api_port: int | None,
+                  replicas: int | None, model_dir: Path | None, enable_faults: bool, state_dir: Path | None,
+                  rules_dir: Path | None, receiver: list[str] | None) -> dict[str, Any]:
+    """The settings ``sentinel up``'s flags override."""
     overrides: dict[str, Any] = {}
     if prometheus_url:
         overrides.setdefault("prometheus", {})["url"] = prometheus_url
@@ -72,6 +61,30 @@ def up(
                 raise typer.BadParameter(f"expected NAME=URL, got {item!r}", param_hint="--receiver")
             rcvs.append({"name": name, "url": url})
         overrides.setdefault("alerting", {})["receivers"] = rcvs
+    return overrides
+
+
+@app.command()
+def up(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="settings YAML file")] = None,
+    prometheus_url: Annotated[str | None, typer.Option(help="use an existing Prometheus")] = None,
+    elasticsearch_url: Annotated[str | None, typer.Option(
+        help="ship logs to this Elasticsearch and answer log rules from it (default: the local store)")] = None,
+    api_port: Annotated[int | None, typer.Option(help="sentinel API port (default: free)")] = None,
+    replicas: Annotated[int | None, typer.Option(help="number of inference replicas")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="model directory (default: bundled)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="where state, logs and children live")] = None,
+    rules_dir: Annotated[Path | None, typer.Option(help="rule files directory")] = None,
+    receiver: Annotated[list[str] | None, typer.Option(help="NAME=URL of an alert webhook (repeatable)")] = None,
+    enable_faults: Annotated[bool, typer.Option(help="start replicas with the fault switch (drills)")] = False,
+) -> None:
+    """Start replicas, Prometheus and the daemon; print what runs where; stop all on Ctrl-C."""
+    from sentinel.daemon import Daemon, Service
+    from sentinel.settings import load_settings
+
+    _daemon_logging()
+    overrides = _up_overrides(prometheus_url, elasticsearch_url, api_port, replicas, model_dir, enable_faults,
+                              state_dir, rules_dir, receiver)
 
     def show(services: list[Service]) -> None:
         table = Table(title="sentinel up: what runs where")
@@ -143,6 +156,33 @@ def diagnose(
 
 
 
+def _show_plan(p: Any) -> None:
+    """A capacity plan (``sentinel.plan.Plan``) as a summary line, a table of GPU options and notes."""
+    gb = 1e9
+    console.print(f"[bold]{p.model}[/]: {p.parameters / 1e9:.2f}B parameters in {p.dtype} = "
+                  f"{p.weights_bytes / gb:.1f} GB; KV cache {p.kv_bytes_per_token / 1024:.0f} KiB/token x "
+                  f"{p.context_tokens} tokens x {p.concurrent_sequences} sequences = {p.kv_cache_bytes / gb:.1f} GB; "
+                  f"activations {p.activation_bytes / gb:.1f} GB; runtime {p.runtime_bytes / gb:.1f} GB per GPU")
+    table = Table()
+    for col in ("GPU", "GPUs", "TP", "per GPU", "prefill", "tok/s/seq", "link", "fits"):
+        table.add_column(col)
+    for o in p.options:
+        star = " *" if p.recommended is o else ""
+        link = "-" if o.gpus == 1 else ("NVLink" if "NVLink/NVSwitch" in o.interconnect else "PCIe") + (
+            " + IB" if "InfiniBand" in o.interconnect else "")
+        table.add_row(o.gpu + star, str(o.gpus), str(o.tensor_parallel),
+                      f"{o.per_gpu_bytes / gb:.1f}/{o.gpu_memory_bytes / gb:.0f} GB", f"{o.prefill_ms:.0f} ms",
+                      f"{o.decode_tokens_per_s:.0f}", link, "[green]yes[/]" if o.fits else f"[red]no[/]: {o.why_not}")
+    console.print(table)
+    if p.recommended is not None:
+        r = p.recommended
+        console.print(f"recommended (*): {r.gpus} x {r.gpu}, tensor parallel {r.tensor_parallel}; {r.interconnect}")
+    else:
+        console.print(f"[red]{p.interconnect}[/]")
+    for n in p.notes:
+        console.print(f"note: {n}")
+
+
 @app.command("plan")
 def plan_cmd(
     config: Annotated[Path | None, typer.Option("--model", "-m", help="a model directory or its config.json")] = None,
@@ -185,29 +225,7 @@ def plan_cmd(
     if json_out:
         typer.echo(_json.dumps(p.as_dict()))
         return
-    gb = 1e9
-    console.print(f"[bold]{p.model}[/]: {p.parameters / 1e9:.2f}B parameters in {p.dtype} = "
-                  f"{p.weights_bytes / gb:.1f} GB; KV cache {p.kv_bytes_per_token / 1024:.0f} KiB/token x "
-                  f"{p.context_tokens} tokens x {p.concurrent_sequences} sequences = {p.kv_cache_bytes / gb:.1f} GB; "
-                  f"activations {p.activation_bytes / gb:.1f} GB; runtime {p.runtime_bytes / gb:.1f} GB per GPU")
-    table = Table()
-    for col in ("GPU", "GPUs", "TP", "per GPU", "prefill", "tok/s/seq", "link", "fits"):
-        table.add_column(col)
-    for o in p.options:
-        star = " *" if p.recommended is o else ""
-        link = "-" if o.gpus == 1 else ("NVLink" if "NVLink/NVSwitch" in o.interconnect else "PCIe") + (
-            " + IB" if "InfiniBand" in o.interconnect else "")
-        table.add_row(o.gpu + star, str(o.gpus), str(o.tensor_parallel),
-                      f"{o.per_gpu_bytes / gb:.1f}/{o.gpu_memory_bytes / gb:.0f} GB", f"{o.prefill_ms:.0f} ms",
-                      f"{o.decode_tokens_per_s:.0f}", link, "[green]yes[/]" if o.fits else f"[red]no[/]: {o.why_not}")
-    console.print(table)
-    if p.recommended is not None:
-        r = p.recommended
-        console.print(f"recommended (*): {r.gpus} x {r.gpu}, tensor parallel {r.tensor_parallel}; {r.interconnect}")
-    else:
-        console.print(f"[red]{p.interconnect}[/]")
-    for n in p.notes:
-        console.print(f"note: {n}")
+    _show_plan(p)
 
 
 

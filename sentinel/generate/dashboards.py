@@ -202,16 +202,12 @@ def _quantiles(metric: str, by: str = "") -> list[Query]:
                   f"P{round(q * 100)}") for q in QUANTILES]
 
 
-def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Dashboard:
+def _seed_signals(b: Builder, groups: list[LoadedGroup]) -> None:
     p99 = _threshold(groups, "InferenceLatencyP99High", SEED["latency_p99_s"])
     low = _threshold(groups, "GpuUtilizationBelowTarget", SEED["util_low"])
     high = _threshold(groups, "GpuUtilizationAboveTarget", SEED["util_high"])
     scale = _threshold(groups, "GpuSaturatedScaleOut", SEED["util_scale_out"])
     used = _threshold(groups, "MemoryHeadroomLow", SEED["memory_used"])
-    b = Builder("sentinel: inference overview", "sentinel-overview",
-                "The inference service at a glance: the seed's three signals, serving, remediation and sentinel "
-                "itself.", logs_enabled)
-
     b.row("The seed's signals")
     b.timeseries(
         "P99 latency (SLO)", f"99th percentile of model_inference_latency_seconds over 5m per replica; the SLO is "
@@ -235,6 +231,8 @@ def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Das
         Look("percentunit", threshold_steps(round(1 - used, 6), "below"),
              common_m.GraphThresholdsStyleMode.LINE_AND_AREA, min=0, max=1), span=8)
 
+
+def _serving(b: Builder, groups: list[LoadedGroup]) -> None:
     b.row("Serving")
     b.timeseries("End-to-end latency", "Request latency quantiles over the selected replicas.",
                  _quantiles("model_inference_latency_seconds"), Look("s", min=0), span=8)
@@ -282,6 +280,8 @@ def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Das
                  Look("percentunit", threshold_steps(_threshold(groups, "KvCachePressure", 0.9), "above"),
                       common_m.GraphThresholdsStyleMode.DASHED, min=0, max=1), span=8)
 
+
+def _router(b: Builder) -> None:
     b.row("Router")
     b.timeseries("Routed requests", "Requests the router answered per replica and status code; \"none\": no "
                  "replica could serve (503 with Retry-After).",
@@ -301,6 +301,8 @@ def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Das
                  [Query(f"histogram_quantile({q}, sum by (le) (rate(sentinel_router_upstream_seconds_bucket[{RATE}])))",
                         f"P{round(q * 100)}") for q in (0.5, 0.99)], Look("s", min=0), span=6)
 
+
+def _replicas_and_remediation(b: Builder) -> None:
     b.row("Replicas and remediation")
     b.state("Replica health", "Per replica: scraped (up) and healthy (no CUDA error since it started); green is "
             "good.", [Query(f'min by (replica) (up{{job="inference", {SEL}}})', "{{replica}} scraped"),
@@ -315,6 +317,8 @@ def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Das
                  [Query(f"sum by (child, outcome) (increase(sentinel_child_restarts_total[{RATE}]))",
                         "{{child}} {{outcome}}")], Look("short", min=0), span=12)
 
+
+def _sentinel_itself(b: Builder) -> None:
     b.row("sentinel")
     b.timeseries("Rule evaluation time", "P99 of one rule's evaluation, and the slowest group's last run.",
                  [Query(f"histogram_quantile(0.99, sum by (le) (rate(sentinel_rule_evaluation_duration_seconds_bucket"
@@ -344,6 +348,17 @@ def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Das
                   Query("sum by (source) (sentinel_log_shipping_backlog_bytes)", "{{source}} backlog (bytes)")],
                  Look("short", threshold_steps(60, "above"), common_m.GraphThresholdsStyleMode.DASHED, min=0),
                  span=8)
+
+
+def overview(groups: list[LoadedGroup], logs_enabled: bool = True) -> dash_m.Dashboard:
+    b = Builder("sentinel: inference overview", "sentinel-overview",
+                "The inference service at a glance: the seed's three signals, serving, remediation and sentinel "
+                "itself.", logs_enabled)
+    _seed_signals(b, groups)
+    _serving(b, groups)
+    _router(b)
+    _replicas_and_remediation(b)
+    _sentinel_itself(b)
     if logs_enabled:
         b.row("Logs")
         b.logs("Errors in the request log", "Request log lines with a CUDA error or an error (Elasticsearch).",

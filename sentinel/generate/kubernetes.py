@@ -19,6 +19,7 @@ PodDisruptionBudget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,63 +43,36 @@ def _labels(component: str = "inference") -> dict[str, str]:
             "app.kubernetes.io/part-of": "sentinel"}
 
 
-def manifests(s: Settings, rules_dir: Path) -> list[dict[str, Any]]:
-    selector = {"app.kubernetes.io/name": NAME}
+def _inference_container(s: Settings) -> dict[str, Any]:
+    """The inference server's container: its flags, the seed's resources, probes and a read-only root."""
     start = s.replicas.start_timeout
     probe = {"httpGet": {"path": "/health", "port": "http"}}
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": NAME, "labels": _labels()},
-        "spec": {
-            "replicas": s.replicas.count,
-            "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {
-                "metadata": {"labels": _labels()},
-                "spec": {
-                    "terminationGracePeriodSeconds": 60,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": "inference", "image": IMAGE,
-                        "args": ["--model-dir", "/models/model", "--host", "0.0.0.0", "--port", str(PORT),
-                                 "--log-dir", "/var/log/deepseek", "--served-model-name", s.replicas.served_model_name,
-                                 "--rate-limit", f"{s.replicas.rate_limit:g}", "--rate-burst",
-                                 str(s.replicas.rate_burst)],
-                        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-                        # the seed's section 4.1
-                        "resources": {"limits": {"nvidia.com/gpu": "1", "memory": "32Gi"},
-                                      "requests": {"cpu": "4000m", "memory": "16Gi"}},
-                        # loading may take the whole start budget (replicas.start_timeout); after it, a
-                        # replica whose engine stops making progress fails /health within 30 s
-                        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": math.ceil(start / 5)},
-                        "livenessProbe": {**probe, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
-                        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5,
-                                           "timeoutSeconds": 3, "failureThreshold": 2},
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True},
-                                         {"name": "logs", "mountPath": "/var/log/deepseek"},
-                                         {"name": "tmp", "mountPath": "/tmp"}],
-                    }],
-                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "deepseek-models",
-                                                                              "readOnly": True}},
-                                {"name": "logs", "emptyDir": {}},
-                                {"name": "tmp", "emptyDir": {}}],
-                },
-            },
-        },
+    return {
+        "name": "inference", "image": IMAGE,
+        "args": ["--model-dir", "/models/model", "--host", "0.0.0.0", "--port", str(PORT),
+                 "--log-dir", "/var/log/deepseek", "--served-model-name", s.replicas.served_model_name,
+                 "--rate-limit", f"{s.replicas.rate_limit:g}", "--rate-burst",
+                 str(s.replicas.rate_burst)],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        # the seed's section 4.1
+        "resources": {"limits": {"nvidia.com/gpu": "1", "memory": "32Gi"},
+                      "requests": {"cpu": "4000m", "memory": "16Gi"}},
+        # loading may take the whole start budget (replicas.start_timeout); after it, a
+        # replica whose engine stops making progress fails /health within 30 s
+        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": math.ceil(start / 5)},
+        "livenessProbe": {**probe, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5,
+                           "timeoutSeconds": 3, "failureThreshold": 2},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True},
+                         {"name": "logs", "mountPath": "/var/log/deepseek"},
+                         {"name": "tmp", "mountPath": "/tmp"}],
     }
-    service = {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": NAME, "labels": {**_labels(), "sentinel.io/job": "inference"}},
-        "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]},
-    }
-    pdb = {
-        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-        "metadata": {"name": NAME, "labels": _labels()},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": selector}},
-    }
+
+
+def _scaling_and_scraping(s: Settings, selector: dict[str, str]) -> list[dict[str, Any]]:
+    """The HorizontalPodAutoscaler (the seed's band) and the ServiceMonitor that scrapes each replica."""
     hpa = {
         "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
         "metadata": {"name": NAME, "labels": _labels()},
@@ -122,12 +96,49 @@ def manifests(s: Settings, rules_dir: Path) -> list[dict[str, Any]]:
                                             "targetLabel": "replica"}]}],
         },
     }
+    return [hpa, monitor]
+
+
+def manifests(s: Settings, rules_dir: Path) -> list[dict[str, Any]]:
+    selector = {"app.kubernetes.io/name": NAME}
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": NAME, "labels": _labels()},
+        "spec": {
+            "replicas": s.replicas.count,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": _labels()},
+                "spec": {
+                    "terminationGracePeriodSeconds": 60,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [_inference_container(s)],
+                    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "deepseek-models",
+                                                                              "readOnly": True}},
+                                {"name": "logs", "emptyDir": {}},
+                                {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": NAME, "labels": {**_labels(), "sentinel.io/job": "inference"}},
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]},
+    }
+    pdb = {
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": NAME, "labels": _labels()},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": selector}},
+    }
     rule = {
         "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
         "metadata": {"name": f"{NAME}-rules", "labels": _labels()},
         "spec": export_groups(load_rules(rules_dir), s.alerting.evaluation_interval),
     }
-    return [deployment, service, pdb, hpa, monitor, rule]
+    return [deployment, service, pdb, *_scaling_and_scraping(s, selector), rule]
 
 
 def render(s: Settings, rules_dir: Path) -> str:
@@ -185,6 +196,55 @@ def in_cluster_settings(s: Settings) -> dict[str, Any]:
     return doc
 
 
+def _rbac(ns: str, meta: Callable[..., dict[str, Any]]) -> list[dict[str, Any]]:
+    """sentinel's ServiceAccount and what it may do: in its namespace, and the cluster-wide reads."""
+
+    def rule(group: str, resource: str, verbs: list[str]) -> dict[str, Any]:
+        return {"apiGroups": [group], "resources": [resource], "verbs": verbs}
+
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(SENTINEL)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(SENTINEL),
+         "rules": [rule(*r) for r in NAMESPACED_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(SENTINEL),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SENTINEL},
+         "subjects": [{"kind": "ServiceAccount", "name": SENTINEL, "namespace": ns}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": meta(f"{SENTINEL}-{ns}", False), "rules": [rule(*r) for r in CLUSTER_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": meta(f"{SENTINEL}-{ns}", False),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{SENTINEL}-{ns}"},
+         "subjects": [{"kind": "ServiceAccount", "name": SENTINEL, "namespace": ns}]},
+    ]
+
+
+def _sentinel_container() -> dict[str, Any]:
+    """sentinel's own container: the API token from a Secret, probes on /healthz, a read-only root."""
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 3}
+    return {
+        "name": SENTINEL, "image": IMAGE,
+        "command": ["sentinel", "up", "-c", "/etc/sentinel/sentinel.yaml"],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "SENTINEL_API__TOKEN", "valueFrom": {"secretKeyRef": {
+                    "name": "sentinel-secrets", "key": "api-token", "optional": True}}}],
+        "ports": [{"name": "http", "containerPort": SENTINEL_PORT, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+        "startupProbe": {**probe, "periodSeconds": 2, "failureThreshold": 30},
+        "livenessProbe": {**probe, "failureThreshold": 3},
+        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [
+            {"name": "config", "mountPath": "/etc/sentinel/sentinel.yaml", "subPath": "sentinel.yaml",
+             "readOnly": True},
+            {"name": "rules", "mountPath": "/etc/sentinel/rules", "readOnly": True},
+            {"name": "runbooks", "mountPath": "/etc/sentinel/runbooks", "readOnly": True},
+            # alert state, outbox and audit: survive a container restart (kill -9), not the pod
+            {"name": "state", "mountPath": "/var/lib/sentinel"},
+            {"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
 def sentinel_manifests(s: Settings, rules_dir: Path, runbooks_dir: Path) -> list[dict[str, Any]]:
     from sentinel.rules.model import rule_files
 
@@ -195,13 +255,9 @@ def sentinel_manifests(s: Settings, rules_dir: Path, runbooks_dir: Path) -> list
     def meta(name: str, namespaced: bool = True) -> dict[str, Any]:
         return {"name": name, **({"namespace": ns} if namespaced else {}), "labels": labels}
 
-    def rule(group: str, resource: str, verbs: list[str]) -> dict[str, Any]:
-        return {"apiGroups": [group], "resources": [resource], "verbs": verbs}
-
     config = yaml.safe_dump(in_cluster_settings(s), sort_keys=False)
     rules = {p.name: p.read_text() for p in rule_files(rules_dir)}
     runbooks = {p.name: p.read_text() for p in sorted(runbooks_dir.glob("*.y*ml"))}
-    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 3}
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(SENTINEL),
         "spec": {
@@ -218,28 +274,7 @@ def sentinel_manifests(s: Settings, rules_dir: Path, runbooks_dir: Path) -> list
                                                            "labelSelector": {"matchLabels": selector}}}]}},
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
                                         "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": SENTINEL, "image": IMAGE,
-                        "command": ["sentinel", "up", "-c", "/etc/sentinel/sentinel.yaml"],
-                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                                {"name": "SENTINEL_API__TOKEN", "valueFrom": {"secretKeyRef": {
-                                    "name": "sentinel-secrets", "key": "api-token", "optional": True}}}],
-                        "ports": [{"name": "http", "containerPort": SENTINEL_PORT, "protocol": "TCP"}],
-                        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
-                        "startupProbe": {**probe, "periodSeconds": 2, "failureThreshold": 30},
-                        "livenessProbe": {**probe, "failureThreshold": 3},
-                        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 2},
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": [
-                            {"name": "config", "mountPath": "/etc/sentinel/sentinel.yaml", "subPath": "sentinel.yaml",
-                             "readOnly": True},
-                            {"name": "rules", "mountPath": "/etc/sentinel/rules", "readOnly": True},
-                            {"name": "runbooks", "mountPath": "/etc/sentinel/runbooks", "readOnly": True},
-                            # alert state, outbox and audit: survive a container restart (kill -9), not the pod
-                            {"name": "state", "mountPath": "/var/lib/sentinel"},
-                            {"name": "tmp", "mountPath": "/tmp"}],
-                    }],
+                    "containers": [_sentinel_container()],
                     "volumes": [{"name": "config", "configMap": {"name": f"{SENTINEL}-config"}},
                                 {"name": "rules", "configMap": {"name": f"{SENTINEL}-rules"}},
                                 {"name": "runbooks", "configMap": {"name": f"{SENTINEL}-runbooks"}},
@@ -250,18 +285,7 @@ def sentinel_manifests(s: Settings, rules_dir: Path, runbooks_dir: Path) -> list
         },
     }
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(SENTINEL)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(SENTINEL),
-         "rules": [rule(*r) for r in NAMESPACED_RULES]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(SENTINEL),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SENTINEL},
-         "subjects": [{"kind": "ServiceAccount", "name": SENTINEL, "namespace": ns}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-         "metadata": meta(f"{SENTINEL}-{ns}", False), "rules": [rule(*r) for r in CLUSTER_RULES]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-         "metadata": meta(f"{SENTINEL}-{ns}", False),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{SENTINEL}-{ns}"},
-         "subjects": [{"kind": "ServiceAccount", "name": SENTINEL, "namespace": ns}]},
+        *_rbac(ns, meta),
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{SENTINEL}-config"),
          "data": {"sentinel.yaml": config}},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{SENTINEL}-rules"), "data": rules},

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol
 
 from sentinel.alerts.state import Alert
 from sentinel.alerts.store import Store
@@ -35,12 +35,39 @@ class Actuator(Protocol):
         """Whether what ``action`` promised holds within ``timeout_s``."""
 
 
+# for log rules: whether the alert's events are still there counting only those after a time (the target's
+# current incarnation), from the log rule source
+Evidence = Callable[[AlertingRuntime, Alert, float], bool | None]
+
+
+def stale_evidence(actuator: Actuator, evidence: Evidence | None, rt: AlertingRuntime, action: str, a: Alert
+                   ) -> str | None:
+    """Why the alert's evidence says nothing about the target as it runs now, if it does not: every event
+    behind a log rule's alert predates the target's current incarnation (say, a rule reload widened the
+    window over a line from before the last restart). Never acts on a process that is already gone."""
+    target = a.labels.get(TARGET_LABEL)
+    incarnation = getattr(actuator, "incarnation", None)
+    if rt.rule.log is None or action in SCALE or target is None or evidence is None or incarnation is None:
+        return None
+    since = incarnation(target)
+    if since is None:
+        return None
+    try:
+        fresh = evidence(rt, a, since)
+    except Exception as exc:  # noqa: BLE001 - unverifiable evidence never triggers an action
+        return f"cannot check the evidence against {target}'s current incarnation: {exc}"
+    if fresh is not False:
+        return None
+    return (f"the evidence predates {target}'s current incarnation (started "
+            f"{time.strftime('%H:%M:%S', time.gmtime(since))}Z): it was about the process before it")
+
+
 class Remediator:
     def __init__(self, store: Store, actuator: Actuator, guardrails: Guardrails,
                  metrics: SentinelMetrics | None = None, clock: Callable[[], float] = time.time,
                  verify_timeout_s: float = 120.0, ladder_window_s: float = 3600.0,
                  clear_deadline_s: float = 600.0,
-                 evidence: Callable[[AlertingRuntime, Alert, float], bool | None] | None = None) -> None:
+                 evidence: Evidence | None = None) -> None:
         self.store = store
         self.actuator = actuator
         self.guardrails = guardrails
@@ -54,8 +81,6 @@ class Remediator:
         self._capacity_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capacity")
         self._lock = threading.Lock()
         self._last_reason: dict[str, str] = {}
-        # for log rules: whether the alert's events are still there counting only those after a time (the
-        # target's current incarnation), from the log rule source
         self.evidence = evidence
 
     def on_firing(self, rt: AlertingRuntime, alerts: list[Alert]) -> None:
@@ -63,31 +88,11 @@ class Remediator:
         if action is None:
             return
         for a in alerts:
-            stale = self._stale(rt, action, a)
+            stale = stale_evidence(self.actuator, self.evidence, rt, action, a)
             if stale:
                 self._skip(rt.rule.name, action, a, stale)
                 continue
             self.consider(rt.rule.name, action, a)
-
-    def _stale(self, rt: AlertingRuntime, action: str, a: Alert) -> str | None:
-        """Why the alert's evidence says nothing about the target as it runs now, if it does not: every event
-        behind a log rule's alert predates the target's current incarnation (say, a rule reload widened the
-        window over a line from before the last restart). Never acts on a process that is already gone."""
-        target = a.labels.get(TARGET_LABEL)
-        incarnation = getattr(self.actuator, "incarnation", None)
-        if rt.rule.log is None or action in SCALE or target is None or self.evidence is None or incarnation is None:
-            return None
-        since = incarnation(target)
-        if since is None:
-            return None
-        try:
-            fresh = self.evidence(rt, a, since)
-        except Exception as exc:  # noqa: BLE001 - unverifiable evidence never triggers an action
-            return f"cannot check the evidence against {target}'s current incarnation: {exc}"
-        if fresh is not False:
-            return None
-        return (f"the evidence predates {target}'s current incarnation (started "
-                f"{time.strftime('%H:%M:%S', time.gmtime(since))}Z): it was about the process before it")
 
     def _skip(self, rule: str, action: str, a: Alert, reason: str) -> None:
         incident = f"{rule}/{a.fingerprint}/{a.active_at:.3f}"
@@ -216,18 +221,23 @@ class Remediator:
                 if not self.store.start_remediation(Remediation(incident, a.fingerprint, rule, action,
                                                                 target or "", now, None, None)):
                     return Decision(False, "incident already remediated once")
-        if self._last_reason.get(incident) != decision.reason:  # audit each new decision once
-            self._last_reason[incident] = decision.reason
-            extra = {"asked_by": asked_by} if kind == "capacity" else {}
-            self.store.audit(now, "decision", incident, rule=rule, action=action, target=target,
-                             act=decision.act, reason=decision.reason, labels=a.labels, value=a.value, **extra)
-            if self.metrics:
-                self.metrics.remediations.labels(action, "started" if decision.act else "skipped").inc()
+        self._audit_decision(req, decision, a, now, {"asked_by": asked_by} if kind == "capacity" else {})
         if decision.act:
             assert target is not None
             pool = self._capacity_pool if kind == "capacity" else self._pool
             pool.submit(self._run, incident, action, target, rule if rung_why else None)
         return decision
+
+    def _audit_decision(self, req: ActionRequest, decision: Decision, a: Alert, now: float,
+                        extra: dict[str, Any]) -> None:
+        """Each new decision about an incident is audited (and counted) once."""
+        if self._last_reason.get(req.incident) == decision.reason:
+            return
+        self._last_reason[req.incident] = decision.reason
+        self.store.audit(now, "decision", req.incident, rule=req.rule, action=req.action, target=req.target,
+                         act=decision.act, reason=decision.reason, labels=a.labels, value=a.value, **extra)
+        if self.metrics:
+            self.metrics.remediations.labels(req.action, "started" if decision.act else "skipped").inc()
 
     @property
     def service(self) -> str:

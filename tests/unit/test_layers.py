@@ -70,3 +70,21 @@ def test_no_import_cycles_between_packages_and_top_level_modules() -> None:
         if unit not in state:
             visit(unit, [unit])
     assert cycles == [], " ; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_function_class_or_module_outgrows_the_size_targets() -> None:
+    """The redesign's targets (issue 25): no function over 60 lines, no class over 250, no module over 500, in
+    sentinel/ and inference_core/ (the C++ kernels and generated files are not Python here)."""
+    problems = []
+    for f in sorted([*(ROOT / "sentinel").rglob("*.py"), *(ROOT / "inference_core").rglob("*.py")]):
+        text = f.read_text()
+        name = f.relative_to(ROOT)
+        if text.count("\n") > 500:
+            problems.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                assert node.end_lineno is not None
+                size, limit = node.end_lineno - node.lineno + 1, 250 if isinstance(node, ast.ClassDef) else 60
+                if size > limit:
+                    problems.append(f"{name}:{node.lineno} {node.name}: {size} lines (at most {limit})")
+    assert problems == []
