@@ -151,7 +151,7 @@ def main() -> None:
 
         for _ in range(args.cycles):
             c0, p0, t0 = time.process_time(), cpu_of(prom.proc.pid), time.perf_counter()
-            sums.append(sum(pool.map(timed, list(ev.runtimes))))
+            sums.append(sum(pool.map(timed, list(ev.groups))))
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
             prom_cpus.append(cpu_of(prom.proc.pid) - p0)
@@ -160,14 +160,14 @@ def main() -> None:
             import pstats
             prof = cProfile.Profile()
             prof.enable()
-            for key in list(ev.runtimes):
+            for key in list(ev.groups):
                 ev.eval_group(key)
             prof.disable()
             pstats.Stats(prof).sort_stats("cumtime").print_stats("sentinel|httpx|sqlite|json", 30)
         prom_cycle = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{prom.url}/metrics").text.splitlines()
                          if line.startswith("prometheus_rule_group_last_duration_seconds{"))
         unhealthy = sum(1 for rt in ev.all_runtimes() if rt.health != "ok")
-        active = sum(len(rt.machine.active) for rt in ev.all_runtimes())
+        active = sum(len(rt.alerts()) for rt in ev.all_runtimes())
         wall, total = statistics.median(walls), statistics.median(sums)
         cpu, pcpu = statistics.median(cpus), statistics.median(prom_cpus)
         print("Prometheus rule engine: sum of prometheus_rule_group_last_duration_seconds = "

@@ -31,7 +31,7 @@ Renderer = Callable[[str, Notification], Any]
 def sign(key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
     """Headers that let a receiver check a request came from sentinel, unaltered and recent:
     ``X-Sentinel-Timestamp`` (Unix seconds) and ``X-Sentinel-Signature: keyid=<id>,sha256=<hex>``, the
-    HMAC-SHA256 of ``<timestamp>.<body>`` (the verifier is in the README)."""
+    HMAC-SHA256 of ``<timestamp>.<body>`` (the verifier is in docs/operators-guide.md)."""
     ts = str(int(now))
     mac = hmac.new(key, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
     return {"X-Sentinel-Timestamp": ts, "X-Sentinel-Signature": f"keyid={key_id},sha256={mac}"}

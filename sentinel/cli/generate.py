@@ -74,6 +74,17 @@ def deploy_openapi(
         typer.echo(f"wrote {path}")
 
 
+@deploy_app.command("docs")
+def deploy_docs(
+    out: Annotated[Path, typer.Option(help="the documentation site's folder")] = Path("docs"),
+) -> None:
+    """Write the site's reference pages (docs/reference/): settings, CLI, HTTP APIs and metrics, from the code."""
+    from sentinel.generate.reference_docs import write
+
+    for path in write(out):
+        typer.echo(f"wrote {path}")
+
+
 @deploy_app.command("filebeat")
 def deploy_filebeat(
     out: Annotated[Path, typer.Option(help="where to write it")] = Path("deploy/filebeat.yml"),

@@ -266,16 +266,17 @@ def test_after_an_outage_only_the_newest_state_is_sent_in_order(tmp_path: Path, 
     assert store.outbox_counts() == {"sent": 2}
 
 
-def test_signed_requests_verify_with_the_readme_verifier(tmp_path: Path, receiver: Receiver) -> None:
-    """The README's verifier, run as written, accepts what the dispatcher sends and refuses a changed body,
-    another key and a stale timestamp."""
+def test_signed_requests_verify_with_the_documented_verifier(tmp_path: Path, receiver: Receiver) -> None:
+    """The verifier in docs/operators-guide.md, run as written, accepts what the dispatcher sends and refuses a
+    changed body, another key and a stale timestamp."""
     import re
     import time as _time
 
     from tests.conftest import ROOT
 
-    block = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert block is not None, "the verifier block is gone from the README"
+    block = re.search(r"```python\n(import hashlib, hmac, time\n.*?)```",
+                      (ROOT / "docs" / "operators-guide.md").read_text(), re.S)
+    assert block is not None, "the verifier block is gone from the operator's guide"
     scope: dict[str, object] = {}
     exec(block.group(1), scope)  # noqa: S102 - our own README, run as documentation
     verify = scope["verify"]
