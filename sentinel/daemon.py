@@ -37,7 +37,7 @@ from sentinel.capabilities.state import State
 from sentinel.errors import ServiceError
 from sentinel.inbound import WebhookPayload, inbound_events, match
 from sentinel.metrics import BacklogCollector, SentinelMetrics
-from sentinel.netutil import reserve_port
+from sentinel.netutil import reserve_near
 from sentinel.process import ChildRegistry
 from sentinel.promserver import ScrapeTarget
 from sentinel.remediation.policy import Guardrails
@@ -68,9 +68,10 @@ class Daemon:
         # bound now, served on in serve(): the port is known to every part started before the API serves, and
         # no child's outbound connection can take it meanwhile (a free_port() chosen here once lost that race)
         try:
-            self.api_socket = reserve_port(s.api.host, s.api.port or 0)
+            self.api_socket, self.api_port_note = reserve_near(s.api.host, s.api.port,
+                                                               "port" in s.api.model_fields_set)
         except OSError as exc:
-            raise ServiceError(f"sentinel's API cannot listen on {s.api.host}:{s.api.port or 0}: {exc}") from exc
+            raise ServiceError(f"sentinel's API cannot listen on {s.api.host}:{s.api.port}: {exc}") from exc
         self.api_port = int(self.api_socket.getsockname()[1])
         self.clock = Clock(s.alerting.max_concurrent_evaluations)
         self.started: list[Capability] = []  # in start order; stopped in reverse
@@ -212,7 +213,8 @@ class Daemon:
         out = []
         if self.router is not None and (svc := self.router.service()) is not None:
             out.append(svc)  # what clients use: first
-        out.append(Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics"))
+        out.append(Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics"
+                           + (f" ({self.api_port_note})" if self.api_port_note else "")))
         if self.replicas is not None:
             out += self.replicas.services()
         if self.monitoring is not None:

@@ -31,6 +31,23 @@ def reserve_port(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+def reserve_near(host: str, port: int, explicit: bool, tries: int = 20) -> tuple[socket.socket, str]:
+    """A reserved socket (``reserve_port``) for a service with a conventional default port: ``port`` itself
+    when free; when it is taken and it is only the default (not ``explicit``ly configured), the next free one of
+    the ``tries`` after it, and a note saying so; 0: any free port. An explicit port that is taken is an
+    OSError, as before."""
+    if port == 0 or explicit:
+        return reserve_port(host, port), ""
+    for candidate in range(port, min(port + tries, 65536)):
+        try:
+            sock = reserve_port(host, candidate)
+        except OSError:
+            continue
+        return sock, "" if candidate == port else f"port {port} was taken: {candidate}"
+    sock = reserve_port(host, 0)
+    return sock, f"ports {port}-{port + tries - 1} were taken: {sock.getsockname()[1]}"
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         return s.connect_ex((host, port)) == 0

@@ -37,7 +37,8 @@ class Section(BaseModel):
 
 class ApiSettings(Section):
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535, description="0: a free port")
+    port: int = Field(9095, ge=0, le=65535, description="sentinel's API; left at the default and taken: the next "
+                      "free port (the up table says so); set and taken: an error; 0: any free port")
     token: SecretStr | None = Field(None, description="bearer token for mutating endpoints (an API key with every "
                                     "scope)")
     api_key_hashes: list[str] = Field(default_factory=list, description="SHA-256 (hex) of more API keys "
@@ -68,7 +69,8 @@ class ApiSettings(Section):
 
 class PrometheusSettings(Section):
     url: str | None = Field(None, description="use this Prometheus instead of starting one")
-    port: int = Field(0, ge=0, le=65535)
+    port: int = Field(9090, ge=0, le=65535, description="the Prometheus sentinel starts (its conventional port); "
+                      "left at the default and taken: the next free port; 0: any free port")
     binary: str = "prometheus"
     scrape_interval: Duration = 5.0
     query_timeout: Duration = 10.0
@@ -199,7 +201,8 @@ class RouterSettings(Section):
 
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535, description="0: a free port")
+    port: int = Field(8000, ge=0, le=65535, description="the OpenAI-compatible endpoint (vLLM's port); left at the "
+                      "default and taken: the next free port (the up table says so); 0: any free port")
     poll_interval: Duration = Field(0.25, description="how often each replica's /load is read")
     timeout: Duration = Field(600.0, description="the longest a request may take upstream")
 

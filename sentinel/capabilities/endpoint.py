@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from sentinel.capabilities import Clock, Service
 from sentinel.errors import ServiceError
-from sentinel.netutil import free_port
+from sentinel.netutil import reserve_near
 from sentinel.router import Router
 from sentinel.settings import Settings
 
@@ -27,15 +27,21 @@ class RouterEndpoint:
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
         self.url: str | None = None
+        self.port_note = ""
 
     def start(self, clock: Clock) -> None:
         r = self.settings.router
-        port = r.port or free_port(r.host)
+        try:
+            sock, self.port_note = reserve_near(r.host, r.port, "port" in r.model_fields_set)
+        except OSError as exc:
+            raise ServiceError(f"the router cannot listen on {r.host}:{r.port}: {exc}") from exc
+        port = int(sock.getsockname()[1])
         config = uvicorn.Config(self.router.app, host=r.host, port=port, log_level="warning", access_log=False,
                                 lifespan="on", timeout_graceful_shutdown=10,
                                 proxy_headers=False)  # the client is the peer; the router sets X-Forwarded-For
         server = self.server = uvicorn.Server(config)
-        thread = self.thread = threading.Thread(target=server.run, name="router", daemon=True)
+        thread = self.thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="router",
+                                                daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
         while not server.started:
@@ -48,7 +54,8 @@ class RouterEndpoint:
         if self.url is None:
             return None
         return Service("router", f"{self.url}/v1", None,
-                       "OpenAI-compatible endpoint: least-loaded ready replica, retried once")
+                       "OpenAI-compatible endpoint: least-loaded ready replica, retried once"
+                       + (f" ({self.port_note})" if self.port_note else ""))
 
     def stop(self) -> None:
         if self.server is not None:

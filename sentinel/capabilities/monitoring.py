@@ -9,7 +9,7 @@ from typing import Any
 
 from sentinel.capabilities import Audit, Clock, Service
 from sentinel.metrics import SentinelMetrics
-from sentinel.netutil import free_port
+from sentinel.netutil import reserve_near
 from sentinel.process import ChildRegistry, ChildWatchdog
 from sentinel.promserver import PrometheusServer, ScrapeTarget
 from sentinel.settings import Settings
@@ -25,8 +25,14 @@ class Monitoring:
         self.audit = audit
         self.on_restart = on_restart
         p = settings.prometheus
+        self.port_note = ""
+        port = p.port
+        if p.url is None:  # Prometheus binds its port itself: it is chosen here, then released for it
+            sock, self.port_note = reserve_near("127.0.0.1", p.port, "port" in p.model_fields_set)
+            port = int(sock.getsockname()[1])
+            sock.close()
         self.server = None if p.url is not None else PrometheusServer(
-            state_dir / "prometheus", p.port or free_port(), targets, p.scrape_interval, children, p.binary,
+            state_dir / "prometheus", port, targets, p.scrape_interval, children, p.binary,
             ["--storage.tsdb.retention.time=2d",
              "--web.enable-remote-write-receiver"])  # recording rules write back through it
 
@@ -57,7 +63,8 @@ class Monitoring:
             self.server.update_targets(targets)
 
     def service(self) -> Service:
-        return Service("prometheus", self.url, self.pid, "started" if self.server is not None else "external")
+        detail = "started" if self.server is not None else "external"
+        return Service("prometheus", self.url, self.pid, detail + (f" ({self.port_note})" if self.port_note else ""))
 
     def stop(self) -> None:
         if self.server is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -77,6 +78,8 @@ def up(
     rules_dir: Annotated[Path | None, typer.Option(help="rule files directory")] = None,
     receiver: Annotated[list[str] | None, typer.Option(help="NAME=URL of an alert webhook (repeatable)")] = None,
     enable_faults: Annotated[bool, typer.Option(help="start replicas with the fault switch (drills)")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print what runs where as one JSON line, not a table")
+                        ] = False,
 ) -> None:
     """Start replicas, Prometheus and the daemon; print what runs where; stop all on Ctrl-C."""
     from sentinel.daemon import Daemon, Service
@@ -87,6 +90,9 @@ def up(
                               state_dir, rules_dir, receiver)
 
     def show(services: list[Service]) -> None:
+        if json_out:
+            typer.echo(json.dumps({"services": [vars(x) for x in services]}))
+            return
         table = Table(title="sentinel up: what runs where")
         for col in ("service", "url", "pid", "detail"):
             table.add_column(col)

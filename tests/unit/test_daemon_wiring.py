@@ -73,3 +73,35 @@ def test_the_api_port_is_held_from_the_start_and_a_taken_one_is_a_clear_error(tm
     with pytest.raises(ServiceError, match=rf"cannot listen on 127.0.0.1:{d.api_port}"):
         Daemon(Settings(state_dir=tmp_path / "b", api={"port": d.api_port}))
     d.api_socket.close()
+
+
+def test_a_taken_default_port_moves_to_the_next_free_one_and_says_so() -> None:
+    """Conventional default ports (router 8000, Prometheus 9090, the API 9095): one that is taken is replaced
+    by the next free one, with a note for the up table; one set explicitly stays an error; 0 is any port."""
+    import socket
+
+    from sentinel.netutil import reserve_near
+
+    first, note = reserve_near("127.0.0.1", 0, explicit=False)
+    port = first.getsockname()[1]
+    assert note == ""
+    with first:
+        moved, note = reserve_near("127.0.0.1", port, explicit=False)
+        with moved:
+            assert moved.getsockname()[1] > port and note == f"port {port} was taken: {moved.getsockname()[1]}"
+        with pytest.raises(OSError):
+            reserve_near("127.0.0.1", port, explicit=True)
+    again, note = reserve_near("127.0.0.1", port, explicit=False)  # free again: the default itself
+    with again:
+        assert again.getsockname()[1] == port and note == ""
+    assert isinstance(again, socket.socket)
+
+
+def test_the_defaults_are_the_conventional_ports(tmp_path: Path) -> None:
+    s = Settings(state_dir=tmp_path)
+    assert (s.router.port, s.prometheus.port, s.api.port) == (8000, 9090, 9095)
+    d = Daemon(s)
+    try:
+        assert d.api_port >= 9095 and ("was taken" in d.api_port_note) == (d.api_port != 9095)
+    finally:
+        d.api_socket.close()

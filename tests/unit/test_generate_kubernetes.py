@@ -127,7 +127,7 @@ def test_sentinel_pods_run_sentinel_with_what_the_configmaps_hold(tmp_path: Path
     settings_file = tmp_path / "sentinel.yaml"
     settings_file.write_text(docs[("ConfigMap", "sentinel-config")]["data"]["sentinel.yaml"])
     s = load_settings(settings_file)
-    assert s.kubernetes.enabled and s.kubernetes.deployment == "deepseek-inference" and s.api.port == 9400
+    assert s.kubernetes.enabled and s.kubernetes.deployment == "deepseek-inference" and s.api.port == 9095
     assert str(s.rules_dir) == "/etc/sentinel/rules" and s.prometheus.url and s.logs.elasticsearch_url
     mounts = {m.mount_path for m in c.volume_mounts}
     assert {"/etc/sentinel/sentinel.yaml", str(s.rules_dir), str(s.runbooks_dir), str(s.state_dir)} <= mounts

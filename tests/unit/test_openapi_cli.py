@@ -51,3 +51,54 @@ def test_the_example_settings_file_is_in_step_and_means_the_defaults() -> None:
     text = path.read_text()
     for section in ("api", "prometheus", "replicas", "alerting", "remediation", "logs", "diagnostics"):
         assert f"\n{section}:\n" in text
+
+
+def test_help_at_80_columns_shows_plain_metavars_and_whole_option_names() -> None:
+    """Every command's --help in an 80-column terminal: no typer-style `<bool>`/`<str>` metavars (a flag takes
+    no value and shows none) and no option name cut off with an ellipsis."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from sentinel.cli import app
+    from sentinel.generate.reference_docs import _commands
+
+    runner = CliRunner()
+    problems = []
+    for path, _ in _commands(typer.main.get_command(app), ["sentinel"]):
+        r = runner.invoke(app, [*path[1:], "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"},
+                          terminal_width=80)
+        assert r.exit_code == 0, (path, r.output)
+        for line in r.output.splitlines():
+            if re.search(r"<(bool|str|int|float|path|Path|list\[[^\]]*\])>", line) or (
+                    re.search(r"--[\w-]*…", line)):
+                problems.append(f"{' '.join(path)}: {line.strip()}")
+    assert problems == []
+
+
+def test_every_command_that_prints_a_table_takes_json() -> None:
+    """A command whose output is a table (rich's, in its own body or a helper of its module) also answers
+    --json, for scripts."""
+    import inspect
+    import re
+
+    import typer
+
+    from sentinel.cli import app
+    from sentinel.generate.reference_docs import _commands
+
+    missing = []
+    for path, cmd in _commands(typer.main.get_command(app), ["sentinel"]):
+        fn = getattr(cmd, "callback", None)
+        if fn is None or hasattr(cmd, "commands"):
+            continue
+        body = inspect.getsource(fn)
+        module = inspect.getsource(inspect.getmodule(fn))  # type: ignore[arg-type]
+        helpers = [name for name in re.findall(r"\b(_\w+)\(", body)
+                   if re.search(rf"def {name}\(.*?(?=\ndef |\Z)", module, re.S) and "Table(" in
+                   re.search(rf"def {name}\(.*?(?=\ndef |\Z)", module, re.S).group(0)]  # type: ignore[union-attr]
+        prints_table = "Table(" in body or helpers or "print_report(" in body
+        if prints_table and not any("--json" in p.opts for p in cmd.params if p.param_type_name == "option"):
+            missing.append(" ".join(path))
+    assert missing == []
