@@ -28,6 +28,7 @@ from sentinel.inbound import Timestamp, WebhookPayload
 from sentinel.remediation.policy import Guardrails
 from sentinel.rules.evaluator import Evaluator, RuleRuntime
 from sentinel.rules.model import Rule
+from sentinel.statuspage import owns, status_routes
 
 
 class SilenceIn(BaseModel):
@@ -115,7 +116,8 @@ class FixedControls:
 
 
 def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, controls: Controls,
-               auth: Authenticator, limiter: RateLimiter | None = None, protect_reads: bool = False) -> FastAPI:
+               auth: Authenticator, limiter: RateLimiter | None = None, protect_reads: bool = False,
+               secure_cookie: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         controls.on_serving()
@@ -125,6 +127,7 @@ def create_app(evaluator: Evaluator, store: Store, registry: CollectorRegistry, 
     app.middleware("http")(Gate(auth, limiter, protect_reads))
     app.include_router(read_routes(evaluator, store, registry, controls))
     app.include_router(write_routes(store, controls))
+    app.include_router(status_routes(evaluator, store, controls.status, auth, protect_reads, secure_cookie))
 
     def scope_of(method: str, path: str) -> list[dict[str, list[str]]] | None:
         if method not in ("GET", "HEAD", "OPTIONS"):
@@ -151,6 +154,8 @@ class Gate:
         auth, limiter = self.auth, self.limiter
         path, mutating = request.url.path, request.method not in ("GET", "HEAD", "OPTIONS")
         who = f"addr:{request.client.host if request.client else '?'}"
+        if owns(path):  # the status page's forms sign in by cookie and carry a CSRF token: checked there
+            mutating = False
         if mutating or (self.protect_reads and path.startswith("/api/")):
             if mutating and not auth.enabled:
                 return JSONResponse({"status": "error", "error": "mutating endpoints are disabled: set api.token "
@@ -160,7 +165,7 @@ class Gate:
             except AuthError as exc:
                 return JSONResponse({"status": "error", "error": str(exc)}, status_code=exc.status,
                                     headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
-        if limiter is not None and path.startswith("/api/"):
+        if limiter is not None and (path.startswith("/api/") or owns(path)):
             wait = limiter.take(who)
             if wait > 0:
                 return JSONResponse({"status": "error", "error": f"rate limit exceeded; retry in {wait:.1f}s"},

@@ -22,6 +22,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from inference_core.security import RateLimiter, server_config
+from inference_core.telemetry import rss_bytes
 from sentinel.alerts.state import Alert
 from sentinel.api import authenticator, create_app
 from sentinel.capabilities import Capability, Clock, Service
@@ -132,7 +133,7 @@ class Daemon:
         self.clock.start()
         self.app = create_app(rules.evaluator, state.store, self.registry, self, authenticator(s.api.token, s.api),
                               limiter=RateLimiter(s.api.rate_limit, s.api.rate_burst) if s.api.rate_limit else None,
-                              protect_reads=s.api.protect_reads)
+                              protect_reads=s.api.protect_reads, secure_cookie=s.api.tls_cert is not None)
         self.services = self._services()
         return self.services
 
@@ -227,7 +228,7 @@ class Daemon:
         out: dict[str, Any] = {
             "startedAt": self.started_at, "api": self.api_url,
             "prometheus": self.monitoring.url if self.monitoring else None,
-            "replicas": self.replicas.status() if self.replicas else [],
+            "replicas": self._replica_rows(),
             "guardrails": vars(self.healing.guardrails) if self.healing else {},
         }
         if self.router is not None and self.router.url is not None:
@@ -237,6 +238,21 @@ class Daemon:
         if self.leadership is not None and (leader := self.leadership.status()) is not None:
             out["leader"] = leader
         return out
+
+    def _replica_rows(self) -> list[dict[str, Any]]:
+        """Each replica's status, with its memory (RSS, read from /proc) and the load the router last polled."""
+        rows = self.replicas.status() if self.replicas else []
+        ups = self.router.router.upstreams if self.router is not None else {}
+        for row in rows:
+            if row.get("pid"):
+                try:
+                    row["rssBytes"] = rss_bytes(pid=row["pid"])
+                except OSError:  # exited meanwhile
+                    pass
+            up = ups.get(row["name"])
+            if up is not None and up.polled_at:
+                row["load"] = {"ready": up.ready, "tokens": up.tokens, "inFlight": up.in_flight}
+        return rows
 
     def on_serving(self) -> None:
         """The API serves: up.json is written and the caller told what runs where."""

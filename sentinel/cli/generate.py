@@ -79,7 +79,7 @@ def deploy_docs(
     out: Annotated[Path, typer.Option(help="the documentation site's folder")] = Path("docs"),
 ) -> None:
     """Write the site's reference pages (docs/reference/): settings, CLI, HTTP APIs and metrics, from the code."""
-    from sentinel.generate.reference_docs import write
+    from sentinel.cli.reference_docs import write
 
     for path in write(out):
         typer.echo(f"wrote {path}")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sentinel.generate.reference_docs import pages
+from sentinel.cli.reference_docs import pages
 from tests.conftest import ROOT
 
 

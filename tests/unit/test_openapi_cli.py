@@ -62,7 +62,7 @@ def test_help_at_80_columns_shows_plain_metavars_and_whole_option_names() -> Non
     from typer.testing import CliRunner
 
     from sentinel.cli import app
-    from sentinel.generate.reference_docs import _commands
+    from sentinel.cli.reference_docs import _commands
 
     runner = CliRunner()
     problems = []
@@ -86,7 +86,7 @@ def test_every_command_that_prints_a_table_takes_json() -> None:
     import typer
 
     from sentinel.cli import app
-    from sentinel.generate.reference_docs import _commands
+    from sentinel.cli.reference_docs import _commands
 
     missing = []
     for path, cmd in _commands(typer.main.get_command(app), ["sentinel"]):
