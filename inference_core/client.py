@@ -34,6 +34,7 @@ class Health(_Doc):
 
     status: Literal["ok", "loading", "unhealthy"]
     pid: int | None = None
+    stage: str | None = None  # while loading: what the load is doing now
     layout: Literal["moving", "done"] | None = None  # the weights' move into huge pages after ready
     load_error: str | None = None
     cuda_error: str | None = None
@@ -52,6 +53,7 @@ class Ready(_Doc):
 
     ready: bool
     loading: bool | None = None
+    stage: str | None = None  # while loading: what the load is doing now
     load_error: str | None = None
     draining: bool | None = None
     healthy: bool | None = None

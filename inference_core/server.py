@@ -143,12 +143,16 @@ class _Loader:
         runtime = rss_bytes()  # the process before the weights: part of the memory plan
         stages = _Stages()
         try:
+            slot.stage = "checking the files against integrity.json"
             _verify(spec)
             stages.lap("integrity")
+            slot.stage = "loading the weights"
             model, peers = _load_weights(spec)
             stages.lap("weights")
+            slot.stage = "loading the tokenizer"
             tokenizer = TextTokenizer.from_dir(spec.model_dir)
             stages.lap("tokenizer")
+            slot.stage = "planning memory and allocating the KV cache"
             cfg = dataclasses.replace(self.config or EngineConfig(), runtime_bytes=runtime)
             engine = Engine(model, tokenizer, metrics, request_logger(spec.log_dir), self.busy, self.faults, cfg,
                             spec.log_text, on_fatal=_exit_soon, peers=peers)

@@ -149,14 +149,17 @@ def _arm(replica_api: ReplicaClient, fault: dict[str, Any], drill: Drill, name: 
     armed.raise_for_status()
 
 
-def _watch(http: httpx.Client, api: str, alert: str, name: str, old_pid: Any, t0: float, timeout_s: float
-           ) -> tuple[float | None, float | None]:
+def _watch(http: httpx.Client, api: str, alert: str, name: str, old_pid: Any, t0: float, timeout_s: float,
+           on_phase: Callable[[str], None] = lambda phase: None) -> tuple[float | None, float | None]:
     """Seconds from ``t0`` until sentinel's ``alert`` fired for the replica (detect), and until the replica runs
-    as a new, healthy process (recover); None for what did not happen within ``timeout_s``."""
+    as a new, healthy process (recover); None for what did not happen within ``timeout_s``. ``on_phase`` hears
+    what is awaited, with the time so far (a progress display)."""
     detect = recover = None
     deadline = t0 + timeout_s
     while time.monotonic() < deadline and (detect is None or recover is None):
         now = time.monotonic()
+        on_phase(f"waiting for {alert} to fire ({now - t0:.0f}s)" if detect is None else
+                 f"{alert} fired after {detect:.1f}s; waiting for {name} to be restarted and serve ({now - t0:.0f}s)")
         if detect is None:
             alerts = _data(http, f"{api}/api/v1/alerts")["alerts"]
             if any(a["labels"].get("alertname") == alert and a["labels"].get("replica") == name
@@ -171,8 +174,8 @@ def _watch(http: httpx.Client, api: str, alert: str, name: str, old_pid: Any, t0
 
 
 def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = None, timeout_s: float = 120.0,
-              model: str | None = None, reach_limit_s: float = 600.0, max_leak_bytes: float = 4 * GiB
-              ) -> DrillResult:
+              model: str | None = None, reach_limit_s: float = 600.0, max_leak_bytes: float = 4 * GiB,
+              on_phase: Callable[[str], None] = lambda phase: None) -> DrillResult:
     """Arm ``drill`` on ``replica`` (default: the first), trigger it, wait for sentinel to detect and recover."""
     http = httpx.Client(timeout=10.0)
     status = _data(http, f"{api}/api/v1/status")
@@ -212,7 +215,7 @@ def run_drill(api: str, drill: Drill, admin_token: str, replica: str | None = No
                     time.sleep(0.2)
 
     threading.Thread(target=busy if drill.load else trigger, daemon=True).start()
-    detect, recover = _watch(http, api, drill.alert, name, old_pid, t0, timeout_s)
+    detect, recover = _watch(http, api, drill.alert, name, old_pid, t0, timeout_s, on_phase)
     done.set()
     if drill.load and recover is None:  # not recovered in time: stop the fault rather than leave it running
         try:

@@ -58,6 +58,7 @@ C = TypeVar("C", bound=Capability)
 class Daemon:
     settings: Settings
     on_ready: Callable[[list[Service]], None] = lambda services: None
+    on_stage: Callable[[str, str], None] | None = None  # (replica, what it does) while the replicas start
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     started_at: float = field(default_factory=time.time)
 
@@ -107,7 +108,7 @@ class Daemon:
             replicas = self.replicas = self._run(ClusterReplicas(s))
         else:
             local = self.replicas = replicas = LocalReplicas(s, self.state_dir, self.children, self._replicas_changed,
-                                                             self._liveness)
+                                                             self._liveness, self.on_stage)
             self._run(local)
             if s.router.enabled:
                 self.router = self._run(RouterEndpoint(s, self.registry, local.endpoints, local.proxy_token))

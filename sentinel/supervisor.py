@@ -112,19 +112,25 @@ class Replica:
         self.children.set(self.spec.name, self.proc.pid)
         log.info("started replica %s (pid %d) on %s", self.spec.name, self.proc.pid, self.spec.url)
 
-    def wait_healthy(self, timeout_s: float) -> bool:
+    def wait_healthy(self, timeout_s: float, on_stage: Callable[[str, str], None] | None = None) -> bool:
         """Ready within ``timeout_s``; False at once when the process exits or its model failed to load (it
-        will not become ready: waiting out the timeout would only delay the escalation)."""
-        deadline = time.monotonic() + timeout_s
+        will not become ready: waiting out the timeout would only delay the escalation). ``on_stage`` hears
+        (replica, what it is doing) while it starts: a progress display."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
         while time.monotonic() < deadline and self.alive() and not self.stopping.is_set():
+            stage = "starting the process"
             try:
                 ready = self.client.ready()
                 if ready.ready:
                     return True
                 if ready.load_error:
                     return False
+                stage = ready.stage or "loading"
             except ReplicaError:
                 pass
+            if on_stage is not None:
+                on_stage(self.spec.name, f"{stage} ({time.monotonic() - t0:.0f}s)")
             time.sleep(0.1)
         return False
 
@@ -212,11 +218,11 @@ class Supervisor:
         self._scale_lock = threading.Lock()
         self._added: str | None = None  # the replica the last scale-out started (what its verification checks)
 
-    def start_all(self) -> None:
+    def start_all(self, on_stage: Callable[[str, str], None] | None = None) -> None:
         for r in self.replicas.values():
             r.start()
         for r in self.replicas.values():
-            if not r.wait_healthy(self.start_timeout_s):
+            if not r.wait_healthy(self.start_timeout_s, on_stage):
                 raise ServiceError(f"replica {r.spec.name} did not become healthy within {self.start_timeout_s:.0f}s "
                                    f"(see {r.run_dir / (r.spec.name + '.out')})")
 

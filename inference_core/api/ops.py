@@ -41,7 +41,7 @@ def ops_router(slot: EngineSlot, registry: CollectorRegistry, faults: FaultSwitc
         if engine is None:  # alive while loading; a failed load is not healthy
             if slot.load_error:
                 return JSONResponse(Health(status="unhealthy", load_error=slot.load_error).body(), status_code=503)
-            return JSONResponse(Health(status="loading", pid=os.getpid()).body())
+            return JSONResponse(Health(status="loading", pid=os.getpid(), stage=slot.stage).body())
         if engine.healthy:  # layout: "moving" while the weights move into huge pages after ready, then "done"
             return JSONResponse(Health(status="ok", pid=os.getpid(),
                                        layout="moving" if engine.layout_pending else "done").body())
@@ -52,8 +52,8 @@ def ops_router(slot: EngineSlot, registry: CollectorRegistry, faults: FaultSwitc
     async def ready() -> JSONResponse:
         engine = slot.engine
         if engine is None:
-            return JSONResponse(Ready(ready=False, loading=slot.loading, load_error=slot.load_error).body(),
-                                status_code=503)
+            return JSONResponse(Ready(ready=False, loading=slot.loading, load_error=slot.load_error,
+                                      stage=slot.stage if slot.loading else None).body(), status_code=503)
         if not engine.healthy or engine.draining:
             return JSONResponse(Ready(ready=False, draining=engine.draining, healthy=engine.healthy).body(),
                                 status_code=503)

@@ -17,6 +17,7 @@ class EngineSlot:
     def __init__(self, engine: Engine | None = None) -> None:
         self.engine = engine
         self.load_error: str | None = None
+        self.stage: str | None = None  # while loading: what the load is doing now (for progress displays)
 
     @property
     def loading(self) -> bool:

@@ -96,8 +96,10 @@ class LocalReplicas:
     name = "replicas"
 
     def __init__(self, settings: Settings, state_dir: Path, children: ChildRegistry,
-                 on_change: Callable[[list[ReplicaSpec]], None], liveness: Liveness) -> None:
+                 on_change: Callable[[list[ReplicaSpec]], None], liveness: Liveness,
+                 on_stage: Callable[[str, str], None] | None = None) -> None:
         self.settings = settings
+        self.on_stage = on_stage  # (replica, what it is doing) while the replicas start: a progress display
         self.state_dir = state_dir
         self.children = children
         self.on_change = on_change
@@ -144,7 +146,7 @@ class LocalReplicas:
                       for i, port in enumerate(ports)]
         self.supervisor = Supervisor(self.specs, run_dir, self.children, r.start_timeout, max(r.max_count, r.count),
                                      self.on_change, [s.diagnostics.nvidia_smi, "--gpu-reset"], plan)
-        self.supervisor.start_all()
+        self.supervisor.start_all(self.on_stage)
         clock.every(r.liveness_interval, self.probe_liveness, "liveness")
 
     def begin_stop(self) -> None:

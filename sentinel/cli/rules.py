@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sentinel.cli.base import app
+from sentinel.cli.base import app, err_console
 from sentinel.errors import FileFormatError, SentinelError
 from sentinel.rules.model import load_rule_file
 
@@ -68,31 +68,45 @@ def rules_test(
     also_promtool: Annotated[bool, typer.Option("--promtool", help="also run promtool on the exported rules")] = False,
 ) -> None:
     """Run rule unit tests through sentinel's state machine (PromQL answered by a temporary Prometheus)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    failed = False
+    # progress on stderr (each file starts a Prometheus for its PromQL): a bar in a terminal, nothing otherwise
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=True)
+    with progress:
+        task = progress.add_task("rule unit tests", total=len(files))
+        for f in files:
+            failed |= _test_one(f, also_promtool)
+            progress.advance(task)
+    raise typer.Exit(1 if failed else 0)
+
+
+def _test_one(f: Path, also_promtool: bool) -> bool:
+    """One test file, as promtool prints it; True when it failed."""
     from sentinel.rules.unittest import run_promtool, run_test_file
 
     failed = False
-    for f in files:
-        typer.echo(f"Unit Testing: {f}")
-        try:
-            outcome = run_test_file(f)
-        except (SentinelError, ValueError) as exc:
-            typer.echo(f"  FAILED:\n{exc}", err=True)
+    typer.echo(f"Unit Testing: {f}")
+    try:
+        outcome = run_test_file(f)
+    except (SentinelError, ValueError) as exc:
+        typer.echo(f"  FAILED:\n{exc}", err=True)
+        return True
+    if outcome.ok:
+        typer.echo("  SUCCESS")
+    else:
+        failed = True
+        typer.echo("  FAILED:")
+        for line in outcome.failures:
+            typer.echo(f"    {line}")
+    if also_promtool:
+        ok, text = run_promtool(f)
+        typer.echo(f"  promtool on the exported rules: {'SUCCESS' if ok else 'FAILED'}")
+        if not ok:
             failed = True
-            continue
-        if outcome.ok:
-            typer.echo("  SUCCESS")
-        else:
-            failed = True
-            typer.echo("  FAILED:")
-            for line in outcome.failures:
-                typer.echo(f"    {line}")
-        if also_promtool:
-            ok, text = run_promtool(f)
-            typer.echo(f"  promtool on the exported rules: {'SUCCESS' if ok else 'FAILED'}")
-            if not ok:
-                failed = True
-                typer.echo(text)
-    raise typer.Exit(1 if failed else 0)
+            typer.echo(text)
+    return failed
 
 
 @rules_app.command("export")

@@ -33,6 +33,20 @@ def _daemon_logging() -> None:
     logging.getLogger("elastic_transport").setLevel(logging.ERROR)
 
 
+def _show_services(services: list[Any], json_out: bool) -> None:
+    """What runs where: a table, or one JSON line."""
+    if json_out:
+        typer.echo(json.dumps({"services": [vars(x) for x in services]}))
+        return
+    table = Table(title="sentinel up: what runs where")
+    for col in ("service", "url", "pid", "detail"):
+        table.add_column(col)
+    for x in services:
+        table.add_row(x.name, x.url, str(x.pid or "-"), x.detail)
+    console.print(table)
+    console.print("Ctrl-C stops everything.", style="dim")
+
+
 def _up_overrides(prometheus_url: str | None, elasticsearch_url: str | None, api_port: int | None,
                   replicas: int | None, model_dir: Path | None, enable_faults: bool, state_dir: Path | None,
                   rules_dir: Path | None, receiver: list[str] | None) -> dict[str, Any]:
@@ -71,7 +85,8 @@ def up(
     prometheus_url: Annotated[str | None, typer.Option(help="use an existing Prometheus")] = None,
     elasticsearch_url: Annotated[str | None, typer.Option(
         help="ship logs to this Elasticsearch and answer log rules from it (default: the local store)")] = None,
-    api_port: Annotated[int | None, typer.Option(help="sentinel API port (default: free)")] = None,
+    api_port: Annotated[int | None, typer.Option(
+        help="sentinel's API port (default: 9095, or the next free one)")] = None,
     replicas: Annotated[int | None, typer.Option(help="number of inference replicas")] = None,
     model_dir: Annotated[Path | None, typer.Option(help="model directory (default: bundled)")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where state, logs and children live")] = None,
@@ -82,31 +97,23 @@ def up(
                         ] = False,
 ) -> None:
     """Start replicas, Prometheus and the daemon; print what runs where; stop all on Ctrl-C."""
-    from sentinel.daemon import Daemon, Service
+    from sentinel.daemon import Daemon
     from sentinel.settings import load_settings
 
     _daemon_logging()
     overrides = _up_overrides(prometheus_url, elasticsearch_url, api_port, replicas, model_dir, enable_faults,
                               state_dir, rules_dir, receiver)
 
-    def show(services: list[Service]) -> None:
-        if json_out:
-            typer.echo(json.dumps({"services": [vars(x) for x in services]}))
-            return
-        table = Table(title="sentinel up: what runs where")
-        for col in ("service", "url", "pid", "detail"):
-            table.add_column(col)
-        for x in services:
-            table.add_row(x.name, x.url, str(x.pid or "-"), x.detail)
-        console.print(table)
-        console.print("Ctrl-C stops everything.", style="dim")
-
     signal.signal(signal.SIGTERM, _raise_interrupt)
     daemon = None
     try:
         settings = load_settings(config, overrides)
-        daemon = Daemon(settings, on_ready=show)
-        daemon.start()
+        # progress on stderr while the replicas load (a spinner naming each replica's stage; nothing when stderr
+        # is not a terminal): checking files, loading the weights, planning memory and allocating the KV cache
+        with err_console.status("sentinel up: starting", spinner="dots") as shown:
+            daemon = Daemon(settings, on_ready=lambda services: _show_services(services, json_out),
+                            on_stage=lambda name, stage: shown.update(f"sentinel up: {name}: {stage}"))
+            daemon.start()
         daemon.serve()
     except KeyboardInterrupt:
         pass
@@ -271,12 +278,14 @@ def chaos_cmd(
     if reach_limit <= 0:
         raise typer.BadParameter("must be positive", param_hint="--reach-limit")
     try:
-        if drill == "scale-out":
-            result = run_scale_out(api, timeout_s=timeout)
-        else:
-            assert s.replicas.admin_token is not None
-            result = run_drill(api, DRILLS[drill], s.replicas.admin_token.get_secret_value(), replica, timeout,
-                               reach_limit_s=reach_limit)
+        # progress on stderr (a spinner with what is awaited; nothing when stderr is not a terminal)
+        with err_console.status(f"{drill}: arming the fault", spinner="dots") as shown:
+            if drill == "scale-out":
+                result = run_scale_out(api, timeout_s=timeout)
+            else:
+                assert s.replicas.admin_token is not None
+                result = run_drill(api, DRILLS[drill], s.replicas.admin_token.get_secret_value(), replica, timeout,
+                                   reach_limit_s=reach_limit, on_phase=lambda phase: shown.update(f"{drill}: {phase}"))
     except (ChaosError, httpx.HTTPError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -21,7 +21,11 @@ def test_scale_out_up_to_the_limit_then_refuse(tmp_path: Path, tiny_model_dir: P
     spec = ReplicaSpec("replica-0", free_port(), tiny_model_dir, tmp_path / "run" / "replica-0" / "logs")
     sup = Supervisor([spec], tmp_path / "run", ChildRegistry(tmp_path / "children.json"), 60, max_replicas=2,
                      on_change=lambda specs: seen.append([s.name for s in specs]))
-    sup.start_all()
+    stages: list[tuple[str, str]] = []
+    sup.start_all(lambda name, stage: stages.append((name, stage)))  # sentinel up's progress display
+    assert stages and {name for name, _ in stages} == {"replica-0"}  # the process takes a second to start
+    assert all(s.startswith(("starting the process", "checking the files", "loading", "planning memory"))
+               for _, s in stages), stages
     try:
         evidence = sup.act("scale_out", "replica-0")
         assert "started replica-1" in evidence and seen == [["replica-0", "replica-1"]]

@@ -47,6 +47,9 @@ def test_ops_and_model_routes_while_loading_and_after_a_failed_load() -> None:
         assert Health.model_validate(http.get("/health").json()).status == "loading"
         r = http.get("/ready")
         assert r.status_code == 503 and Ready.model_validate(r.json()).loading is True
+        slot.stage = "loading the weights"  # what a progress display (sentinel up's) shows while it loads
+        assert Ready.model_validate(http.get("/ready").json()).stage == "loading the weights"
+        assert Health.model_validate(http.get("/health").json()).stage == "loading the weights"
         models = http.get("/v1/models")
         assert models.status_code == 503 and models.json()["error"]["message"] == "model is loading"
         drain = http.post("/admin/drain", headers={"Authorization": "Bearer t"})
