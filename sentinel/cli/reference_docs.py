@@ -171,10 +171,63 @@ def metrics_page() -> str:
     return "\n".join(out) + "\n"
 
 
+def _doc(model: type[BaseModel]) -> str:
+    import inspect
+
+    return inspect.cleandoc(model.__doc__ or "").replace("``", "`")
+
+
+def _model_table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
+    out = ["| field | default | meaning |", "|---|---|---|"]
+    for name, f in model.model_fields.items():
+        if name in skip:
+            continue
+        shown = f.alias or name
+        out.append(f"| `{shown}` | {_default(f)} | {_cell(f.description or '')} |")
+    return out
+
+
+def rule_files_page() -> str:
+    """The rule file format: a rule, its `sentinel:` block, every log rule type with its own options, and the
+    filters, from the models that validate the files (sentinel/rules/)."""
+    from sentinel.rules import querystring
+    from sentinel.rules.filters import LogFilter, Range
+    from sentinel.rules.logtypes import TYPES, LogRuleType
+    from sentinel.rules.model import Extension, Group, Learned, Rule, Signal
+
+    out = [f"# Rule files\n\n{GENERATED}Prometheus rule files as they are (`groups`, `rules` with `alert` or "
+           "`record`, `expr`, `for`, `keep_firing_for`, `labels`, `annotations`), plus a `log:` query in place of "
+           "`expr` for log rules and a `sentinel:` block for what Prometheus has no place for. Generated from the "
+           "models that validate the files: a file that breaks them is refused naming file, line and field.\n",
+           "## A group\n", *_model_table(Group, ("rules",)), "", "## A rule\n", *_model_table(Rule), "",
+           "## The `sentinel:` block\n", _doc(Extension) + "\n", *_model_table(Extension), "",
+           "### `learned`\n", _doc(Learned) + "\n", *_model_table(Learned), "",
+           "### `signal`\n", _doc(Signal) + "\n", *_model_table(Signal), "",
+           "## Log rules (`log:`)\n", _doc(LogRuleType) + "\n",
+           "The options every type takes:\n", *_model_table(LogRuleType, ("type",)), ""]
+    base = set(LogRuleType.model_fields)
+    for name, cls in TYPES.items():
+        own = [n for n in cls.model_fields if n not in base]
+        out += [f"### `type: {name}`\n", _doc(cls) + "\n"]
+        if own:
+            out += ["Its own options:\n", *_model_table(cls, tuple(n for n in cls.model_fields if n not in own)), ""]
+    out += ["## Filters\n", _doc(LogFilter) + "\n", *_model_table(LogFilter), "",
+            "A `range` takes, per field:\n", *_model_table(Range), "",
+            "### `query_string`\n", "```", inspect_doc(querystring), "```", ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def inspect_doc(module: Any) -> str:
+    import inspect
+
+    return inspect.cleandoc(module.__doc__ or "")
+
+
 def pages() -> dict[str, str]:
     """Each reference page by its path under docs/."""
     return {"reference/settings.md": settings_page(), "reference/cli.md": cli_page(),
-            "reference/api.md": api_page(), "reference/metrics.md": metrics_page()}
+            "reference/api.md": api_page(), "reference/metrics.md": metrics_page(),
+            "reference/rule-files.md": rule_files_page()}
 
 
 def write(docs_dir: Path) -> list[Path]:

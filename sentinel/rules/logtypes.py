@@ -72,13 +72,15 @@ class LogRuleType(Strict):
     of the ``aggregation_key`` labels."""
 
     type: str
-    filter: list[LogFilter] = Field(default_factory=list)
-    timeframe: Duration = 300.0
-    query_delay: Duration = 0.0
-    query_key: list[str] = Field(default_factory=list)
-    realert: Duration | None = Field(None, ge=0)
-    aggregation: Duration | None = Field(None, gt=0)
-    aggregation_key: list[str] = Field(default_factory=list)
+    filter: list[LogFilter] = Field(default_factory=list, description="the events that count; all must match")
+    timeframe: Duration = Field(300.0, description="the window judged at each evaluation")
+    query_delay: Duration = Field(0.0, description="judge the window this long ago (the store's indexing delay)")
+    query_key: list[str] = Field(default_factory=list, description="fields whose values make separate alerts")
+    realert: Duration | None = Field(None, ge=0, description="the least time between two pages of one alert")
+    aggregation: Duration | None = Field(None, gt=0, description="hold notifications and send them together "
+                                         "once per this period")
+    aggregation_key: list[str] = Field(default_factory=list, description="with aggregation: one notification "
+                                       "per value of these labels")
 
     # how many timeframes a group must have been seen before it is judged; nonzero: the type remembers the
     # groups it has seen (KeyMemory), and groups seen before the first evaluation count as seen long enough
@@ -169,7 +171,7 @@ class FrequencyRule(_Counted):
     """``frequency``: groups with at least ``num_events`` matching events in ``timeframe``."""
 
     type: Literal["frequency"] = "frequency"
-    num_events: int = Field(1, ge=1)
+    num_events: int = Field(1, ge=1, description="at least this many events in timeframe")
 
     def _need(self) -> int:
         return self.num_events
@@ -181,8 +183,8 @@ class FlatlineRule(LogRuleType):
     ``forget_keys`` a group is dropped once it has alerted, until it logs again."""
 
     type: Literal["flatline"] = "flatline"
-    threshold: int = Field(ge=1)
-    forget_keys: bool = False
+    threshold: int = Field(ge=1, description="fewer events than this is a flatline")
+    forget_keys: bool = Field(False, description="drop a group once it has alerted, until it logs again")
 
     baseline = 1
 
@@ -216,10 +218,10 @@ class SpikeRule(LogRuleType):
     one has events; after a spike the group starts over (judged again two timeframes later)."""
 
     type: Literal["spike"] = "spike"
-    spike_height: float = Field(gt=1)
-    spike_type: Literal["up", "down", "both"] = "both"
-    threshold_ref: int | None = Field(None, ge=0)
-    threshold_cur: int | None = Field(None, ge=0)
+    spike_height: float = Field(gt=1, description="current / reference count that is a spike")
+    spike_type: Literal["up", "down", "both"] = Field("both", description="which direction counts")
+    threshold_ref: int | None = Field(None, ge=0, description="at least this many events in the reference window")
+    threshold_cur: int | None = Field(None, ge=0, description="at least this many events in the current window")
 
     baseline = 2
 
@@ -246,9 +248,9 @@ class PercentageMatchRule(LogRuleType):
     ``min_percentage`` or above ``max_percentage`` (value = the percentage)."""
 
     type: Literal["percentage_match"] = "percentage_match"
-    match_bucket_filter: list[LogFilter] = Field(min_length=1)
-    min_percentage: float | None = Field(None, ge=0, le=100)
-    max_percentage: float | None = Field(None, ge=0, le=100)
+    match_bucket_filter: list[LogFilter] = Field(min_length=1, description="the events whose share is judged")
+    min_percentage: float | None = Field(None, ge=0, le=100, description="a share below this fires")
+    max_percentage: float | None = Field(None, ge=0, le=100, description="a share above this fires")
 
     @model_validator(mode="after")
     def _bounds(self) -> PercentageMatchRule:
@@ -273,8 +275,8 @@ class NewTermRule(LogRuleType):
     ``terms_window_size`` before it. Asked of the store itself, so a restart neither floods nor forgets."""
 
     type: Literal["new_term"] = "new_term"
-    fields: list[str] = Field(min_length=1)
-    terms_window_size: Duration = 30 * 86400.0
+    fields: list[str] = Field(min_length=1, description="the fields whose values (or combinations) are watched")
+    terms_window_size: Duration = Field(30 * 86400.0, description="new means unseen for this long")
 
     _fields = field_validator("fields")(_field_names)
 
@@ -297,7 +299,7 @@ class ChangeRule(LogRuleType):
     group (value = the number of values)."""
 
     type: Literal["change"] = "change"
-    compare_key: str
+    compare_key: str = Field(description="the field whose value changed")
 
     @field_validator("compare_key")
     @classmethod
@@ -320,12 +322,14 @@ class MetricAggregationRule(LogRuleType):
     values a group, or ``hdr``, the value at the rank rounded up to 3 significant digits)."""
 
     type: Literal["metric_aggregation"] = "metric_aggregation"
-    metric_agg_key: str
-    metric_agg_type: Literal["min", "max", "avg", "sum", "value_count", "cardinality", "percentiles"]
-    percentile_range: float | None = Field(None, gt=0, le=100)
-    percentiles_method: Literal["tdigest", "hdr"] = "tdigest"
-    max_threshold: float | None = None
-    min_threshold: float | None = None
+    metric_agg_key: str = Field(description="the numeric field aggregated")
+    metric_agg_type: Literal["min", "max", "avg", "sum", "value_count", "cardinality", "percentiles"] = Field(
+        description="the aggregation")
+    percentile_range: float | None = Field(None, gt=0, le=100, description="with percentiles: which one (99)")
+    percentiles_method: Literal["tdigest", "hdr"] = Field("tdigest", description="t-digest (Elasticsearch's "
+                                                          "default) or HdrHistogram")
+    max_threshold: float | None = Field(None, description="an aggregate above this fires")
+    min_threshold: float | None = Field(None, description="an aggregate below this fires")
 
     @model_validator(mode="after")
     def _metric(self) -> MetricAggregationRule:

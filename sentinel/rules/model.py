@@ -66,12 +66,14 @@ class Signal(Strict):
 class Extension(Strict):
     """sentinel-only settings of a rule (stripped on export)."""
 
-    runbook: str | None = None
-    remediation: Literal["restart", "scale_out", "scale_in", "rollout_restart", "cordon"] | None = None
-    signal: Signal | None = None
+    runbook: str | None = Field(None, description="the runbook (runbooks/NAME.yaml) run once per episode; its "
+                                "findings go out with the alert")
+    remediation: Literal["restart", "scale_out", "scale_in", "rollout_restart", "cordon"] | None = Field(
+        None, description="the action taken while it fires, under the guardrails (the last two: Kubernetes mode)")
+    signal: Signal | None = Field(None, description="what a dashboard plots for it (below)")
     consecutive_samples: int | None = Field(None, ge=1, le=1000,
                                             description="fire only after N consecutive evaluations return the alert")
-    learned: Learned | None = None
+    learned: Learned | None = Field(None, description="a learned threshold instead of a fixed one (below)")
 
     @model_validator(mode="before")
     @classmethod
@@ -86,15 +88,16 @@ class Extension(Strict):
 
 class Rule(Strict):
     # YamlStr: an unquoted number is taken as the text it was written as (`expr: 1`, `severity: 2`), as rulefmt
-    alert: YamlStr | None = None
-    record: YamlStr | None = None
-    expr: YamlStr | None = None
-    log: LogQuery | None = None
-    for_: Duration = Field(0.0, alias="for")
-    keep_firing_for: Duration = 0.0
-    labels: dict[str, YamlStr] = Field(default_factory=dict)
-    annotations: dict[str, YamlStr] = Field(default_factory=dict)
-    sentinel: Extension = Field(default_factory=Extension)
+    alert: YamlStr | None = Field(None, description="an alerting rule's name (exactly one of alert, record)")
+    record: YamlStr | None = Field(None, description="a recording rule's series name, written back by remote write")
+    expr: YamlStr | None = Field(None, description="the PromQL query (exactly one of expr, log)")
+    log: LogQuery | None = Field(None, description="a log query, one of the types below")
+    for_: Duration = Field(0.0, alias="for", description="pending this long before firing")
+    keep_firing_for: Duration = Field(0.0, description="keep firing this long after the condition clears")
+    labels: dict[str, YamlStr] = Field(default_factory=dict, description="added to every alert; Go templates")
+    annotations: dict[str, YamlStr] = Field(default_factory=dict, description="summary, description, ...; Go "
+                                            "templates ({{ $labels.x }}, {{ $value }}, humanize)")
+    sentinel: Extension = Field(default_factory=Extension, description="sentinel's own block (below)")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -141,11 +144,12 @@ class Rule(Strict):
 
 
 class Group(Strict):
-    name: str = Field(min_length=1)
-    interval: Duration | None = None
-    limit: int = Field(0, ge=0)
-    query_offset: Duration | None = None
-    labels: dict[str, YamlStr] = Field(default_factory=dict)
+    name: str = Field(min_length=1, description="unique in its file")
+    interval: Duration | None = Field(None, description="how often its rules are evaluated (default: "
+                                      "alerting.evaluation_interval)")
+    limit: int = Field(0, ge=0, description="at most this many alerts per rule (0: no limit), as Prometheus")
+    query_offset: Duration | None = Field(None, description="evaluate this long in the past (late data)")
+    labels: dict[str, YamlStr] = Field(default_factory=dict, description="added to every rule's alerts")
     rules: list[Rule] = Field(default_factory=list)
 
     _labels = field_validator("labels")(_check_labels)

@@ -2,7 +2,7 @@
 both log stores answer alike. It parses into a tree whose leaves are the other filter kinds, so a rule
 means the same on Elasticsearch and on the local store.
 
-Supported (documented in rules/README.md):
+Supported (this text is the rule-file reference's, docs/reference/rule-files.md):
 
 - ``field:value`` — the exact value (``term``); an unquoted number matches the number or the same text
   (``batch_size:4`` finds ``4`` and ``"4"``, as Elasticsearch does on a numeric or a keyword field);
