@@ -1,7 +1,7 @@
 """`sentinel up` at real size, as users run it: the 0.5B-shaped checkpoint (`bench/checkpoints.py`, written
 locally with transformers), two replicas on a core each, steady clients through the router, and the shipped
 scale-out rule live. The test runs the real-size drill of `bench/drills.py` (the same code that prints the
-README's figures) and asserts the issue's targets on what it measured:
+figures in docs/benchmarks.md) and asserts the issue's targets on what it measured:
 
 - the CUDA-error drill: replica-0 restarted within 30 s of the fault, no client request failed;
 - heavy load: EngineBusyScaleOut fires and the scale-out is a refused decision ("host full"), never a third

@@ -96,7 +96,7 @@ def test_same_verdict_as_promtool(tmp_path: Path, what: str, src: Path, verdict:
 
 
 def test_corpus_size() -> None:
-    """The README quotes these counts; a shrinking corpus must be a decision, not an accident."""
+    """docs/rules.md quotes these counts; a shrinking corpus must be a decision, not an accident."""
     assert len(TESTS) >= 3 and len(CASES) >= 50, (len(TESTS), len(CASES))
 
 

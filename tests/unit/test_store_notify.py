@@ -278,7 +278,7 @@ def test_signed_requests_verify_with_the_documented_verifier(tmp_path: Path, rec
                       (ROOT / "docs" / "operators-guide.md").read_text(), re.S)
     assert block is not None, "the verifier block is gone from the operator's guide"
     scope: dict[str, object] = {}
-    exec(block.group(1), scope)  # noqa: S102 - our own README, run as documentation
+    exec(block.group(1), scope)  # noqa: S102 - our own docs, run as written
     verify = scope["verify"]
     store = Store(tmp_path / "s.db")
     now = _time.time()
