@@ -18,6 +18,7 @@ Each ``query_key`` value is its own alert. :data:`LogQuery` is their discriminat
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, Protocol
@@ -125,9 +126,9 @@ class LogRuleType(Strict):
             raise ValueError("aggregation_key needs aggregation (the period)")
         return self
 
+    @abstractmethod
     def samples(self, w: LogWindow, at: float, mem: KeyMemory) -> list[Sample]:
         """The groups that match at ``at`` (``query_delay`` already applied); ``mem``: this rule's memory."""
-        raise NotImplementedError
 
     def evidence_since(self, w: LogWindow, labels: dict[str, str], since: float, at: float) -> bool | None:
         """Whether the events that make the rule fire for the group ``labels`` are still there counting only
@@ -141,8 +142,9 @@ class LogRuleType(Strict):
 class _Counted(LogRuleType):
     """A type that fires on a count of matching events in ``timeframe``."""
 
+    @abstractmethod
     def _need(self) -> int:
-        raise NotImplementedError
+        """The least count that matches."""
 
     def samples(self, w: LogWindow, at: float, mem: KeyMemory) -> list[Sample]:
         need = self._need()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -56,7 +57,7 @@ class RuleContext(Protocol):
 
 
 @dataclass
-class RuleRuntime:
+class RuleRuntime(ABC):
     """One loaded rule: its definition, its group, and how its last evaluation went."""
 
     group: LoadedGroup
@@ -74,9 +75,9 @@ class RuleRuntime:
     def datasource(self) -> str:
         return "prometheus"
 
+    @abstractmethod
     def evaluate(self, now: float, ctx: RuleContext) -> list[Alert]:
         """Evaluate at ``now``; the alerts firing after it. Raises on a failed query (no state changed)."""
-        raise NotImplementedError
 
     def alerts(self) -> list[Alert]:
         """Copies of the rule's active alerts."""
@@ -84,6 +85,7 @@ class RuleRuntime:
 
     def restore(self, store: Store) -> None:
         """Take up the state a previous run of sentinel left in ``store``."""
+        return None  # a recording rule keeps nothing between runs (its series are in Prometheus)
 
 
 def machine_for(g: LoadedGroup, rule: Rule) -> AlertingRule:
