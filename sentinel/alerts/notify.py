@@ -26,6 +26,7 @@ from sentinel.state.outbox import OutboxItem
 log = logging.getLogger(__name__)
 # what a receiver is sent for a queued notification: its body rendered with the configuration of the moment
 Renderer = Callable[[str, Notification], Any]
+Queued = tuple[OutboxItem, Notification, float]  # a queued row, its notification, when it may be tried
 
 
 def sign(key_id: str, key: bytes, body: bytes, now: float) -> dict[str, str]:
@@ -98,9 +99,10 @@ class Dispatcher:
                 queue = self.store.queue(receiver, limit=500)
                 if not queue:
                     return sent
-                lanes: dict[str, list[tuple[OutboxItem, float]]] = {}
+                lanes: dict[str, list[Queued]] = {}  # each row read into its typed notification once
                 for item, next_at in queue:
-                    lanes.setdefault(Notification.from_json(item.payload).group_key, []).append((item, next_at))
+                    note = Notification.from_json(item.payload)
+                    lanes.setdefault(note.group_key, []).append((item, note, next_at))
                 if len(lanes) == 1:
                     results = [self._drain_lane(receiver, next(iter(lanes.values())))]
                 else:
@@ -120,24 +122,21 @@ class Dispatcher:
             with self._lock:
                 self._busy.discard(receiver)
 
-    def _drain_lane(self, receiver: str, queue: list[tuple[OutboxItem, float]]) -> tuple[int, bool]:
+    def _drain_lane(self, receiver: str, queue: list[Queued]) -> tuple[int, bool]:
         """One group's notifications, in order: (sent, whether the head must wait)."""
         last: dict[tuple[str, str], int] = {}
-        notes = {item.id: Notification.from_json(item.payload) for item, _ in queue}
-        for item, _ in queue:
-            for k in notes[item.id].keys():
+        for item, queued, _ in queue:
+            for k in queued.keys():
                 last[k] = item.id
         sent = 0
-        for item, next_at in queue:
-            note: Notification | None = notes[item.id]
-            assert note is not None
-            drop = {k for k in note.keys() if last[k] != item.id}
+        for item, queued, next_at in queue:
+            drop = {k for k in queued.keys() if last[k] != item.id}
+            note = queued.without(drop) if drop else queued
             if drop:
-                note = note.without(drop)
                 self.store.supersede(item.id, None if note is None else note.to_json())
-                if note is None:
-                    self.on_result(receiver, "superseded")
-                    continue
+            if note is None:
+                self.on_result(receiver, "superseded")
+                continue
             if next_at > self.clock():
                 return sent, True  # the head is backing off: the rest of its group waits, in order
             outcome = self._deliver(item, note)
