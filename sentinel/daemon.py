@@ -2,9 +2,11 @@
 stops them in reverse, and serves the API. Each capability owns its own start, stop and jobs; this module
 only says which feeds which, and what ``up.json`` and ``/api/v1/status`` list.
 
-Order: replicas (local children, or a Deployment) → router → Prometheus → state DB → log shipping →
+Order: state DB → replicas (local children, or a Deployment) → router → Prometheus → log shipping →
 self-healing (recovers what a killed run left) → rule evaluation → notifications → leadership; then the
-clock starts their jobs, and the API serves.
+clock starts their jobs, and the API serves. What started is one :class:`Running`; nothing is wired by a
+callback assigned after construction: rule evaluation hands firing alerts to healing through the state
+database's firing log (``sentinel.alerts.firinglog``), and delivery reads the alert log the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from prometheus_client import CollectorRegistry
 
 from inference_core.security import RateLimiter, server_config
 from inference_core.telemetry import rss_bytes
-from sentinel.alerts.state import Alert
 from sentinel.api import authenticator, create_app
 from sentinel.capabilities import Capability, Clock, Service
 from sentinel.capabilities.endpoint import RouterEndpoint
@@ -42,7 +43,6 @@ from sentinel.netutil import reserve_near
 from sentinel.process import ChildRegistry
 from sentinel.promserver import ScrapeTarget
 from sentinel.remediation.policy import Guardrails
-from sentinel.rules.evaluator import AlertingRuntime
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.context import build_context
 from sentinel.runbooks.model import Runbook
@@ -52,6 +52,20 @@ from sentinel.supervisor import ReplicaSpec
 __all__ = ["Daemon", "Service", "bundled_model_dir"]
 log = logging.getLogger(__name__)
 C = TypeVar("C", bound=Capability)
+
+
+@dataclass(frozen=True)
+class Running:
+    """The capabilities ``start`` built and started, in start order; the router is absent when disabled or in
+    Kubernetes mode, where the cluster's Service routes."""
+    replicas: LocalReplicas | ClusterReplicas
+    router: RouterEndpoint | None
+    monitoring: Monitoring
+    logs: LogShipping
+    rules: RuleEvaluation
+    healing: SelfHealing
+    notifications: Notifications
+    leadership: Leadership
 
 
 @dataclass
@@ -79,15 +93,9 @@ class Daemon:
         self.started: list[Capability] = []  # in start order; stopped in reverse
         self.keeper_pid: int | None = None
         self.services: list[Service] = []
-        self.replicas: LocalReplicas | ClusterReplicas | None = None
-        self.router: RouterEndpoint | None = None
-        self.monitoring: Monitoring | None = None
-        self.state: State | None = None
-        self.logs: LogShipping | None = None
-        self.healing: SelfHealing | None = None
-        self.rules: RuleEvaluation | None = None
-        self.notifications: Notifications | None = None
-        self.leadership: Leadership | None = None
+        # the state database opens first and closes last: every part after it audits into it
+        self.state = State(s, self.state_dir)
+        self.running: Running | None = None  # set once every part has started
 
     def _run(self, part: C) -> C:
         self.started.append(part)  # before start: a start that fails half-way is still stopped
@@ -102,37 +110,37 @@ class Daemon:
         for leftover in self.children.reap_leftovers():
             log.warning("killed a leftover child of a previous sentinel: %s", leftover)
         self.keeper_pid = self.children.start_keeper()  # from here on, every child dies with this process
+        store = self._run(self.state).store
 
         replicas: LocalReplicas | ClusterReplicas
+        router = None
         if s.kubernetes.enabled:
-            replicas = self.replicas = self._run(ClusterReplicas(s))
+            replicas = self._run(ClusterReplicas(s))
         else:
-            local = self.replicas = replicas = LocalReplicas(s, self.state_dir, self.children, self._replicas_changed,
-                                                             self._liveness, self.on_stage)
+            replicas = local = LocalReplicas(s, self.state_dir, self.children, self._replicas_changed,
+                                             self._liveness, self.on_stage)
             self._run(local)
             if s.router.enabled:
-                self.router = self._run(RouterEndpoint(s, self.registry, local.endpoints, local.proxy_token))
-        monitoring = self.monitoring = self._run(Monitoring(
+                router = self._run(RouterEndpoint(s, self.registry, local.endpoints, local.proxy_token))
+        monitoring = self._run(Monitoring(
             s, self.state_dir, self.children, self._targets(replicas.specs), self.metrics, self.audit,
             on_restart=self._write_up_file))
-        state = self.state = self._run(State(s, self.state_dir))
-        logs = self.logs = self._run(LogShipping(s, self.state_dir, self.metrics, replicas.specs,
-                                                 ship=not s.kubernetes.enabled))
-        rules = self.rules = RuleEvaluation(s, state.store, monitoring.url, logs.rule_source(), self.metrics,
-                                            self.api_url, self.audit, groups, self._set_books, self._on_firing)
-        self.healing = self._run(SelfHealing(s, state.store, replicas.actuator, self.metrics, books,
-                                             self._runbook_context, rules.evaluator.notify_findings, rules.evidence,
-                                             self.audit))
+        logs = self._run(LogShipping(s, self.state_dir, self.metrics, replicas.specs, ship=not s.kubernetes.enabled))
+        rules = RuleEvaluation(s, store, monitoring.url, logs.rule_source(), self.metrics, self.api_url, self.audit,
+                               groups, self._set_books)
+        healing = self._run(SelfHealing(s, store, replicas.actuator, self.metrics, books, self._runbook_context,
+                                        rules.evaluator.notify_findings, rules.evidence, self.audit, rules.evaluator,
+                                        lambda: self.leading))
         self._run(rules)
         self.registry.register(rules.evaluator.learned)
         self.registry.register(rules.evaluator.active)
-        self.registry.register(BacklogCollector(state.store, lambda: logs.shipper))
-        self.notifications = self._run(Notifications(s, state.store, self.metrics, self.api_url,
-                                                     lambda: self.leading))
-        self.leadership = self._run(Leadership(s, replicas.api if isinstance(replicas, ClusterReplicas) else None,
-                                               self.audit))
+        self.registry.register(BacklogCollector(store, lambda: logs.shipper))
+        notifications = self._run(Notifications(s, store, self.metrics, self.api_url, lambda: self.leading))
+        leadership = self._run(Leadership(s, replicas.api if isinstance(replicas, ClusterReplicas) else None,
+                                          self.audit))
+        self.running = Running(replicas, router, monitoring, logs, rules, healing, notifications, leadership)
         self.clock.start()
-        self.app = create_app(rules.evaluator, state.store, self.registry, self, authenticator(s.api.token, s.api),
+        self.app = create_app(rules.evaluator, store, self.registry, self, authenticator(s.api.token, s.api),
                               limiter=RateLimiter(s.api.rate_limit, s.api.rate_burst) if s.api.rate_limit else None,
                               protect_reads=s.api.protect_reads, secure_cookie=s.api.tls_cert is not None)
         self.services = self._services()
@@ -145,48 +153,45 @@ class Daemon:
         return f"{scheme}://{self.settings.api.host}:{self.api_port}"
 
     @property
+    def parts(self) -> Running:
+        """The started capabilities; what the API and the jobs use (both run only once start has returned)."""
+        if self.running is None:
+            raise ServiceError("sentinel has not finished starting")
+        return self.running
+
+    @property
     def leading(self) -> bool:
         """Whether this sentinel notifies and acts: always, unless a Lease elects another one."""
-        return self.leadership is None or self.leadership.leading
+        return self.running is None or self.running.leadership.leading
 
     def audit(self, kind: str, subject: str, **detail: Any) -> None:
-        if self.state is not None:
-            self.state.audit(kind, subject, **detail)
-
-    def _healing(self) -> SelfHealing:
-        assert self.healing is not None
-        return self.healing
-
-    def _on_firing(self, rt: AlertingRuntime, alerts: list[Alert]) -> None:
-        if self.leading and self.healing is not None:  # a follower evaluates, the leader acts
-            self.healing.on_firing(rt, alerts)
+        self.state.audit(kind, subject, **detail)
 
     def _liveness(self, now: float, samples: list[Any]) -> None:
-        if self.rules is not None:
-            self.rules.evaluator.push(UNRESPONSIVE_ALERT, now, samples)
+        if self.running is not None:  # the replicas' probe runs on the clock, which starts after every part
+            self.running.rules.evaluator.push(UNRESPONSIVE_ALERT, now, samples)
 
     def _set_books(self, books: Mapping[str, Runbook]) -> None:
-        if self.healing is not None:
-            self.healing.set_books(books)
+        self.parts.healing.set_books(books)
 
     # -- sentinel.api.Controls: what the API asks of the running daemon ---------------------------------
     def guardrails(self) -> Guardrails:
-        return self._healing().guardrails
+        return self.parts.healing.guardrails
 
     def set_paused(self, paused: bool) -> None:
-        self._healing().set_paused(paused)
+        self.parts.healing.set_paused(paused)
 
     def reload_rules(self) -> list[str]:
-        assert self.rules is not None
-        return self.rules.reload()
+        return self.parts.rules.reload()
 
     def inbound(self, payload: WebhookPayload) -> dict[str, Any]:
-        assert self.rules is not None and self.state is not None
-        matched, skipped = match(self.rules.evaluator, payload)
-        for rt, alert in matched:
-            self._on_firing(rt, [alert])
+        matched, skipped = match(self.parts.rules.evaluator, payload)
+        now = time.time()
+        for rt, alert in matched:  # to healing, as the rule's own evaluation would hand them over
+            if rt.heals:
+                self.state.store.log_firing(rt.key, [alert], now)
         if self.settings.alerting.relay_inbound:
-            self.state.store.log_alerts(inbound_events(payload), time.time())
+            self.state.store.log_alerts(inbound_events(payload), now)
         self.audit("inbound", payload.receiver, group=payload.groupKey, matched=[
             f"{rt.rule.name} {alert.labels}" for rt, alert in matched], skipped=skipped)
         return {"matched": len(matched), "skipped": skipped}
@@ -197,53 +202,49 @@ class Daemon:
                                        "https" if self.settings.api.tls_cert else "http")]
 
     def _replicas_changed(self, specs: list[ReplicaSpec]) -> None:
-        """After a scale-out or scale-in: scrape, ship logs from, and list the replicas now running."""
-        if self.monitoring is not None:
-            self.monitoring.update_targets(self._targets(specs))
-        if self.logs is not None:
-            self.logs.add(specs)
+        """After a scale-out or scale-in (a remediation, so after start): scrape, ship logs from, and list the
+        replicas now running."""
+        self.parts.monitoring.update_targets(self._targets(specs))
+        self.parts.logs.add(specs)
         self.services = self._services()
         self._write_up_file()
 
     def _runbook_context(self, labels: dict[str, str]) -> Context:
-        up = {"prometheus": self.monitoring.url if self.monitoring else None,
-              "replicas": self.replicas.runbook_rows() if self.replicas else []}
-        return build_context(self.settings, labels, up, self.logs.reader if self.logs else None)
+        p = self.parts
+        up = {"prometheus": p.monitoring.url, "replicas": p.replicas.runbook_rows()}
+        return build_context(self.settings, labels, up, p.logs.reader)
 
     # -- what runs where -------------------------------------------------------------------------------
     def _services(self) -> list[Service]:
-        out = []
-        if self.router is not None and (svc := self.router.service()) is not None:
-            out.append(svc)  # what clients use: first
-        out.append(Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics"
-                           + (f" ({self.api_port_note})" if self.api_port_note else "")))
-        if self.replicas is not None:
-            out += self.replicas.services()
-        if self.monitoring is not None:
-            out.append(self.monitoring.service())
-        if self.notifications is not None:
-            out += self.notifications.services()
-        return out
+        api = Service("sentinel-api", self.api_url, None, "webhook in, /api/v1, /metrics"
+                      + (f" ({self.api_port_note})" if self.api_port_note else ""))
+        if self.running is None:
+            return [api]
+        p = self.running
+        router = p.router.service() if p.router is not None else None
+        return [*([router] if router is not None else []), api,  # what clients use: first
+                *p.replicas.services(), p.monitoring.service(), *p.notifications.services()]
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "startedAt": self.started_at, "api": self.api_url,
-            "prometheus": self.monitoring.url if self.monitoring else None,
-            "replicas": self._replica_rows(),
-            "guardrails": vars(self.healing.guardrails) if self.healing else {},
-        }
-        if self.router is not None and self.router.url is not None:
-            out["router"] = f"{self.router.url}/v1"
-        if isinstance(self.replicas, LocalReplicas) and self.replicas.plan is not None:
-            out["hostPlan"] = self.replicas.plan.as_dict()
-        if self.leadership is not None and (leader := self.leadership.status()) is not None:
+        out: dict[str, Any] = {"startedAt": self.started_at, "api": self.api_url, "prometheus": None,
+                               "replicas": [], "guardrails": {}}
+        if self.running is None:
+            return out
+        p = self.running
+        out.update(prometheus=p.monitoring.url, replicas=self._replica_rows(p), guardrails=vars(p.healing.guardrails))
+        if p.router is not None and p.router.url is not None:
+            out["router"] = f"{p.router.url}/v1"
+        if isinstance(p.replicas, LocalReplicas) and p.replicas.plan is not None:
+            out["hostPlan"] = p.replicas.plan.as_dict()
+        if (leader := p.leadership.status()) is not None:
             out["leader"] = leader
         return out
 
-    def _replica_rows(self) -> list[dict[str, Any]]:
+    @staticmethod
+    def _replica_rows(p: Running) -> list[dict[str, Any]]:
         """Each replica's status, with its memory (RSS, read from /proc) and the load the router last polled."""
-        rows = self.replicas.status() if self.replicas else []
-        ups = self.router.router.upstreams if self.router is not None else {}
+        rows = p.replicas.status()
+        ups = p.router.router.upstreams if p.router is not None else {}
         for row in rows:
             if row.get("pid"):
                 try:
@@ -284,8 +285,8 @@ class Daemon:
         closes before its replicas stop. Past the deadline every child is killed (SIGKILL). Returns whether
         the stop finished in time."""
         (self.state_dir / "up.json").unlink(missing_ok=True)
-        if isinstance(self.replicas, LocalReplicas):
-            self.replicas.begin_stop()
+        if self.running is not None and isinstance(self.running.replicas, LocalReplicas):
+            self.running.replicas.begin_stop()
         stopper = threading.Thread(target=self._stop_parts, name="stop", daemon=True)
         stopper.start()
         stopper.join(timeout_s)

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from sentinel.alerts.event import AlertEvent
+from sentinel.alerts.firinglog import TABLE as FIRING_LOG
+from sentinel.alerts.firinglog import FiringLog
 from sentinel.alerts.state import Alert, State
 from sentinel.state.audit import AuditLog
 from sentinel.state.db import Database
@@ -25,10 +27,12 @@ _ALERT_COLS = ("labels", "annotations", "value", "state", "active_at", "fired_at
 
 class AlertTables(Database):
     def save_rule_state(self, rule: str, alerts: Iterable[Alert], events: Iterable[AlertEvent], now: float,
-                        kv: dict[str, Any] | None = None) -> None:
+                        kv: dict[str, Any] | None = None, firing: Iterable[Alert] = ()) -> None:
         """Replace ``rule``'s alerts and hand ``events`` (the alerts to notify of) to delivery atomically,
-        with ``kv`` entries (e.g. an aggregation buffer) in the same transaction."""
+        with ``kv`` entries (e.g. an aggregation buffer) and the ``firing`` alerts handed to healing
+        (``sentinel.alerts.firinglog``) in the same transaction."""
         with self.tx() as db:
+            rang = FiringLog._log_firing(db, rule, firing, now)
             db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?)",
                            [(k, json.dumps(v)) for k, v in (kv or {}).items()])
             db.execute("DELETE FROM alerts WHERE rule = ?", (rule,))
@@ -39,6 +43,8 @@ class AlertTables(Database):
                   a.active_at, a.fired_at, a.resolved_at, a.last_sent_at, a.valid_until, a.keep_firing_since, a.hits,
                   a.notified_at) for a in alerts])
             self._log_alerts(db, events, now)
+        if rang:
+            self.bell(FIRING_LOG).set()
 
     def forget_rule(self, rule: str, events: Iterable[AlertEvent] = ()) -> None:
         """A rule removed by a reload: its alerts and its keys go; its last notifications are handed over."""
@@ -148,5 +154,5 @@ class AlertTables(Database):
         return [(r[0], r[1], float(r[2])) for r in rows]
 
 
-class Store(AlertTables, Outbox, Remediations, AuditLog, Silences):
+class Store(AlertTables, FiringLog, Outbox, Remediations, AuditLog, Silences):
     """sentinel's state: one database, every area's store (each a class of its own over ``Database``)."""

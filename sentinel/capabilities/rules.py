@@ -18,7 +18,7 @@ from sentinel.errors import FileFormatError
 from sentinel.metrics import SentinelMetrics
 from sentinel.prometheus import PromQLSource
 from sentinel.remediation.internal import remediation_rules
-from sentinel.rules.evaluator import AlertingRuntime, Evaluator, FiringHook
+from sentinel.rules.evaluator import AlertingRuntime, Evaluator
 from sentinel.rules.model import LoadedGroup, load_rules, rule_files
 from sentinel.rules.remote_write import RemoteWriter
 from sentinel.rules.sources import LogRuleSource
@@ -54,7 +54,7 @@ class RuleEvaluation:
 
     def __init__(self, settings: Settings, store: Store, prometheus_url: str, logs: LogRuleSource,
                  metrics: SentinelMetrics, api_url: str, audit: Audit, groups: list[LoadedGroup],
-                 on_books: Callable[[Mapping[str, Runbook]], None], on_firing: FiringHook) -> None:
+                 on_books: Callable[[Mapping[str, Runbook]], None]) -> None:
         a = settings.alerting
         self.settings = settings
         self.metrics = metrics
@@ -65,8 +65,7 @@ class RuleEvaluation:
             store, PromQLSource(prometheus_url, settings.prometheus.query_timeout), logs,
             a.evaluation_interval, a.resend_delay, api_url, metrics, meta_for=a.meta_for,
             catch_up_max=settings.logs.catch_up_max, writer=RemoteWriter(prometheus_url),
-            relay_inbound=a.relay_inbound, internal_rules=[*remediation_rules(store), liveness_rule()],
-            on_firing=on_firing)
+            relay_inbound=a.relay_inbound, internal_rules=[*remediation_rules(store), liveness_rule()])
         self.clock: Clock | None = None
         self._lock = threading.Lock()
         self._signature: Signature = ()

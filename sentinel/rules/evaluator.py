@@ -40,18 +40,13 @@ from sentinel.rules.runtime import (
 from sentinel.rules.sources import LogRuleSource
 
 log = logging.getLogger(__name__)
-__all__ = ["DATASOURCE_DOWN_ALERT", "META_ALERT", "UNDELIVERABLE_ALERT", "AlertingRuntime", "Evaluator", "FiringHook",
-           "RuleRuntime"]
+__all__ = ["DATASOURCE_DOWN_ALERT", "META_ALERT", "UNDELIVERABLE_ALERT", "AlertingRuntime", "Evaluator", "RuleRuntime"]
 
 
 def _persisted_state(alerts: Iterable[Alert]) -> tuple[object, ...]:
     """What restoring needs (value and annotations are recomputed by the next evaluation)."""
     return tuple(sorted((a.fingerprint, a.state.value, a.active_at, a.fired_at, a.resolved_at, a.last_sent_at,
                          a.valid_until, a.keep_firing_since, a.hits, a.notified_at) for a in alerts))
-
-
-# Called with the rule and its alerts that are firing after an evaluation.
-FiringHook = Callable[[AlertingRuntime, list[Alert]], None]
 
 
 @dataclass
@@ -63,7 +58,6 @@ class Evaluator:
     resend_delay: float = 60.0
     external_url: str = ""
     metrics: SentinelMetrics | None = None
-    on_firing: FiringHook | None = None
     clock: Callable[[], float] = time.time
     groups: dict[str, RuleGroup] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -150,22 +144,20 @@ class Evaluator:
         if group is None or not group.rules:
             return
         start = self.clock()
-        firing = group.eval(start, self)  # like Prometheus: one timestamp for every rule of the group
-        for rt, alerts in firing:
-            self._fire(rt, alerts)
+        group.eval(start, self)  # like Prometheus: one timestamp for every rule of the group
         self.eval_meta(start)
         if self.metrics:
             self.metrics.group_duration.labels(group.name).set(self.clock() - start)
             self.metrics.group_last.labels(group.name).set(start)
 
     def eval_rule(self, rt: RuleRuntime, now: float) -> None:
-        firing = eval_rule(rt, now, self)
-        if firing and isinstance(rt, AlertingRuntime):
-            self._fire(rt, firing)
+        eval_rule(rt, now, self)
 
-    def _fire(self, rt: AlertingRuntime, firing: list[Alert]) -> None:
-        if self.on_firing is not None:
-            self.on_firing(rt, firing)
+    def alerting_rules(self) -> dict[str, AlertingRuntime]:
+        """Every alerting rule by its key, sentinel's own included (how healing finds a firing log row's rule)."""
+        out = {rt.key: rt for rt in self.all_runtimes() if isinstance(rt, AlertingRuntime)}
+        out.update((rt.key, rt) for rt in self.internal.values())
+        return out
 
     def refit(self, rt: RuleRuntime) -> int:
         """Fit the learned bands of one rule from Prometheus history; returns the number of series."""
@@ -184,7 +176,8 @@ class Evaluator:
     def commit(self, rt: AlertingRuntime, now: float, samples: list[Sample], sent_at: float | None = None) -> None:
         """Evaluate ``rt``'s state machine on ``samples`` at ``now``, then hand the notifications due to delivery
         and persist the state with them, in one transaction; ``sent_at``: a replayed evaluation's notifications
-        go out at that (later) time and carry state changes only."""
+        go out at that (later) time and carry state changes only. A live evaluation of a rule with a runbook or a
+        remedy also hands its firing alerts to healing (``sentinel.alerts.firinglog``) in that transaction."""
         with self._lock:
             firing_before = {a.fingerprint for a in rt.machine.firing()}
             rt.machine.eval(now, samples)
@@ -198,8 +191,9 @@ class Evaluator:
             snapshot = _persisted_state(rt.machine.active.values())
             changed = bool(outbox) or snapshot != rt.persisted or bool(kv)
             kv.update(rt.progress(now, changed))
-            if changed or kv:  # a steady state is not rewritten on every evaluation
-                self.store.save_rule_state(rt.key, list(rt.machine.active.values()), outbox, now, kv)
+            firing = rt.machine.firing() if sent_at is None and rt.heals else []  # a replay starts no remedy
+            if changed or kv or firing:  # a steady state is not rewritten on every evaluation
+                self.store.save_rule_state(rt.key, list(rt.machine.active.values()), outbox, now, kv, firing)
                 rt.persisted = snapshot
             self._report(rt, firing_before)
 
@@ -223,12 +217,8 @@ class Evaluator:
 
     def push(self, alert: str, now: float, samples: list[Sample]) -> None:
         """Evaluate an internal alert whose owner pushes its samples (the replicas' liveness probe); its firing
-        alerts go to remediation as a rule's do."""
-        rt = self.internal[alert]
-        self.commit(rt, now, samples)
-        firing = rt.machine.firing()
-        if firing:
-            self._fire(rt, firing)
+        alerts go to healing as a rule's do."""
+        self.commit(self.internal[alert], now, samples)
 
     def _events(self, rt: AlertingRuntime, due: list[Alert], extra: dict[str, dict[str, Any]] | None = None
                 ) -> list[AlertEvent]:

@@ -125,6 +125,11 @@ class AlertingRuntime(RuleRuntime):
             self.machine.active[a.fingerprint] = a
 
     @property
+    def heals(self) -> bool:
+        """Whether healing acts on this rule's firing alerts (a runbook, a remedy, or both)."""
+        return self.rule.sentinel.runbook is not None or self.rule.sentinel.remediation is not None
+
+    @property
     def group_by(self) -> tuple[str, ...]:
         """Labels delivery groups by in addition to the route's."""
         return ()

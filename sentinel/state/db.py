@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS ladders (
   rule TEXT NOT NULL, target TEXT NOT NULL, ladder TEXT NOT NULL, PRIMARY KEY (rule, target));
 CREATE TABLE IF NOT EXISTS approvals (
   id TEXT PRIMARY KEY, status TEXT NOT NULL, requested_at REAL NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS firing_log (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, rule TEXT NOT NULL, alert TEXT NOT NULL, created_at REAL NOT NULL);
 """
 
 
@@ -80,6 +82,13 @@ class Database:
             self._db.execute("ALTER TABLE alerts ADD COLUMN notified_at REAL NOT NULL DEFAULT 0")
         self._migrate_kv_tables()
         self._lock = threading.RLock()
+        self._bells: dict[str, threading.Event] = {}
+
+    def bell(self, table: str) -> threading.Event:
+        """Set when rows are appended to ``table`` (a log read by cursor): its reader waits on it instead of
+        polling, and clears it before it reads."""
+        with self._lock:
+            return self._bells.setdefault(table, threading.Event())
 
     def _migrate_kv_tables(self) -> None:
         """Ladders and approvals were kv entries (``ladder:{rule}/{target}``, ``approval:{id}``) before they had

@@ -42,17 +42,17 @@ def test_each_kind_of_rule_is_its_own_class() -> None:
 
 
 def test_a_group_evaluates_every_rule_at_one_time_and_a_failure_is_that_rules_alone(tmp_path: Path) -> None:
-    fired: list[tuple[str, list[str]]] = []
-    ev, logs, now, g = setup(tmp_path, {"alert": "Down", "expr": "up == 0"}, CUDA,
+    healed = {**CUDA, "sentinel": {"remediation": "restart"}}
+    ev, logs, now, g = setup(tmp_path, {"alert": "Down", "expr": "up == 0"}, healed,
                              {"record": "job:up:sum", "expr": "sum(up)"})
-    ev.on_firing = lambda rt, alerts: fired.append((rt.rule.name, [a.labels["replica"] for a in alerts]))
     logs.add([(990.0, {"cuda_error": "Xid 79", "replica": "r0"})])
     ev.eval_group(g.key)
     promql, log_rule, recording = ev.all_runtimes()
     assert (promql.health, recording.health, log_rule.health) == ("err", "err", "ok")
     assert "no Prometheus is configured" in (promql.last_error or "")
     assert {rt.last_eval for rt in ev.all_runtimes()} == {1_000.0}
-    assert fired == [("CudaError", ["r0"])]
+    fired = [(row.rule, row.alert.labels["replica"]) for row in ev.store.firing_after(0)]
+    assert fired == [(log_rule.key, "r0")]  # handed to healing through the firing log
     assert recording.alerts() == [] and [a.state for a in log_rule.alerts()] == [State.FIRING]
 
 
