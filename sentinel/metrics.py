@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from sentinel.alerts.state import Alert, State
 
 if TYPE_CHECKING:
-    from sentinel.alerts.store import Store
+    from sentinel.state.outbox import Outbox
 
 
 class ShippingStatus(Protocol):
@@ -73,7 +73,7 @@ class BacklogCollector(Collector):
     of the oldest), and log shipping's lag (seconds since every line was last handed to the store) and
     backlog (bytes written to a replica's log but not shipped yet)."""
 
-    def __init__(self, store: Store, shipper: Callable[[], ShippingStatus | None],
+    def __init__(self, store: Outbox, shipper: Callable[[], ShippingStatus | None],
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.shipper = shipper

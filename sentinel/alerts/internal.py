@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sentinel.alerts.state import Sample
 
 if TYPE_CHECKING:
-    from sentinel.alerts.store import Store
+    from sentinel.state.outbox import Outbox
 
 # Samples at an evaluation time.
 Source = Callable[[float], list[Sample]]
@@ -37,7 +37,7 @@ class InternalRule:
         return str(self.spec["alert"])
 
 
-def undeliverable(store: Store) -> InternalRule:
+def undeliverable(store: Outbox) -> InternalRule:
     """Notifications that could not be delivered in the last hour, said to the receivers that can still hear."""
     def source(now: float) -> list[Sample]:
         return [Sample({"receiver": rcv}, float(n))

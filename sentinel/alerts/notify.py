@@ -20,8 +20,7 @@ from typing import Any
 import httpx
 
 from sentinel.alerts.notification import Notification
-from sentinel.alerts.store import Store
-from sentinel.state.outbox import OutboxItem
+from sentinel.state.outbox import Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
 # what a receiver is sent for a queued notification: its body rendered with the configuration of the moment
@@ -52,7 +51,7 @@ class Dispatcher:
     other 4xx is final.
     """
 
-    def __init__(self, store: Store, client: httpx.Client, clock: Callable[[], float] = time.time,
+    def __init__(self, store: Outbox, client: httpx.Client, clock: Callable[[], float] = time.time,
                  max_backoff_s: float = 300.0, give_up_after_s: float = 3600.0,
                  on_result: Callable[[str, str], None] | None = None, max_receivers: int = 16,
                  signing: Mapping[str, tuple[str, bytes]] | None = None, urls: Mapping[str, str] | None = None,

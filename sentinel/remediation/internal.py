@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sentinel.alerts.internal import InternalRule
 from sentinel.alerts.state import Sample
-from sentinel.alerts.store import Store
+from sentinel.state.remediation import Remediations
 
 ESCALATED_ALERT = "SentinelRemediationEscalated"
 APPROVAL_ALERT = "SentinelRemediationAwaitingApproval"
@@ -14,7 +14,7 @@ ESCALATION_FRESH_S = 120.0  # a ladder at "page" seen by a firing alert this rec
 APPROVAL_FRESH_S = 86400.0  # an approval request older than a day no longer pages
 
 
-def escalations(store: Store, now: float) -> list[Sample]:
+def escalations(store: Remediations, now: float) -> list[Sample]:
     """Ladders at their last rung ("page"), seen by a firing alert within ESCALATION_FRESH_S."""
     out = []
     for (rule, target), doc in store.ladders().items():
@@ -24,7 +24,7 @@ def escalations(store: Store, now: float) -> list[Sample]:
     return out
 
 
-def awaiting_approval(store: Store, now: float) -> list[Sample]:
+def awaiting_approval(store: Remediations, now: float) -> list[Sample]:
     """Pending approval requests younger than APPROVAL_FRESH_S."""
     return [Sample({"approval": str(doc.get("id")), "action": str(doc.get("action")),
                     "replica": str(doc.get("target")), "rule": str(doc.get("rule"))}, 1.0)
@@ -32,7 +32,7 @@ def awaiting_approval(store: Store, now: float) -> list[Sample]:
             if doc.get("status") == "pending" and now - float(doc.get("requested_at", 0)) < APPROVAL_FRESH_S]
 
 
-def remediation_rules(store: Store) -> list[InternalRule]:
+def remediation_rules(store: Remediations) -> list[InternalRule]:
     """The ladder's last rung, and actions waiting for a human (sentinel/remediation/ladder.py)."""
     return [
         InternalRule("sentinel-escalation-internal", {

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sentinel.alerts.state import Alert, AlertingRule, Sample, State
-from sentinel.alerts.store import Store
+from sentinel.alerts.store import AlertTables
 from sentinel.alerts.templates import expand
 from sentinel.errors import DatasourceError, EvaluationError
 from sentinel.metrics import SentinelMetrics
@@ -83,7 +83,7 @@ class RuleRuntime(ABC):
         """Copies of the rule's active alerts."""
         return []
 
-    def restore(self, store: Store) -> None:
+    def restore(self, store: AlertTables) -> None:
         """Take up the state a previous run of sentinel left in ``store``."""
         return None  # a recording rule keeps nothing between runs (its series are in Prometheus)
 
@@ -120,7 +120,7 @@ class AlertingRuntime(RuleRuntime):
         return [replace(a, labels=dict(a.labels), annotations=dict(a.annotations))
                 for a in self.machine.active.values()]
 
-    def restore(self, store: Store) -> None:
+    def restore(self, store: AlertTables) -> None:
         for a in store.load_rule_state(self.key):
             self.machine.active[a.fingerprint] = a
 
@@ -179,7 +179,7 @@ class LogRule(AlertingRuntime):
     def datasource(self) -> str:
         return "logs"
 
-    def restore(self, store: Store) -> None:
+    def restore(self, store: AlertTables) -> None:
         super().restore(store)
         self.held = store.get(f"held:{self.key}")
         self.last_ok = float(store.get(f"last_ok:{self.key}") or 0.0)

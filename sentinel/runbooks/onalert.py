@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sentinel.alerts.state import Alert
-from sentinel.alerts.store import Store
+from sentinel.alerts.store import AlertTables
 from sentinel.rules.evaluator import AlertingRuntime
 from sentinel.runbooks.base import Context
 from sentinel.runbooks.model import Runbook
@@ -27,7 +27,7 @@ def summary(report: Report, runbook: str) -> dict[str, Any]:
 
 
 class AlertRunbooks:
-    def __init__(self, store: Store, books: Mapping[str, Runbook], context: Callable[[dict[str, str]], Context],
+    def __init__(self, store: AlertTables, books: Mapping[str, Runbook], context: Callable[[dict[str, str]], Context],
                  on_done: Callable[[AlertingRuntime, Alert, dict[str, Any]], None], max_parallel: int = 2,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
