@@ -151,6 +151,7 @@ class ModelRunner:
         if move is None:
             return
         move.step()
+        self.model.drop_decode_plan()  # the plan holds the weights where they were
         if move.done:
             self.relayout = None
             log.info("weights in transparent huge pages: %.1f MiB, moved in %.1f s while serving",

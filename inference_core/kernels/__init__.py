@@ -124,6 +124,20 @@ class FastLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def linear_spec(m: nn.Module | None) -> tuple[list[Tensor | None], int] | None:
+    """A linear layer as ``decode_layers`` takes it ([weight, int8 row scales or None, bias or None]) and the most
+    rows for which its own forward would run the same kernel (``linear_bf16`` or ``linear_int8``); None where
+    its forward takes another path (no kernel, AMX for every batch, torch's)."""
+    if isinstance(m, FastLinear) and m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() \
+            and m.weight.device.type == "cpu":
+        return [m.weight, None, m.bias], 1 if m.amx_rows else MAX_ROWS
+    q = getattr(m, "qweight", None)
+    if m is not None and getattr(m, "int8_kernel", None) is not None and isinstance(q, Tensor) and q.is_contiguous():
+        rows = 1 if getattr(m, "int8_tiles", False) else min(MAX_ROWS, int(getattr(m, "int8_kernel_rows", 0)))
+        return [q, getattr(m, "scale"), getattr(m, "bias", None)], rows  # noqa: B009
+    return None
+
+
 def accelerate(model: nn.Module) -> int:
     """Switch every bf16 CPU ``nn.Linear`` of ``model`` to ``FastLinear`` (same parameters, same state dict),
     its bf16 CPU attention to the paged decode kernel and the fused rotary embedding, and its RMSNorms and

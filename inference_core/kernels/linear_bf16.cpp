@@ -881,6 +881,55 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q_in, const torch::Ten
   return out;
 }
 
+namespace {
+
+// One linear layer of a decode plan: bf16 weights (no scale), or weight-only int8 (with its row scales).
+torch::Tensor plan_linear(const torch::Tensor& x, const std::vector<c10::optional<torch::Tensor>>& l, size_t at) {
+  const auto& w = l.at(at);
+  const auto& scale = l.at(at + 1);
+  const auto& bias = l.at(at + 2);
+  TORCH_CHECK(w.has_value(), "decode plan: a linear layer without weights");
+  if (scale.has_value()) return gemv_rows<true>(x, *w, &*scale, bias);
+  return gemv_rows<false>(x, *w, nullptr, bias);
+}
+
+}  // namespace
+
+// A decode step's decoder layers (Qwen2/Llama: RMSNorm, q/k/v, RoPE, paged attention, o, RMSNorm, gate/up,
+// SiLU * up, down, with both residuals) in one call: the same kernels, in the same order and with the same
+// roundings as the layers' Python forward takes for a batch of decodes, without a Python frame and a dozen
+// dispatches per layer. x [N, hidden] bf16, one token per sequence; cos, sin [N, 1, D]. Each entry of
+// ``layers`` is [ln1, qkv w, qkv scale, qkv bias, o w, o scale, o bias, ln2, gate/up w, gate/up scale,
+// gate/up bias, down w, down scale, down bias, k pool, v pool] (a scale only for int8 weights, biases where
+// the checkpoint has them). Returns the hidden states after the last layer.
+torch::Tensor decode_layers(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                            const std::vector<std::vector<c10::optional<torch::Tensor>>>& layers,
+                            const torch::Tensor& slot_mapping, const torch::Tensor& decode_slots,
+                            const torch::Tensor& decode_lens, double eps, double scale, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x [N, hidden] bf16");
+  const int64_t n = x.size(0), qw = heads * head_dim, kw = kv_heads * head_dim;
+  for (const auto& l : layers) {
+    TORCH_CHECK(l.size() == 16, "decode plan: 16 entries per layer, got ", l.size());
+    const auto h = rms_norm_bf16(x, *l[0], eps);
+    const auto qkv = plan_linear(h, l, 1);
+    auto q = qkv.slice(1, 0, qw).contiguous().view({n, heads, head_dim});
+    auto k = qkv.slice(1, qw, qw + kw).contiguous().view({n, kv_heads, head_dim});
+    const auto v = qkv.slice(1, qw + kw).view({n, kv_heads, head_dim});
+    rope_bf16_(q, k, cos, sin);
+    auto k_pool = *l[14];
+    auto v_pool = *l[15];
+    k_pool.index_copy_(0, slot_mapping, k);
+    v_pool.index_copy_(0, slot_mapping, v);
+    const auto attn = paged_decode_attention(q, k_pool, v_pool, decode_slots, decode_lens, scale);
+    x = at::add(x, plan_linear(attn.reshape({n, qw}), l, 4));
+    const auto h2 = rms_norm_bf16(x, *l[7], eps);
+    const auto mid = silu_mul_halves_bf16(plan_linear(h2, l, 8));
+    x = at::add(x, plan_linear(mid, l, 11));
+  }
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x @ w.T + b in bf16 for 1..16 rows (AVX512-BF16)");
   m.def("linear_amx", &linear_amx, "x @ w.T + b in bf16 for 1..512 rows (AMX tiles, weights read in place)");
@@ -894,4 +943,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_bf16_", &rope_bf16_, "the rotary embedding in place on q and k (bf16)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its keys and values in the paged pool, read through its slots (bf16)");
+  m.def("decode_layers", &decode_layers, "a decode step's decoder layers in one call (bf16 or int8 weights)");
 }

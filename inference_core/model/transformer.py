@@ -14,7 +14,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -270,6 +270,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    plan_rows = 0  # the layer's entry of a decode plan holds for batches up to this many decodes
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
@@ -293,6 +295,35 @@ class DecoderLayer(nn.Module):
             x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
         x = x + self.self_attn.forward_flat(self.input_layernorm(x), cos, sin, batch, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+    def decode_entry(self) -> tuple[list[Tensor | None], int] | None:
+        """This layer as ``decode_layers`` (the CPU kernels' whole-step call) takes it, with the most decodes it
+        holds for; None where its forward would take another path for a decode (no kernels, weights not
+        fused, not on the CPU in bf16)."""
+        from inference_core import kernels  # the kernels' module knows the layer types it switched
+
+        attn, mlp = self.self_attn, self.mlp
+        if attn.decode_kernel is None or self.input_layernorm.fused_kernel is None \
+                or self.post_attention_layernorm.fused_kernel is None or mlp.fused_kernel is None:
+            return None
+        lins = [kernels.linear_spec(m) for m in (_fused(attn, "fused_qkv", attn.q_proj), attn.o_proj,
+                                                  _fused(mlp, "fused_gate_up", mlp.gate_proj), mlp.down_proj)]
+        norms = [self.input_layernorm.weight, self.post_attention_layernorm.weight]
+        if any(spec is None for spec in lins) or any(w.dtype != torch.bfloat16 or w.device.type != "cpu"
+                                                     for w in norms):
+            return None
+        (qkv, r1), (o, r2), (gu, r3), (down, r4) = lins  # type: ignore[misc]
+        return [norms[0], *qkv, *o, norms[1], *gu, *down], min(r1, r2, r3, r4)
+
+
+@dataclass
+class DecodePlan:
+    """Every layer's entry for ``decode_layers``: a decode-only step runs the whole stack in one native call.
+    Built on the first decode step and dropped (``CausalLM.drop_decode_plan``) when the weights move."""
+    entries: list[list[Tensor | None]]
+    max_rows: int
+    kernel: Any
 
 
 class Backbone(nn.Module):
@@ -326,6 +357,20 @@ class CausalLM(nn.Module):
         self.mmaps: list[Any] = []  # memory maps the loaded weights are views of
         self.mmap_paths: dict[int, Any] = {}  # id(map) -> the file it maps (read straight into huge pages)
         self.placement: Any = None  # set by inference_core.model.placement.apply
+        self.decode_plan: DecodePlan | None | Literal[False] = None  # None: not built yet; False: no plan here
+
+    def drop_decode_plan(self) -> None:
+        """The weights moved (into huge pages, or their layers were fused again): the plan is built anew."""
+        self.decode_plan = None
+
+    def _plan(self) -> DecodePlan | None:
+        if self.decode_plan is None:
+            entries = [layer.decode_entry() for layer in self.model.layers]  # type: ignore[operator]
+            kernel = getattr(self.model.layers[0].self_attn, "decode_kernel", None) if entries else None
+            self.decode_plan = False if kernel is None or any(e is None for e in entries) else \
+                DecodePlan([e[0] for e in entries if e is not None], min(e[1] for e in entries if e is not None),
+                           kernel)
+        return self.decode_plan if isinstance(self.decode_plan, DecodePlan) else None
 
     def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None,
                 pad_mask: Tensor | None = None) -> Tensor:
@@ -353,9 +398,19 @@ class CausalLM(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [N, 1, D]
         x = self.model.embed_tokens(m.input_ids)  # [N, hidden]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            assert isinstance(layer, DecoderLayer)
-            x = layer.forward_flat(x, cos, sin, batch, (cache.keys[i], cache.values[i]))
+        plan = self._plan() if m.num_decodes == x.shape[0] and not m.prefills and x.dtype == torch.bfloat16 \
+            and x.device.type == "cpu" else None
+        if plan is not None and x.shape[0] <= plan.max_rows:  # a decode step: the whole stack in one call
+            attn = self.model.layers[0].self_attn
+            assert isinstance(attn, Attention)
+            x = plan.kernel.decode_layers(
+                x, cos, sin, [[*e, cache.keys[i], cache.values[i]] for i, e in enumerate(plan.entries)],
+                m.slot_mapping, m.decode_slots, m.decode_lens, self.config.rms_norm_eps, attn.d ** -0.5, attn.h,
+                attn.k, attn.d)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                assert isinstance(layer, DecoderLayer)
+                x = layer.forward_flat(x, cos, sin, batch, (cache.keys[i], cache.values[i]))
         x = x[batch.on(x.device).sample_idx]  # the output projection only where a token is sampled
         return self.lm_head(self.model.norm(x.to(self.model.norm.weight.device)))
 

@@ -589,3 +589,50 @@ def test_blocks_move_into_huge_pages_one_at_a_time_while_the_model_serves(tmp_pa
     assert len(fused) == 2 * len(layers)
     if exact:
         assert all(type(f) is kernels.FastLinear for f in fused)
+
+
+@needs_kernel
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@torch.inference_mode()
+def test_a_decode_step_runs_the_whole_stack_in_one_call_with_the_layers_bits(tmp_path: Path, quant: str) -> None:
+    """A decode-only step goes through ``decode_layers`` (every layer in one native call); its logits and the
+    keys and values it writes are the bits of the layers' own forward, one row and several; a step with a
+    prefill chunk takes the layers' path. A model whose layers do not qualify has no plan."""
+    from inference_core.model.quantize import quantize_int8
+    from inference_core.model.transformer import DecodePlan
+    from inference_core.model.weights import hugepages_available, move_to_hugepages
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=3, attention_bias=True)
+    model_dir = _checkpoint(tmp_path / "m", cfg, torch.bfloat16)
+    models = [load_model(model_dir), load_model(model_dir)]
+    if quant == "int8":
+        models = [quantize_int8(m) for m in models]
+    elif hugepages_available():
+        for m in models:
+            move_to_hugepages(m)  # q, k, v and gate, up fused: what the plan needs in bf16
+    else:
+        pytest.skip("transparent huge pages are off: bf16 layers are not fused here, so no plan")
+    planned, layered = models
+    for m in models:
+        kernels.accelerate(m)
+    layered.decode_plan = False  # the layers' own forward, always
+    pools = [_pool(m, 8, 16) for m in models]
+    steps = [[SeqChunk([5, 6, 7, 8, 9], 0, [0], True), SeqChunk([30, 31], 0, [2], True)],
+             [SeqChunk([40], 5, [0], True)],
+             [SeqChunk([41], 6, [0], True), SeqChunk([42], 2, [2], True)],
+             [SeqChunk([43], 7, [0], True), SeqChunk([60, 61, 62], 0, [4], True)],  # a prefill: the layers
+             [SeqChunk([44], 8, [0], True), SeqChunk([45], 3, [2], True), SeqChunk([63], 3, [4], True)]]
+    for chunks in steps:
+        got, want = (m.forward_flat(FlatBatch(chunks, 16), pool) for m, pool in zip(models, pools, strict=True))
+        assert torch.equal(got, want)
+    assert isinstance(planned.decode_plan, DecodePlan)
+    assert planned.decode_plan.max_rows == (1 if kernels.amx() else kernels.MAX_ROWS)  # AMX takes 2.. rows
+    for a, b in zip([*pools[0].keys, *pools[0].values], [*pools[1].keys, *pools[1].values], strict=True):
+        assert torch.equal(a, b)
+    planned.drop_decode_plan()
+    assert planned.decode_plan is None
+    plain = load_model(model_dir)
+    kernels.accelerate(plain)  # not fused: no plan, and the step is the layers' as before
+    plain.forward_flat(FlatBatch([SeqChunk([5], 0, [0], True)], 16), _pool(plain, 8, 16))
+    assert plain.decode_plan is False
