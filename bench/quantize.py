@@ -72,24 +72,35 @@ def agreement(ref: torch.nn.Module, quant: torch.nn.Module, prompts: list[list[i
 
 def real_size(model_dir: Path, lines: int, tokens: int) -> None:
     """A real-size checkpoint: int8 against bf16 (the dtype it is served in next to int8), bf16 against fp32
-    for scale, each model loaded once at a time so that peak memory stays near one fp32 copy plus one bf16."""
+    for scale, each model loaded one at a time. Besides top-1 agreement (which near-ties dominate on a
+    checkpoint with random weights, whose logits are flat), the logits' error against fp32's, relative to
+    their spread: int8's against bf16's own rounding error."""
     tok = TextTokenizer.from_dir(model_dir)
     heldout = (ROOT / "bench" / "data" / "heldout.txt").read_text().splitlines()
     prompts = [tok.encode(line)[:tokens] for line in heldout if line.strip()][:lines]
     n = sum(len(p) for p in prompts)
 
     @torch.no_grad()
-    def top1(model: torch.nn.Module) -> list[torch.Tensor]:
-        return [model(torch.tensor([ids]), torch.arange(len(ids))[None])[0].argmax(-1) for ids in prompts]
+    def logits(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [model(torch.tensor([ids]), torch.arange(len(ids))[None])[0].float() for ids in prompts]
 
-    bf16 = top1(load_model(model_dir, dtype=torch.bfloat16))
-    int8 = top1(quantize_int8(load_model(model_dir, dtype=torch.bfloat16)))
-    fp32 = top1(load_model(model_dir, dtype=torch.float32))
-    agree = sum(int((a == b).sum()) for a, b in zip(bf16, int8, strict=True))
-    agree_b = sum(int((a == b).sum()) for a, b in zip(fp32, bf16, strict=True))
+    fp32 = logits(load_model(model_dir, dtype=torch.float32))
+    top_fp32 = [x.argmax(-1) for x in fp32]
+
+    def compare(served: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        err = sum(float((a - b).pow(2).sum()) for a, b in zip(served, fp32, strict=True))
+        spread = sum(float((b - b.mean(-1, keepdim=True)).pow(2).sum()) for b in fp32)
+        return [x.argmax(-1) for x in served], (err / spread) ** 0.5
+
+    top_bf16, err_bf16 = compare(logits(load_model(model_dir, dtype=torch.bfloat16)))
+    top_int8, err_int8 = compare(logits(quantize_int8(load_model(model_dir, dtype=torch.bfloat16))))
+    agree = sum(int((a == b).sum()) for a, b in zip(top_bf16, top_int8, strict=True))
+    agree_b = sum(int((a == b).sum()) for a, b in zip(top_fp32, top_bf16, strict=True))
     print(f"{model_dir.name}: top-1 next-token agreement of int8 with bf16 over {len(prompts)} held-out lines, "
           f"{n} positions: {100 * agree / n:.2f}% (target >= 98.8%)")
     print(f"  for scale, bf16's own agreement with fp32 there: {100 * agree_b / n:.2f}%")
+    print(f"  logits' RMS error against fp32's, relative to their spread: bf16 {100 * err_bf16:.2f}%, "
+          f"int8 {100 * err_int8:.2f}% ({err_int8 / err_bf16:.1f}x bf16's)")
 
 
 def main() -> None:
