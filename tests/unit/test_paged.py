@@ -636,3 +636,31 @@ def test_a_decode_step_runs_the_whole_stack_in_one_call_with_the_layers_bits(tmp
     kernels.accelerate(plain)  # not fused: no plan, and the step is the layers' as before
     plain.forward_flat(FlatBatch([SeqChunk([5], 0, [0], True)], 16), _pool(plain, 8, 16))
     assert plain.decode_plan is False
+
+
+@needs_kernel
+def test_the_quantization_kernel_gives_the_torch_paths_bits() -> None:
+    """quantize_rows_int8 (the load-time int8 quantization of bf16 weights) against the torch computation it
+    replaces: the same int8 values and fp16 scales, ties to even included, a zero row's floor scale, and
+    rows whose length is not a multiple of the vector width."""
+    from inference_core.model import quantize
+
+    torch.manual_seed(5)
+    ties = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -126.5]], dtype=torch.bfloat16)
+    for w in (torch.randn(67, 896).bfloat16(), torch.randn(5, 37).bfloat16() * 1e-3, torch.zeros(2, 19).bfloat16(),
+              ties, torch.randn(3, 4864).bfloat16() * 40):
+        got_q, got_s = kernels.load().quantize_rows_int8(w)  # type: ignore[union-attr]
+        want_q = torch.empty(w.shape, dtype=torch.int8)
+        want_s = torch.empty(w.shape[0], dtype=torch.float16)
+        block = w.float()  # the torch path of _quantize_rows, as it runs without the kernel
+        s = (block.abs().amax(dim=1) / 127.0).clamp(min=1e-6).half()
+        want_q[:] = torch.round(block / s.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        want_s[:] = s
+        assert torch.equal(got_q, want_q) and torch.equal(got_s, want_s)
+        q, scale = quantize._quantize_rows(w)  # the model's quantization takes the kernel for bf16
+        assert torch.equal(q, want_q) and torch.equal(scale, want_s)
+    assert ties_q(ties) == [127, 0, 2, 2, 0, -2, 4, -126]
+
+
+def ties_q(w: Tensor) -> list[int]:
+    return [int(v) for v in kernels.load().quantize_rows_int8(w)[0][0]]  # type: ignore[union-attr]
