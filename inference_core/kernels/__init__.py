@@ -7,7 +7,10 @@ and values lie in the paged pool: no per-step gather of each sequence's cache in
 ``linear_amx`` does the same for a decode step's batch and small prefill chunks, 2..AMX_MAX_ROWS rows, with
 AMX tiles: it reads the weight rows in place as the left operand of y^T = w @ x^T, where oneDNN repacks
 the weights on every call.
-``linear_int8_amx`` is the same kernel for ``--quantization int8``'s layers: each 16x32 block of int8
+``linear_int8`` is ``linear_bf16`` for int8 weights (1..16 rows, widened on the fly); one row multiplies on
+VPDPBUSD (AVX512-VNNI) instead, over the row quantized to 16 bits and split into its bytes, with exact
+integer sums: four instructions per 64 weights where widening took twelve, so it is memory-bound.
+``linear_int8_amx`` is the AMX kernel for ``--quantization int8``'s layers: each 16x32 block of int8
 weights is widened to bf16 (exact) just before its tile load and the sums are scaled per row, so a
 decode step reads half the bytes (torch's int8 kernel, used before, barely beat bf16 here, and batches
 above 4 rows dequantized each whole matrix per call).
