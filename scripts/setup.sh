@@ -27,6 +27,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
 
+# PyPI's CDN sometimes cuts a large download (torch's CUDA wheels are ~400 MB each): retry and resume
+export PIP_RETRIES="${PIP_RETRIES:-10}" PIP_RESUME_RETRIES="${PIP_RESUME_RETRIES:-10}" PIP_TIMEOUT="${PIP_TIMEOUT:-60}"
+
 stamp="$VENV/.sentinel-setup-stamp"
 want="$(cat pyproject.toml scripts/setup.sh inference_core/kernels/*.cpp | sha256sum | cut -d' ' -f1) torch=$TORCH_VERSION"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
