@@ -92,7 +92,7 @@ class SelfHealing:
             try:
                 while not self._stop.is_set() and self.drain():
                     pass
-            except Exception:  # logged; the rows stay in the log and are read again on the next ring
+            except Exception:  # the log could not be read or consumed (the database): tried again on the next ring
                 log.exception("healing could not read the firing log")
 
     def drain(self, limit: int = 1000) -> int:
@@ -103,7 +103,11 @@ class SelfHealing:
         if self.leading():  # a follower evaluates, the leader acts
             rules = self.rules.alerting_rules()
             for rt, alerts in _batches(rows, rules):
-                self.on_firing(rt, alerts)
+                try:
+                    self.on_firing(rt, alerts)
+                except Exception:  # this batch's failure alone, and consumed: firing is a level, so the rule's
+                    # next evaluation hands the alert over again; a row that always fails cannot pile the log up
+                    log.exception("healing failed to act on %s %s", rt.rule.name, [a.labels for a in alerts])
         self.store.consume_firing(rows[-1].id)
         return len(rows)
 

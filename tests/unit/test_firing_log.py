@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sentinel.alerts.state import State
@@ -140,3 +141,23 @@ def test_rows_a_previous_run_left_are_skipped_at_start_and_a_removed_rules_rows_
         h.stop()
     ev.store.log_firing("file.yaml/gone/Removed", [ev.all_runtimes()[0].alerts()[0]], now[0])  # type: ignore[attr-defined]
     assert h.drain() == 1 and act.calls == []  # its rule is not loaded: dropped
+
+
+def test_a_batch_that_fails_to_act_is_logged_consumed_and_does_not_hold_the_others(tmp_path: Path,
+                                                                                   caplog: pytest.LogCaptureFixture
+                                                                                   ) -> None:
+    ev, logs, now, g = evaluator(tmp_path, CUDA, {**CUDA, "alert": "CudaErrorToo"})
+    logs.add([(990.0, {"cuda_error": "Xid 79", "replica": "r0"})])
+    h, _ = healing(tmp_path, ev)
+    acted: list[str] = []
+
+    def on_firing(rt: AlertingRuntime, alerts: list[Any]) -> None:
+        if rt.rule.name == "CudaError":
+            raise RuntimeError("the remediator's store is gone")
+        acted.append(rt.rule.name)
+
+    h.on_firing = on_firing  # type: ignore[method-assign]
+    ev.eval_group(g.key)
+    assert h.drain() == 2
+    assert acted == ["CudaErrorToo"] and ev.store.firing_after(0) == []
+    assert "healing failed to act on CudaError" in caplog.text
