@@ -270,8 +270,6 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    plan_rows = 0  # the layer's entry of a decode plan holds for batches up to this many decodes
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)

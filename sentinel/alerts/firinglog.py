@@ -74,8 +74,9 @@ class FiringLog(Database):
             row = self._db.execute(f"SELECT MAX(id) FROM {TABLE}").fetchone()
         return int(row[0] or 0)
 
-    def consume_firing(self, cursor: int) -> None:
-        """Healing has read up to ``cursor``: saved, and the rows up to it deleted, in one transaction."""
+    def consume_firing(self, cursor: int) -> int:
+        """Healing has read up to ``cursor``: saved, and the rows up to it deleted, in one transaction. Returns
+        how many rows went."""
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (CURSOR_KEY, json.dumps(cursor)))
-            db.execute(f"DELETE FROM {TABLE} WHERE id <= ?", (cursor,))
+            return int(db.execute(f"DELETE FROM {TABLE} WHERE id <= ?", (cursor,)).rowcount)
