@@ -19,11 +19,13 @@ import re
 import threading
 import uuid
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import kubernetes_validate
+
+from tests.httpserver import LoopbackServer
 
 KUBERNETES = "1.33"
 IMAGE = "deepseek-inference:0.1.0"
@@ -79,7 +81,7 @@ class KubeStub:
         self.ready = True       # new pods become ready at once
         self.fail_next: dict[tuple[str, str], int] = {}  # (verb, path regex) -> status to answer once
         self._reconcile()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = LoopbackServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -9,7 +9,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from sentinel.alerts.store import Store
 from sentinel.amserver import AlertmanagerServer
 from sentinel.netutil import free_port
 from sentinel.process import ChildRegistry
+from tests.httpserver import LoopbackServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     shutil.which("prometheus-alertmanager") is None,
@@ -61,7 +62,7 @@ class Capture:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = LoopbackServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from sentinel.metrics import SentinelMetrics
 from sentinel.rules.filters import LogFilter
 from sentinel.settings import Settings
 from sentinel.supervisor import ReplicaSpec
+from tests.httpserver import LoopbackServer
 
 RULES = """groups:
 - name: inference
@@ -152,7 +153,7 @@ def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    server = LoopbackServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
     server.shutdown()

@@ -194,9 +194,10 @@ def test_the_leak_drill_refuses_a_replica_far_from_its_limit() -> None:
     """`sentinel chaos memory-leak` paces the leak from the replica's own memory figures, and will not leak
     gigabytes towards a host-sized limit (a real HTTP server stands in for the replica's /metrics)."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from sentinel.chaos import ChaosError, leak_fault
+    from tests.httpserver import LoopbackServer
 
     figures = {"usage": 1.0 * 2**30, "limit": 24.0 * 2**30}
 
@@ -212,7 +213,7 @@ def test_the_leak_drill_refuses_a_replica_far_from_its_limit() -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    server = LoopbackServer(("127.0.0.1", 0), Metrics)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:

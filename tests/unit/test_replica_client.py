@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from inference_core.client import Health, Load, Ready, ReplicaClient, ReplicaError, ReplicaUnreachable
 from sentinel.netutil import free_port
+from tests.httpserver import LoopbackServer
 
 ANSWERS: dict[str, tuple[int, str]] = {
     "/health": (200, json.dumps({"status": "sleeping", "pid": 7})),
@@ -39,7 +40,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def wrong() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv = LoopbackServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()

@@ -201,7 +201,9 @@ def test_a_slow_receiver_delays_only_itself(tmp_path: Path, receiver: Receiver) 
     still gets all of its own, in order."""
     import threading
     import time as _time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
+
+    from tests.httpserver import LoopbackServer
 
     got: list[str] = []
 
@@ -217,7 +219,7 @@ def test_a_slow_receiver_delays_only_itself(tmp_path: Path, receiver: Receiver) 
         def log_message(self, *args: object) -> None:
             pass
 
-    slow = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    slow = LoopbackServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=slow.serve_forever, daemon=True).start()
     slow_url = f"http://127.0.0.1:{slow.server_address[1]}/hook"
     store = Store(tmp_path / "s.db")
