@@ -59,7 +59,9 @@ def record_kernels(model: torch.nn.Module) -> None:
     if mod is None:
         return
     kernels.FastLinear.kernel = Recorded(mod)
-    for m in model.modules():
+    fused = [f for m in model.modules() for name in getattr(m, "fusion_groups", dict)()
+             if isinstance(f := vars(m).get(name), torch.nn.Module)]  # q/k/v and gate/up: not submodules
+    for m in [*model.modules(), *fused]:
         for attr in ("int8_kernel", "decode_kernel", "fused_kernel"):
             if vars(m).get(attr) is not None:
                 vars(m)[attr] = Recorded(mod)
@@ -78,7 +80,8 @@ def main() -> None:
     if args.int8:
         quantize_int8(model)
     bs = 16
-    blocks_per_seq = (CONTEXT + args.steps * 2 + 2 * bs) // bs
+    # the prompt, then three rounds of steps (timed twice and profiled once), each after 3 warm-up steps
+    blocks_per_seq = (CONTEXT + 3 * (args.steps + 3) + bs - 1) // bs
     runner = ModelRunner(model, EngineConfig(num_kv_blocks=blocks_per_seq * args.rows, block_size=bs))
     while runner.layout_pending:  # the server moves them while it serves; here before timing
         runner.relayout_step()

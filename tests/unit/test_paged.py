@@ -180,6 +180,24 @@ def test_int8_row_kernel_matches_the_dequantized_product(m: int, n: int, k: int)
         mod.linear_int8(x, q, scale[:-1], b)
 
 
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_int8_row_kernel_carries_an_infinity_or_a_nan(bad: float) -> None:
+    """A row with an infinity or a NaN is not quantized (its scale would be infinite): the products are the
+    float32 ones, which carry it, as bf16's kernel and torch's do."""
+    mod, x, q, _, scale = _kernel_case(1, 40, 77, int8=True)
+    assert scale is not None
+    q[:8, 50] = 0  # eight output rows meet the bad value with a zero weight ...
+    q[8:, 50] = 3  # ... the rest with a non-zero weight
+    x[0, 50] = bad
+    got = mod.linear_int8(x, q, scale, None).float()
+    want = (x.float() @ q.float().T) * scale.float()
+    assert torch.equal(got[0, 8:].isnan(), want[0, 8:].isnan())
+    assert torch.equal(got[0, 8:].isinf(), want[0, 8:].isinf())
+    assert not got[0, 8:].isfinite().any()
+    assert got[0, :8].isnan().all() and want[0, :8].isnan().all()  # inf * 0 is NaN in IEEE arithmetic
+
+
 needs_amx = pytest.mark.skipif(not kernels.amx(), reason=f"no AMX kernel here: {kernels.status()}")
 
 
