@@ -154,6 +154,10 @@ inline bool quantize_row16(const uint16_t* x, int64_t K, std::vector<uint8_t>& h
 }
 
 // MB activation rows by RB weight rows: RB*MB accumulators (<= 16 of the 32 vector registers).
+// With more than four activation rows, the caller runs the block once per group of four (``groups`` in all,
+// this one ``g``), and each run prefetches its 1/groups share of the block two on: all of it in the first run
+// issued more prefetches at once than the L2's miss queue holds, and the stream fell behind (5-12 % slower at
+// 8 to 16 rows on 1.5B-shaped matrices, streamed from memory).
 // ``next``: where the weight rows two blocks on start (the rows are contiguous, so a block is one run of
 // its rows' bytes). Each step of k prefetches (into L2) as many bytes of that block as the step reads of
 // this one, so a block is in the cache two blocks before it is used. Short rows (K = 896: 1.8 KiB in bf16)
@@ -161,13 +165,15 @@ inline bool quantize_row16(const uint16_t* x, int64_t K, std::vector<uint8_t>& h
 // 55-60 % of the long-row shapes' rate (24 GB/s against 43 on a 2-core AVX512-BF16 host), and they are
 // most of a Qwen2 decode step (q/k/v, o, gate/up and the 152k-row head all have K = hidden). Null: none.
 template <int MB, int RB, bool Q>
-inline void block(const uint16_t* x, int64_t K, const void* const* wrow, float out[R][4], const char* next) {
+inline void block(const uint16_t* x, int64_t K, const void* const* wrow, float out[R][4], const char* next,
+                  int64_t g = 0, int64_t groups = 1) {
   __m512 acc[RB][MB];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    if (next != nullptr) prefetch_step(next, k / 32, RB * 32 * (Q ? 1 : 2));
+    if (next != nullptr)
+      prefetch_step(next + g * (RB * K * (Q ? 1 : 2) / groups), k / 32, RB * 32 * (Q ? 1 : 2) / groups);
     __m512bh xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
     for (int r = 0; r < RB; ++r) {
@@ -289,7 +295,9 @@ torch::Tensor gemv_rows(const torch::Tensor& x_in, const torch::Tensor& w, const
         const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
         const uint16_t* xm = X + m0 * K;
         // the weight rows two blocks on, fetched while this one computes (by the first group of rows)
-        const char* next = (m0 == 0 && blk + 2 < b1) ? W + (n0 + 2 * R) * row_bytes : nullptr;
+        // spread over the groups of activation rows: each group fetches its share of the block
+        const int64_t groups = (M + 3) / 4, g = m0 / 4;
+        const char* next = blk + 2 < b1 ? W + (n0 + 2 * R) * row_bytes : nullptr;
         if (vnni) {
           int64_t dot[R];
           block_vnni(xhi.data(), xlo.data(), K, reinterpret_cast<const int8_t* const*>(wrow), dot, next);
@@ -300,15 +308,15 @@ torch::Tensor gemv_rows(const torch::Tensor& x_in, const torch::Tensor& w, const
           for (int r = 0; r < R; ++r) acc[r][0] = one[r];
         } else {
           switch (mb) {  // eight weight rows at once for one or two activation rows, four rows for more
-            case 1: block<1, 8, Q>(xm, K, wrow, acc, next); break;
-            case 2: block<2, 8, Q>(xm, K, wrow, acc, next); break;
+            case 1: block<1, 8, Q>(xm, K, wrow, acc, next, g, groups); break;
+            case 2: block<2, 8, Q>(xm, K, wrow, acc, next, g, groups); break;
             case 3:
-              block<3, 4, Q>(xm, K, wrow, acc, next);
-              block<3, 4, Q>(xm, K, wrow + 4, acc + 4, next ? next + 4 * row_bytes : nullptr);
+              block<3, 4, Q>(xm, K, wrow, acc, next, g, groups);
+              block<3, 4, Q>(xm, K, wrow + 4, acc + 4, next ? next + 4 * row_bytes : nullptr, g, groups);
               break;
             default:
-              block<4, 4, Q>(xm, K, wrow, acc, next);
-              block<4, 4, Q>(xm, K, wrow + 4, acc + 4, next ? next + 4 * row_bytes : nullptr);
+              block<4, 4, Q>(xm, K, wrow, acc, next, g, groups);
+              block<4, 4, Q>(xm, K, wrow + 4, acc + 4, next ? next + 4 * row_bytes : nullptr, g, groups);
               break;
           }
         }
