@@ -3,17 +3,23 @@ driven over HTTP, against transformers' ``generate`` on the same weights in the 
 the memory-bandwidth bound (every weight read once per token) — all measured in one run.
 
 Usage: .venv/bin/python bench/decode.py [--tokens 64] [--runs 3] [--prompt-len 32] [--shape 0.5b|1.5b]
+                                       [--concurrency 16]
 The checkpoint is Qwen2.5-0.5B's geometry in bf16 (494 M parameters), or with ``--shape 1.5b``
 DeepSeek-R1-Distill-Qwen-1.5B's (1.78 B; ``bench/checkpoints.py``, made locally once).
 Decode rate = tokens after the first / time from the first to the last token (prefill
 excluded on both sides). Bandwidth is the read rate of summing a 512 MiB tensor, measured just before
 each of our runs (the machine is shared: its bandwidth drifts over minutes).
-Also printed: time to /ready, the server's peak RSS and the memory plan it printed at start.
+Also printed: time to /ready, the server's peak RSS and the memory plan it printed at start; and
+``--concurrency`` streams at once with uniform requests (the same prompt length, exactly ``--tokens`` each,
+so static batching loses nothing to padding): ours over HTTP against transformers' ``generate`` on the
+batch of the same prompts, tokens generated / wall time from the requests' start to the last token (the
+prefill included on both sides; target >= 2x).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import random
 import statistics
 import sys
@@ -70,6 +76,26 @@ def theirs(model: torch.nn.Module, prompt: list[int], n: int) -> list[float]:
     return clock.times
 
 
+@torch.inference_mode()
+def theirs_batch(model: torch.nn.Module, prompts: list[list[int]], n: int) -> float:
+    """Tokens per second of one ``generate`` over the batch (prompts of one length: no padding)."""
+    ids = torch.tensor(prompts)
+    t0 = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,  # type: ignore[operator]
+                   do_sample=False, pad_token_id=0)
+    return n * len(prompts) / (time.perf_counter() - t0)
+
+
+def ours_batch(url: str, name: str, prompts: list[list[int]], n: int) -> float:
+    """Tokens per second of the prompts sent at once, each streamed on its own connection."""
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        t0 = time.perf_counter()
+        streams = list(pool.map(lambda p: stream_completion(url, name, p, n), prompts))
+    # exactly n tokens each (EOS ignored); a token whose text is held back (part of a UTF-8 character) streams
+    # no event of its own, so the last event is the end
+    return n * len(prompts) / (max(t[-1] for t in streams) - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
@@ -77,6 +103,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b",
                     help="0.5b: Qwen2.5-0.5B's geometry; 1.5b: DeepSeek-R1-Distill-Qwen-1.5B's")
+    ap.add_argument("--concurrency", type=int, default=16, help="streams at once for the uniform phase (0: none)")
     args = ap.parse_args()
     import transformers
 
@@ -94,6 +121,13 @@ def main() -> None:
             bw_r.append(read_bandwidth())
             ours_r.append(rate(stream_completion(srv.url, srv.name, prompt, args.tokens)))
             theirs_r.append(rate(theirs(ref, prompt, args.tokens)))
+        conc_o, conc_t = [], []
+        for r in range(args.runs if args.concurrency else 0):  # uniform requests, all at once; alternating
+            batch = [[rng.randrange(3, 150000) for _ in range(args.prompt_len)] for _ in range(args.concurrency)]
+            conc_o.append(ours_batch(srv.url, srv.name, batch, args.tokens))
+            conc_t.append(theirs_batch(ref, batch, args.tokens))
+            print(f"{args.concurrency} concurrent, round {r + 1}: ours {conc_o[-1]:.1f} tok/s, transformers "
+                  f"{conc_t[-1]:.1f} ({conc_o[-1] / conc_t[-1]:.2f}x)", flush=True)
         del ref
         peak, ready, layout, plan = srv.peak_rss(), srv.ready_s, srv.layout_s, srv.plan()
         srv.close()
@@ -124,6 +158,12 @@ def main() -> None:
         print(f"ratio ours / transformers: {o / t:.2f}x (target >= 1.5x); ours / bandwidth bound: "
               f"{100 * of_bound:.0f}% (target >= 50%; median over the runs of each run's rate against the "
               f"bandwidth measured just before it)")
+        if conc_o:
+            ratios = [a / b for a, b in zip(conc_o, conc_t, strict=True)]
+            print(f"{args.concurrency} concurrent, uniform requests ({args.prompt_len}-token prompts, {args.tokens} "
+                  f"tokens each): ours {statistics.median(conc_o):.1f} tok/s, transformers generate on the batch "
+                  f"{statistics.median(conc_t):.1f} tok/s; ratio {statistics.median(ratios):.2f}x (median of "
+                  f"{len(ratios)} rounds' ratios: {', '.join(f'{x:.2f}' for x in ratios)}; target >= 2x)")
         i8, o2 = statistics.median(int8_r), statistics.median(after_r)
         print(f"--quantization int8, same prompts, between two bf16 servers: {i8:.1f} tok/s "
               f"({', '.join(f'{x:.1f}' for x in int8_r)}); bf16 before {o:.1f}, after {o2:.1f} "
