@@ -154,26 +154,21 @@ inline bool quantize_row16(const uint16_t* x, int64_t K, std::vector<uint8_t>& h
 }
 
 // MB activation rows by RB weight rows: RB*MB accumulators (<= 16 of the 32 vector registers).
-// With more than four activation rows, the caller runs the block once per group of four (``groups`` in all,
-// this one ``g``), and each run prefetches its 1/groups share of the block two on: all of it in the first run
-// issued more prefetches at once than the L2's miss queue holds, and the stream fell behind (5-12 % slower at
-// 8 to 16 rows on 1.5B-shaped matrices, streamed from memory).
-// ``next``: where the weight rows two blocks on start (the rows are contiguous, so a block is one run of
-// its rows' bytes). Each step of k prefetches (into L2) as many bytes of that block as the step reads of
-// this one, so a block is in the cache two blocks before it is used. Short rows (K = 896: 1.8 KiB in bf16)
-// are too short a stream for the hardware prefetcher to ramp up on: without this, those shapes read at
-// 55-60 % of the long-row shapes' rate (24 GB/s against 43 on a 2-core AVX512-BF16 host), and they are
-// most of a Qwen2 decode step (q/k/v, o, gate/up and the 152k-row head all have K = hidden). Null: none.
+// ``pf``: where this call's part of the weight block two on starts (null: none), and ``pf_step`` its bytes per
+// step of k: each step prefetches (into L2) that much, so the block is in the cache before it is used. The
+// caller splits the block between its calls (see gemv_rows). Short rows (K = 896: 1.8 KiB in bf16) are too
+// short a stream for the hardware prefetcher to ramp up on: without this, those shapes read at 55-60 % of
+// the long-row shapes' rate (24 GB/s against 43 on a 2-core AVX512-BF16 host), and they are most of a Qwen2
+// decode step (q/k/v, o, gate/up and the 152k-row head all have K = hidden).
 template <int MB, int RB, bool Q>
-inline void block(const uint16_t* x, int64_t K, const void* const* wrow, float out[R][4], const char* next,
-                  int64_t g = 0, int64_t groups = 1) {
+inline void block(const uint16_t* x, int64_t K, const void* const* wrow, float out[R][4], const char* pf,
+                  int64_t pf_step) {
   __m512 acc[RB][MB];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    if (next != nullptr)
-      prefetch_step(next + g * (RB * K * (Q ? 1 : 2) / groups), k / 32, RB * 32 * (Q ? 1 : 2) / groups);
+    if (pf != nullptr) prefetch_step(pf, k / 32, pf_step);
     __m512bh xv[MB];
     for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
     for (int r = 0; r < RB; ++r) {
@@ -294,10 +289,16 @@ torch::Tensor gemv_rows(const torch::Tensor& x_in, const torch::Tensor& w, const
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
         const uint16_t* xm = X + m0 * K;
-        // the weight rows two blocks on, fetched while this one computes (by the first group of rows)
-        // spread over the groups of activation rows: each group fetches its share of the block
-        const int64_t groups = (M + 3) / 4, g = m0 / 4;
+        // the weight block two on (its rows are contiguous: one run of bytes), fetched while this one computes.
+        // Each group of four activation rows fetches its 1/groups share, and each of its block calls half of
+        // that where it takes the block as two halves of four weight rows. The first group fetching all of it
+        // issued more prefetches at once than the L2's miss queue holds, and the stream fell behind (5-12 %
+        // slower at 8 to 16 rows on 1.5B-shaped matrices streamed from memory).
+        const int64_t groups = (M + 3) / 4, share = R * row_bytes / groups, steps = std::max<int64_t>(1, K / 32);
         const char* next = blk + 2 < b1 ? W + (n0 + 2 * R) * row_bytes : nullptr;
+        const char* pf = next ? next + (m0 / 4) * share : nullptr;
+        const int64_t whole = (share + steps - 1) / steps, half = (share / 2 + steps - 1) / steps;
+        const char* pf2 = pf ? pf + share / 2 : nullptr;
         if (vnni) {
           int64_t dot[R];
           block_vnni(xhi.data(), xlo.data(), K, reinterpret_cast<const int8_t* const*>(wrow), dot, next);
@@ -308,15 +309,15 @@ torch::Tensor gemv_rows(const torch::Tensor& x_in, const torch::Tensor& w, const
           for (int r = 0; r < R; ++r) acc[r][0] = one[r];
         } else {
           switch (mb) {  // eight weight rows at once for one or two activation rows, four rows for more
-            case 1: block<1, 8, Q>(xm, K, wrow, acc, next, g, groups); break;
-            case 2: block<2, 8, Q>(xm, K, wrow, acc, next, g, groups); break;
+            case 1: block<1, 8, Q>(xm, K, wrow, acc, pf, whole); break;
+            case 2: block<2, 8, Q>(xm, K, wrow, acc, pf, whole); break;
             case 3:
-              block<3, 4, Q>(xm, K, wrow, acc, next, g, groups);
-              block<3, 4, Q>(xm, K, wrow + 4, acc + 4, next ? next + 4 * row_bytes : nullptr, g, groups);
+              block<3, 4, Q>(xm, K, wrow, acc, pf, half);
+              block<3, 4, Q>(xm, K, wrow + 4, acc + 4, pf2, half);
               break;
             default:
-              block<4, 4, Q>(xm, K, wrow, acc, next, g, groups);
-              block<4, 4, Q>(xm, K, wrow + 4, acc + 4, next ? next + 4 * row_bytes : nullptr, g, groups);
+              block<4, 4, Q>(xm, K, wrow, acc, pf, half);
+              block<4, 4, Q>(xm, K, wrow + 4, acc + 4, pf2, half);
               break;
           }
         }
