@@ -58,12 +58,24 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 def submit(driver: Any, button: Any, then: Any) -> None:
     """Press a form's button and wait until the page it leads to is loaded and ``then(driver)`` holds (a click
     returns before the navigation it starts has finished)."""
-    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def gone(_: Any) -> bool:
+        # ``expected_conditions.staleness_of`` waits for StaleElementReferenceException only. Chromium, asked
+        # about a node while the navigation detaches it, may answer "Node with given id does not belong to
+        # the document" instead (a CI run failed on that): the button is gone either way
+        try:
+            button.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
     button.click()
-    WebDriverWait(driver, 15).until(ec.staleness_of(button))
-    WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete" and then(d))
+    WebDriverWait(driver, 15).until(gone)
+    # the new page may still be replacing the old while the condition reads it: such an error is read again
+    WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return document.readyState") == "complete" and then(d))
 
 
 def shot(driver: Any, tmp_path: Path, name: str) -> None:
