@@ -116,21 +116,21 @@ inline void block_vnni(const uint8_t* hi, const uint8_t* lo, int64_t K, const in
              32768 * static_cast<int64_t>(_mm512_reduce_add_epi32(c[r]));
 }
 
+// bf16 -> fp32 is the bits shifted up by 16; ``k`` masks the lanes read (a row's tail)
+inline __m512 load_bf16_mask(const uint16_t* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
 // The activation row for block_vnni: its scale sx (amax / 32767; 1 for a zero row) and the high and low bytes
 // of x / sx rounded to even and offset by 32768, in ``hi``/``lo`` (zero-padded to a multiple of 64). False
 // where the row holds an infinity or a NaN (the caller keeps the fp32 path, which propagates them).
 inline bool quantize_row16(const uint16_t* x, int64_t K, std::vector<uint8_t>& hi, std::vector<uint8_t>& lo,
                            float& sx) {
-  // 16 values at a time (the tail masked): bf16 -> fp32 is the bits shifted up by 16
-  auto load = [x, K](int64_t i) {
-    const __mmask16 m = K - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - i)) - 1);
-    const __m256i b = _mm256_maskz_loadu_epi16(m, x + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-  };
   __m512 amax = _mm512_setzero_ps();
   const __m512i exp = _mm512_set1_epi32(0x7F800000);
   for (int64_t i = 0; i < K; i += 16) {
-    const __m512 f = load(i);
+    const __m512 f = load_bf16_mask(x + i, tail_mask(K - i));  // 16 values at a time, the tail masked
     const __m512i e = _mm512_and_si512(_mm512_castps_si512(f), exp);  // all exponent bits set: a NaN or an infinity
     if (_mm512_cmpeq_epi32_mask(e, exp) != 0) return false;
     amax = _mm512_max_ps(amax, _mm512_abs_ps(f));
@@ -144,9 +144,10 @@ inline bool quantize_row16(const uint16_t* x, int64_t K, std::vector<uint8_t>& h
   const __m512i offset = _mm512_set1_epi32(32768), low = _mm512_set1_epi32(255);
   for (int64_t i = 0; i < K; i += 16) {
     // x / sx rounded to even (as std::nearbyint), clamped, offset to 0..65535: its high and low bytes
-    const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load(i), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 m = tail_mask(K - i);
+    const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load_bf16_mask(x + i, m), s),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(lim, _mm512_max_ps(nlim, q))), offset);
-    const __mmask16 m = K - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - i)) - 1);
     _mm512_mask_cvtepi32_storeu_epi8(hi.data() + i, m, _mm512_srli_epi32(v, 8));
     _mm512_mask_cvtepi32_storeu_epi8(lo.data() + i, m, _mm512_and_si512(v, low));
   }
@@ -279,6 +280,9 @@ torch::Tensor gemv_rows(const torch::Tensor& x_in, const torch::Tensor& w, const
   std::vector<float> xf(Q && M == 1 && !vnni ? K : 0);  // the one row in fp32 for block_i8
   for (size_t k = 0; k < xf.size(); ++k) xf[k] = static_cast<float>(x.data_ptr<at::BFloat16>()[k]);
   const int64_t nblocks = (N + R - 1) / R;
+  // the prefetch's split of a block (see below): bytes per group of activation rows, per step of k
+  const int64_t share = R * row_bytes / ((M + 3) / 4), steps = std::max<int64_t>(1, K / 32);
+  const int64_t whole = (share + steps - 1) / steps, half = (share / 2 + steps - 1) / steps;
   at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
     float acc[R][4];
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -290,14 +294,12 @@ torch::Tensor gemv_rows(const torch::Tensor& x_in, const torch::Tensor& w, const
         const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
         const uint16_t* xm = X + m0 * K;
         // the weight block two on (its rows are contiguous: one run of bytes), fetched while this one computes.
-        // Each group of four activation rows fetches its 1/groups share, and each of its block calls half of
+        // Each group of four activation rows fetches its share, and each of its block calls half of
         // that where it takes the block as two halves of four weight rows. The first group fetching all of it
         // issued more prefetches at once than the L2's miss queue holds, and the stream fell behind (5-12 %
         // slower at 8 to 16 rows on 1.5B-shaped matrices streamed from memory).
-        const int64_t groups = (M + 3) / 4, share = R * row_bytes / groups, steps = std::max<int64_t>(1, K / 32);
         const char* next = blk + 2 < b1 ? W + (n0 + 2 * R) * row_bytes : nullptr;
         const char* pf = next ? next + (m0 / 4) * share : nullptr;
-        const int64_t whole = (share + steps - 1) / steps, half = (share / 2 + steps - 1) / steps;
         const char* pf2 = pf ? pf + share / 2 : nullptr;
         if (vnni) {
           int64_t dot[R];
@@ -561,9 +563,6 @@ inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
       reinterpret_cast<const __m256i*>(p))), 16));
 }
-inline __m512 load_bf16_mask(const uint16_t* p, __mmask16 k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
-}
 inline __m512 round_bf16(__m512 v) {  // to bf16 and back (round to nearest even, as torch's conversions)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
@@ -573,7 +572,6 @@ inline void store_bf16(uint16_t* p, __m512 v) {
 inline void store_bf16_mask(uint16_t* p, __m512 v, __mmask16 k) {
   _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(v));
 }
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
 // A 16x16 block of 32-bit lanes transposed in registers: o[j] holds column j of the rows r[0..15].
 inline void transpose16(__m512 r[16], __m512 o[16]) {
