@@ -14,11 +14,8 @@ docs/benchmarks.md, "Why the llama.cpp targets ...") before the work of packing 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -28,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.checkpoints import SHAPES  # noqa: E402
-from bench.cpu_peak import layer_shapes  # noqa: E402
+from bench.cpu_peak import layer_shapes, rate  # noqa: E402
 from inference_core import kernels  # noqa: E402
 from inference_core.model.config import ModelConfig  # noqa: E402
 
@@ -104,15 +101,6 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& wp, int
 """
 
 
-def rate(fn: Any, flop: float, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return flop / statistics.median(times) / 1e9
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,15 +125,15 @@ def main() -> None:
     flop = sum(2.0 * args.rows * t.numel() for t in ws)
     pairs = list(zip(ws, packed, strict=True))
     for _ in range(2):  # twice, alternating: the machine drifts
-        ours = rate(lambda: [ker.linear_bf16(xs[t.shape[1]], t, None) for t in ws], flop)
-        probe = rate(lambda: [mod.packed_linear(xs[t.shape[1]], p, t.shape[0]) for t, p in pairs], flop)
+        ours = rate(lambda: [ker.linear_bf16(xs[t.shape[1]], t, None) for t in ws], flop) / 1e9
+        probe = rate(lambda: [mod.packed_linear(xs[t.shape[1]], p, t.shape[0]) for t, p in pairs], flop) / 1e9
         print(f"{args.shape}, {args.layers} layers' matrices streamed, {args.rows} rows: linear_bf16 {ours:.0f} "
               f"GFLOP/s, packed probe {probe:.0f} GFLOP/s ({probe / ours:.2f}x)")
     k = shapes[0][0]
     one, one_packed = ws[0], packed[0]
     flop1 = 20 * 2.0 * args.rows * one.numel()
-    ours = rate(lambda: [ker.linear_bf16(xs[k], one, None) for _ in range(20)], flop1)
-    probe = rate(lambda: [mod.packed_linear(xs[k], one_packed, one.shape[0]) for _ in range(20)], flop1)
+    ours = rate(lambda: [ker.linear_bf16(xs[k], one, None) for _ in range(20)], flop1) / 1e9
+    probe = rate(lambda: [mod.packed_linear(xs[k], one_packed, one.shape[0]) for _ in range(20)], flop1) / 1e9
     print(f"one {one.shape[0]} x {one.shape[1]} matrix repeated, in cache: linear_bf16 {ours:.0f} GFLOP/s, "
           f"packed probe {probe:.0f} GFLOP/s ({probe / ours:.2f}x)")
 

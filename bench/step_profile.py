@@ -59,9 +59,7 @@ def record_kernels(model: torch.nn.Module) -> None:
     if mod is None:
         return
     kernels.FastLinear.kernel = Recorded(mod)
-    fused = [f for m in model.modules() for name in getattr(m, "fusion_groups", dict)()
-             if isinstance(f := vars(m).get(name), torch.nn.Module)]  # q/k/v and gate/up: not submodules
-    for m in [*model.modules(), *fused]:
+    for m in [*model.modules(), *kernels.fused_modules(model)]:
         for attr in ("int8_kernel", "decode_kernel", "fused_kernel"):
             if vars(m).get(attr) is not None:
                 vars(m)[attr] = Recorded(mod)

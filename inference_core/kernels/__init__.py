@@ -142,6 +142,12 @@ def linear_spec(m: nn.Module | None) -> tuple[list[Tensor | None], int] | None:
     return None
 
 
+def fused_modules(model: nn.Module) -> list[nn.Module]:
+    """The fused q/k/v and gate/up layers (bf16 or int8): held by their layers, not registered as submodules."""
+    return [f for m in model.modules() for name in getattr(m, "fusion_groups", dict)()
+            if isinstance(f := vars(m).get(name), nn.Module)]
+
+
 def accelerate(model: nn.Module) -> int:
     """Switch every bf16 CPU ``nn.Linear`` of ``model`` to ``FastLinear`` (same parameters, same state dict),
     its bf16 CPU attention to the paged decode kernel and the fused rotary embedding, and its RMSNorms and
@@ -152,9 +158,7 @@ def accelerate(model: nn.Module) -> int:
         return 0
     FastLinear.kernel = mod
     n = 0
-    fused = [f for m in model.modules() for name in getattr(m, "fusion_groups", dict)()
-             if isinstance(f := vars(m).get(name), nn.Module)]  # fused q/k/v, gate/up (bf16 or int8)
-    for m in [*model.modules(), *fused]:
+    for m in [*model.modules(), *fused_modules(model)]:
         if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
             m.__class__ = FastLinear
             if amx() and m.in_features % 32 == 0 and m.out_features % 16 == 0:  # linear_amx's tile shapes
