@@ -4,6 +4,7 @@ a step's packed rows with sampling. It knows nothing of requests' streams or the
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -63,9 +64,13 @@ class ModelRunner:
             self.relayout = HugePageMove.plan(model)
             if self.relayout is not None and accelerate:
                 self.relayout.on_fused = accelerate_all
+                self.relayout.on_moved = functools.partial(kernels.pack, model)  # each block once it has moved
         if accelerate:
             n = kernels.accelerate(model)
-            log.info("cpu kernels: %s (%d linear layers)", kernels.status(), n)
+            # the packed layout where no move will read the weights from their file again (else block by block)
+            packed = kernels.pack(model) if self.relayout is None else 0
+            log.info("cpu kernels: %s (%d linear layers%s)", kernels.status(), n,
+                     f", {packed / 2**20:.0f} MiB packed" if packed else "")
         if faults is not None:
             model.forward_hooks.append(faults.before_forward)
 
@@ -154,6 +159,8 @@ class ModelRunner:
         self.model.drop_decode_plan()  # the plan holds the weights where they were
         if move.done:
             self.relayout = None
+            if move.on_moved is not None:
+                kernels.pack(self.model)  # what the move did not take (weights not mapped from a file)
             log.info("weights in transparent huge pages: %.1f MiB, moved in %.1f s while serving",
                      move.moved_bytes / 2**20, move.seconds)
 

@@ -49,6 +49,8 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx5
 # host over the 0.5B shape's matrices, 0.34-0.76x the time of oneDNN's bf16 linear and 0.39-0.62x that of
 # torch's int8 kernel at every row count from 2 to 16 (the kernel's limit)
 MAX_ROWS = 16
+# a decode step's rows that decode_layers takes where every layer is packed (above, the layers' forward)
+PACKED_MAX_ROWS = 256
 AMX_MAX_ROWS = 128  # above, oneDNN's kernels (compute-bound prefill) catch up and then win
 
 _state: dict[str, Any] = {}
@@ -119,6 +121,10 @@ class FastLinear(nn.Linear):
     amx_rows = 0  # up to this many rows go to linear_amx (0: this layer's shape or the CPU rules it out)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dim() == 4:  # packed at load (``pack``): every row count on the packed kernel
+            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+                return self.kernel.linear_packed(x, self.weight, self.bias)
+            return F.linear(x, self.kernel.unpack_bf16(self.weight).to(x.dtype), self.bias)  # other dtypes: a copy
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.weight.is_contiguous():
             rows = x.numel() // x.shape[-1]
             if 2 <= rows <= self.amx_rows:
@@ -134,6 +140,8 @@ def linear_spec(m: nn.Module | None) -> tuple[list[Tensor | None], int] | None:
     its forward takes another path (no kernel, AMX for every batch, torch's)."""
     if isinstance(m, FastLinear) and m.weight.dtype == torch.bfloat16 and m.weight.is_contiguous() \
             and m.weight.device.type == "cpu":
+        if m.weight.dim() == 4:  # packed: the same kernel at every row count
+            return [m.weight, None, m.bias], PACKED_MAX_ROWS
         return [m.weight, None, m.bias], 1 if m.amx_rows else MAX_ROWS
     q = getattr(m, "qweight", None)
     if m is not None and getattr(m, "int8_kernel", None) is not None and isinstance(q, Tensor) and q.is_contiguous():
@@ -146,6 +154,58 @@ def fused_modules(model: nn.Module) -> list[nn.Module]:
     """The fused q/k/v and gate/up layers (bf16 or int8): held by their layers, not registered as submodules."""
     return [f for m in model.modules() for name in getattr(m, "fusion_groups", dict)()
             if isinstance(f := vars(m).get(name), nn.Module)]
+
+
+def packable(m: nn.Module) -> bool:
+    """A bf16 CPU ``FastLinear`` whose weights ``pack`` may lay out for ``linear_packed``: on CPUs without AMX
+    (AMX's kernels read the rows in place), out-features a multiple of 16, even in-features."""
+    w = getattr(m, "weight", None)
+    return isinstance(m, FastLinear) and isinstance(w, Tensor) and not amx() and w.dim() == 2 \
+        and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() \
+        and m.out_features % 16 == 0 and m.in_features % 2 == 0
+
+
+def pack(model: nn.Module, within: nn.Module | None = None) -> int:
+    """Pack, in place, the weights of ``within``'s (default: the whole model's) ``FastLinear`` layers, the fused
+    ones included, for ``linear_packed`` ([N/16][K/2][16][2]; each layer's ``weight`` becomes that 4-d view of
+    the same bytes). Layers whose weights overlap (a fused layer and its parts) are packed as one matrix, per
+    block of 16 rows, and all re-viewed; only where every one of them can read the packed layout (each
+    ``packable``, starting on a block of 16 rows) and no other kind of module holds those bytes (a head tied to
+    the embedding). Returns the bytes packed. Call it only on weights nothing reads from their file again
+    (after the move into huge pages, or where there is none)."""
+    mod = load()
+    if mod is None or amx():
+        return 0
+    scope = within if within is not None else model
+    held = [(p.data_ptr(), p.data_ptr() + p.nbytes) for m in model.modules() if not isinstance(m, nn.Linear)
+            for p in m.parameters(recurse=False)]
+    layers = [m for m in {id(m): m for m in [*scope.modules(), *fused_modules(scope)]}.values()
+              if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.device.type == "cpu"]
+    spans = sorted(((m.weight.data_ptr(), m.weight.data_ptr() + m.weight.nbytes, m) for m in layers),
+                   key=lambda s: (s[0], -s[1]))
+    clusters: list[list[tuple[int, int, nn.Module]]] = []
+    for span in spans:  # layers whose bytes overlap, together
+        if clusters and span[0] < max(e for _, e, _ in clusters[-1]):
+            clusters[-1].append(span)
+        else:
+            clusters.append([span])
+    done = 0
+    with torch.no_grad():
+        for cluster in clusters:
+            lo, hi = cluster[0][0], max(e for _, e, _ in cluster)
+            whole = next((m for s, e, m in cluster if s == lo and e == hi), None)
+            if whole is None or any(a < hi and lo < b for a, b in held):
+                continue
+            block = 16 * whole.weight.shape[1] * whole.weight.element_size()
+            if not all(packable(m) and m.weight.shape[1] == whole.weight.shape[1] and (s - lo) % block == 0
+                       for s, _, m in cluster):
+                continue
+            mod.pack_bf16_(whole.weight.data)
+            for _, _, m in cluster:
+                w = m.weight
+                m.weight.data = w.data.view(w.shape[0] // 16, w.shape[1] // 2, 16, 2)
+            done += hi - lo
+    return done
 
 
 def accelerate(model: nn.Module) -> int:

@@ -112,7 +112,7 @@ def fuse_linears(group: list[nn.Module]) -> nn.Linear | None:
         return None
     lins: list[nn.Linear] = group  # type: ignore[assignment]
     first = lins[0].weight
-    if any(m.in_features != lins[0].in_features or m.weight.dtype != first.dtype
+    if any(m.weight.dim() != 2 or m.in_features != lins[0].in_features or m.weight.dtype != first.dtype
            or m.weight.device != first.device or not m.weight.is_contiguous() for m in lins):
         return None
 

@@ -118,18 +118,21 @@ class HugePageMove:
 
     Within a block, the layers that read one input (q, k, v; gate, up) get their weights back to back and
     then their biases, and are fused as soon as the block has moved (``model.fuse_linears``: views, no
-    copy); ``on_fused`` is told of each fused layer (the engine switches it to the CPU kernels).
+    copy); ``on_fused`` is told of each fused layer (the engine switches it to the CPU kernels), then
+    ``on_moved`` of the block (the engine packs its weights for the CPU kernels: ``kernels.pack``).
 
     The engine moves the blocks from its step thread while it already serves (``step``): the copy (about
     1 GiB at the 0.5B shape, seconds where the kernel must first reclaim page cache for it) is not on the
     way to ready. ``run`` moves everything at once."""
 
     def __init__(self, model: CausalLM, blocks: list[tuple[nn.Module, list[torch.Tensor]]], total: int,
-                 on_fused: Callable[[list[nn.Module]], None] | None = None) -> None:
+                 on_fused: Callable[[list[nn.Module]], None] | None = None,
+                 on_moved: Callable[[nn.Module], None] | None = None) -> None:
         self.model = model
         self.blocks = blocks
         self.total = total
         self.on_fused = on_fused
+        self.on_moved = on_moved
         self.moved_bytes = 0
         self.seconds = 0.0
         self._arena: mmap.mmap | None = None
@@ -241,6 +244,8 @@ class HugePageMove:
                         fused.append(f)
         if fused and self.on_fused is not None:
             self.on_fused(fused)
+        if self.on_moved is not None:
+            self.on_moved(unit)
         nbytes = sum(t.nbytes for t in moved.values())
         self.moved_bytes += nbytes
         self.seconds += time.monotonic() - t0

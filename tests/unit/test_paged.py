@@ -162,6 +162,78 @@ def test_bf16_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None
 
 
 @needs_kernel
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 16, 2), (3, 64, 896), (8, 48, 64), (9, 80, 96), (16, 272, 130),
+                                           (17, 32, 50), (100, 2048, 64), (1, 4864, 896)])
+def test_packed_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> None:
+    """``pack_bf16_`` lays a matrix out in place per block of 16 rows, each pair of k side by side, and
+    ``unpack_bf16`` gives the bits back; ``linear_packed`` over it agrees with float32 at every row count (tails
+    of the 8-row groups and of the 3-block tiles included), with and without a bias, and refuses what it
+    cannot take."""
+    mod, x, w, b, _ = _kernel_case(m, n, k)
+    packed = mod.pack_bf16_(w.clone())
+    assert packed.shape == (n // 16, k // 2, 16, 2)
+    assert torch.equal(packed[n // 16 - 1, k // 2 - 1, 15], w[n - 1, k - 2:])  # the last block's last pair
+    assert torch.equal(mod.unpack_bf16(packed), w)
+    for bias in (b, None):
+        got = mod.linear_packed(x, packed, bias).float()
+        assert got.shape == (m, n)
+        assert _close(got, F.linear(x.float(), w.float(), None if bias is None else bias.float()))
+    assert mod.linear_packed(x.view(1, m, k), packed, None).shape == (1, m, n)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        mod.pack_bf16_(torch.zeros(n + 8, k).bfloat16())
+    with pytest.raises(RuntimeError, match="in-features"):
+        mod.linear_packed(torch.zeros(m, k + 2).bfloat16(), packed, None)
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_packed_layers_give_the_row_kernels_tokens_and_keep_a_tied_head(tmp_path: Path) -> None:
+    """``kernels.pack`` after the move: every layer's weights packed in place (a fused layer and its parts view
+    the same packed bytes), prefill and decode through ``linear_packed``, the same greedy tokens as the row
+    kernels and logits within bf16 rounding; a head tied to the embedding stays as it is; a layer whose
+    out-features are not a multiple of 16 is left alone; the decode plan takes every decode batch."""
+    from inference_core.model.transformer import DecodePlan, _fused
+    from inference_core.model.weights import hugepages_available, move_to_hugepages
+
+    if kernels.amx():
+        pytest.skip("AMX host: its kernels read the rows in place, nothing is packed")
+    cfg = ModelConfig(vocab_size=304, hidden_size=128, intermediate_size=352, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2, attention_bias=True, tie_word_embeddings=True)
+    model_dir = _checkpoint(tmp_path / "m", cfg, torch.bfloat16)
+    models = [load_model(model_dir), load_model(model_dir)]
+    for m in models:
+        if hugepages_available():
+            move_to_hugepages(m)
+        kernels.accelerate(m)
+    rows_ref, packed = models
+    assert kernels.pack(packed) > 0 and kernels.pack(packed) == 0  # once
+    attn, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
+    assert attn.q_proj.weight.shape == (128 // 16, 64, 16, 2) and mlp.down_proj.weight.dim() == 4
+    assert packed.lm_head.weight.dim() == 2 and packed.lm_head.weight is packed.model.embed_tokens.weight
+    if hugepages_available():  # fused over adjacent weights: the fused layer views its parts' packed blocks
+        qkv = _fused(attn, "fused_qkv", attn.q_proj)
+        assert qkv is not None and qkv.weight.shape == ((128 + 2 * 64) // 16, 64, 16, 2)
+    toks = {id(m): [5, 6, 7, 8, 9, 10, 11] for m in models}
+    logits = {}
+    for m in models:
+        pool = _pool(m, 8, 16)
+        seq = toks[id(m)]
+        out = m.forward_flat(FlatBatch([SeqChunk(list(seq), 0, [0, 1], True)], 16), pool)
+        for _ in range(10):
+            seq.append(int(out[0].argmax()))
+            out = m.forward_flat(FlatBatch([SeqChunk([seq[-1]], len(seq) - 1, [0, 1], True)], 16), pool)
+        logits[id(m)] = out.float()
+    assert toks[id(rows_ref)] == toks[id(packed)]
+    want, got = logits[id(rows_ref)], logits[id(packed)]
+    assert (got - want).abs().max() <= 0.02 * want.abs().max() + 2e-2
+    if hugepages_available():
+        assert isinstance(packed.decode_plan, DecodePlan) and packed.decode_plan.max_rows == kernels.PACKED_MAX_ROWS
+    odd = torch.nn.Sequential(torch.nn.Linear(64, 40)).bfloat16()  # 40 rows: not whole blocks of 16
+    kernels.accelerate(odd)
+    assert kernels.pack(odd) == 0 and odd[0].weight.dim() == 2
+
+
+@needs_kernel
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 101, 77), (1, 896, 896), (1, 13, 4864), (2, 64, 96), (5, 130, 33),
                                            (16, 40, 200)])
 def test_int8_row_kernel_matches_the_dequantized_product(m: int, n: int, k: int) -> None:
@@ -463,7 +535,10 @@ def _checkpoint(out: Path, cfg: ModelConfig, dtype: torch.dtype) -> Path:
     torch.manual_seed(3)
     out.mkdir(parents=True)
     model = CausalLM(dataclasses.replace(cfg, torch_dtype=str(dtype).removeprefix("torch."))).to(dtype)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    state = model.state_dict()
+    if cfg.tie_word_embeddings:  # as Qwen2.5-0.5B's checkpoint: the head is the embedding, stored once
+        state.pop("lm_head.weight")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(model.config.to_dict()))
     return out
 
@@ -610,7 +685,7 @@ def test_blocks_move_into_huge_pages_one_at_a_time_while_the_model_serves(tmp_pa
 
 
 @needs_kernel
-@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "packed"])
 @torch.inference_mode()
 def test_a_decode_step_runs_the_whole_stack_in_one_call_with_the_layers_bits(tmp_path: Path, quant: str) -> None:
     """A decode-only step goes through ``decode_layers`` (every layer in one native call); its logits and the
@@ -634,6 +709,8 @@ def test_a_decode_step_runs_the_whole_stack_in_one_call_with_the_layers_bits(tmp
     planned, layered = models
     for m in models:
         kernels.accelerate(m)
+        if quant == "packed" and not kernels.pack(m):
+            pytest.skip("nothing packed on this CPU (AMX reads the rows in place)")
     layered.decode_plan = False  # the layers' own forward, always
     pools = [_pool(m, 8, 16) for m in models]
     steps = [[SeqChunk([5, 6, 7, 8, 9], 0, [0], True), SeqChunk([30, 31], 0, [2], True)],
@@ -645,7 +722,8 @@ def test_a_decode_step_runs_the_whole_stack_in_one_call_with_the_layers_bits(tmp
         got, want = (m.forward_flat(FlatBatch(chunks, 16), pool) for m, pool in zip(models, pools, strict=True))
         assert torch.equal(got, want)
     assert isinstance(planned.decode_plan, DecodePlan)
-    assert planned.decode_plan.max_rows == (1 if kernels.amx() else kernels.MAX_ROWS)  # AMX takes 2.. rows
+    assert planned.decode_plan.max_rows == (kernels.PACKED_MAX_ROWS if quant == "packed" else 1 if kernels.amx()
+                                            else kernels.MAX_ROWS)  # AMX takes 2.. rows
     for a, b in zip([*pools[0].keys, *pools[0].values], [*pools[1].keys, *pools[1].values], strict=True):
         assert torch.equal(a, b)
     planned.drop_decode_plan()
