@@ -64,7 +64,7 @@ class ModelRunner:
             self.relayout = HugePageMove.plan(model)
             if self.relayout is not None and accelerate:
                 self.relayout.on_fused = accelerate_all
-                self.relayout.on_moved = functools.partial(kernels.pack, model)  # each block once it has moved
+                self.relayout.on_moved = functools.partial(self._pack_moved, model)  # each block once it has moved
         if accelerate:
             n = kernels.accelerate(model)
             # the packed layout where no move will read the weights from their file again (else block by block)
@@ -73,6 +73,10 @@ class ModelRunner:
                      f", {packed / 2**20:.0f} MiB packed" if packed else "")
         if faults is not None:
             model.forward_hooks.append(faults.before_forward)
+
+    @staticmethod
+    def _pack_moved(model: CausalLM, block: torch.nn.Module) -> None:
+        kernels.pack(model, block)
 
     # -- start-up ------------------------------------------------------------------------------------------
     def plan_memory(self) -> tuple[int, int]:

@@ -179,11 +179,11 @@ def pack(model: nn.Module, within: nn.Module | None = None) -> int:
     scope = within if within is not None else model
     held = [(p.data_ptr(), p.data_ptr() + p.nbytes) for m in model.modules() if not isinstance(m, nn.Linear)
             for p in m.parameters(recurse=False)]
-    layers = [m for m in {id(m): m for m in [*scope.modules(), *fused_modules(scope)]}.values()
+    layers: list[nn.Linear] = [m for m in {id(m): m for m in [*scope.modules(), *fused_modules(scope)]}.values()
               if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.device.type == "cpu"]
     spans = sorted(((m.weight.data_ptr(), m.weight.data_ptr() + m.weight.nbytes, m) for m in layers),
                    key=lambda s: (s[0], -s[1]))
-    clusters: list[list[tuple[int, int, nn.Module]]] = []
+    clusters: list[list[tuple[int, int, nn.Linear]]] = []
     for span in spans:  # layers whose bytes overlap, together
         if clusters and span[0] < max(e for _, e, _ in clusters[-1]):
             clusters[-1].append(span)
