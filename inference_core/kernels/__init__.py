@@ -171,14 +171,19 @@ def pack(model: nn.Module, within: nn.Module | None = None) -> int:
     the same bytes). Layers whose weights overlap (a fused layer and its parts) are packed as one matrix, per
     block of 16 rows, and all re-viewed; only where every one of them can read the packed layout (each
     ``packable``, starting on a block of 16 rows) and no other kind of module holds those bytes (a head tied to
-    the embedding). Returns the bytes packed. Call it only on weights nothing reads from their file again
-    (after the move into huge pages, or where there is none)."""
+    the embedding), and no file map holds them (``model.mmaps``: a page written there would turn a shared page
+    of the file into a private copy, and one the kernel drops would come back from the file unpacked; the
+    engine packs each block once it has moved into huge pages). Returns the bytes packed."""
     mod = load()
     if mod is None or amx():
         return 0
     scope = within if within is not None else model
     held = [(p.data_ptr(), p.data_ptr() + p.nbytes) for m in model.modules() if not isinstance(m, nn.Linear)
             for p in m.parameters(recurse=False)]
+    for mm in getattr(model, "mmaps", []):
+        if len(mm):
+            base = torch.frombuffer(mm, dtype=torch.uint8).data_ptr()
+            held.append((base, base + len(mm)))
     layers: list[nn.Linear] = [m for m in {id(m): m for m in [*scope.modules(), *fused_modules(scope)]}.values()
               if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.device.type == "cpu"]
     spans = sorted(((m.weight.data_ptr(), m.weight.data_ptr() + m.weight.nbytes, m) for m in layers),

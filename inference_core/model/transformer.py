@@ -352,7 +352,8 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.forward_hooks: list[ForwardHook] = []
-        self.mmaps: list[Any] = []  # memory maps the loaded weights are views of
+        self.mmaps: list[Any] = []  # memory maps of files the loaded weights are views of
+        self.arenas: list[Any] = []  # anonymous maps they moved into (weights.HugePageMove)
         self.mmap_paths: dict[int, Any] = {}  # id(map) -> the file it maps (read straight into huge pages)
         self.placement: Any = None  # set by inference_core.model.placement.apply
         self.decode_plan: DecodePlan | None | Literal[False] = None  # None: not built yet; False: no plan here

@@ -198,7 +198,7 @@ class HugePageMove:
         if self._arena is None:  # faulted in block by block as it is written
             self._arena = mmap.mmap(-1, self.total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self._arena.madvise(mmap.MADV_HUGEPAGE)
-            self.model.mmaps.append(self._arena)  # lives as long as the model; the file maps keep the rest
+            self.model.arenas.append(self._arena)  # lives as long as the model; the file maps keep the rest
         arena = self._arena
         raw = torch.frombuffer(arena, dtype=torch.uint8)
         unit, block = self.blocks[self._next]

@@ -188,10 +188,11 @@ def test_packed_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> No
 @needs_kernel
 @torch.inference_mode()
 def test_packed_layers_give_the_row_kernels_tokens_and_keep_a_tied_head(tmp_path: Path) -> None:
-    """``kernels.pack`` after the move: every layer's weights packed in place (a fused layer and its parts view
-    the same packed bytes), prefill and decode through ``linear_packed``, the same greedy tokens as the row
-    kernels and logits within bf16 rounding; a head tied to the embedding stays as it is; a layer whose
-    out-features are not a multiple of 16 is left alone; the decode plan takes every decode batch."""
+    """``kernels.pack`` after the move (not before: on the file's map it packs nothing): every layer's weights
+    packed in place (a fused layer and its parts view the same packed bytes), prefill and decode through
+    ``linear_packed``, the same greedy tokens as the row kernels and logits within bf16 rounding; a head tied
+    to the embedding stays as it is; a layer whose out-features are not a multiple of 16 is left alone; the
+    decode plan takes every decode batch."""
     from inference_core.model.transformer import DecodePlan, _fused
     from inference_core.model.weights import hugepages_available, move_to_hugepages
 
@@ -199,20 +200,23 @@ def test_packed_layers_give_the_row_kernels_tokens_and_keep_a_tied_head(tmp_path
         pytest.skip("AMX host: its kernels read the rows in place, nothing is packed")
     cfg = ModelConfig(vocab_size=304, hidden_size=128, intermediate_size=352, num_attention_heads=4,
                       num_key_value_heads=2, num_hidden_layers=2, attention_bias=True, tie_word_embeddings=True)
+    if not hugepages_available():
+        pytest.skip("transparent huge pages are off: the weights stay on their file maps, which are not packed")
     model_dir = _checkpoint(tmp_path / "m", cfg, torch.bfloat16)
+    mapped = load_model(model_dir)
+    kernels.accelerate(mapped)
+    assert kernels.pack(mapped) == 0  # still viewing the file: packing would copy it page by page
     models = [load_model(model_dir), load_model(model_dir)]
     for m in models:
-        if hugepages_available():
-            move_to_hugepages(m)
+        move_to_hugepages(m)
         kernels.accelerate(m)
     rows_ref, packed = models
     assert kernels.pack(packed) > 0 and kernels.pack(packed) == 0  # once
     attn, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
     assert attn.q_proj.weight.shape == (128 // 16, 64, 16, 2) and mlp.down_proj.weight.dim() == 4
     assert packed.lm_head.weight.dim() == 2 and packed.lm_head.weight is packed.model.embed_tokens.weight
-    if hugepages_available():  # fused over adjacent weights: the fused layer views its parts' packed blocks
-        qkv = _fused(attn, "fused_qkv", attn.q_proj)
-        assert qkv is not None and qkv.weight.shape == ((128 + 2 * 64) // 16, 64, 16, 2)
+    qkv = _fused(attn, "fused_qkv", attn.q_proj)  # fused over adjacent weights: it views its parts' packed blocks
+    assert qkv is not None and qkv.weight.shape == ((128 + 2 * 64) // 16, 64, 16, 2)
     toks = {id(m): [5, 6, 7, 8, 9, 10, 11] for m in models}
     logits = {}
     for m in models:
@@ -226,8 +230,7 @@ def test_packed_layers_give_the_row_kernels_tokens_and_keep_a_tied_head(tmp_path
     assert toks[id(rows_ref)] == toks[id(packed)]
     want, got = logits[id(rows_ref)], logits[id(packed)]
     assert (got - want).abs().max() <= 0.02 * want.abs().max() + 2e-2
-    if hugepages_available():
-        assert isinstance(packed.decode_plan, DecodePlan) and packed.decode_plan.max_rows == kernels.PACKED_MAX_ROWS
+    assert isinstance(packed.decode_plan, DecodePlan) and packed.decode_plan.max_rows == kernels.PACKED_MAX_ROWS
     odd = torch.nn.Sequential(torch.nn.Linear(64, 40)).bfloat16()  # 40 rows: not whole blocks of 16
     kernels.accelerate(odd)
     assert kernels.pack(odd) == 0 and odd[0].weight.dim() == 2
