@@ -17,13 +17,21 @@ above 4 rows dequantized each whole matrix per call).
 ``rms_norm_bf16``, ``silu_mul_bf16`` (``silu_mul_halves_bf16`` over a fused gate/up projection's rows)
 and ``rope_bf16_`` do a layer's elementwise steps in one pass each, rounding where torch's bf16 ops round
 (a dozen small torch ops per layer before).
+``linear_packed`` multiplies any number of rows by bf16 weights that ``pack`` laid out at load, in place,
+per 16 output features with each pair of k side by side: a GEMM micro-kernel (8 rows by 48 features in
+24 accumulators) with no horizontal reductions. On CPUs without AMX it serves every row count of the
+layers it packed: at 16 rows over the 1.5B shape's matrices 1.2-1.26x ``linear_bf16`` (1.5x on the 0.5B
+shape's 152k-row tied head), on prefill as fast as oneDNN (1.0-1.4x from 32 to 512 rows), one row the same
+or faster. ``embedding_packed`` reads an embedding table tied to a packed head.
 ``accelerate(model)`` switches a model's attention to it (bf16 on a CPU) and its bf16 CPU linear layers:
 one row goes to ``linear_bf16``, 2..``AMX_MAX_ROWS`` rows to ``linear_amx`` where the CPU has AMX (or up
 to ``MAX_ROWS`` rows to ``linear_bf16`` where it has not), and larger inputs (prefill) keep oneDNN's
-kernels. Measured on this project's machines over the 0.5B shape's layer weights (700 MB, far beyond the
-caches), against torch's linear in the same run: one row 19 vs 13 GB/s; 16 rows 23 vs 14 GB/s with AMX
-(VDPBF16PS alone falls to 5 GB/s there); 32 rows 18 vs 13 GB/s; 48-96 rows 1.2-1.5x torch's speed, about
-even at 128-192, and behind from 256 rows on, where oneDNN's compute-bound kernels reach 1.4-1.7 TFLOPS.
+kernels; a layer ``pack`` laid out (the engine packs each block of weights once it has moved into huge
+pages) takes ``linear_packed`` for every input. Measured on this project's AMX machines over the 0.5B
+shape's layer weights (700 MB, far beyond the caches), against torch's linear in the same run: one row
+19 vs 13 GB/s; 16 rows 23 vs 14 GB/s with AMX (VDPBF16PS alone falls to 5 GB/s there); 32 rows 18 vs
+13 GB/s; 48-96 rows 1.2-1.5x torch's speed, about even at 128-192, and behind from 256 rows on, where
+oneDNN's compute-bound kernels reach 1.4-1.7 TFLOPS.
 Where the CPU lacks AVX512-BF16 or the extension was not built, nothing changes and ``status()`` says why.
 """
 
@@ -134,6 +142,17 @@ class FastLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class FastEmbedding(nn.Embedding):
+    """nn.Embedding that also reads its table once ``pack`` laid it out for a tied output head."""
+
+    kernel: Any = None
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Embedding's name)
+        if self.weight.dim() == 4:
+            return self.kernel.embedding_packed(input, self.weight)
+        return super().forward(input)
+
+
 def linear_spec(m: nn.Module | None) -> tuple[list[Tensor | None], int] | None:
     """A linear layer as ``decode_layers`` takes it ([weight, int8 row scales or None, bias or None]) and the most
     rows for which its own forward would run the same kernel (``linear_bf16`` or ``linear_int8``); None where
@@ -170,20 +189,24 @@ def pack(model: nn.Module, within: nn.Module | None = None) -> int:
     ones included, for ``linear_packed`` ([N/16][K/2][16][2]; each layer's ``weight`` becomes that 4-d view of
     the same bytes). Layers whose weights overlap (a fused layer and its parts) are packed as one matrix, per
     block of 16 rows, and all re-viewed; only where every one of them can read the packed layout (each
-    ``packable``, starting on a block of 16 rows) and no other kind of module holds those bytes (a head tied to
-    the embedding), and no file map holds them (``model.mmaps``: a page written there would turn a shared page
-    of the file into a private copy, and one the kernel drops would come back from the file unpacked; the
-    engine packs each block once it has moved into huge pages). Returns the bytes packed."""
+    ``packable``, starting on a block of 16 rows), where no other module holds those bytes except an embedding
+    table tied to the layer (a ``FastEmbedding`` holding the very same parameter reads it packed), and where
+    no file map holds them (``model.mmaps``: a page written there would turn a shared page of the file into
+    a private copy, and one the kernel drops would come back from the file unpacked; the engine packs each
+    block once it has moved into huge pages). Returns the bytes packed."""
     mod = load()
     if mod is None or amx():
         return 0
     scope = within if within is not None else model
-    held = [(p.data_ptr(), p.data_ptr() + p.nbytes) for m in model.modules() if not isinstance(m, nn.Linear)
-            for p in m.parameters(recurse=False)]
+    held: list[tuple[int, int, Tensor | None]] = []  # bytes others hold: (start, end, a tied table or None)
+    for m in model.modules():
+        if not isinstance(m, nn.Linear):
+            tied = type(m) is FastEmbedding and m.padding_idx is None and m.max_norm is None
+            held += [(p.data_ptr(), p.data_ptr() + p.nbytes, p if tied else None) for p in m.parameters(recurse=False)]
     for mm in getattr(model, "mmaps", []):
         if len(mm):
             base = torch.frombuffer(mm, dtype=torch.uint8).data_ptr()
-            held.append((base, base + len(mm)))
+            held.append((base, base + len(mm), None))
     layers: list[nn.Linear] = [m for m in {id(m): m for m in [*scope.modules(), *fused_modules(scope)]}.values()
               if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.device.type == "cpu"]
     spans = sorted(((m.weight.data_ptr(), m.weight.data_ptr() + m.weight.nbytes, m) for m in layers),
@@ -199,7 +222,7 @@ def pack(model: nn.Module, within: nn.Module | None = None) -> int:
         for cluster in clusters:
             lo, hi = cluster[0][0], max(e for _, e, _ in cluster)
             whole = next((m for s, e, m in cluster if s == lo and e == hi), None)
-            if whole is None or any(a < hi and lo < b for a, b in held):
+            if whole is None or any(a < hi and lo < b and t is not whole.weight for a, b, t in held):
                 continue
             block = 16 * whole.weight.shape[1] * whole.weight.element_size()
             if not all(packable(m) and m.weight.shape[1] == whole.weight.shape[1] and (s - lo) % block == 0
@@ -221,7 +244,7 @@ def accelerate(model: nn.Module) -> int:
     mod = load()
     if mod is None:
         return 0
-    FastLinear.kernel = mod
+    FastLinear.kernel = FastEmbedding.kernel = mod
     n = 0
     for m in [*model.modules(), *fused_modules(model)]:
         if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
@@ -229,6 +252,8 @@ def accelerate(model: nn.Module) -> int:
             if amx() and m.in_features % 32 == 0 and m.out_features % 16 == 0:  # linear_amx's tile shapes
                 vars(m)["amx_rows"] = AMX_MAX_ROWS
             n += 1
+        elif type(m) is nn.Embedding and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.__class__ = FastEmbedding  # the same table; reads it packed where pack laid it out for a tied head
         elif not all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters()):
             continue
         elif hasattr(m, "int8_kernel") and isinstance(q := getattr(m, "qweight", None), Tensor):  # weight-only int8

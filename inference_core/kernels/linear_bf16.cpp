@@ -1087,6 +1087,30 @@ torch::Tensor unpack_bf16(const torch::Tensor& wp) {
   return out;
 }
 
+// The rows ``ids`` of a packed matrix, [n, K] (an embedding table tied to a packed output head): row t is
+// column t % 16 of block t / 16, one pair of k every 16 pairs.
+torch::Tensor embedding_packed(const torch::Tensor& ids_in, const torch::Tensor& wp) {
+  check_packed(wp);
+  TORCH_CHECK(ids_in.scalar_type() == at::kLong && ids_in.device().is_cpu(), "int64 CPU token ids");
+  const auto ids = ids_in.contiguous();
+  const int64_t n = ids.numel(), rows = wp.size(0) * 16, pairs = wp.size(1);
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(pairs * 2);
+  auto out = torch::empty({n, pairs * 2}, wp.options());
+  const int64_t* I = ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(I[i] >= 0 && I[i] < rows, "token id ", I[i], " is out of the table's ", rows, " rows");
+  const uint32_t* P = reinterpret_cast<const uint32_t*>(wp.data_ptr<at::BFloat16>());
+  uint32_t* O = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint32_t* col = P + (I[i] / 16) * pairs * 16 + I[i] % 16;
+      for (int64_t kp = 0; kp < pairs; ++kp) O[i * pairs + kp] = col[kp * 16];
+    }
+  });
+  return out.view(shape);
+}
+
 // y = x @ w^T + b for any number of rows over packed weights (pack_bf16_): fp32 sums, rounded once to bf16
 // after the bias is added (as linear_bf16).
 torch::Tensor linear_packed(const torch::Tensor& x_in, const torch::Tensor& wp, const c10::optional<torch::Tensor>& b) {
@@ -1228,6 +1252,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_rows_int8", &quantize_rows_int8, "weight-only int8 rows and fp16 scales of a bf16 matrix");
   m.def("pack_bf16_", &pack_bf16_, "pack a bf16 [N, K] matrix in place for linear_packed; returns its 4-d view");
   m.def("unpack_bf16", &unpack_bf16, "the [N, K] matrix of packed weights (a copy)");
+  m.def("embedding_packed", &embedding_packed, "rows of a packed matrix by index (a tied embedding table)");
   m.def("linear_packed", &linear_packed, "x @ w.T + b in bf16 for any rows, over packed weights (AVX512-BF16)");
   m.def("decode_layers", &decode_layers, "a decode step's decoder layers in one call (bf16 or int8 weights)");
 }

@@ -174,6 +174,10 @@ def test_packed_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> No
     assert packed.shape == (n // 16, k // 2, 16, 2)
     assert torch.equal(packed[n // 16 - 1, k // 2 - 1, 15], w[n - 1, k - 2:])  # the last block's last pair
     assert torch.equal(mod.unpack_bf16(packed), w)
+    ids = torch.tensor([0, n - 1, n // 2, 3 % n])
+    assert torch.equal(mod.embedding_packed(ids, packed), w[ids])  # rows back, as a tied embedding reads them
+    with pytest.raises(RuntimeError, match="out of the table"):
+        mod.embedding_packed(torch.tensor([n]), packed)
     for bias in (b, None):
         got = mod.linear_packed(x, packed, bias).float()
         assert got.shape == (m, n)
@@ -187,12 +191,13 @@ def test_packed_kernel_matches_a_float32_reference(m: int, n: int, k: int) -> No
 
 @needs_kernel
 @torch.inference_mode()
-def test_packed_layers_give_the_row_kernels_tokens_and_keep_a_tied_head(tmp_path: Path) -> None:
+def test_packed_layers_give_the_row_kernels_tokens_with_a_tied_head(tmp_path: Path) -> None:
     """``kernels.pack`` after the move (not before: on the file's map it packs nothing): every layer's weights
     packed in place (a fused layer and its parts view the same packed bytes), prefill and decode through
     ``linear_packed``, the same greedy tokens as the row kernels and logits within bf16 rounding; a head tied
-    to the embedding stays as it is; a layer whose out-features are not a multiple of 16 is left alone; the
-    decode plan takes every decode batch."""
+    to the embedding packs with it (the table reads the packed rows, bit for bit), unless the table is a plain
+    ``nn.Embedding``; a layer whose out-features are not a multiple of 16 is left alone; the decode plan takes
+    every decode batch."""
     from inference_core.model.transformer import DecodePlan, _fused
     from inference_core.model.weights import hugepages_available, move_to_hugepages
 
@@ -206,15 +211,20 @@ def test_packed_layers_give_the_row_kernels_tokens_and_keep_a_tied_head(tmp_path
     mapped = load_model(model_dir)
     kernels.accelerate(mapped)
     assert kernels.pack(mapped) == 0  # still viewing the file: packing would copy it page by page
-    models = [load_model(model_dir), load_model(model_dir)]
+    models = [load_model(model_dir), load_model(model_dir), load_model(model_dir)]
     for m in models:
         move_to_hugepages(m)
         kernels.accelerate(m)
-    rows_ref, packed = models
+    rows_ref, packed, plain_table = models
+    plain_table.model.embed_tokens.__class__ = torch.nn.Embedding  # a table that cannot read the packed rows
+    assert kernels.pack(plain_table) > 0 and plain_table.lm_head.weight.dim() == 2
+    models = models[:2]
     assert kernels.pack(packed) > 0 and kernels.pack(packed) == 0  # once
     attn, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
     assert attn.q_proj.weight.shape == (128 // 16, 64, 16, 2) and mlp.down_proj.weight.dim() == 4
-    assert packed.lm_head.weight.dim() == 2 and packed.lm_head.weight is packed.model.embed_tokens.weight
+    assert packed.lm_head.weight.dim() == 4 and packed.lm_head.weight is packed.model.embed_tokens.weight
+    ids = torch.tensor([[0, 5, 303], [17, 16, 15]])
+    assert torch.equal(packed.model.embed_tokens(ids), rows_ref.model.embed_tokens(ids))
     qkv = _fused(attn, "fused_qkv", attn.q_proj)  # fused over adjacent weights: it views its parts' packed blocks
     assert qkv is not None and qkv.weight.shape == ((128 + 2 * 64) // 16, 64, 16, 2)
     toks = {id(m): [5, 6, 7, 8, 9, 10, 11] for m in models}
