@@ -20,9 +20,9 @@ and ``rope_bf16_`` do a layer's elementwise steps in one pass each, rounding whe
 ``linear_packed`` multiplies any number of rows by bf16 weights that ``pack`` laid out at load, in place,
 per 16 output features with each pair of k side by side: a GEMM micro-kernel (8 rows by 48 features in
 24 accumulators) with no horizontal reductions. On CPUs without AMX it serves every row count of the
-layers it packed: at 16 rows over the 1.5B shape's matrices 1.2-1.26x ``linear_bf16`` (1.5x on the 0.5B
-shape's 152k-row tied head), on prefill as fast as oneDNN (1.0-1.4x from 32 to 512 rows), one row the same
-or faster. ``embedding_packed`` reads an embedding table tied to a packed head.
+layers it packed (``bench/packed.py``, over the layers' matrices streamed from memory): 16 rows 1.12-1.41x
+``linear_bf16``, one row 1.07-1.14x, the 152k-row heads 1.24-1.26x at 16 rows; prefill 1.5x oneDNN at 32
+rows, 1.1x at 128, even at 512. ``embedding_packed`` reads an embedding table tied to a packed head.
 ``accelerate(model)`` switches a model's attention to it (bf16 on a CPU) and its bf16 CPU linear layers:
 one row goes to ``linear_bf16``, 2..``AMX_MAX_ROWS`` rows to ``linear_amx`` where the CPU has AMX (or up
 to ``MAX_ROWS`` rows to ``linear_bf16`` where it has not), and larger inputs (prefill) keep oneDNN's
