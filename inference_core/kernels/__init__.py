@@ -211,16 +211,16 @@ def pack(model: nn.Module, within: nn.Module | None = None) -> int:
               if isinstance(m, nn.Linear) and m.weight.dim() == 2 and m.weight.device.type == "cpu"]
     spans = sorted(((m.weight.data_ptr(), m.weight.data_ptr() + m.weight.nbytes, m) for m in layers),
                    key=lambda s: (s[0], -s[1]))
-    clusters: list[list[tuple[int, int, nn.Linear]]] = []
+    clusters: list[tuple[int, int, list[tuple[int, int, nn.Linear]]]] = []  # (start, end, the layers in it)
     for span in spans:  # layers whose bytes overlap, together
-        if clusters and span[0] < max(e for _, e, _ in clusters[-1]):
-            clusters[-1].append(span)
+        if clusters and span[0] < clusters[-1][1]:
+            lo, hi, members = clusters[-1]
+            clusters[-1] = (lo, max(hi, span[1]), [*members, span])
         else:
-            clusters.append([span])
+            clusters.append((span[0], span[1], [span]))
     done = 0
     with torch.no_grad():
-        for cluster in clusters:
-            lo, hi = cluster[0][0], max(e for _, e, _ in cluster)
+        for lo, hi, cluster in clusters:
             whole = next((m for s, e, m in cluster if s == lo and e == hi), None)
             if whole is None or any(a < hi and lo < b and t is not whole.weight for a, b, t in held):
                 continue
